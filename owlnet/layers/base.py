@@ -1,0 +1,133 @@
+"""The layer life cycle and the registry that maps Caffe type strings to layer classes.
+
+A layer reads its settings from its ``LayerParameter`` (the proto is the schema) and lives
+through Caffe's cycle:
+
+* ``setup(bottom, top)`` once: read parameters, check bottom/top counts, create ``self.blobs``
+  (the learnable parameters, filled by their fillers);
+* ``reshape(bottom, top)`` whenever input shapes may have changed: shape the tops;
+* ``forward(bottom, top)``: compute ``top[i].data`` from ``bottom[j].data``;
+* ``backward(top, propagate_down, bottom)``: from ``top[i].diff`` write ``bottom[j].diff``
+  where ``propagate_down[j]`` is true (overwriting), and ADD the parameter gradients into
+  ``self.blobs[k].diff`` where ``self.param_propagate_down[k]`` is true (accumulating, so
+  shared parameters and ``iter_size`` sum their gradients; the solver clears them).
+"""
+from __future__ import annotations
+
+import difflib
+
+from .. import backend, fillers
+from ..blob import Blob
+from ..errors import ConfigError, ShapeError
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(*type_names: str):
+    """Class decorator: register a layer class under one or more Caffe type strings."""
+    def wrap(cls):
+        for name in type_names:
+            if name in _REGISTRY:
+                raise RuntimeError(f"layer type {name!r} registered twice")
+            _REGISTRY[name] = cls
+        if getattr(cls, "type", None) is None:
+            cls.type = type_names[0]
+        return cls
+    return wrap
+
+
+def known_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def layer_class(type_name: str, layer_name: str = "?"):
+    try:
+        return _REGISTRY[type_name]
+    except KeyError:
+        close = difflib.get_close_matches(type_name, _REGISTRY, n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"layer '{layer_name}': unknown layer type '{type_name}'{hint} "
+                          f"(known types: {', '.join(known_types())})") from None
+
+
+def create_layer(layer_param, phase):
+    """Instantiate the registered class for ``layer_param.type``."""
+    return layer_class(layer_param.type, layer_param.name)(layer_param, phase)
+
+
+class Layer:
+    """Base class: bottom/top count checks, parameter blobs and the default loss weight."""
+
+    type: str | None = None
+    # Bottom/top count rules (None: no rule), checked by setup().
+    exact_bottoms: int | None = None
+    min_bottoms: int | None = None
+    max_bottoms: int | None = None
+    exact_tops: int | None = None
+    min_tops: int | None = None
+    max_tops: int | None = None
+    equal_bottom_top = False
+    # Loss layers get loss_weight 1 on their first top unless the prototxt says otherwise.
+    is_loss = False
+    # Data/input layers: their tops need no backward.
+    is_data = False
+
+    def __init__(self, layer_param, phase):
+        self.param = layer_param
+        self.name = layer_param.name
+        self.phase = phase
+        self.blobs: list[Blob] = []
+        self.param_propagate_down: list[bool] = []
+
+    # -- life cycle -----------------------------------------------------------------------
+    def setup(self, bottom, top):
+        """Check counts, then do the layer's one-time set-up (``layer_setup``)."""
+        self.check_counts(bottom, top)
+        self.layer_setup(bottom, top)
+        if len(self.param_propagate_down) != len(self.blobs):
+            self.param_propagate_down = [True] * len(self.blobs)
+
+    def layer_setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        raise NotImplementedError
+
+    def forward(self, bottom, top):
+        raise NotImplementedError
+
+    def backward(self, top, propagate_down, bottom):
+        raise NotImplementedError
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return True
+
+    # -- helpers --------------------------------------------------------------------------
+    def check_counts(self, bottom, top):
+        def check(kind, n, exact, lo, hi):
+            if exact is not None and n != exact:
+                self.fail(f"takes exactly {exact} {kind} blob(s), got {n}", ConfigError)
+            if lo is not None and n < lo:
+                self.fail(f"takes at least {lo} {kind} blob(s), got {n}", ConfigError)
+            if hi is not None and n > hi:
+                self.fail(f"takes at most {hi} {kind} blob(s), got {n}", ConfigError)
+        check("bottom", len(bottom), self.exact_bottoms, self.min_bottoms, self.max_bottoms)
+        check("top", len(top), self.exact_tops, self.min_tops, self.max_tops)
+        if self.equal_bottom_top and len(bottom) != len(top):
+            self.fail(f"needs as many tops as bottoms, got {len(bottom)} bottoms and "
+                      f"{len(top)} tops", ConfigError)
+
+    def fail(self, message: str, kind=ShapeError):
+        """Raise ``kind`` with a message that names this layer and its type."""
+        raise kind(f"layer '{self.name}' ({self.type}): {message}")
+
+    def add_param(self, shape, filler_param) -> Blob:
+        """Create a learnable parameter blob filled by ``filler_param``."""
+        blob = Blob(shape, name=f"{self.name}.{len(self.blobs)}")
+        blob.data[...] = backend.to_device(fillers.fill(filler_param, blob.shape, blob.data.dtype,
+                                                        where=f"layer '{self.name}'"))
+        self.blobs.append(blob)
+        return blob
+
+    def __repr__(self):
+        return f"<{type(self).__name__} '{self.name}'>"

@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+ZOO = ROOT.parent / "shared" / "caffe-zoo"
+
+
+@pytest.fixture
+def zoo():
+    """The real Caffe files shipped beside the project (test inputs, never copied in)."""
+    if not ZOO.is_dir():
+        pytest.skip(f"{ZOO} is not present")
+    return ZOO
+
+
+def _has_gpu():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
