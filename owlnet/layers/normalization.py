@@ -1,0 +1,288 @@
+"""Normalisation and per-channel affine layers: BatchNorm, Scale, Bias, MVN.
+
+Scale and Bias combine ``bottom[0]`` with an operand (a learned blob or ``bottom[1]``) whose
+shape equals ``bottom[0].shape[axis : axis + operand.ndim]``; the operand is broadcast over the
+axes before and after that span, which the code views as ``(outer, dim, inner)``.
+"""
+from __future__ import annotations
+
+from .. import backend
+from ..errors import ConfigError, ShapeError
+from ..proto import caffe_pb2
+from .base import Layer, register
+
+
+def _constant_filler(value):
+    return caffe_pb2.FillerParameter(type="constant", value=value)
+
+
+@register("BatchNorm")
+class BatchNormLayer(Layer):
+    """Per channel c (axis 1; statistics over every other axis, m values per channel):
+    y = (x - mu_c) / sqrt(var_c + eps), var the biased variance.
+
+    With batch statistics (TRAIN by default) the blobs are updated as
+    s <- s * maf + 1, mean <- mean * maf + mu, variance <- variance * maf + m / (m - 1) * var.
+    With global statistics (TEST by default, or use_global_stats) mu = mean / s and
+    var = variance / s (both 0 when s is 0). The three blobs are never learned (lr_mult 0).
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def layer_setup(self, bottom, top):
+        if bottom[0].num_axes < 1:
+            self.fail(f"needs a bottom with at least 1 axis, got shape {bottom[0].shape}")
+        p = self.param.batch_norm_param
+        if p.HasField("use_global_stats"):
+            self.use_global_stats = bool(p.use_global_stats)
+        else:
+            self.use_global_stats = self.phase == caffe_pb2.TEST
+        self.moving_average_fraction = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+        self.channels = bottom[0].shape[1] if bottom[0].num_axes > 1 else 1
+        for shape in ((self.channels,), (self.channels,), (1,)):
+            self.add_param(shape, _constant_filler(0.0))
+        self.param_propagate_down = [False] * 3
+        # As in Caffe: the statistics get lr_mult 0, and asking for more is an error.
+        for i in range(3):
+            if i == len(self.param.param):
+                self.param.param.add().lr_mult = 0.0
+            elif self.param.param[i].lr_mult != 0:
+                self.fail(f"param {i} has lr_mult {self.param.param[i].lr_mult}; the batch "
+                          "statistics cannot be learned (use lr_mult: 0)", ConfigError)
+        self._inv_std = None
+        self._normalized = None
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) > 1 and shape[1] != self.channels:
+            self.fail(f"was set up for {self.channels} channels but bottom '{bottom[0].name}' "
+                      f"has shape {shape}")
+        top[0].reshape_like(bottom[0])
+
+    def _by_channel(self, array):
+        return array.reshape(array.shape[0], self.channels, -1)
+
+    def forward(self, bottom, top):
+        x3 = self._by_channel(bottom[0].data)
+        xp = backend.array_module(x3)
+        mean_blob, var_blob, count_blob = (b.data for b in self.blobs)
+        if self.use_global_stats:
+            has_stats = count_blob != 0
+            inv_count = has_stats / xp.where(has_stats, count_blob, 1)
+            mean, var = mean_blob * inv_count, var_blob * inv_count
+            centered = x3 - mean[:, None]
+        else:
+            mean = x3.mean(axis=(0, 2))
+            centered = x3 - mean[:, None]
+            var = (centered * centered).mean(axis=(0, 2))
+            m = x3.size // self.channels
+            maf = self.moving_average_fraction
+            count_blob *= maf
+            count_blob += 1
+            mean_blob *= maf
+            mean_blob += mean
+            var_blob *= maf
+            var_blob += (m / (m - 1) if m > 1 else 1.0) * var
+        self._inv_std = 1 / xp.sqrt(var + self.eps)
+        y3 = self._by_channel(top[0].data)
+        xp.multiply(centered, self._inv_std[:, None], out=y3)
+        # Kept apart from the top, which a following in-place layer (Scale, ReLU) overwrites.
+        self._normalized = None if self.use_global_stats else y3.copy()
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy3 = self._by_channel(top[0].diff)
+        inv_std = self._inv_std[:, None]
+        if self.use_global_stats:
+            dx3 = dy3 * inv_std
+        else:
+            y3 = self._normalized
+            mean_dy = dy3.mean(axis=(0, 2))[:, None]
+            mean_dy_y = (dy3 * y3).mean(axis=(0, 2))[:, None]
+            dx3 = (dy3 - mean_dy - y3 * mean_dy_y) * inv_std
+        self._by_channel(bottom[0].diff)[...] = dx3
+
+
+class _Broadcast(Layer):
+    """Shared by Scale and Bias: ``bottom[0]`` combined with an operand broadcast over it."""
+
+    min_bottoms = 1
+    max_bottoms = 2
+    exact_tops = 1
+
+    def _learned_shape(self, data, axis_param, num_axes):
+        """A learned operand's shape: ``data.shape[axis : axis + num_axes]`` (-1: to the end)."""
+        axis = self._axis(data, axis_param)
+        if num_axes < -1:
+            self.fail(f"num_axes must be -1 or >= 0, got {num_axes}", ConfigError)
+        if num_axes == -1:
+            return data.shape[axis:]
+        if axis + num_axes > data.num_axes:
+            self.fail(f"axis {axis_param} with num_axes {num_axes} runs past bottom "
+                      f"'{data.name}' of shape {data.shape}")
+        return data.shape[axis:axis + num_axes]
+
+    def _axis(self, data, axis_param):
+        try:
+            return data.canonical_axis(axis_param)
+        except ShapeError as exc:
+            self.fail(str(exc))
+
+    def _layout(self, data, operand, axis_param):
+        """``(outer, dim, inner)`` for broadcasting ``operand`` over ``data``, checking shapes."""
+        axis = 0 if operand.num_axes == 0 else self._axis(data, axis_param)
+        span = data.shape[axis:axis + operand.num_axes]
+        if span != operand.shape:
+            self.fail(f"operand '{operand.name}' of shape {operand.shape} does not match "
+                      f"bottom '{data.name}' of shape {data.shape} from axis {axis}")
+        return data.count_from(0, axis), operand.count, data.count_from(axis + operand.num_axes)
+
+
+@register("Scale")
+class ScaleLayer(_Broadcast):
+    """y = x * s (+ b with bias_term), s a learned blob (filler default 1) or bottom[1], b a
+    learned blob (bias_filler default 0), both of shape x.shape[axis : axis + num_axes] and
+    broadcast over the other axes.  dx = dy * s;  ds = sum of dy * x;  db = sum of dy."""
+
+    def layer_setup(self, bottom, top):
+        p = self.param.scale_param
+        if len(bottom) == 1:
+            shape = self._learned_shape(bottom[0], p.axis, p.num_axes)
+            self.add_param(shape, p.filler if p.HasField("filler") else _constant_filler(1.0))
+        else:
+            shape = bottom[1].shape
+        self.bias_index = None
+        if p.bias_term:
+            self.bias_index = len(self.blobs)
+            self.add_param(shape, p.bias_filler if p.HasField("bias_filler")
+                           else _constant_filler(0.0))
+        self._saved_input = None
+
+    def _scale(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def reshape(self, bottom, top):
+        self.layout = self._layout(bottom[0], self._scale(bottom), self.param.scale_param.axis)
+        top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        outer, dim, inner = self.layout
+        x = bottom[0].data
+        xp = backend.array_module(x)
+        learns_scale = len(bottom) > 1 or self.param_propagate_down[0]
+        self._saved_input = x.copy() if top[0] is bottom[0] and learns_scale else None
+        y3 = top[0].data.reshape(outer, dim, inner)
+        xp.multiply(x.reshape(outer, dim, inner), self._scale(bottom).data.reshape(1, dim, 1),
+                    out=y3)
+        if self.bias_index is not None:
+            y3 += self.blobs[self.bias_index].data.reshape(1, dim, 1)
+
+    def backward(self, top, propagate_down, bottom):
+        outer, dim, inner = self.layout
+        dy3 = top[0].diff.reshape(outer, dim, inner)
+        scale = self._scale(bottom)
+        # Parameter gradients first: in place, bottom[0].diff is top[0].diff.
+        if self.bias_index is not None and self.param_propagate_down[self.bias_index]:
+            bias = self.blobs[self.bias_index]
+            bias.diff[...] += dy3.sum(axis=(0, 2)).reshape(bias.shape)
+        two_bottoms = len(bottom) > 1
+        if (propagate_down[1] if two_bottoms else self.param_propagate_down[0]):
+            x = bottom[0].data if self._saved_input is None else self._saved_input
+            grad = (dy3 * x.reshape(outer, dim, inner)).sum(axis=(0, 2)).reshape(scale.shape)
+            if two_bottoms:
+                scale.diff[...] = grad
+            else:
+                scale.diff[...] += grad
+        if propagate_down[0]:
+            bottom[0].diff.reshape(outer, dim, inner)[...] = dy3 * scale.data.reshape(1, dim, 1)
+
+
+@register("Bias")
+class BiasLayer(_Broadcast):
+    """y = x + b, b a learned blob (filler default 0) of shape x.shape[axis : axis + num_axes]
+    or bottom[1], broadcast over the other axes.  dx = dy;  db = sum of dy."""
+
+    def layer_setup(self, bottom, top):
+        p = self.param.bias_param
+        if len(bottom) == 1:
+            self.add_param(self._learned_shape(bottom[0], p.axis, p.num_axes), p.filler)
+
+    def _bias(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def reshape(self, bottom, top):
+        self.layout = self._layout(bottom[0], self._bias(bottom), self.param.bias_param.axis)
+        top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        outer, dim, inner = self.layout
+        x = bottom[0].data
+        backend.array_module(x).add(x.reshape(outer, dim, inner),
+                                    self._bias(bottom).data.reshape(1, dim, 1),
+                                    out=top[0].data.reshape(outer, dim, inner))
+
+    def backward(self, top, propagate_down, bottom):
+        outer, dim, inner = self.layout
+        dy3 = top[0].diff.reshape(outer, dim, inner)
+        bias = self._bias(bottom)
+        two_bottoms = len(bottom) > 1
+        if (propagate_down[1] if two_bottoms else self.param_propagate_down[0]):
+            grad = dy3.sum(axis=(0, 2)).reshape(bias.shape)
+            if two_bottoms:
+                bias.diff[...] = grad
+            else:
+                bias.diff[...] += grad
+        if propagate_down[0] and top[0] is not bottom[0]:
+            bottom[0].diff[...] = top[0].diff
+
+
+@register("MVN")
+class MVNLayer(Layer):
+    """Per group (each (n, c) over the remaining axes, or each n over all of them with
+    across_channels): y = (x - mean) / (std + eps), std = sqrt of the biased variance;
+    without normalize_variance y = x - mean. Backward as Caffe:
+    dx = (dy - mean(dy) - y * mean(dy * y)) / (std + eps) (exact for eps -> 0), or
+    dx = dy - mean(dy) without normalize_variance."""
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.param.mvn_param
+        self.normalize_variance = bool(p.normalize_variance)
+        self.across_channels = bool(p.across_channels)
+        self.eps = float(p.eps)
+        self._inv_denominator = None
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if not shape:
+            self.fail("needs a bottom with at least 1 axis, got a scalar")
+        per_group = self.across_channels or len(shape) == 1
+        self.groups = shape[0] if per_group else shape[0] * shape[1]
+        top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        x2 = bottom[0].data.reshape(self.groups, -1)
+        xp = backend.array_module(x2)
+        centered = x2 - x2.mean(axis=1, keepdims=True)
+        y2 = top[0].data.reshape(x2.shape)
+        if not self.normalize_variance:
+            y2[...] = centered
+            return
+        std = xp.sqrt((centered * centered).mean(axis=1, keepdims=True))
+        self._inv_denominator = 1 / (std + self.eps)
+        xp.multiply(centered, self._inv_denominator, out=y2)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy2 = top[0].diff.reshape(self.groups, -1)
+        dx2 = dy2 - dy2.mean(axis=1, keepdims=True)
+        if self.normalize_variance:
+            y2 = top[0].data.reshape(dy2.shape)
+            dx2 = (dx2 - y2 * (dy2 * y2).mean(axis=1, keepdims=True)) * self._inv_denominator
+        bottom[0].diff.reshape(dy2.shape)[...] = dx2

@@ -1,0 +1,444 @@
+"""Net: a NetParameter made into layers and blobs, with pycaffe's Python face.
+
+Building follows Caffe's Net::Init: the file is upgraded and filtered by the NetState, a
+Split layer is inserted wherever one top feeds several bottoms (so their diffs are summed),
+layers are set up in file order with bottoms and tops wired by name (a top named like the
+bottom at the same position is computed in place), parameters named in ``param { name }``
+are shared, and the layers that need backward are found: those downstream of a parameter
+with a non-zero lr_mult (or of a bottom that needs it) and upstream of a loss.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from . import backend, config, io
+from .blob import Blob
+from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
+from .layers import create_layer
+from .proto import caffe_pb2
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+
+def insert_splits(layer_params, origins):
+    """Layers with a Split after every top consumed more than once (Caffe's InsertSplits).
+
+    A top with an explicit non-zero loss_weight counts as one more consumer; the Split's
+    first top then carries that weight. Returns the new layer list and, for each layer, the
+    index of the file layer it comes from (a Split takes its producer's).
+    """
+    last_producer = {}        # blob name -> (layer index, top index) of its latest producer
+    consumers = {}            # (layer, top) -> number of uses
+    loss_weight = {}          # (layer, top) -> explicit loss weight
+    for i, lp in enumerate(layer_params):
+        for name in lp.bottom:
+            if name in last_producer:
+                key = last_producer[name]
+                consumers[key] = consumers.get(key, 0) + 1
+        for j, name in enumerate(lp.top):
+            last_producer[name] = (i, j)
+        for j in range(min(len(lp.loss_weight), len(lp.top))):
+            key = last_producer[lp.top[j]]
+            loss_weight[key] = lp.loss_weight[j]
+            if lp.loss_weight[j]:
+                consumers[key] = consumers.get(key, 0) + 1
+
+    out, out_origins = [], []
+    renamed = {}              # blob name -> (split top prefix, next split index)
+    for i, lp in enumerate(layer_params):
+        lp = _copy(lp)
+        for b, name in enumerate(lp.bottom):
+            if name in renamed:
+                prefix, k = renamed[name]
+                lp.bottom[b] = f"{prefix}_{k}"
+                renamed[name] = (prefix, k + 1)
+        out.append(lp)
+        out_origins.append(origins[i])
+        for j, name in enumerate(lp.top):
+            renamed.pop(name, None)
+            count = consumers.get((i, j), 0)
+            if count <= 1:
+                continue
+            prefix = f"{name}_{lp.name}_{j}_split"
+            split = caffe_pb2.LayerParameter(name=prefix, type="Split")
+            split.bottom.append(name)
+            split.top.extend(f"{prefix}_{k}" for k in range(count))
+            weight = loss_weight.get((i, j), 0.0)
+            first = 0
+            if weight:
+                split.loss_weight.extend([weight] + [0.0] * (count - 1))
+                lp.loss_weight[j] = 0.0
+                first = 1
+            renamed[name] = (prefix, first)
+            out.append(split)
+            out_origins.append(origins[i])
+    return out, out_origins
+
+
+def _copy(message):
+    twin = type(message)()
+    twin.CopyFrom(message)
+    return twin
+
+
+class Net:
+    """A network built from a prototxt, used as pycaffe's ``caffe.Net``.
+
+    ``Net(model_file, phase)``, ``Net(model_file, weights, phase)`` or keywords
+    ``phase=``, ``weights=``, ``level=``, ``stages=``; ``model_file`` may also be prototxt
+    text or a NetParameter.
+    """
+
+    def __init__(self, network, *args, phase=None, weights=None, level=None, stages=()):
+        if len(args) == 1:
+            phase = args[0]
+        elif len(args) == 2:
+            weights, phase = args
+        elif args:
+            raise TypeError("Net(model_file, phase) or Net(model_file, weights, phase)")
+        if phase not in (TRAIN, TEST):
+            raise ConfigError("Net needs phase=owlnet.TRAIN or owlnet.TEST")
+        param, self.source = config.read_net(network)
+        state = config.make_state(param, phase, level, stages)
+        param, kept = config.filter_net(param, state, self.source)
+        self.phase = phase
+        self.name = param.name
+        self.force_backward = param.force_backward
+        self._build(param, kept)
+        if weights:
+            self.copy_from(weights)
+
+    # -- construction ----------------------------------------------------------------------
+    def _build(self, param, origins):
+        layer_params, origins = insert_splits(list(param.layer), origins)
+        self.blobs: OrderedDict[str, Blob] = OrderedDict()
+        self.layers, self._layer_names = [], []
+        self._bottoms, self._tops = [], []
+        self._loss_weights = []                 # per layer: [(top index, weight)]
+        self._split_layers = set()
+        self.inputs, available = [], OrderedDict()
+        self.learnable_params, self.params_lr, self.params_weight_decay = [], [], []
+        self.params: OrderedDict[str, list] = OrderedDict()
+        self._param_owner = {}                  # param name -> (layer name, blob, lr, decay)
+        self.blob_loss_weights: OrderedDict[str, float] = OrderedDict()
+        file_names = {lp.name for lp in param.layer}
+        for lp, origin in zip(layer_params, origins):
+            where = self.source.layer_line(origin) if origin is not None else self.source.name
+            try:
+                self._add_layer(lp, where, available)
+            except OwlnetError as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+            except (ValueError, IndexError, TypeError, ZeroDivisionError, MemoryError) as exc:
+                raise ShapeError(f"{where}: layer '{lp.name}' ({lp.type}) cannot be set up "
+                                 f"for bottoms {[self.blobs[b].shape for b in lp.bottom]}: "
+                                 f"{exc}") from None
+            if lp.type == "Split" and lp.name not in file_names:
+                self._split_layers.add(len(self.layers) - 1)
+        self.outputs = list(available)
+        self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
+        self._find_backward_layers()
+
+    def _add_layer(self, lp, where, available):
+        index = len(self.layers)
+        layer = create_layer(lp, self.phase)
+        bottoms = []
+        for name in lp.bottom:
+            if name not in self.blobs:
+                raise ConfigError(f"layer '{lp.name}' needs bottom blob '{name}', which no "
+                                  "earlier layer produces")
+            bottoms.append(self.blobs[name])
+            available.pop(name, None)
+        tops = []
+        for j, name in enumerate(lp.top):
+            if j < len(lp.bottom) and lp.bottom[j] == name:
+                tops.append(self.blobs[name])      # in place
+            elif name in self.blobs:
+                raise ConfigError(f"layer '{lp.name}' produces top blob '{name}', which an "
+                                  "earlier layer already produces (only the top at a "
+                                  "bottom's own position may reuse its name, in place)")
+            else:
+                blob = Blob((), name=name)
+                self.blobs[name] = blob
+                tops.append(blob)
+            available[name] = True
+        layer.setup(bottoms, tops)
+        layer.reshape(bottoms, tops)
+        if lp.type == "Input":
+            self.inputs.extend(lp.top)
+
+        if len(lp.loss_weight) > len(tops):
+            raise ConfigError(f"layer '{lp.name}' has {len(lp.loss_weight)} loss_weight "
+                              f"values for {len(tops)} tops")
+        weights = list(lp.loss_weight) or ([1.0] if layer.is_loss and tops else [])
+        self._loss_weights.append([(j, float(w)) for j, w in enumerate(weights) if w])
+        for j, name in enumerate(lp.top):
+            self.blob_loss_weights[name] = float(weights[j]) if j < len(weights) else 0.0
+
+        self._add_params(layer, lp)
+        self.layers.append(layer)
+        self._layer_names.append(lp.name)
+        self._bottoms.append(bottoms)
+        self._tops.append(tops)
+        return index
+
+    def _add_params(self, layer, lp):
+        for k, blob in enumerate(layer.blobs):
+            spec = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
+            if layer.param_propagate_down[k]:
+                lr, decay = spec.lr_mult, spec.decay_mult
+            else:                                  # the layer keeps this blob out of learning
+                lr, decay = 0.0, 0.0
+            if spec.name and spec.name in self._param_owner:
+                owner_layer, owner, lr, decay = self._param_owner[spec.name]
+                strict = spec.share_mode == caffe_pb2.ParamSpec.STRICT
+                if (owner.shape != blob.shape) if strict else (owner.count != blob.count):
+                    raise ShapeError(f"layer '{lp.name}' shares param '{spec.name}' of shape "
+                                     f"{blob.shape} with layer '{owner_layer}', whose shape is "
+                                     f"{owner.shape}")
+                if not strict:
+                    owner = _reshaped_view(owner, blob.shape)
+                layer.blobs[k] = owner
+            else:
+                self.learnable_params.append(blob)
+                self.params_lr.append(float(lr))
+                self.params_weight_decay.append(float(decay))
+                if spec.name:
+                    self._param_owner[spec.name] = (lp.name, blob, lr, decay)
+            layer.param_propagate_down[k] = lr != 0
+        if layer.blobs:
+            self.params[lp.name] = layer.blobs
+
+    def _find_backward_layers(self):
+        """Which layers run backward and into which bottoms (Caffe's need-backward rules)."""
+        blob_needs = {}
+        self._layer_need_backward, self._bottom_need_backward = [], []
+        for layer, lp, bottoms, tops in zip(self.layers, self._layer_params(), self._bottoms,
+                                            self._tops):
+            needs = []
+            for i, b in enumerate(bottoms):
+                wanted = lp.propagate_down[i] if i < len(lp.propagate_down) else True
+                needs.append(bool(blob_needs.get(b.name, False) and wanted))
+            need = any(needs) or any(layer.param_propagate_down)
+            for t in tops:
+                blob_needs[t.name] = need
+            self._layer_need_backward.append(need)
+            self._bottom_need_backward.append(needs)
+        under_loss = set()
+        for li in reversed(range(len(self.layers))):
+            tops = self._tops[li]
+            contributes = bool(self._loss_weights[li]) or any(t.name in under_loss for t in tops)
+            if contributes:
+                under_loss.update(b.name for b in self._bottoms[li])
+            else:
+                self._layer_need_backward[li] = False
+                self._bottom_need_backward[li] = [False] * len(self._bottoms[li])
+        if self.force_backward:
+            for li, layer in enumerate(self.layers):
+                self._layer_need_backward[li] = True
+                self._bottom_need_backward[li] = [
+                    need or layer.allow_force_backward(i)
+                    for i, need in enumerate(self._bottom_need_backward[li])]
+
+    def _layer_params(self):
+        return (layer.param for layer in self.layers)
+
+    # -- pycaffe-shaped views ---------------------------------------------------------------
+    @property
+    def top_names(self):
+        return OrderedDict((n, [t.name for t in tops])
+                           for n, tops in zip(self._layer_names, self._tops))
+
+    @property
+    def bottom_names(self):
+        return OrderedDict((n, [b.name for b in bottoms])
+                           for n, bottoms in zip(self._layer_names, self._bottoms))
+
+    @property
+    def output_loss_weights(self):
+        return {name: self.blob_loss_weights.get(name, 0.0) for name in self.outputs}
+
+    def _layer_index(self, name, default):
+        if name is None:
+            return default
+        try:
+            return self._layer_names.index(name)
+        except ValueError:
+            raise ConfigError(f"net '{self.name}' has no layer '{name}' (layers: "
+                              f"{', '.join(self._layer_names)})") from None
+
+    # -- running ----------------------------------------------------------------------------
+    def reshape(self):
+        """Propagate input shapes through every layer (call after reshaping an input blob)."""
+        for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
+            layer.reshape(bottoms, tops)
+
+    def forward_range(self, start: int, end: int):
+        """Run layers start..end (inclusive); the weighted loss as a 0-d array on the device."""
+        loss = 0.0
+        for li in range(start, end + 1):
+            layer, bottoms, tops = self.layers[li], self._bottoms[li], self._tops[li]
+            layer.reshape(bottoms, tops)
+            layer.forward(bottoms, tops)
+            for j, weight in self._loss_weights[li]:
+                loss = loss + weight * tops[j].data.sum()
+        return loss
+
+    def backward_range(self, start: int, end: int) -> None:
+        """Back-propagate through layers start down to end (inclusive)."""
+        for li in range(start, end - 1, -1):
+            if not self._layer_need_backward[li]:
+                continue
+            tops = self._tops[li]
+            for j, weight in self._loss_weights[li]:
+                tops[j].diff[...] = weight
+            self.layers[li].backward(tops, self._bottom_need_backward[li], self._bottoms[li])
+
+    def forward(self, blobs=None, start=None, end=None, **inputs):
+        """pycaffe's forward: set inputs given by name, run, return the output blobs' data."""
+        for name, value in inputs.items():
+            self._set_array(name, value, "data")
+        last = len(self.layers) - 1
+        self.forward_range(self._layer_index(start, 0), self._layer_index(end, last))
+        names = list(self.outputs if end is None else self.top_names[end]) + list(blobs or [])
+        return {name: self.blobs[name].data for name in names}
+
+    def backward(self, diffs=None, start=None, end=None, **top_diffs):
+        """pycaffe's backward: set output diffs given by name, run, return the inputs' diffs."""
+        for name, value in top_diffs.items():
+            self._set_array(name, value, "diff")
+        last = len(self.layers) - 1
+        self.backward_range(self._layer_index(start, last), self._layer_index(end, 0))
+        names = list(self.inputs if end is None else self.bottom_names[end]) + list(diffs or [])
+        return {name: self.blobs[name].diff for name in names}
+
+    def forward_backward(self) -> float:
+        """Forward and backward over the whole net; the weighted loss as a float."""
+        last = len(self.layers) - 1
+        loss = self.forward_range(0, last)
+        self.backward_range(last, 0)
+        return float(loss)
+
+    def _set_array(self, name, value, which):
+        if name not in self.blobs:
+            raise ConfigError(f"net '{self.name}' has no blob '{name}' (blobs: "
+                              f"{', '.join(self.blobs)})")
+        blob = self.blobs[name]
+        value = np.asarray(value) if isinstance(value, (list, tuple)) else value
+        if tuple(value.shape) != blob.shape:
+            raise ShapeError(f"blob '{name}' has shape {blob.shape}, the array given has shape "
+                             f"{tuple(value.shape)} (reshape the blob and call net.reshape() "
+                             "first)")
+        getattr(blob, which)[...] = backend.to_device(value)
+
+    # -- learning ---------------------------------------------------------------------------
+    def clear_param_diffs(self):
+        for blob in self.learnable_params:
+            blob.diff[...] = 0
+
+    def update(self):
+        """data -= diff for every learnable parameter (in place, so shared arrays follow)."""
+        for blob in self.learnable_params:
+            blob.data[...] -= blob.diff
+
+    def share_trained_layers(self, other: "Net"):
+        """Use ``other``'s parameter values in this net's layers of the same name."""
+        for name, blobs in self.params.items():
+            source = other.params.get(name)
+            if source is None:
+                continue
+            if len(source) != len(blobs):
+                raise ShapeError(f"layer '{name}' has {len(blobs)} parameter blobs here and "
+                                 f"{len(source)} in net '{other.name}'")
+            for k, (mine, theirs) in enumerate(zip(blobs, source)):
+                if mine.shape != theirs.shape:
+                    raise ShapeError(f"layer '{name}' param {k}: shape {mine.shape} here, "
+                                     f"{theirs.shape} in net '{other.name}'")
+                mine.share_data(theirs)
+
+    # -- data positions (for exact resume) --------------------------------------------------
+    def data_state(self) -> dict:
+        return {name: layer.state() for name, layer in self.layer_dict.items()
+                if hasattr(layer, "state")}
+
+    def restore_data_state(self, states: dict) -> None:
+        for name, state in states.items():
+            layer = self.layer_dict.get(name)
+            if layer is not None and hasattr(layer, "restore_state"):
+                layer.restore_state(state)
+
+    # -- weights ----------------------------------------------------------------------------
+    def to_proto(self, write_diff: bool = False):
+        """The net as Caffe writes a .caffemodel: every layer's parameter with its blobs."""
+        out = caffe_pb2.NetParameter(name=self.name)
+        for li, layer in enumerate(self.layers):
+            if li in self._split_layers:
+                continue
+            lp = out.layer.add()
+            lp.CopyFrom(layer.param)
+            lp.ClearField("blobs")
+            for blob in layer.blobs:
+                io.array_to_blobproto(backend.to_host(blob.data),
+                                      backend.to_host(blob.diff) if write_diff else None,
+                                      lp.blobs.add())
+        return out
+
+    def save(self, path) -> None:
+        """Write the weights as a binary .caffemodel (atomically)."""
+        io.atomic_write(path, self.to_proto().SerializeToString())
+
+    def copy_from(self, source, reinit_mismatched: bool = False) -> list[str]:
+        """Load weights from a .caffemodel path or NetParameter, matching layers by name.
+
+        Source layers absent here are ignored, as in Caffe. A blob whose shape differs is an
+        error, unless ``reinit_mismatched``: then that layer keeps its filler values. Returns
+        the names of the layers left re-initialised.
+        """
+        if isinstance(source, caffe_pb2.NetParameter):
+            param, where = source, "<NetParameter>"
+        else:
+            where = os.fspath(source)
+            param = io.parse_binary(caffe_pb2.NetParameter(), where, "caffemodel")
+        param = config.upgrade_net(param, config.Source(where))
+        reinitialised = []
+        for lp in param.layer:
+            layer = self.layer_dict.get(lp.name)
+            if layer is None or not len(lp.blobs):
+                continue
+            if len(lp.blobs) != len(layer.blobs):
+                raise SnapshotError(f"{where}: layer '{lp.name}' has {len(lp.blobs)} blobs in "
+                                    f"the file, the net expects {len(layer.blobs)}")
+            arrays = [io.blobproto_to_array(b, where=f"{where}: layer '{lp.name}' blob {k}")
+                      for k, b in enumerate(lp.blobs)]
+            mismatch = [(k, a.shape, t.shape) for k, (a, t) in enumerate(zip(arrays, layer.blobs))
+                        if not _shapes_match(lp.blobs[k], a.shape, t.shape)]
+            if mismatch:
+                if reinit_mismatched:
+                    reinitialised.append(lp.name)
+                    continue
+                k, have, want = mismatch[0]
+                raise ShapeError(f"{where}: cannot copy param {k} of layer '{lp.name}': shape "
+                                 f"{have} in the file, {want} in the net")
+            for array, blob in zip(arrays, layer.blobs):
+                blob.data[...] = backend.to_device(array.reshape(blob.shape))
+        return reinitialised
+
+
+def _shapes_match(proto, file_shape, net_shape) -> bool:
+    """Caffe's ShapeEquals: legacy 4-d blobs match a net shape padded with leading 1s."""
+    if file_shape == tuple(net_shape):
+        return True
+    if proto.HasField("shape") or len(net_shape) > 4:
+        return False
+    return file_shape == (1,) * (4 - len(net_shape)) + tuple(net_shape)
+
+
+def _reshaped_view(owner: Blob, shape) -> Blob:
+    """A Blob of ``shape`` sharing ``owner``'s data and diff (PERMISSIVE parameter sharing)."""
+    view = Blob((), name=owner.name)
+    view._data = owner.data.reshape(shape)
+    view._diff = owner.diff.reshape(shape)
+    return view
