@@ -1,0 +1,35 @@
+"""`owlnet SUBCOMMAND ...`: one entry point for the tools (each also has a script in tools/)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand -> (module under owlnet.tools, one-line description)
+COMMANDS = {
+    "train": ("train", "train a solver (tools/net_trainer.py)"),
+    "convert": ("convert", "convert an image list to a Datum LMDB (tools/convert_imageset.py)"),
+    "mean": ("mean", "compute the mean image of an LMDB (tools/compute_image_mean.py)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: owlnet SUBCOMMAND [ARGS...]", "", "subcommands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"owlnet: unknown subcommand '{name}'\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"owlnet.tools.{COMMANDS[name][0]}")
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

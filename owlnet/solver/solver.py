@@ -1,0 +1,434 @@
+"""The training loop: Caffe's Solver (iterations, display, testing, snapshots) over an update rule.
+
+``get_solver(path_or_param)`` picks the class from the solver's ``type`` ("SGD", "Nesterov",
+"AdaGrad", "RMSProp", "AdaDelta", "Adam") or the legacy ``solver_type`` enum. Paths in a solver
+file (``net``, ``train_net``, ``test_net``, ``weights``, the ``snapshot_prefix`` folder) are
+relative to the current directory, as in Caffe; when not found there, owlnet also looks in the
+solver file's folder and its parents (so a zoo solver naming ``examples/mnist/x.prototxt``
+works from anywhere).
+
+One iteration of :meth:`Solver.step`, as Caffe: clear the parameter diffs; test every
+``test_interval`` iterations (also at 0 when ``test_initialization``); ``iter_size`` times
+forward/backward, averaging the loss; log every ``display`` iterations the loss smoothed over
+the last ``average_loss`` iterations and each train output; apply the update; ``iter += 1``;
+snapshot every ``snapshot`` iterations or when the action callback asks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from .. import backend, config, snapshot
+from .. import logging as owl_logging
+from ..errors import ConfigError, SnapshotError, TrainingError
+from ..net import Net
+from ..proto import caffe_pb2
+from . import updates
+from .lr_policy import LearningRate
+
+_LEGACY_TYPES = {
+    caffe_pb2.SolverParameter.SGD: "SGD",
+    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
+    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
+    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
+    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
+    caffe_pb2.SolverParameter.ADAM: "Adam",
+}
+ACTIONS = ("none", "stop", "snapshot")
+
+
+def read_solver_param(source) -> caffe_pb2.SolverParameter:
+    """A SolverParameter from a path, prototxt text or message (a copy), with the legacy
+    ``solver_type`` turned into ``type``."""
+    param, where = config.read_solver(source)
+    upgrade_solver_type(param, where=where.name)
+    return param
+
+
+def upgrade_solver_type(param, where: str = "solver") -> None:
+    """Caffe's upgrade: the legacy ``solver_type`` enum becomes the ``type`` string."""
+    if not param.HasField("solver_type"):
+        return
+    if param.HasField("type"):
+        raise ConfigError(f"{where}: the legacy solver_type and the new type cannot both be "
+                          "given; keep type")
+    param.type = _LEGACY_TYPES[param.solver_type]
+    param.ClearField("solver_type")
+
+
+class Solver:
+    """Base of the solvers: builds the nets, runs the loop, snapshots and restores.
+
+    ``action_callback()`` (optional) is asked after each iteration and during testing and
+    returns "none", "stop" or "snapshot" (Caffe's SolverAction for SIGINT/SIGHUP).
+    ``on_iteration`` is a list of callables, each called with the solver after every
+    iteration (a progress bar, say).
+    """
+
+    rule_class: type[updates.UpdateRule] = updates.SGD
+
+    def __init__(self, param, action_callback=None):
+        is_path = isinstance(param, os.PathLike) or (
+            isinstance(param, str) and os.path.isfile(param))
+        self.source_dir = os.path.dirname(os.path.abspath(param)) if is_path else None
+        self.param = param = read_solver_param(param)
+        self.action_callback = action_callback
+        self.on_iteration: list = []
+        if param.average_loss < 1:
+            raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
+        if param.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
+            raise ConfigError("snapshot_format HDF5 is not supported; use BINARYPROTO")
+        self.snapshot_prefix = self._snapshot_prefix()
+        if param.random_seed >= 0:
+            backend.set_random_seed(param.random_seed)
+        owl_logging.ensure_configured()
+        self.net = self._init_train_net()
+        self.test_nets = self._init_test_nets()
+        owl_logging.info("Solver scaffolding done.")
+        self.rule = self.rule_class(param, self.net)
+        self.lr = LearningRate(param)
+        self.iter = 0
+        self.smoothed_loss = 0.0
+        self._losses: list[float] = []
+        self.requested_early_exit = False
+
+    @property
+    def type(self) -> str:
+        return self.rule_class.type
+
+    # -- building ---------------------------------------------------------------------------
+    def _find(self, path: str, what: str) -> str:
+        """``path`` relative to the current directory, else to the solver's folder or a parent."""
+        if os.path.exists(path) or os.path.isabs(path) or self.source_dir is None:
+            return path
+        folder = Path(self.source_dir)
+        for base in (folder, *folder.parents):
+            if (base / path).exists():
+                return str(base / path)
+        raise ConfigError(f"{what} {path} not found (looked in the current directory "
+                          f"{os.getcwd()} and in {self.source_dir} and its parents)")
+
+    def _snapshot_prefix(self) -> str:
+        prefix = self.param.snapshot_prefix
+        folder = os.path.dirname(prefix)
+        if folder and not os.path.isdir(folder) and self.source_dir is not None:
+            try:
+                prefix = os.path.join(self._find(folder, "snapshot_prefix folder"),
+                                      os.path.basename(prefix))
+            except ConfigError:
+                pass  # reported below when snapshots are due
+        if self.param.snapshot:
+            if not self.param.HasField("snapshot_prefix"):
+                raise ConfigError("snapshot is set but snapshot_prefix is not")
+            folder = os.path.dirname(prefix) or "."
+            if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+                raise ConfigError(f"cannot write to snapshot prefix '{prefix}': make sure the "
+                                  f"folder {folder} exists and is writeable")
+        return prefix
+
+    def _net_source(self, field: str, index: int | None = None):
+        """What solver field ``field`` names: a prototxt path (found as ``_find`` says) or a
+        NetParameter; with the NetParameter itself (for its ``state``) and a description."""
+        value = getattr(self.param, field)
+        if index is not None:
+            value = value[index]
+        if isinstance(value, str):
+            path = self._find(value, f"{field} file")
+            return path, config.read_net(path)[0], f"{field} file: {path}"
+        return value, value, field
+
+    def _build_net(self, source, net_param, phase, extra_state):
+        """A Net in Caffe's merged NetState: ``phase``, then the net's own ``state``, then
+        the solver's ``train_state``/``test_state`` (later ones win)."""
+        state = caffe_pb2.NetState(phase=phase)
+        state.MergeFrom(net_param.state)
+        if extra_state is not None:
+            state.MergeFrom(extra_state)
+        net = Net(source, phase=state.phase, level=state.level, stages=tuple(state.stage))
+        for entry in self.param.weights:
+            for path in entry.split(","):
+                net.copy_from(self._find(path, "weights file"))
+        return net
+
+    def _init_train_net(self):
+        p = self.param
+        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if len(fields) != 1:
+            raise ConfigError("the solver must name exactly one train net with one of net, "
+                              f"net_param, train_net, train_net_param (it names: "
+                              f"{', '.join(fields) or 'none'})")
+        source, net_param, description = self._net_source(fields[0])
+        owl_logging.info(f"Creating training net from {description}")
+        return self._build_net(source, net_param, caffe_pb2.TRAIN, p.train_state)
+
+    def _init_test_nets(self):
+        p = self.param
+        specific = [("test_net_param", i) for i in range(len(p.test_net_param))]
+        specific += [("test_net", i) for i in range(len(p.test_net))]
+        generic = [f for f in ("net_param", "net") if p.HasField(f)]
+        if generic and len(p.test_iter) < len(specific):
+            raise ConfigError(f"test_iter must be given for each test net: {len(specific)} test "
+                              f"nets, {len(p.test_iter)} test_iter")
+        if not generic and len(p.test_iter) != len(specific):
+            raise ConfigError(f"test_iter must be given once per test net: {len(specific)} test "
+                              f"nets (test_net, test_net_param), {len(p.test_iter)} test_iter")
+        sources = list(specific)
+        if generic:
+            sources += [(generic[0], None)] * (len(p.test_iter) - len(specific))
+        if p.test_state and len(p.test_state) != len(sources):
+            raise ConfigError(f"test_state must be unset or given once per test net: "
+                              f"{len(sources)} test nets, {len(p.test_state)} test_state")
+        if sources and p.test_interval <= 0:
+            raise ConfigError(f"{len(sources)} test net(s) need test_interval > 0")
+        nets = []
+        for i, (field, index) in enumerate(sources):
+            source, net_param, description = self._net_source(field, index)
+            owl_logging.info(f"Creating test net (#{i}) specified by {description}")
+            extra = p.test_state[i] if p.test_state else None
+            nets.append(self._build_net(source, net_param, caffe_pb2.TEST, extra))
+        return nets
+
+    # -- the loop ---------------------------------------------------------------------------
+    def solve(self, resume_file=None) -> None:
+        """Train to ``max_iter`` (from ``resume_file`` when given), as Caffe's Solve."""
+        owl_logging.info(f"Solving {self.net.name}")
+        owl_logging.info(f"Learning Rate Policy: {self.param.lr_policy}")
+        self.requested_early_exit = False
+        if resume_file:
+            owl_logging.info(f"Restoring previous solver status from {resume_file}")
+            self.restore(resume_file)
+        start_iter = self.iter
+        self.step(self.param.max_iter - self.iter)
+        p = self.param
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            owl_logging.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            loss = self._weighted_loss(self.net, self.net.forward())
+            self._update_smoothed_loss(loss, start_iter)
+            owl_logging.info(f"Iteration {self.iter}, loss = {owl_logging.num(self.smoothed_loss)}")
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        owl_logging.info("Optimization Done.")
+
+    def step(self, iters: int) -> None:
+        """Run ``iters`` iterations (fewer if the action callback says stop)."""
+        p = self.param
+        start_iter = self.iter
+        stop_iter = self.iter + int(iters)
+        self._losses = []
+        self.smoothed_loss = 0.0
+        timer_start = time.perf_counter()
+        iterations_last = self.iter
+        while self.iter < stop_iter:
+            self.net.clear_param_diffs()
+            if (p.test_interval and self.iter % p.test_interval == 0
+                    and (self.iter > 0 or p.test_initialization)):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            display = bool(p.display) and self.iter % p.display == 0
+            loss = 0.0
+            for _ in range(p.iter_size):
+                loss += self.net.forward_backward()
+            loss /= p.iter_size
+            if not math.isfinite(loss):
+                raise TrainingError(f"iteration {self.iter}: the loss is {loss}; training "
+                                    "stopped (no snapshot written of these weights)")
+            self._update_smoothed_loss(loss, start_iter)
+            if display:
+                lapse = time.perf_counter() - timer_start
+                per_second = (self.iter - iterations_last) / (lapse or 1.0)
+                owl_logging.info(owl_logging.iteration_line(self.iter, per_second, lapse,
+                                                            p.display, self.smoothed_loss))
+                timer_start = time.perf_counter()
+                iterations_last = self.iter
+                self._log_outputs()
+            self.apply_update()
+            self.iter += 1
+            for callback in self.on_iteration:
+                callback(self)
+            request = self._requested_action()
+            if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
+                self.snapshot()
+            if request == "stop":
+                self.requested_early_exit = True
+                break
+
+    def apply_update(self) -> None:
+        """Update the train net's parameters from their diffs (clip, regularize, rule)."""
+        rate = self.lr.rate(self.iter)
+        if self.param.display and self.iter % self.param.display == 0:
+            owl_logging.info(owl_logging.lr_line(self.iter, rate))
+        self.rule.apply(self.net, rate, self.iter)
+
+    def _update_smoothed_loss(self, loss: float, start_iter: int) -> None:
+        average = self.param.average_loss
+        if len(self._losses) < average:
+            self._losses.append(loss)
+            size = len(self._losses)
+            self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
+        else:
+            index = (self.iter - start_iter) % average
+            self.smoothed_loss += (loss - self._losses[index]) / average
+            self._losses[index] = loss
+
+    def _log_outputs(self) -> None:
+        index = 0
+        for name in self.net.outputs:
+            weight = self.net.output_loss_weights.get(name, 0.0)
+            for value in backend.to_host(self.net.blobs[name].data).ravel():
+                owl_logging.info(owl_logging.output_line("Train", index, name, value, weight))
+                index += 1
+
+    def _requested_action(self) -> str:
+        if self.action_callback is None:
+            return "none"
+        action = self.action_callback()
+        if action not in ACTIONS:
+            raise ConfigError(f"action_callback returned {action!r}; expected one of "
+                              f"{', '.join(ACTIONS)}")
+        return action
+
+    # -- testing ----------------------------------------------------------------------------
+    def test_all(self) -> list[dict]:
+        """Test every test net (stopping early if asked); the results of each."""
+        results = []
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            results.append(self.test(i))
+        return results
+
+    @staticmethod
+    def _weighted_loss(net, outputs) -> float:
+        return sum(float(weight * outputs[name].sum())
+                   for name, weight in net.output_loss_weights.items() if weight)
+
+    def test(self, test_net_id: int = 0) -> dict:
+        """Run test net ``test_net_id`` for its ``test_iter`` batches with the train net's
+        weights; log and return the mean of each output ({name: float, or array when the
+        output has several values})."""
+        owl_logging.info(owl_logging.testing_line(self.iter, test_net_id))
+        test_net = self.test_nets[test_net_id]
+        test_net.share_trained_layers(self.net)
+        batches = self.param.test_iter[test_net_id]
+        totals: dict = {}
+        loss = 0.0
+        for _ in range(batches):
+            request = self._requested_action()
+            while request != "none":
+                if request == "snapshot":
+                    self.snapshot()
+                else:
+                    self.requested_early_exit = True
+                request = self._requested_action()
+            if self.requested_early_exit:
+                break
+            outputs = test_net.forward()
+            for name in test_net.outputs:
+                values = outputs[name].ravel().astype("float64")
+                totals[name] = values if name not in totals else totals[name] + values
+            if self.param.test_compute_loss:
+                loss += self._weighted_loss(test_net, outputs)
+        if self.requested_early_exit:
+            owl_logging.info("Test interrupted.")
+            return {}
+        if self.param.test_compute_loss:
+            owl_logging.info(f"Test loss: {owl_logging.num(loss / batches)}")
+        results = {}
+        index = 0
+        for name in test_net.outputs:
+            means = backend.to_host(totals[name]) / batches
+            weight = test_net.output_loss_weights.get(name, 0.0)
+            for value in means:
+                owl_logging.info(owl_logging.output_line("Test", index, name, value, weight))
+                index += 1
+            results[name] = float(means[0]) if means.size == 1 else means
+        return results
+
+    # -- snapshots --------------------------------------------------------------------------
+    def snapshot(self) -> tuple[str, str]:
+        """Write ``{prefix}_iter_{iter}.caffemodel`` and ``.solverstate``; returns both paths."""
+        net_param = self.net.to_proto(write_diff=self.param.snapshot_diff)
+        resume = {
+            "rng": snapshot.rng_state(),
+            "train_data": self.net.data_state(),
+            "test_data": [net.data_state() for net in self.test_nets],
+        }
+        return snapshot.write_snapshot(self.snapshot_prefix, self.iter, net_param,
+                                       self.rule.history, self.lr.current_step, resume)
+
+    def restore(self, path) -> None:
+        """Continue from a .solverstate: weights, history, iter, current_step, and (for
+        owlnet's snapshots) the RNG and the data layers' positions."""
+        path = os.fspath(path)
+        state = snapshot.read_solver_state(path)
+        model_path = snapshot.learned_net_path(state, path)
+        params = self.net.learnable_params
+        names = [blob.name or f"#{i}" for i, blob in enumerate(params)] * self.rule.history_sets
+        history = snapshot.read_history(state, path, [h.shape for h in self.rule.history],
+                                        names, self.rule.type)
+        extra = snapshot.read_resume(state, path, model_path)
+        if extra is not None:
+            missing = {"rng", "train_data", "test_data"} - set(extra)
+            if missing:
+                raise SnapshotError(f"{path}: owlnet resume state lacks "
+                                    f"{', '.join(sorted(missing))}")
+            if len(extra["test_data"]) != len(self.test_nets):
+                raise SnapshotError(f"{path}: written for {len(extra['test_data'])} test nets, "
+                                    f"this solver has {len(self.test_nets)}")
+        if model_path is not None:
+            self.net.copy_from(model_path)
+        self.rule.set_history(history)
+        self.iter = state.iter
+        self.lr.current_step = state.current_step
+        if extra is not None:
+            snapshot.restore_rng(extra["rng"], path)
+            self.net.restore_data_state(extra["train_data"])
+            for net, data_state in zip(self.test_nets, extra["test_data"]):
+                net.restore_data_state(data_state)
+
+
+class SGDSolver(Solver):
+    rule_class = updates.SGD
+
+
+class NesterovSolver(Solver):
+    rule_class = updates.Nesterov
+
+
+class AdaGradSolver(Solver):
+    rule_class = updates.AdaGrad
+
+
+class RMSPropSolver(Solver):
+    rule_class = updates.RMSProp
+
+
+class AdaDeltaSolver(Solver):
+    rule_class = updates.AdaDelta
+
+
+class AdamSolver(Solver):
+    rule_class = updates.Adam
+
+
+SOLVERS = {cls.rule_class.type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolver,
+                                                RMSPropSolver, AdaDeltaSolver, AdamSolver)}
+
+
+def get_solver(path_or_param, action_callback=None) -> Solver:
+    """The solver its ``type`` (or legacy ``solver_type``) names, from a path, prototxt text or
+    SolverParameter."""
+    param = read_solver_param(path_or_param)
+    try:
+        cls = SOLVERS[param.type]
+    except KeyError:
+        raise ConfigError(f"unknown solver type {param.type!r} (known types: "
+                          f"{', '.join(SOLVERS)})") from None
+    return cls(path_or_param, action_callback=action_callback)

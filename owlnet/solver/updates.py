@@ -1,0 +1,217 @@
+"""Caffe's parameter update rules, one class each, written against the array module.
+
+:meth:`UpdateRule.apply` follows Caffe's ``ApplyUpdate`` order:
+
+1. clip: when ``clip_gradients >= 0`` and the global L2 norm ``||g||`` of all parameter diffs
+   exceeds it, every diff is scaled by ``clip_gradients / ||g||``;
+2. per parameter ``i``: normalize ``g /= iter_size`` (when ``iter_size > 1``);
+3. regularize with ``d = weight_decay * decay_mult_i`` (skipped when 0):
+   L2 ``g += d * w``, L1 ``g += d * sign(w)``;
+4. compute the update value into the diff, with ``r = rate * lr_mult_i`` (see each class);
+5. ``net.update()``: ``w -= diff`` for every learnable parameter.
+
+History arrays live beside the parameters (same device and dtype), in Caffe's SolverState
+order: one per parameter, and for AdaDelta and Adam a second set of N after the first N.
+"""
+from __future__ import annotations
+
+from .. import backend
+from .. import logging as owl_logging
+from ..errors import ConfigError
+
+
+class UpdateRule:
+    """Clip, normalize, regularize; subclasses compute the update value (``compute``)."""
+
+    type = ""
+    #: How many history arrays each parameter has (Caffe's history is sets of N, in order).
+    history_sets = 1
+
+    def __init__(self, solver_param, net):
+        self.param = solver_param
+        self.momentum = solver_param.momentum
+        self.delta = solver_param.delta
+        self.clip_gradients = solver_param.clip_gradients
+        self.iter_size = solver_param.iter_size
+        self.weight_decay = solver_param.weight_decay
+        self.regularization = solver_param.regularization_type
+        if self.iter_size < 1:
+            raise ConfigError(f"iter_size must be at least 1, got {self.iter_size}")
+        if self.weight_decay and self.regularization not in ("L1", "L2"):
+            raise ConfigError(f"unknown regularization_type {self.regularization!r} "
+                              "(known types: L1, L2)")
+        self.check_param()
+        params = net.learnable_params
+        self.history = [backend.array_module(p.data).zeros_like(p.data)
+                        for _ in range(self.history_sets) for p in params]
+
+    def check_param(self) -> None:
+        """Raise ConfigError for settings this rule cannot use (Caffe's constructor checks)."""
+
+    # -- the update ----------------------------------------------------------------------
+    def apply(self, net, rate: float, iteration: int) -> None:
+        """One update of every learnable parameter of ``net`` at learning rate ``rate``."""
+        params = net.learnable_params
+        self.clip(params)
+        for i, blob in enumerate(params):
+            if self.iter_size != 1:
+                blob.diff *= 1.0 / self.iter_size
+            self.regularize(blob, self.weight_decay * net.params_weight_decay[i])
+            self.compute(i, blob.diff, rate * net.params_lr[i], iteration)
+        net.update()
+
+    def clip(self, params) -> None:
+        if self.clip_gradients < 0 or not params:
+            return
+        xp = backend.array_module(params[0].diff)
+        sumsq = sum(xp.vdot(p.diff.ravel(), p.diff.ravel()) for p in params)
+        norm = float(xp.sqrt(sumsq))
+        if norm > self.clip_gradients:
+            scale = self.clip_gradients / norm
+            owl_logging.info(f"Gradient clipping: scaling down gradients (L2 norm "
+                             f"{owl_logging.num(norm)} > {owl_logging.num(self.clip_gradients)}) "
+                             f"by scale factor {owl_logging.num(scale)}")
+            for p in params:
+                p.diff *= scale
+
+    def regularize(self, blob, local_decay: float) -> None:
+        if not local_decay:
+            return
+        if self.regularization == "L2":
+            blob.diff += local_decay * blob.data
+        else:
+            blob.diff += local_decay * backend.array_module(blob.data).sign(blob.data)
+
+    def compute(self, i: int, diff, local_rate: float, iteration: int) -> None:
+        """Turn the gradient ``diff`` of parameter ``i`` into the step to subtract (in place)."""
+        raise NotImplementedError
+
+    # -- history <-> SolverState -----------------------------------------------------------
+    def set_history(self, arrays) -> None:
+        """Take history arrays (host arrays in SolverState order, shapes already checked)."""
+        self.history = [backend.array_module(old).asarray(new, dtype=old.dtype)
+                        for old, new in zip(self.history, arrays)]
+
+
+class SGD(UpdateRule):
+    """``h = momentum * h + r * g``; step ``h``."""
+
+    type = "SGD"
+
+    def compute(self, i, diff, local_rate, iteration):
+        h = self.history[i]
+        diff *= local_rate
+        h *= self.momentum
+        h += diff
+        diff[...] = h
+
+
+class Nesterov(UpdateRule):
+    """``h' = momentum * h + r * g``; step ``(1 + momentum) * h' - momentum * h``."""
+
+    type = "Nesterov"
+
+    def compute(self, i, diff, local_rate, iteration):
+        h = self.history[i]
+        previous = h * self.momentum
+        diff *= local_rate
+        h *= self.momentum
+        h += diff
+        backend.array_module(h).multiply(h, 1.0 + self.momentum, out=diff)
+        diff -= previous
+
+
+class AdaGrad(UpdateRule):
+    """``h += g^2``; step ``r * g / (sqrt(h) + delta)``."""
+
+    type = "AdaGrad"
+
+    def check_param(self):
+        if self.momentum != 0:
+            raise ConfigError("momentum cannot be used with AdaGrad (set momentum: 0)")
+
+    def compute(self, i, diff, local_rate, iteration):
+        h = self.history[i]
+        h += diff * diff
+        denominator = backend.array_module(h).sqrt(h)
+        denominator += self.delta
+        diff /= denominator
+        diff *= local_rate
+
+
+class RMSProp(UpdateRule):
+    """``h = rms_decay * h + (1 - rms_decay) * g^2``; step ``r * g / (sqrt(h) + delta)``."""
+
+    type = "RMSProp"
+
+    def check_param(self):
+        if self.momentum != 0:
+            raise ConfigError("momentum cannot be used with RMSProp (set momentum: 0)")
+        if not 0 <= self.param.rms_decay < 1:
+            raise ConfigError(f"rms_decay must lie in [0, 1), got {self.param.rms_decay:g}")
+
+    def compute(self, i, diff, local_rate, iteration):
+        h = self.history[i]
+        decay = self.param.rms_decay
+        h *= decay
+        h += (1.0 - decay) * (diff * diff)
+        denominator = backend.array_module(h).sqrt(h)
+        denominator += self.delta
+        diff /= denominator
+        diff *= local_rate
+
+
+class AdaDelta(UpdateRule):
+    """With ``m = momentum``: ``h = m * h + (1 - m) * g^2``;
+    ``u = g * sqrt((hu + delta) / (h + delta))``; ``hu = m * hu + (1 - m) * u^2``; step ``r * u``.
+
+    History: the N gradient histories ``h``, then the N update histories ``hu``.
+    """
+
+    type = "AdaDelta"
+    history_sets = 2
+
+    def compute(self, i, diff, local_rate, iteration):
+        xp = backend.array_module(diff)
+        m = self.momentum
+        h = self.history[i]
+        h_update = self.history[i + len(self.history) // 2]
+        h *= m
+        h += (1.0 - m) * (diff * diff)
+        ratio = h_update + self.delta
+        ratio /= h + self.delta
+        diff *= xp.sqrt(ratio)
+        h_update *= m
+        h_update += (1.0 - m) * (diff * diff)
+        diff *= local_rate
+
+
+class Adam(UpdateRule):
+    """With ``b1 = momentum``, ``b2 = momentum2``, ``t = iter + 1``:
+    ``m = b1 * m + (1 - b1) * g``; ``v = b2 * v + (1 - b2) * g^2``;
+    step ``r * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + delta)``.
+
+    History: the N first moments ``m``, then the N second moments ``v``.
+    """
+
+    type = "Adam"
+    history_sets = 2
+
+    def compute(self, i, diff, local_rate, iteration):
+        xp = backend.array_module(diff)
+        b1, b2 = self.momentum, self.param.momentum2
+        m = self.history[i]
+        v = self.history[i + len(self.history) // 2]
+        t = iteration + 1
+        correction = (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
+        m *= b1
+        m += (1.0 - b1) * diff
+        v *= b2
+        v += (1.0 - b2) * (diff * diff)
+        denominator = xp.sqrt(v)
+        denominator += self.delta
+        xp.divide(m, denominator, out=diff)
+        diff *= local_rate * correction
+
+
+RULES = {rule.type: rule for rule in (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam)}

@@ -1,0 +1,175 @@
+"""`net_trainer.py SOLVER [--snapshot N] [-n N] [--weights W] [--device cpu|gpu]` (`owlnet train`).
+
+Trains the solver's net as Caffe's ``caffe train`` does, with owl.net's ``--snapshot N``:
+resume from the N-th snapshot, i.e. iteration N x ``snapshot`` under ``snapshot_prefix``.
+SIGINT and SIGTERM write a snapshot and stop; SIGHUP writes one and goes on (Caffe's
+sigint_effect / sighup_effect, which the flags change). On a terminal a progress bar shows
+iter/s and the time left.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+
+from .. import backend
+from .. import logging as owl_logging
+from ..errors import ConfigError, OwlnetError
+from ..snapshot import find_snapshot
+from ..solver import get_solver
+
+EFFECTS = ("stop", "snapshot", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="net_trainer.py", description=__doc__.splitlines()[0])
+    p.add_argument("solver", help="solver prototxt")
+    p.add_argument("--snapshot", type=int, metavar="N",
+                   help="resume from the N-th snapshot (iteration N x solver.snapshot)")
+    p.add_argument("--resume", metavar="SOLVERSTATE", help="resume from this .solverstate")
+    p.add_argument("-n", "--num-devices", type=int, default=1, metavar="N",
+                   help="devices to slice each batch across (default 1)")
+    p.add_argument("--weights", metavar="A.caffemodel[,B.caffemodel]",
+                   help="initialise from these weights (fine-tuning)")
+    p.add_argument("--reinit-mismatched", action="store_true",
+                   help="with --weights: keep fresh fillers for layers whose shapes differ")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--gpu", type=int, default=0, metavar="IDX", help="first GPU to use")
+    p.add_argument("--math", choices=("fp32", "tf32"), default=None,
+                   help="GPU math mode (default fp32, or $OWLNET_MATH)")
+    p.add_argument("--sigint-effect", choices=EFFECTS, default="stop")
+    p.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot")
+    p.add_argument("--log", metavar="FILE", help="also write the log to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+class SignalActions:
+    """Turns SIGINT/SIGTERM/SIGHUP into the solver's "stop" / "snapshot" requests."""
+
+    def __init__(self, sigint_effect: str, sighup_effect: str):
+        self.effects = {signal.SIGINT: sigint_effect, signal.SIGTERM: sigint_effect}
+        if hasattr(signal, "SIGHUP"):
+            self.effects[signal.SIGHUP] = sighup_effect
+        self.pending = "none"
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.effects:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        effect = self.effects[signum]
+        if effect != "none" and self.pending != "stop":
+            self.pending = effect
+
+    def __call__(self) -> str:
+        action, self.pending = self.pending, "none"
+        return action
+
+
+class ProgressBar:
+    """``[#####.....] 1200/2000 35.2 iter/s ETA 0:00:23`` on a terminal, under the log."""
+
+    def __init__(self, stream, total: int):
+        self.stream, self.total = stream, max(total, 1)
+        self.start_time = self.start_iter = None
+
+    def __call__(self, solver) -> None:
+        now = time.perf_counter()
+        if self.start_time is None:
+            self.start_time, self.start_iter = now, solver.iter - 1
+        done = solver.iter - self.start_iter
+        rate = done / max(now - self.start_time, 1e-9)
+        left = max(self.total - solver.iter, 0) / max(rate, 1e-9)
+        filled = int(30 * min(solver.iter / self.total, 1.0))
+        eta = time.strftime("%H:%M:%S", time.gmtime(left))
+        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {solver.iter}/{self.total} "
+                          f"{rate:.1f} iter/s ETA {eta}\033[K")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
+
+class _ClearBarFirst(logging.Filter):
+    """Clears the progress bar's line before a log line is written to the same terminal."""
+
+    def __init__(self, bar: ProgressBar):
+        super().__init__()
+        self.bar = bar
+
+    def filter(self, record) -> bool:
+        self.bar.clear()
+        return True
+
+
+def setup_device(device: str, gpu: int, math: str | None) -> None:
+    if math:
+        backend.set_math_mode(math)
+    if device == "gpu":
+        backend.set_device(gpu)
+        backend.set_mode_gpu()
+        owl_logging.info(f"Using GPU {gpu}, math mode {backend.math_mode()}")
+    else:
+        backend.set_mode_cpu()
+        owl_logging.info("Using CPU")
+
+
+def train(args) -> int:
+    owl_logging.configure(log_file=args.log) if args.log else owl_logging.ensure_configured()
+    if args.num_devices < 1:
+        raise ConfigError(f"-n must be at least 1, got {args.num_devices}")
+    if args.num_devices > 1:
+        raise ConfigError(f"-n {args.num_devices}: training across several devices is not "
+                          "available in this version of owlnet; use -n 1")
+    if args.snapshot is not None and args.resume:
+        raise ConfigError("give --snapshot N or --resume FILE, not both")
+    if args.weights and (args.snapshot is not None or args.resume):
+        raise ConfigError("give --weights (fine-tune) or a snapshot to resume, not both")
+    setup_device(args.device, args.gpu, args.math)
+
+    actions = SignalActions(args.sigint_effect, args.sighup_effect)
+    solver = get_solver(args.solver, action_callback=actions)
+    resume = args.resume
+    if args.snapshot is not None:
+        resume = find_snapshot(solver.snapshot_prefix, args.snapshot, solver.param.snapshot)
+    if args.weights:
+        for path in args.weights.split(","):
+            owl_logging.info(f"Finetuning from {path}")
+            skipped = solver.net.copy_from(path, reinit_mismatched=args.reinit_mismatched)
+            for name in skipped:
+                owl_logging.warning(f"layer '{name}': shapes differ from {path}; "
+                                    "keeping its fresh initialisation")
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        bar = ProgressBar(sys.stderr, solver.param.max_iter)
+        solver.on_iteration.append(bar)
+        for handler in owl_logging.logger.handlers:
+            handler.addFilter(_ClearBarFirst(bar))
+    with actions:
+        solver.solve(resume_file=resume)
+    if bar is not None:
+        bar.clear()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except OwlnetError as exc:
+        print(f"net_trainer: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Update rules over several iterations against Caffe's formulas, recomputed here in float64.
+
+A tiny fake net holds two parameters with different lr_mult/decay_mult; each iteration puts a
+known gradient into the diffs and calls the rule's ``apply`` (clip, normalize, regularize,
+compute, net.update()). The reference below is written from the formulas, element-wise math
+on fresh arrays, not from the rule's in-place code.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from owlnet import backend
+from owlnet.blob import Blob
+from owlnet.errors import ConfigError
+from owlnet.proto import caffe_pb2
+from owlnet.solver import updates
+
+SHAPES = [(3, 4), (5,)]
+LR_MULT = [1.0, 2.0]
+DECAY_MULT = [1.0, 0.5]
+RATES = [0.1, 0.05, 0.02, 0.08]
+
+
+class FakeNet:
+    """Just what an update rule uses: parameters, their multipliers, update()."""
+
+    def __init__(self, weights):
+        with backend.dtype_scope(np.float64):
+            self.learnable_params = [Blob(w.shape, name=f"p{i}") for i, w in enumerate(weights)]
+        for blob, w in zip(self.learnable_params, weights):
+            blob.data[...] = w
+        self.params_lr = list(LR_MULT)
+        self.params_weight_decay = list(DECAY_MULT)
+
+    def clear_param_diffs(self):
+        for blob in self.learnable_params:
+            blob.diff[...] = 0
+
+    def update(self):
+        for blob in self.learnable_params:
+            blob.data[...] -= blob.diff
+
+
+def solver_param(text):
+    return text_format.Parse(text, caffe_pb2.SolverParameter())
+
+
+def problem(seed=0):
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal(s) for s in SHAPES]
+    weights[0][0, 0] = 0.0                       # sign(0) = 0 for L1
+    grads = [[rng.standard_normal(s) for s in SHAPES] for _ in RATES]
+    return weights, grads
+
+
+def run_rule(rule_class, p, weights, grads):
+    net = FakeNet(weights)
+    rule = rule_class(p, net)
+    for it, (g, rate) in enumerate(zip(grads, RATES)):
+        net.clear_param_diffs()
+        for blob, gi in zip(net.learnable_params, g):
+            blob.diff[...] += gi
+        rule.apply(net, rate, it)
+    return [b.data.copy() for b in net.learnable_params], rule.history
+
+
+def reference(kind, p, weights, grads):
+    """Caffe's update, from the formulas; returns weights and the history sets."""
+    w = [x.copy() for x in weights]
+    n = len(w)
+    h1 = [np.zeros_like(x) for x in w]
+    h2 = [np.zeros_like(x) for x in w]
+    m, delta = p.momentum, p.delta
+    for it, (g_raw, rate) in enumerate(zip(grads, RATES)):
+        g = [x.copy() for x in g_raw]
+        if p.clip_gradients >= 0:
+            norm = np.sqrt(sum(np.sum(x * x) for x in g))
+            if norm > p.clip_gradients:
+                g = [x * (p.clip_gradients / norm) for x in g]
+        for i in range(n):
+            gi = g[i] / p.iter_size
+            decay = p.weight_decay * DECAY_MULT[i]
+            if p.regularization_type == "L1":
+                gi = gi + decay * np.sign(w[i])
+            else:
+                gi = gi + decay * w[i]
+            r = rate * LR_MULT[i]
+            if kind == "SGD":
+                h1[i] = m * h1[i] + r * gi
+                step = h1[i]
+            elif kind == "Nesterov":
+                old = h1[i]
+                h1[i] = m * old + r * gi
+                step = (1 + m) * h1[i] - m * old
+            elif kind == "AdaGrad":
+                h1[i] = h1[i] + gi ** 2
+                step = r * gi / (np.sqrt(h1[i]) + delta)
+            elif kind == "RMSProp":
+                h1[i] = p.rms_decay * h1[i] + (1 - p.rms_decay) * gi ** 2
+                step = r * gi / (np.sqrt(h1[i]) + delta)
+            elif kind == "AdaDelta":
+                h1[i] = m * h1[i] + (1 - m) * gi ** 2
+                u = gi * np.sqrt((h2[i] + delta) / (h1[i] + delta))
+                h2[i] = m * h2[i] + (1 - m) * u ** 2
+                step = r * u
+            elif kind == "Adam":
+                b1, b2, t = m, p.momentum2, it + 1
+                h1[i] = b1 * h1[i] + (1 - b1) * gi
+                h2[i] = b2 * h2[i] + (1 - b2) * gi ** 2
+                m_hat = h1[i] / (1 - b1 ** t)
+                # Caffe's form: delta is added to sqrt(v), not to sqrt(v / (1 - b2^t))
+                step = r * m_hat * np.sqrt(1 - b2 ** t) / (np.sqrt(h2[i]) + delta)
+            w[i] = w[i] - step
+    return w, h1, h2
+
+
+CASES = [
+    ("SGD", "momentum: 0.9 weight_decay: 0.01"),
+    ("SGD", "momentum: 0.9 weight_decay: 0.03 regularization_type: 'L1'"),
+    ("SGD", "momentum: 0.5 weight_decay: 0.01 iter_size: 3"),
+    ("SGD", "momentum: 0.9 clip_gradients: 1.5"),                    # clipping applies
+    ("SGD", "momentum: 0.9 clip_gradients: 1000"),                   # norm below: no clipping
+    ("SGD", "momentum: 0 weight_decay: 0.01 iter_size: 2 clip_gradients: 2"),
+    ("Nesterov", "momentum: 0.9 weight_decay: 0.01"),
+    ("Nesterov", "momentum: 0.8 weight_decay: 0.02 regularization_type: 'L1' iter_size: 2"),
+    ("AdaGrad", "weight_decay: 0.01 delta: 1e-6"),
+    ("AdaGrad", "weight_decay: 0.01 iter_size: 2 clip_gradients: 1"),
+    ("RMSProp", "weight_decay: 0.01 rms_decay: 0.95 delta: 1e-6"),
+    ("RMSProp", "regularization_type: 'L1' weight_decay: 0.02 rms_decay: 0.9 iter_size: 4"),
+    ("AdaDelta", "momentum: 0.95 weight_decay: 0.01 delta: 1e-6"),
+    ("AdaDelta", "momentum: 0.9 delta: 1e-4 iter_size: 2 clip_gradients: 1"),
+    ("Adam", "momentum: 0.9 momentum2: 0.999 delta: 1e-8 weight_decay: 0.01"),
+    ("Adam", "momentum: 0.8 momentum2: 0.99 delta: 1e-6 regularization_type: 'L1' "
+             "weight_decay: 0.01 iter_size: 2"),
+]
+
+
+@pytest.mark.parametrize("kind, settings", CASES)
+def test_rule_matches_formula(kind, settings):
+    p = solver_param(f'type: "{kind}" {settings}')
+    weights, grads = problem()
+    got_w, got_history = run_rule(updates.RULES[kind], p, weights, grads)
+    want_w, h1, h2 = reference(kind, p, weights, grads)
+    for got, want in zip(got_w, want_w):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # History in Caffe's SolverState order: N arrays, then N more for AdaDelta and Adam.
+    want_history = h1 + (h2 if kind in ("AdaDelta", "Adam") else [])
+    assert len(got_history) == len(want_history)
+    for got, want in zip(got_history, want_history):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_clipping_really_scales():
+    p = solver_param("momentum: 0 clip_gradients: 0.5")
+    weights, grads = problem()
+    got_w, _ = run_rule(updates.SGD, p, weights, grads[:1] * len(RATES))
+    unclipped_w, _, _ = reference("SGD", solver_param("momentum: 0"), weights,
+                                  grads[:1] * len(RATES))
+    assert not np.allclose(got_w[0], unclipped_w[0])
+
+
+def test_history_lives_with_params_and_has_their_shapes():
+    weights, _ = problem()
+    rule = updates.Adam(solver_param("momentum: 0.9"), FakeNet(weights))
+    assert [h.shape for h in rule.history] == SHAPES + SHAPES
+    assert all(h.dtype == np.float64 for h in rule.history)
+
+
+@pytest.mark.parametrize("kind, settings, words", [
+    ("AdaGrad", "momentum: 0.9", "momentum"),
+    ("RMSProp", "momentum: 0.9", "momentum"),
+    ("RMSProp", "rms_decay: 1", "rms_decay"),
+    ("SGD", "weight_decay: 0.1 regularization_type: 'L3'", "L3"),
+    ("SGD", "iter_size: 0", "iter_size"),
+])
+def test_bad_settings(kind, settings, words):
+    weights, _ = problem()
+    with pytest.raises(ConfigError, match=words):
+        updates.RULES[kind](solver_param(settings), FakeNet(weights))
