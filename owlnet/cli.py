@@ -9,6 +9,12 @@ COMMANDS = {
     "train": ("train", "train a solver (tools/net_trainer.py)"),
     "convert": ("convert", "convert an image list to a Datum LMDB (tools/convert_imageset.py)"),
     "mean": ("mean", "compute the mean image of an LMDB (tools/compute_image_mean.py)"),
+    "test": ("test", "score a trained net, single or 10-view (tools/net_tester.py)"),
+    "extract": ("extract", "extract blobs' features (tools/feature_extractor.py)"),
+    "classify": ("classify", "top-k labels of images with a deploy net and weights"),
+    "time": ("time", "per-layer forward/backward timing, like `caffe time`"),
+    "plot": ("plot", "plot loss, learning rate and test accuracy from a training log"),
+    "parse-log": ("plot", "write a training log's numbers as CSV, like Caffe's parse_log"),
 }
 
 

@@ -79,13 +79,14 @@ def main() -> None:
     shutil.rmtree(DEMO, ignore_errors=True)
     write_images(mnist_csv())
     mnist = str(DEMO / "mnist") + "/"
-    run("tools/convert_imageset.py", "--gray", "--shuffle", mnist, str(DEMO / "mnist/train.txt"),
-        str(DEMO / "mnist_train_lmdb"))
-    run("tools/convert_imageset.py", "--gray", mnist, str(DEMO / "mnist/test.txt"),
-        str(DEMO / "mnist_test_lmdb"))
+    run("tools/convert_imageset.py", mnist, str(DEMO / "mnist/train.txt"),
+        str(DEMO / "mnist_train_lmdb"), "--gray", "--shuffle")
+    run("tools/convert_imageset.py", mnist, str(DEMO / "mnist/test.txt"),
+        str(DEMO / "mnist_test_lmdb"), "--gray")
     run("tools/compute_image_mean.py", str(DEMO / "mnist_train_lmdb"),
         str(DEMO / "mnist_mean.binaryproto"))
     device = "gpu" if has_gpu() else "cpu"
+    (DEMO / "snapshots").mkdir()
     run("tools/net_trainer.py", "solvers/lenet_solver.prototxt", "--device", device)
     accuracy = test_accuracy(DEMO / "snapshots" / "lenet_iter_2000.caffemodel")
     print(f"mnist_demo: LeNet test accuracy {accuracy:.4f} on 1,000 held-out digits "

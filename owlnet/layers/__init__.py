@@ -1,2 +1,3 @@
-"""Layer families; importing this package registers every layer type."""
+"""Layer families, one module each; importing this package registers every layer type."""
+from . import common, data, input, loss, neuron, normalization, vision  # noqa: F401
 from .base import Layer, create_layer, known_types, layer_class, register  # noqa: F401

@@ -1,0 +1,500 @@
+"""Spatial layers: Convolution, Deconvolution, Pooling and LRN (Caffe semantics, 2-d)."""
+from __future__ import annotations
+
+import math
+
+from .. import backend, kernels
+from ..errors import ConfigError
+from ..proto import caffe_pb2
+from .base import Layer, register
+
+# Largest im2col buffer (elements) built at once; bigger batches are processed in chunks.
+_COLUMN_BUFFER_LIMIT = 1 << 25
+
+_POOL = caffe_pb2.PoolingParameter
+_LRN = caffe_pb2.LRNParameter
+
+
+def _to_groups(images, group):
+    """``(N, C, H, W)`` -> ``(group, C/group, N*H*W)``: channels as rows, pixels as columns."""
+    n, c = images.shape[:2]
+    return images.reshape(n, c, -1).transpose(1, 0, 2).reshape(group, c // group, -1)
+
+
+def _group_matmul(a, b):
+    """``a[g] @ b[g]`` for every group, as 2-d products (NumPy's stacked matmul does not use
+    BLAS when an operand is a transposed view)."""
+    xp = backend.array_module(a)
+    out = xp.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype)
+    for g in range(a.shape[0]):
+        xp.matmul(a[g], b[g], out=out[g])
+    return out
+
+
+def _from_groups(mat, n, spatial):
+    """Inverse of :func:`_to_groups`: ``(group, C/group, N*H*W)`` -> ``(N, C, H, W)`` view."""
+    return mat.reshape(-1, n, *spatial).transpose(1, 0, 2, 3)
+
+
+class _ConvolutionBase(Layer):
+    """Parameters, weights and the im2col plumbing shared by Convolution and Deconvolution.
+
+    The "column side" is the blob with the smaller spatial size in the equivalent
+    convolution: the top of a Convolution, the bottom of a Deconvolution.
+    """
+
+    min_bottoms = 1
+    min_tops = 1
+    equal_bottom_top = True
+
+    def layer_setup(self, bottom, top):
+        p = self.param.convolution_param
+        self.axis = bottom[0].canonical_axis(p.axis)
+        spatial_axes = bottom[0].num_axes - self.axis - 1
+        if spatial_axes != 2:
+            self.fail(f"only 2 spatial axes are supported, bottom shape {bottom[0].shape} with "
+                      f"channel axis {self.axis} has {spatial_axes}", ConfigError)
+        self.kernel = self._pair(p, "kernel_size", "kernel_h", "kernel_w", None)
+        self.stride = self._pair(p, "stride", "stride_h", "stride_w", 1)
+        self.pad = self._pair(p, "pad", "pad_h", "pad_w", 0)
+        self.dilation = self._pair(p, "dilation", None, None, 1)
+        for name, values in (("kernel size", self.kernel), ("stride", self.stride),
+                             ("dilation", self.dilation)):
+            if min(values) < 1:
+                self.fail(f"{name} must be positive, got {values}", ConfigError)
+        self.is_1x1 = self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0)
+        self.channels = bottom[0].shape[self.axis]
+        self.num_output = p.num_output
+        self.group = p.group
+        if self.num_output < 1:
+            self.fail("num_output must be positive", ConfigError)
+        if self.group < 1:
+            self.fail(f"group must be positive, got {self.group}", ConfigError)
+        if self.channels % self.group:
+            self.fail(f"input channels {self.channels} (bottom shape {bottom[0].shape}) are not "
+                      f"divisible by group {self.group}", ConfigError)
+        if self.num_output % self.group:
+            self.fail(f"num_output {self.num_output} is not divisible by group {self.group}",
+                      ConfigError)
+        self.add_param(self.weight_shape(), p.weight_filler)
+        self.bias_term = p.bias_term
+        if self.bias_term:
+            self.add_param((self.num_output,), p.bias_filler)
+
+    def _pair(self, p, field, h_field, w_field, default):
+        """Caffe's reading of a 2-d setting: ``field_h``/``field_w``, or the repeated field
+        with no value (the default), one value for both axes or one per axis."""
+        values = tuple(getattr(p, field))
+        if h_field and (p.HasField(h_field) or p.HasField(w_field)):
+            if values:
+                self.fail(f"give either {field} or {h_field}/{w_field}, not both", ConfigError)
+            if field != "pad" and not (p.HasField(h_field) and p.HasField(w_field)):
+                self.fail(f"{h_field} and {w_field} must be given together", ConfigError)
+            return (getattr(p, h_field), getattr(p, w_field))
+        if not values:
+            if default is None:
+                self.fail(f"{field} (or {h_field} and {w_field}) is required", ConfigError)
+            return (default, default)
+        if len(values) == 1:
+            return values * 2
+        if len(values) == 2:
+            return values
+        self.fail(f"{field} takes 1 or 2 values for 2 spatial axes, got {len(values)}",
+                  ConfigError)
+
+    @property
+    def geometry(self):
+        return self.kernel, self.pad, self.stride, self.dilation
+
+    def extent(self, axis):
+        """Input span of one dilated kernel window along spatial ``axis``."""
+        return self.dilation[axis] * (self.kernel[axis] - 1) + 1
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        for i, b in enumerate(bottom[1:], start=1):
+            if b.shape != shape:
+                self.fail(f"all bottoms must have one shape: bottom 0 '{bottom[0].name}' is "
+                          f"{shape}, bottom {i} '{b.name}' is {b.shape}")
+        if len(shape) != self.axis + 3 or shape[self.axis] != self.channels:
+            self.fail(f"bottom '{bottom[0].name}' has shape {shape}; the weights expect "
+                      f"{self.channels} channels at axis {self.axis} and 2 spatial axes after it")
+        self.num = math.prod(shape[:self.axis])
+        self.in_size = shape[self.axis + 1:]
+        self.out_size = self.output_size(self.in_size)
+        if min(self.out_size) < 1:
+            self.fail(f"bottom shape {shape} gives output size {self.out_size} with kernel "
+                      f"{self.kernel}, stride {self.stride}, pad {self.pad}, dilation "
+                      f"{self.dilation}")
+        for t in top:
+            t.reshape(shape[:self.axis] + (self.num_output,) + self.out_size)
+
+    # -- column plumbing -----------------------------------------------------------------
+    def chunks(self, columns_per_image):
+        """Slices of the batch whose im2col buffers stay under the size limit."""
+        step = max(1, _COLUMN_BUFFER_LIMIT // max(1, columns_per_image))
+        return [slice(start, min(start + step, self.num)) for start in range(0, self.num, step)]
+
+    def to_columns(self, images, column_size):
+        """Image-side array ``(n, C, H, W)`` -> grouped columns ``(group, C/group*kh*kw, n*S)``."""
+        if self.is_1x1:
+            return _to_groups(images, self.group)
+        k = kernels.get(backend.array_module(images))
+        cols = k.im2col(images, *self.geometry, column_size)
+        return cols.reshape(self.group, -1, cols.shape[-1])
+
+    def from_columns(self, cols, n, image_size, column_size):
+        """Adjoint of :meth:`to_columns`: grouped columns -> ``(n, C, H, W)`` images."""
+        if self.is_1x1:
+            return _from_groups(cols, n, image_size)
+        k = kernels.get(backend.array_module(cols))
+        rows = cols.shape[0] * cols.shape[1]
+        channels = rows // (self.kernel[0] * self.kernel[1])
+        return k.col2im(cols.reshape(rows, -1), (n, channels) + image_size, *self.geometry,
+                        column_size)
+
+    def images(self, blob_array):
+        """A blob's array as ``(num, C, H, W)`` (leading axes before ``axis`` flattened)."""
+        return blob_array.reshape((self.num, -1) + blob_array.shape[self.axis + 1:])
+
+    def weight_matrix(self):
+        w = self.blobs[0].data
+        return w.reshape(self.group, w.shape[0] // self.group, -1)
+
+    def add_bias(self, top_images):
+        if self.bias_term:
+            top_images += self.blobs[1].data.reshape(1, -1, 1, 1)
+
+    def accumulate_bias(self, top_blob):
+        if self.bias_term and self.param_propagate_down[1]:
+            self.blobs[1].diff += self.images(top_blob.diff).sum(axis=(0, 2, 3))
+
+    def accumulate_weight(self, grad):
+        self.blobs[0].diff += grad.reshape(self.blobs[0].shape)
+
+
+@register("Convolution")
+class ConvolutionLayer(_ConvolutionBase):
+    """y[n, m, oh, ow] = b[m] + sum_{c in group(m), i, j} W[m, c, i, j] *
+    x[n, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw] (zero outside the image);
+    OH = (H + 2ph - (dh*(kh-1) + 1)) // sh + 1, likewise OW. W: (M, C/group, kh, kw).
+    """
+
+    def weight_shape(self):
+        return (self.num_output, self.channels // self.group) + self.kernel
+
+    def output_size(self, in_size):
+        return tuple((in_size[a] + 2 * self.pad[a] - self.extent(a)) // self.stride[a] + 1
+                     for a in range(2))
+
+    def forward(self, bottom, top):
+        weights = self.weight_matrix()
+        per_image = self.channels * self.kernel[0] * self.kernel[1] * math.prod(self.out_size)
+        for b, t in zip(bottom, top):
+            x, y = self.images(b.data), self.images(t.data)
+            for part in self.chunks(per_image):
+                cols = self.to_columns(x[part], self.out_size)
+                products = _group_matmul(weights, cols)
+                y[part] = _from_groups(products, x[part].shape[0], self.out_size)
+            self.add_bias(y)
+
+    def backward(self, top, propagate_down, bottom):
+        weights = self.weight_matrix()
+        want_weights = self.param_propagate_down[0]
+        per_image = self.channels * self.kernel[0] * self.kernel[1] * math.prod(self.out_size)
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            self.accumulate_bias(t)
+            if not (want_weights or propagate_down[i]):
+                continue
+            x, dy = self.images(b.data), self.images(t.diff)
+            dx = self.images(b.diff)
+            for part in self.chunks(per_image):
+                dy_groups = _to_groups(dy[part], self.group)
+                if want_weights:
+                    cols = self.to_columns(x[part], self.out_size)
+                    self.accumulate_weight(_group_matmul(dy_groups, cols.transpose(0, 2, 1)))
+                if propagate_down[i]:
+                    n = dy[part].shape[0]
+                    dcols = _group_matmul(weights.transpose(0, 2, 1), dy_groups)
+                    dx[part] = self.from_columns(dcols, n, self.in_size, self.out_size)
+
+
+@register("Deconvolution")
+class DeconvolutionLayer(_ConvolutionBase):
+    """The transpose of Convolution: every input pixel x[n, c, h, w] adds
+    W[c, m, i, j] * x to y[n, m, h*sh - ph + i*dh, w*sw - pw + j*dw] (m in c's group), plus b[m];
+    OH = sh*(H - 1) + dh*(kh - 1) + 1 - 2ph, likewise OW. W: (C, M/group, kh, kw) as in Caffe.
+    """
+
+    def weight_shape(self):
+        return (self.channels, self.num_output // self.group) + self.kernel
+
+    def output_size(self, in_size):
+        return tuple(self.stride[a] * (in_size[a] - 1) + self.extent(a) - 2 * self.pad[a]
+                     for a in range(2))
+
+    def forward(self, bottom, top):
+        weights = self.weight_matrix()
+        per_image = self.num_output * self.kernel[0] * self.kernel[1] * math.prod(self.in_size)
+        for b, t in zip(bottom, top):
+            x, y = self.images(b.data), self.images(t.data)
+            for part in self.chunks(per_image):
+                n = x[part].shape[0]
+                cols = _group_matmul(weights.transpose(0, 2, 1), _to_groups(x[part], self.group))
+                y[part] = self.from_columns(cols, n, self.out_size, self.in_size)
+            self.add_bias(y)
+
+    def backward(self, top, propagate_down, bottom):
+        weights = self.weight_matrix()
+        want_weights = self.param_propagate_down[0]
+        per_image = self.num_output * self.kernel[0] * self.kernel[1] * math.prod(self.in_size)
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            self.accumulate_bias(t)
+            if not (want_weights or propagate_down[i]):
+                continue
+            x, dy = self.images(b.data), self.images(t.diff)
+            dx = self.images(b.diff)
+            for part in self.chunks(per_image):
+                cols = self.to_columns(dy[part], self.in_size)
+                if want_weights:
+                    x_groups = _to_groups(x[part], self.group)
+                    self.accumulate_weight(_group_matmul(x_groups, cols.transpose(0, 2, 1)))
+                if propagate_down[i]:
+                    products = _group_matmul(weights, cols)
+                    dx[part] = _from_groups(products, dy[part].shape[0], self.in_size)
+
+
+def _pooled_size(size, kernel, pad, stride, ceil_mode):
+    """Caffe's pooled length: ceil (or floor) of (size + 2p - k) / s, plus 1, minus 1 when
+    padding makes the last window start at or beyond size + p."""
+    span = size + 2 * pad - kernel
+    pooled = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if pad and (pooled - 1) * stride >= size + pad:
+        pooled -= 1
+    return pooled
+
+
+@register("Pooling")
+class PoolingLayer(Layer):
+    """Windows start at (ph*sh - pad_h, pw*sw - pad_w) and span kh x kw; pooled size is
+    ceil((H + 2p - k) / s) + 1 (floor with round_mode FLOOR), minus 1 if p > 0 and the last
+    window would start at or beyond H + p.
+    MAX: max over in-image pixels (first in row-major order on ties); optional top 1 = its
+    index h*W + w. AVE: sum of in-image pixels / ((min(hs + kh, H + p) - hs) *
+    (min(ws + kw, W + p) - ws)), hs/ws the unclipped window start.
+    """
+
+    exact_bottoms = 1
+    min_tops = 1
+    max_tops = 2
+
+    def layer_setup(self, bottom, top):
+        p = self.param.pooling_param
+        self.method = p.pool
+        if self.method == _POOL.STOCHASTIC:
+            self.fail("STOCHASTIC pooling is not supported", ConfigError)
+        if len(top) == 2 and self.method != _POOL.MAX:
+            self.fail("only MAX pooling has a second (argmax mask) top", ConfigError)
+        self.global_pooling = p.global_pooling
+        has_kernel = p.HasField("kernel_size") or p.HasField("kernel_h") or p.HasField("kernel_w")
+        if self.global_pooling:
+            if has_kernel:
+                self.fail("global_pooling takes its kernel from the bottom; do not set "
+                          "kernel_size/kernel_h/kernel_w", ConfigError)
+        elif p.HasField("kernel_size"):
+            if p.HasField("kernel_h") or p.HasField("kernel_w"):
+                self.fail("give either kernel_size or kernel_h/kernel_w, not both", ConfigError)
+            self.kernel = (p.kernel_size, p.kernel_size)
+        elif p.HasField("kernel_h") and p.HasField("kernel_w"):
+            self.kernel = (p.kernel_h, p.kernel_w)
+        else:
+            self.fail("kernel_size (or kernel_h and kernel_w) is required", ConfigError)
+        if p.HasField("pad_h") or p.HasField("pad_w"):
+            self.pad = (p.pad_h, p.pad_w)
+        else:
+            self.pad = (p.pad, p.pad)
+        if p.HasField("stride_h") or p.HasField("stride_w"):
+            if not (p.HasField("stride_h") and p.HasField("stride_w")):
+                self.fail("stride_h and stride_w must be given together", ConfigError)
+            self.stride = (p.stride_h, p.stride_w)
+        else:
+            self.stride = (p.stride, p.stride)
+        if min(self.stride) < 1:
+            self.fail(f"stride must be positive, got {self.stride}", ConfigError)
+        if self.global_pooling:
+            if self.pad != (0, 0) or self.stride != (1, 1):
+                self.fail("global_pooling needs pad 0 and stride 1", ConfigError)
+        else:
+            if min(self.kernel) < 1:
+                self.fail(f"kernel size must be positive, got {self.kernel}", ConfigError)
+            if self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]:
+                self.fail(f"pad {self.pad} must be smaller than kernel {self.kernel}",
+                          ConfigError)
+        self.ceil_mode = p.round_mode == _POOL.CEIL
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            self.fail(f"bottom '{bottom[0].name}' must be 4-d (N, C, H, W), got shape {shape}")
+        if self.global_pooling:
+            self.kernel = shape[2:]
+        self.pooled = tuple(_pooled_size(shape[2 + a], self.kernel[a], self.pad[a],
+                                         self.stride[a], self.ceil_mode) for a in range(2))
+        if min(self.pooled) < 1:
+            self.fail(f"bottom shape {shape} gives pooled size {self.pooled} with kernel "
+                      f"{self.kernel}, stride {self.stride}, pad {self.pad}")
+        for t in top:
+            t.reshape(shape[:2] + self.pooled)
+
+    # -- window plumbing -------------------------------------------------------------------
+    def _padded_shape(self, shape):
+        """Rows/columns covering the image after the leading pad and every window."""
+        return shape[:2] + tuple(
+            max(self.pad[a] + shape[2 + a], (self.pooled[a] - 1) * self.stride[a] + self.kernel[a])
+            for a in range(2))
+
+    def _window(self, i, j):
+        """Index of the (i, j) kernel offset of every window in the padded frame."""
+        (sh, sw), (oh, ow) = self.stride, self.pooled
+        return (Ellipsis, slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw))
+
+    def _interior(self, shape):
+        return (Ellipsis, slice(self.pad[0], self.pad[0] + shape[2]),
+                slice(self.pad[1], self.pad[1] + shape[3]))
+
+    def _padded(self, xp, x, fill):
+        shape = self._padded_shape(x.shape)
+        if shape == x.shape:
+            return x
+        frame = xp.full(shape, fill, dtype=x.dtype)
+        frame[self._interior(x.shape)] = x
+        return frame
+
+    def _window_area(self, xp, shape, dtype):
+        """AVE divisor per output: the window clipped to the padded image (Caffe)."""
+        sides = []
+        for a in range(2):
+            start = xp.arange(self.pooled[a]) * self.stride[a] - self.pad[a]
+            end = xp.minimum(start + self.kernel[a], shape[2 + a] + self.pad[a])
+            sides.append((end - start).astype(dtype))
+        return sides[0][:, None] * sides[1][None, :]
+
+    # -- forward / backward ------------------------------------------------------------------
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        xp = backend.array_module(x)
+        kh, kw = self.kernel
+        if self.method == _POOL.AVE:
+            frame = self._padded(xp, x, 0)
+            total = frame[self._window(0, 0)].copy()
+            for offset in range(1, kh * kw):
+                total += frame[self._window(*divmod(offset, kw))]
+            top[0].data[...] = total / self._window_area(xp, x.shape, x.dtype)
+            return
+        frame = self._padded(xp, x, -xp.inf)
+        best = frame[self._window(0, 0)].copy()
+        self.argmax = xp.zeros(best.shape, dtype=xp.int32)
+        for offset in range(1, kh * kw):
+            window = frame[self._window(*divmod(offset, kw))]
+            # Offsets grow, so "take the later offset where strictly larger" is a maximum;
+            # arithmetic instead of masked copies, which are slow on the CPU.
+            xp.maximum(self.argmax, (window > best) * self.argmax.dtype.type(offset),
+                       out=self.argmax)
+            xp.maximum(best, window, out=best)
+        top[0].data[...] = best
+        if len(top) == 2:
+            rows = (xp.arange(self.pooled[0]) * self.stride[0] - self.pad[0])[:, None]
+            cols = (xp.arange(self.pooled[1]) * self.stride[1] - self.pad[1])[None, :]
+            top[1].data[...] = (rows + self.argmax // kw) * x.shape[3] + cols + self.argmax % kw
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff
+        xp = backend.array_module(dy)
+        shape = bottom[0].shape
+        kh, kw = self.kernel
+        grad = xp.zeros(self._padded_shape(shape), dtype=dy.dtype)
+        if self.method == _POOL.AVE:
+            share = dy / self._window_area(xp, shape, dy.dtype)
+            for offset in range(kh * kw):
+                grad[self._window(*divmod(offset, kw))] += share
+        else:
+            for offset in range(kh * kw):
+                grad[self._window(*divmod(offset, kw))] += dy * (self.argmax == offset)
+        bottom[0].diff[...] = grad[self._interior(shape)]
+
+
+def _window_sum(xp, a, axis, half):
+    """Sum of ``a`` over the window [i - half, i + half] along ``axis``, zero outside."""
+    total = a.copy()
+    before = [slice(None)] * a.ndim
+    after = [slice(None)] * a.ndim
+    for shift in range(1, min(half, a.shape[axis] - 1) + 1):
+        before[axis], after[axis] = slice(None, -shift), slice(shift, None)
+        total[tuple(after)] += a[tuple(before)]
+        total[tuple(before)] += a[tuple(after)]
+    return total
+
+
+@register("LRN")
+class LRNLayer(Layer):
+    """y = x * s^-beta with n = local_size (odd) and zero padding outside the blob:
+    ACROSS_CHANNELS: s = k + alpha/n * sum of x^2 over channels c-(n-1)/2 .. c+(n-1)/2;
+    WITHIN_CHANNEL (Caffe builds it from AVE pooling with pad (n-1)/2, so the divisor is
+    always n^2 and k is unused): s = 1 + alpha/n^2 * sum of x^2 over the n x n window
+    centred at (h, w). Backward: dx = dy*s^-beta - 2*alpha*beta/|win| * x * winsum(dy*y/s).
+    """
+
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.param.lrn_param
+        self.size = p.local_size
+        if self.size % 2 == 0:
+            self.fail(f"local_size must be odd, got {self.size}", ConfigError)
+        self.beta = p.beta
+        if p.norm_region == _LRN.ACROSS_CHANNELS:
+            self.axes = (1,)
+            self.shift = p.k
+            self.coeff = p.alpha / self.size
+        else:
+            self.axes = (2, 3)
+            self.shift = 1.0
+            self.coeff = p.alpha / self.size ** 2
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes != 4:
+            self.fail(f"bottom '{bottom[0].name}' must be 4-d (N, C, H, W), "
+                      f"got shape {bottom[0].shape}")
+        top[0].reshape(bottom[0].shape)
+
+    def _neighbourhood_sum(self, xp, a):
+        for axis in self.axes:
+            a = _window_sum(xp, a, axis, self.size // 2)
+        return a
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        xp = backend.array_module(x)
+        scale = self._neighbourhood_sum(xp, x * x)
+        scale *= self.coeff
+        scale += self.shift
+        self.scale = scale
+        self.scale_power = scale ** -self.beta
+        xp.multiply(x, self.scale_power, out=top[0].data)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x, dy = bottom[0].data, top[0].diff
+        xp = backend.array_module(x)
+        ratio = dy * x
+        ratio *= self.scale_power
+        ratio /= self.scale
+        correction = self._neighbourhood_sum(xp, ratio)
+        correction *= x
+        correction *= -2 * self.coeff * self.beta
+        xp.multiply(dy, self.scale_power, out=bottom[0].diff)
+        bottom[0].diff += correction
