@@ -1,0 +1,118 @@
+"""tools/net_trainer.py (owlnet train): training, --snapshot N resume, --weights fine-tuning."""
+import numpy as np
+import pytest
+
+from owlnet.data.datum import array_to_datum
+from owlnet.data.db import LMDBWriter
+from owlnet.tools import train
+
+NET = """
+name: "tiny"
+layer {{ name: "data" type: "Data" top: "data" top: "label"
+  include {{ phase: TRAIN }} transform_param {{ scale: 0.00390625 }}
+  data_param {{ source: "{train}" batch_size: 6 backend: LMDB }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label"
+  include {{ phase: TEST }} transform_param {{ scale: 0.00390625 }}
+  data_param {{ source: "{test}" batch_size: 6 backend: LMDB }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param {{ num_output: {classes} weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "drop" type: "Dropout" bottom: "ip" top: "ip" }}
+layer {{ name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc"
+  include {{ phase: TEST }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+"""
+
+SOLVER = """
+net: "{net}"
+test_iter: 2
+test_interval: 10
+base_lr: 0.1
+momentum: 0.9
+weight_decay: 0.0005
+lr_policy: "step"
+gamma: 0.5
+stepsize: 7
+display: 5
+max_iter: 20
+snapshot: 10
+snapshot_prefix: "{prefix}"
+random_seed: 11
+"""
+
+
+def write_lmdb(path, n, seed):
+    rng = np.random.default_rng(seed)
+    with LMDBWriter(str(path)) as db:
+        for i in range(n):
+            label = i % 3
+            image = rng.integers(0, 60, (1, 8, 8), dtype=np.uint8)
+            image[0, label * 2: label * 2 + 3, :] += 150          # a bar per class
+            db.put(f"{i:08d}".encode(), array_to_datum(image, label).SerializeToString())
+        db.commit()
+
+
+@pytest.fixture
+def job(tmp_path):
+    write_lmdb(tmp_path / "train_lmdb", 30, 0)
+    write_lmdb(tmp_path / "test_lmdb", 12, 1)
+
+    def make(classes=3, name="solver.prototxt", prefix="snap/tiny"):
+        net = tmp_path / f"net{classes}.prototxt"
+        net.write_text(NET.format(train=tmp_path / "train_lmdb", test=tmp_path / "test_lmdb",
+                                  classes=classes))
+        solver = tmp_path / name
+        (tmp_path / prefix).parent.mkdir(exist_ok=True)
+        solver.write_text(SOLVER.format(net=net, prefix=tmp_path / prefix))
+        return solver
+    make.dir = tmp_path
+    return make
+
+
+def test_train_writes_snapshots_and_logs_caffe_lines(job, capfd):
+    solver = job()
+    assert train.main([str(solver), "--no-progress"]) == 0
+    snaps = sorted(p.name for p in (job.dir / "snap").iterdir())
+    assert snaps == ["tiny_iter_10.caffemodel", "tiny_iter_10.solverstate",
+                     "tiny_iter_20.caffemodel", "tiny_iter_20.solverstate"]
+    err = capfd.readouterr().err
+    assert "Iteration 5 (" in err and "iter/s" in err
+    assert "Test net output #0: acc = " in err
+    assert "Snapshotting to binary proto file" in err
+    assert "Optimization Done." in err
+
+
+def test_resume_from_snapshot_number_is_bitwise_identical(job):
+    solver = job()
+    assert train.main([str(solver), "--no-progress"]) == 0
+    final = job.dir / "snap/tiny_iter_20.caffemodel"
+    uninterrupted = final.read_bytes()
+    final.unlink()
+    (job.dir / "snap/tiny_iter_20.solverstate").unlink()
+    assert train.main([str(solver), "--snapshot", "1", "--no-progress"]) == 0
+    assert final.read_bytes() == uninterrupted
+
+
+def test_missing_snapshot_names_the_path(job, capfd):
+    solver = job()
+    assert train.main([str(solver), "--snapshot", "3", "--no-progress"]) == 1
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert "tiny_iter_30.solverstate" in err and err.startswith("net_trainer: error:")
+
+
+def test_weights_fine_tune_and_reinit_mismatched(job, capfd):
+    assert train.main([str(job()), "--no-progress"]) == 0
+    weights = str(job.dir / "snap/tiny_iter_20.caffemodel")
+    other = job(classes=4, name="four.prototxt", prefix="four/tiny")
+    assert train.main([str(other), "--weights", weights, "--no-progress"]) == 1
+    assert "cannot copy param 0 of layer 'ip'" in capfd.readouterr().err
+    assert train.main([str(other), "--weights", weights, "--reinit-mismatched",
+                       "--no-progress"]) == 0
+    assert "keeping its fresh initialisation" in capfd.readouterr().err
+
+
+def test_bad_arguments_are_one_line_errors(job, capfd):
+    assert train.main(["no/such/solver.prototxt"]) == 1
+    assert "not found" in capfd.readouterr().err
+    solver = job()
+    assert train.main([str(solver), "--snapshot", "1", "--resume", "x"]) == 1
+    assert "not both" in capfd.readouterr().err
