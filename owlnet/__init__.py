@@ -13,10 +13,13 @@ from .errors import (ConfigError, DataError, OwlnetError, ShapeError, SnapshotEr
                      TrainingError)
 from .layers import known_types as layer_type_list
 from .net import TEST, TRAIN, Net
+from .solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver,
+                     SGDSolver, Solver, get_solver)
 
 __all__ = [
     "Net", "Blob", "TRAIN", "TEST", "set_mode_cpu", "set_mode_gpu", "set_device",
     "set_random_seed", "layer_type_list", "OwlnetError", "ConfigError", "ShapeError",
-    "DataError", "SnapshotError", "TrainingError",
+    "DataError", "SnapshotError", "TrainingError", "Solver", "SGDSolver", "NesterovSolver",
+    "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "get_solver",
 ]
 __version__ = "0.1.0"

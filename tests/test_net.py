@@ -386,3 +386,11 @@ def test_pycaffe_api_surface(zoo):
     assert list(out) == ["ip1"]
     with pytest.raises(owlnet.ShapeError, match="blob 'data' has shape"):
         net.forward(data=np.zeros((3, 1, 28, 28)))
+
+
+def test_package_exports_pycaffe_names():
+    for name in ("Net", "TRAIN", "TEST", "SGDSolver", "NesterovSolver", "AdaGradSolver",
+                 "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "get_solver", "set_mode_cpu",
+                 "set_mode_gpu", "set_device", "set_random_seed", "layer_type_list"):
+        assert hasattr(owlnet, name), name
+    assert "Convolution" in owlnet.layer_type_list()
