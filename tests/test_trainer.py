@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from owlnet.data.datum import array_to_datum
+from owlnet import logging as owl_logging
 from owlnet.data.db import LMDBWriter
 from owlnet.tools import train
 
@@ -53,6 +54,7 @@ def write_lmdb(path, n, seed):
 
 @pytest.fixture
 def job(tmp_path):
+    owl_logging.configure()           # log to this test's stderr, whatever earlier tests set
     write_lmdb(tmp_path / "train_lmdb", 30, 0)
     write_lmdb(tmp_path / "test_lmdb", 12, 1)
 

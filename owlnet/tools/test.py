@@ -1,0 +1,315 @@
+"""Top-1 and top-5 accuracy of a solver's test net, single or 10-view (`owlnet test`).
+
+    net_tester.py SOLVER [--snapshot N | --weights W] [--multiview] [--softmax BLOB]
+                  [--accuracy LAYER] [--iters K] [--gpu IDX]
+
+Runs the solver's TEST net (its first test net) over ``test_iter`` batches (or K) and prints
+top-1 and top-5 accuracy per batch and over all images: an image counts as a top-k hit when
+fewer than k classes score at least as high as its label (Caffe's Accuracy rule, ties count
+against the label).
+
+Single view scores the batches the data layer makes (the centre crop at TEST). ``--multiview``
+reads each batch's records uncropped from the data layer's source, cuts the 10 views of
+Krizhevsky et al. (four corners and the centre, each also mirrored; see owlnet.views),
+applies the data layer's mean and scale to each view at its own offsets, runs the net once
+per view and averages the softmax over the 10 views of each image.
+
+The probabilities are the blob ``--softmax`` names (a blob, or a layer whose first top it
+is), by default the top of the first Softmax layer, or else the softmax of the first
+SoftmaxWithLoss layer's scores. ``--snapshot N`` loads the weights of the N-th snapshot
+(iteration N x ``snapshot``) under the solver's ``snapshot_prefix``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import backend
+from .. import logging as owl_logging
+from ..errors import ConfigError, DataError, OwlnetError, ShapeError, SnapshotError
+from ..layers.common import softmax
+from ..snapshot import snapshot_paths
+from ..solver.solver import Solver, read_solver_param
+from ..views import VIEWS, ten_views
+from .train import setup_device
+
+TOP_K = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="net_tester.py", description=__doc__.splitlines()[0])
+    p.add_argument("solver", help="solver prototxt (its first test net is scored)")
+    add_weight_arguments(p)
+    p.add_argument("--multiview", action="store_true",
+                   help="average the softmax over 10 views (corners, centre, mirrored)")
+    p.add_argument("--softmax", metavar="BLOB",
+                   help="blob holding the class probabilities (default: the first Softmax "
+                        "layer's top, else the softmax of the SoftmaxWithLoss input)")
+    p.add_argument("--accuracy", metavar="LAYER",
+                   help="also report this Accuracy layer's value (single view)")
+    p.add_argument("--iters", type=int, metavar="K", help="batches to score (default test_iter)")
+    p.add_argument("--gpu", type=int, metavar="IDX", help="run on GPU IDX (default: the CPU)")
+    return p
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--snapshot", type=int, metavar="N",
+                       help="weights of the N-th snapshot (iteration N x solver.snapshot)")
+    group.add_argument("--weights", metavar="A.caffemodel[,B.caffemodel]",
+                       help="weights to load (later files override earlier ones)")
+
+
+# -- the net ----------------------------------------------------------------------------------
+class _TestNets(Solver):
+    """Only the test nets of a solver file, built as the solver builds them (paths, NetState,
+    the solver's ``weights``), without the train net and update rule."""
+
+    def __init__(self, path):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: solver prototxt file not found")
+        self.source_dir = os.path.dirname(os.path.abspath(path))
+        self.param = read_solver_param(path)
+        if self.param.random_seed >= 0:
+            backend.set_random_seed(self.param.random_seed)
+        owl_logging.ensure_configured()
+        self.test_nets = self._init_test_nets()
+        if not self.test_nets:
+            raise ConfigError(f"{path}: the solver defines no test net (set test_iter, "
+                              "test_interval and a net or test_net)")
+
+    def snapshot_weights(self, index: int) -> str:
+        """The caffemodel of snapshot number ``index`` (iteration ``index * snapshot``)."""
+        every = self.param.snapshot
+        if every <= 0:
+            raise ConfigError(f"snapshot number {index} needs a solver with snapshot > 0 "
+                              f"(it has snapshot: {every})")
+        path = snapshot_paths(self._snapshot_prefix(), index * every)[0]
+        if not os.path.isfile(path):
+            raise SnapshotError(f"no snapshot weights {path} (snapshot number {index} x "
+                                f"interval {every} = iteration {index * every})")
+        return path
+
+
+def load_test_net(solver_path, snapshot: int | None = None, weights: str | None = None):
+    """The solver's first test net with the requested weights, and its ``test_iter``."""
+    nets = _TestNets(solver_path)
+    net = nets.test_nets[0]
+    paths = weights.split(",") if weights else []
+    if snapshot is not None:
+        paths = [nets.snapshot_weights(snapshot)]
+    for path in paths:
+        owl_logging.info(f"Loading weights from {path}")
+        net.copy_from(path)
+    if not paths and not nets.param.weights:
+        owl_logging.warning("no --weights or --snapshot given: the net keeps its initial "
+                            "(untrained) weights")
+    return net, int(nets.param.test_iter[0])
+
+
+def find_blob(net, name: str) -> str:
+    """The blob ``name``, or the first top of the layer ``name``; ConfigError listing the
+    blobs otherwise."""
+    if name in net.blobs:
+        return name
+    tops = net.top_names.get(name)
+    if tops:
+        return tops[0]
+    raise ConfigError(f"net '{net.name}' has no blob or layer '{name}' (blobs: "
+                      f"{', '.join(net.blobs)})")
+
+
+def probability_source(net, name: str | None) -> tuple[str, bool]:
+    """``(blob, apply_softmax)``: where the class probabilities come from (see the module)."""
+    if name:
+        return find_blob(net, name), False
+    for kind, apply in (("Softmax", False), ("SoftmaxWithLoss", True)):
+        for layer_name, layer in net.layer_dict.items():
+            if layer.type == kind:
+                names = net.top_names if kind == "Softmax" else net.bottom_names
+                return names[layer_name][0], apply
+    raise ConfigError(f"net '{net.name}' has no Softmax or SoftmaxWithLoss layer; name the "
+                      f"blob of class probabilities with --softmax (blobs: "
+                      f"{', '.join(net.blobs)})")
+
+
+def probabilities(net, source: tuple[str, bool]):
+    """The class probabilities of the last forward as an N x classes array on the device."""
+    name, apply_softmax = source
+    data = net.blobs[name].data
+    if data.ndim < 2 or data[0].size != data.shape[1]:
+        raise ShapeError(f"blob '{name}' of shape {data.shape} is not N x classes (x 1 x 1); "
+                         "name the blob of class probabilities with --softmax")
+    scores = data.reshape(data.shape[0], data.shape[1])
+    return softmax(scores, 1) if apply_softmax else scores
+
+
+def top_k_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per image, whether fewer than ``k`` classes score at least as high as the label."""
+    true_scores = probs[np.arange(len(labels)), labels]
+    return (probs >= true_scores[:, None]).sum(axis=1) - 1 < k
+
+
+def integer_labels(values, classes: int, batch: int) -> np.ndarray:
+    labels = np.asarray(values, dtype=np.float64).reshape(-1)
+    as_int = labels.astype(np.int64)
+    bad = (as_int != labels) | (as_int < 0) | (as_int >= classes)
+    if bad.any():
+        raise DataError(f"batch {batch}: label {labels[bad][0]:g} is not a class index in "
+                        f"[0, {classes})")
+    return as_int
+
+
+# -- the data layer ---------------------------------------------------------------------------
+class DataSource(NamedTuple):
+    index: int          # position of the data layer in net.layers
+    layer: object
+    data: str           # blob names of its tops
+    label: str | None
+
+
+def data_source(net) -> DataSource:
+    """The net's first data layer (Data, ImageData, ...), with its data and label blobs."""
+    for index, (name, layer) in enumerate(net.layer_dict.items()):
+        if getattr(layer, "is_data", False):
+            tops = net.top_names[name]
+            return DataSource(index, layer, tops[0], tops[1] if len(tops) > 1 else None)
+    raise ConfigError(f"net '{net.name}' has no data layer")
+
+
+# -- scoring ----------------------------------------------------------------------------------
+class ScoreResult(NamedTuple):
+    images: int
+    top1: float
+    top5: float
+    accuracy: float | None                   # mean of the --accuracy layer over batches
+    batches: list                            # per batch: (top-1, top-5, accuracy or None)
+
+
+def score_net(net, iters: int, multiview: bool = False, softmax_blob: str | None = None,
+             accuracy_layer: str | None = None, out=None) -> ScoreResult:
+    """Score ``iters`` batches of ``net`` (see the module); prints a line per batch to ``out``."""
+    if iters <= 0:
+        raise ConfigError(f"the number of batches must be positive, got {iters}")
+    if multiview and accuracy_layer:
+        raise ConfigError("--accuracy reports the Accuracy layer of the single-view run; it "
+                          "cannot be combined with --multiview")
+    source = data_source(net)
+    if source.label is None:
+        raise ConfigError(f"data layer '{list(net.layer_dict)[source.index]}' has no label "
+                          "top; accuracy needs labels")
+    probs_source = probability_source(net, softmax_blob)
+    accuracy_top = _accuracy_top(net, accuracy_layer) if accuracy_layer else None
+    score = _MultiView(net, source) if multiview else None
+    hits1 = hits5 = images = 0
+    per_batch = []
+    for batch in range(iters):
+        if score is None:
+            net.forward()
+            probs = backend.to_host(probabilities(net, probs_source))
+        else:
+            probs = backend.to_host(score(batch, probs_source))
+        labels = integer_labels(backend.to_host(net.blobs[source.label].data),
+                                probs.shape[1], batch)
+        top1 = top_k_hits(probs, labels, 1)
+        top5 = top_k_hits(probs, labels, TOP_K)
+        accuracy = (float(backend.to_host(net.blobs[accuracy_top].data).reshape(-1)[0])
+                    if accuracy_top else None)
+        per_batch.append((float(top1.mean()), float(top5.mean()), accuracy))
+        hits1 += int(top1.sum())
+        hits5 += int(top5.sum())
+        images += len(labels)
+        if out is not None:
+            extra = f", {accuracy_layer} = {accuracy:.4f}" if accuracy_top else ""
+            print(f"Batch {batch}: top-1 = {top1.mean():.4f}, top-5 = {top5.mean():.4f}{extra}",
+                  file=out)
+    mean_accuracy = (float(np.mean([b[2] for b in per_batch])) if accuracy_top else None)
+    return ScoreResult(images, hits1 / images, hits5 / images, mean_accuracy, per_batch)
+
+
+def _accuracy_top(net, name: str) -> str:
+    layer = net.layer_dict.get(name)
+    if layer is None or layer.type != "Accuracy":
+        known = [n for n, lay in net.layer_dict.items() if lay.type == "Accuracy"]
+        raise ConfigError(f"net '{net.name}' has no Accuracy layer '{name}' (Accuracy layers: "
+                          f"{', '.join(known) or 'none'})")
+    return net.top_names[name][0]
+
+
+class _MultiView:
+    """Runs a batch's 10 views through the net, one forward per view; averages the softmax."""
+
+    def __init__(self, net, source: DataSource):
+        layer = source.layer
+        if not hasattr(layer, "read_records"):
+            raise ConfigError(f"--multiview reads records from a Data or ImageData layer; "
+                              f"layer '{list(net.layer_dict)[source.index]}' is "
+                              f"{layer.type}")
+        self.crop = layer.transformer.crop_size
+        if not self.crop:
+            raise ConfigError(f"--multiview needs crop_size in the transform_param of data "
+                              f"layer '{layer.name}'")
+        self.net, self.source = net, source
+
+    def __call__(self, batch: int, probs_source):
+        net, layer = self.net, self.source.layer
+        records = layer.read_records(layer.stream_positions(batch))
+        views, windows, labels = [], [], []
+        for record in records:
+            example, label, key = layer.decode(record)
+            layer.transformer.check_example(example.shape, key)
+            crops, image_windows = ten_views(example, self.crop, self.crop)
+            views.append(crops)
+            windows.append(image_windows)
+            labels.append(label)
+        views = np.stack(views, axis=1)                       # 10 x N x C x crop x crop
+        windows = np.array(windows, dtype=np.int64)           # N x 10 x (h, w, mirrored)
+        data = net.blobs[self.source.data]
+        label_blob = net.blobs[self.source.label]
+        label_blob.data[...] = backend.to_device(np.asarray(labels, dtype=label_blob.data.dtype))
+        last = len(net.layers) - 1
+        total = None
+        for v in range(VIEWS):
+            layer.transformer.normalize(backend.to_device(views[v]), windows[:, v, 0],
+                                        windows[:, v, 1], windows[:, v, 2].astype(bool),
+                                        data.data)
+            net.forward_range(self.source.index + 1, last)
+            probs = probabilities(net, probs_source)
+            total = probs.copy() if total is None else total + probs
+        return total / VIEWS
+
+
+# -- command line -----------------------------------------------------------------------------
+def run(args, out=None) -> ScoreResult:
+    out = out or sys.stdout
+    owl_logging.ensure_configured()
+    if args.gpu is not None:
+        setup_device("gpu", args.gpu, None)
+    net, test_iter = load_test_net(args.solver, args.snapshot, args.weights)
+    iters = args.iters if args.iters is not None else test_iter
+    result = score_net(net, iters, args.multiview, args.softmax, args.accuracy, out)
+    mode = "10 views" if args.multiview else "single view"
+    print(f"Tested {result.images} images in {iters} batches ({mode})", file=out)
+    print(f"top-1 accuracy = {result.top1:.4f}", file=out)
+    print(f"top-5 accuracy = {result.top5:.4f}", file=out)
+    if result.accuracy is not None:
+        print(f"{args.accuracy} = {result.accuracy:.4f} (mean over batches)", file=out)
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except OwlnetError as exc:
+        print(f"net_tester: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
