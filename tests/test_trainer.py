@@ -53,8 +53,8 @@ def write_lmdb(path, n, seed):
 
 
 @pytest.fixture
-def job(tmp_path):
-    owl_logging.configure()           # log to this test's stderr, whatever earlier tests set
+def job(tmp_path, capfd):
+    owl_logging.configure()           # log to this test's captured stderr
     write_lmdb(tmp_path / "train_lmdb", 30, 0)
     write_lmdb(tmp_path / "test_lmdb", 12, 1)
 
