@@ -1,0 +1,111 @@
+"""`owlnet time`: per-layer table and totals on the CPU; the GPU modules import without CuPy."""
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from owlnet import cli
+from owlnet.tools import time as time_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "models" / "lenet" / "deploy.prototxt"
+LENET_LAYERS = [("data", "Input"), ("conv1", "Convolution"), ("pool1", "Pooling"),
+                ("conv2", "Convolution"), ("pool2", "Pooling"), ("ip1", "InnerProduct"),
+                ("relu1", "ReLU"), ("ip2", "InnerProduct"), ("prob", "Softmax")]
+TOTALS = ("Average Forward pass", "Average Backward pass", "Average Forward-Backward",
+          "Total Time")
+
+
+def _run(capsys, *argv):
+    code = cli.main(["time", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _table(out):
+    """{layer name: (type, forward ms, backward ms)} from the printed table."""
+    rows = {}
+    lines = out.splitlines()
+    start = lines.index("Average time per layer:") + 2
+    for line in lines[start:]:
+        if line.startswith("Average Forward pass"):
+            break
+        name, kind, fwd, bwd = line.split()
+        rows[name] = (kind, float(fwd), float(bwd))
+    return rows
+
+
+def _totals(out):
+    return {name: float(re.search(rf"^{name}: ([0-9.e+-]+) ms\.$", out, re.M).group(1))
+            for name in TOTALS}
+
+
+def test_lenet_deploy_table_and_totals(capsys):
+    code, out, err = _run(capsys, DEPLOY, "--batch", 2, "--iterations", 2)
+    assert code == 0, err
+    rows = _table(out)
+    assert [(name, rows[name][0]) for name in rows] == LENET_LAYERS
+    for name, (_, fwd, bwd) in rows.items():
+        assert fwd > 0 and bwd > 0, name
+    totals = _totals(out)
+    assert all(value > 0 for value in totals.values())
+    assert totals["Total Time"] >= totals["Average Forward-Backward"]
+    assert len(re.findall(r"^Iteration: \d+ forward-backward time: ", out, re.M)) == 2
+
+
+def test_batch_override_and_data_shape():
+    lines = DEPLOY.read_text()
+    from owlnet import config
+    param, _ = config.read_net(lines)
+    param = time_tool.prepare_net_param(param, batch=3)
+    assert list(param.layer[0].input_param.shape[0].dim) == [3, 1, 28, 28]
+    assert param.force_backward            # no loss: every layer runs backward
+
+    train = config.read_net(str(ROOT / "models" / "lenet" / "train_test.prototxt"))[0]
+    replaced = time_tool.prepare_net_param(train, batch=4, data_shape=(1, 28, 28))
+    data_layers = [lp for lp in replaced.layer if lp.name == "mnist"]
+    assert {lp.type for lp in data_layers} == {"DummyData"}
+    assert [list(s.dim) for s in data_layers[0].dummy_data_param.shape] == [[4, 1, 28, 28], [4]]
+    assert not replaced.force_backward
+
+
+def test_train_net_with_random_data(capsys):
+    model = ROOT / "models" / "lenet" / "train_test.prototxt"
+    code, out, err = _run(capsys, model, "--batch", 2, "--iterations", 1, "--warmup", 0,
+                          "--data-shape", "1,28,28")
+    assert code == 0, err
+    rows = _table(out)
+    assert rows["mnist"][0] == "DummyData" and rows["loss"][0] == "SoftmaxWithLoss"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["no/such/model.prototxt"], "not found"),
+    ([DEPLOY, "--iterations", "0"], "--iterations"),
+    ([DEPLOY, "--data-shape", "1,28"], "--data-shape"),
+])
+def test_errors_are_one_line(capsys, argv, words):
+    code, out, err = _run(capsys, *argv)
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("owlnet time: error:") and words in err
+
+
+def test_gpu_kernels_import_without_cupy_and_match_cpu_names():
+    cpu = importlib.import_module("owlnet.kernels.cpu")
+    gpu = importlib.import_module("owlnet.kernels.gpu")
+    public = [name for name in vars(cpu) if not name.startswith("_")
+              and callable(getattr(cpu, name)) and getattr(cpu, name).__module__ == cpu.__name__]
+    assert public and all(callable(getattr(gpu, name, None)) for name in public)
+    for name in ("conv_forward", "conv_backward_data", "conv_backward_filter"):
+        assert callable(getattr(gpu, name))
+
+
+def test_bench_help_runs_without_gpu_packages():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_vs_torch.py"), "--help"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--batch" in done.stdout and "--math" in done.stdout
