@@ -1,10 +1,13 @@
 """Blob: an N-d array of data and the gradient (diff) of the loss with respect to it."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import backend
 from .errors import ShapeError
+from .io import max_blob_elements
 
 
 class Blob:
@@ -27,6 +30,10 @@ class Blob:
         for s in shape:
             if s < 0:
                 raise ShapeError(f"blob '{self.name}': negative dimension in shape {shape}")
+        limit = max_blob_elements()
+        if math.prod(shape) > limit:
+            raise ShapeError(f"blob '{self.name}': shape {shape} has {math.prod(shape)} elements, "
+                             f"over the limit of {limit} (OWLNET_MAX_BLOB_ELEMENTS)")
         xp = backend.xp()
         self._data = xp.zeros(shape, dtype=dtype)
         self._diff = xp.zeros(shape, dtype=dtype)

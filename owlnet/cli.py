@@ -34,6 +34,8 @@ def main(argv=None) -> int:
         print(f"owlnet: unknown subcommand '{name}'\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"owlnet.tools.{COMMANDS[name][0]}")
+    if name == "parse-log":
+        return module.parse_main(rest)
     return module.main(rest)
 
 

@@ -46,7 +46,7 @@ def fill(param, shape, dtype=np.float32, where: str = "") -> np.ndarray:
     rng = backend.rng()
     kind = param.type
     if kind == "constant":
-        out = np.full(shape, param.value, dtype=np.float64)
+        return np.full(shape, param.value, dtype=dtype)
     elif kind == "uniform":
         out = rng.uniform(param.min, param.max, size=shape)
     elif kind == "gaussian":

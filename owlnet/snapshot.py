@@ -78,6 +78,8 @@ def learned_net_path(state, state_path) -> str | None:
     as Caffe), else the same file name beside the solverstate; None when it names none."""
     if not state.learned_net:
         return None
+    if not isinstance(state.learned_net, str):      # protobuf hands back bytes that are not UTF-8
+        raise SnapshotError(f"{state_path}: corrupt weights file name {state.learned_net!r}")
     if os.path.isfile(state.learned_net):
         return state.learned_net
     beside = os.path.join(os.path.dirname(os.fspath(state_path)),
@@ -120,6 +122,14 @@ def read_resume(state, state_path, model_path) -> dict | None:
         raise SnapshotError(f"{state_path}: corrupt owlnet resume state ({exc})") from None
     if not isinstance(extra, dict):
         raise SnapshotError(f"{state_path}: corrupt owlnet resume state (not an object)")
+    for name, kind in (("rng", dict), ("train_data", dict), ("test_data", list),
+                       ("learned_net_bytes", int)):
+        if name in extra and not isinstance(extra[name], kind):
+            raise SnapshotError(f"{state_path}: corrupt owlnet resume state ('{name}' is not "
+                                f"a {kind.__name__})")
+    if not all(isinstance(net_state, dict) for net_state in extra.get("test_data", [])):
+        raise SnapshotError(f"{state_path}: corrupt owlnet resume state ('test_data' holds "
+                            "a value that is not an object)")
     expected = extra.get("learned_net_bytes")
     if model_path is not None and expected is not None:
         size = os.path.getsize(model_path)

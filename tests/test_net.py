@@ -4,31 +4,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import netutil
 import owlnet
 from owlnet import config
 from owlnet.proto import caffe_pb2
 
-DATA_TYPES = {"Data", "ImageData", "WindowData", "HDF5Data", "MemoryData"}
 # (channels, height, width) of each net's images before any crop.
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "siamese": (2, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def swap_data_layers(path: Path, batch: int):
     """The net of ``path`` with its data layers replaced by Input layers of the right shapes."""
-    param, _ = config.read_net(str(path))
-    c, h, w = IMAGE_SHAPES.get(path.parent.name, (3, 256, 256))
-    for layer in param.layer:
-        if layer.type not in DATA_TYPES:
-            continue
-        crop = layer.transform_param.crop_size
-        dims = (batch, c, crop or h, crop or w)
-        layer.type = "Input"
-        for field in ("data_param", "image_data_param", "transform_param"):
-            layer.ClearField(field)
-        layer.input_param.shape.add().dim.extend(dims)
-        for _ in layer.top[1:]:
-            layer.input_param.shape.add().dim.append(batch)
-    return param
+    return netutil.swap_data_layers(path, batch, IMAGE_SHAPES.get(path.parent.name, (3, 256, 256)))
 
 
 def zoo_nets(zoo):

@@ -7,6 +7,11 @@ records whose position is r modulo P), and batch ``b`` holds the shard's example
 exactly the single-process batch ``b`` with P times the batch size. Crops and mirrors depend on
 (layer seed, s) only; a batch is therefore a pure function of (seed, batch index, shard), which
 makes prefetching reproducible and lets ``restore_state`` resume at the same batch.
+
+A record that cannot be decoded stops training with a DataError naming its key or file, unless
+the environment variable OWLNET_SKIP_BAD_RECORDS=1 is set (``net_trainer --skip-bad-records``):
+then its slot takes the next good record of the stream (so batches stay a pure function of
+their index), and each skip is counted in ``records_skipped`` and logged with the running count.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend
+from .. import logging as owl_logging
 from ..data.datum import (describe_key, datum_to_array, image_to_chw, load_image, parse_datum,
                           read_image_list)
 from ..data.db import LMDBReader
@@ -71,13 +77,16 @@ class _PrefetchingData(Layer):
         self.seed = int(backend.rng().integers(1 << 63))
         self.rank, self.world = 0, 1
         self.batches_consumed = 0
+        self.skip_bad_records = os.environ.get("OWLNET_SKIP_BAD_RECORDS", "") not in ("", "0")
+        self.records_skipped = 0
         self._resources: dict = {}
         self._finalizer = weakref.finalize(self, _release, self._resources)
         self.open_source()
         self.skip = self._draw_skip(int(source_param.rand_skip))
-        example, _, key = self.decode(self.read_records(np.zeros(1, dtype=np.int64))[0])
-        self.transformer.check_example(example.shape, key)
-        top[0].reshape(self.batch_size, *self.transformer.output_shape(example.shape))
+        first = self._prepare((0, self.read_records(np.zeros(1, dtype=np.int64))[0]))
+        if isinstance(first, DataError):
+            first = self._substitute(0, first)
+        top[0].reshape(self.batch_size, *first[0].shape)
         if len(top) > 1:
             top[1].reshape(self.batch_size)
 
@@ -181,6 +190,8 @@ class _PrefetchingData(Layer):
         jobs = list(zip(positions.tolist(), records))
         parallel_map = parallel_map or (lambda fn, items: [fn(item) for item in items])
         items = parallel_map(self._prepare, jobs)
+        items = [self._substitute(position, item) if isinstance(item, DataError) else item
+                 for position, item in zip(positions.tolist(), items)]
         shape = items[0][0].shape
         for example, _, key, *_ in items:
             if example.shape != shape:
@@ -194,11 +205,32 @@ class _PrefetchingData(Layer):
                      mirrored=np.array([item[5] for item in items], dtype=bool))
 
     def _prepare(self, job):
+        """``(cropped, label, key, h_off, w_off, mirrored)``; with skip_bad_records, a bad
+        record's DataError is returned instead of raised (``make_batch`` replaces it)."""
         position, record = job
-        example, label, key = self.decode(record)
-        cropped, h_off, w_off, mirrored = self.transformer.crop_mirror(example, self.seed,
-                                                                        position, key)
+        try:
+            example, label, key = self.decode(record)
+            cropped, h_off, w_off, mirrored = self.transformer.crop_mirror(example, self.seed,
+                                                                            position, key)
+        except DataError as exc:
+            if not self.skip_bad_records:
+                raise
+            return exc
         return cropped, label, key, h_off, w_off, mirrored
+
+    def _substitute(self, position: int, error: DataError):
+        """The prepared next good record after stream ``position``, counting and logging each
+        bad one (on the prefetch thread, which alone reads the source)."""
+        for offset in range(1, self.record_count() + 1):
+            self.records_skipped += 1
+            owl_logging.warning(f"{self.where}: skipped a bad record ({self.records_skipped} "
+                                f"skipped so far): {error}")
+            record = self.read_records(np.array([position + offset], dtype=np.int64))[0]
+            item = self._prepare((position, record))
+            if not isinstance(item, DataError):
+                return item
+            error = item
+        raise DataError(f"{self.where}: no record of the source can be decoded; last: {error}")
 
 
 @register("Data")
@@ -221,6 +253,9 @@ class Data(_PrefetchingData):
             self.fail("data_param.source is not set", ConfigError)
         self.prefetch_depth = int(param.prefetch) or DEFAULT_DEPTH
         self._resources["reader"] = LMDBReader(param.source)
+
+    def record_count(self) -> int:
+        return len(self._resources["reader"])
 
     def read_records(self, positions):
         reader = self._resources["reader"]
@@ -281,6 +316,9 @@ class ImageData(_PrefetchingData):
                 del self._orders[min(self._orders)]
             self._orders[epoch] = order
         return order
+
+    def record_count(self) -> int:
+        return len(self.images)
 
     def read_records(self, positions):
         count = len(self.images)
