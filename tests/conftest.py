@@ -16,6 +16,24 @@ def zoo():
     return ZOO
 
 
+@pytest.fixture(autouse=True)
+def fresh_owlnet_logger():
+    """Each test starts with owlnet's logger as a fresh process has it (no handler, INFO)."""
+    from owlnet import logging as owl_logging
+    logger = owl_logging.logger
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    for handler in saved[0]:
+        logger.removeHandler(handler)
+    logger.propagate = True
+    yield
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    for handler in saved[0]:
+        logger.addHandler(handler)
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
 def _has_gpu():
     try:
         import cupy

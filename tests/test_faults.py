@@ -63,17 +63,6 @@ random_seed: 11
 VERIFIED = {"snapshots loaded and resumed bitwise": 0, "kills": 0}
 
 
-@pytest.fixture(autouse=True)
-def restore_log_handlers():
-    """Tests that pass --log replace owlnet's log handlers; the previous ones come back after."""
-    previous = list(owl_logging.logger.handlers)
-    yield
-    for handler in list(owl_logging.logger.handlers):
-        owl_logging.logger.removeHandler(handler)
-    for handler in previous:
-        owl_logging.logger.addHandler(handler)
-
-
 def write_lmdb(path, n, seed, bad=()):
     """``n`` 1x8x8 Datums with a bright bar per class; keys in ``bad`` hold broken records."""
     rng = np.random.default_rng(seed)

@@ -64,7 +64,10 @@ class Solver:
     ``action_callback()`` (optional) is asked after each iteration and during testing and
     returns "none", "stop" or "snapshot" (Caffe's SolverAction for SIGINT/SIGHUP).
     ``on_iteration`` is a list of callables, each called with the solver after every
-    iteration (a progress bar, say).
+    iteration (a progress bar, say). ``parallel`` (None, or an ``owlnet.parallel.DataParallel``
+    attached before ``solve``) spreads each batch over devices and ranks: it runs the slices'
+    forward/backward, reduces their gradients before the update, and agrees on the actions;
+    only the primary rank (rank 0) tests and snapshots.
     """
 
     rule_class: type[updates.UpdateRule] = updates.SGD
@@ -76,6 +79,7 @@ class Solver:
         self.param = param = read_solver_param(param)
         self.action_callback = action_callback
         self.on_iteration: list = []
+        self.parallel = None
         if param.average_loss < 1:
             raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
         if param.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
@@ -93,10 +97,16 @@ class Solver:
         self.smoothed_loss = 0.0
         self._losses: list[float] = []
         self.requested_early_exit = False
+        self.continue_on_snapshot_error = False
 
     @property
     def type(self) -> str:
         return self.rule_class.type
+
+    @property
+    def is_primary(self) -> bool:
+        """Whether this process tests and snapshots (rank 0 of a distributed run)."""
+        return self.parallel is None or self.parallel.is_primary
 
     # -- building ---------------------------------------------------------------------------
     def _find(self, path: str, what: str) -> str:
@@ -153,6 +163,10 @@ class Solver:
         return net
 
     def _init_train_net(self):
+        return self.build_train_net(log=True)
+
+    def build_train_net(self, log: bool = False) -> Net:
+        """A new train net as the solver file describes it (data-parallel slices use more)."""
         p = self.param
         fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
         if len(fields) != 1:
@@ -160,7 +174,8 @@ class Solver:
                               f"net_param, train_net, train_net_param (it names: "
                               f"{', '.join(fields) or 'none'})")
         source, net_param, description = self._net_source(fields[0])
-        owl_logging.info(f"Creating training net from {description}")
+        if log:
+            owl_logging.info(f"Creating training net from {description}")
         return self._build_net(source, net_param, caffe_pb2.TRAIN, p.train_state)
 
     def _init_test_nets(self):
@@ -199,19 +214,25 @@ class Solver:
         if resume_file:
             owl_logging.info(f"Restoring previous solver status from {resume_file}")
             self.restore(resume_file)
+        if self.parallel is not None:
+            self.parallel.synchronize()
         start_iter = self.iter
         self.step(self.param.max_iter - self.iter)
         p = self.param
-        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
-            self.snapshot()
+        if (p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0)
+                and self.is_primary):
+            self._snapshot_during_training()
         if self.requested_early_exit:
             owl_logging.info("Optimization stopped early.")
             return
         if p.display and self.iter % p.display == 0:
-            loss = self._weighted_loss(self.net, self.net.forward())
+            if self.parallel is None:
+                loss = self._weighted_loss(self.net, self.net.forward())
+            else:
+                loss = self.parallel.forward_loss()
             self._update_smoothed_loss(loss, start_iter)
             owl_logging.info(f"Iteration {self.iter}, loss = {owl_logging.num(self.smoothed_loss)}")
-        if p.test_interval and self.iter % p.test_interval == 0:
+        if p.test_interval and self.iter % p.test_interval == 0 and self.is_primary:
             self.test_all()
         owl_logging.info("Optimization Done.")
 
@@ -224,18 +245,26 @@ class Solver:
         self.smoothed_loss = 0.0
         timer_start = time.perf_counter()
         iterations_last = self.iter
+        parallel = self.parallel
         while self.iter < stop_iter:
             self.net.clear_param_diffs()
+            if parallel is not None:
+                parallel.clear_param_diffs()
             if (p.test_interval and self.iter % p.test_interval == 0
-                    and (self.iter > 0 or p.test_initialization)):
+                    and (self.iter > 0 or p.test_initialization) and self.is_primary):
                 self.test_all()
-                if self.requested_early_exit:
-                    break
+                if self.requested_early_exit and parallel is None:
+                    break   # with several ranks, the stop is agreed on after this iteration
             display = bool(p.display) and self.iter % p.display == 0
             loss = 0.0
-            for _ in range(p.iter_size):
-                loss += self.net.forward_backward()
+            for k in range(p.iter_size):
+                if parallel is None:
+                    loss += self.net.forward_backward()
+                else:
+                    loss += parallel.forward_backward(reduce=k == p.iter_size - 1)
             loss /= p.iter_size
+            if parallel is not None:
+                loss = parallel.reduce(loss)
             if not math.isfinite(loss):
                 raise TrainingError(f"iteration {self.iter}: the loss is {loss}; training "
                                     "stopped (no snapshot written of these weights)")
@@ -253,8 +282,11 @@ class Solver:
             for callback in self.on_iteration:
                 callback(self)
             request = self._requested_action()
-            if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
-                self.snapshot()
+            if parallel is not None:
+                request = parallel.agree("stop" if self.requested_early_exit else request)
+            if ((p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot") \
+                    and self.is_primary:
+                self._snapshot_during_training()
             if request == "stop":
                 self.requested_early_exit = True
                 break
@@ -265,6 +297,8 @@ class Solver:
         if self.param.display and self.iter % self.param.display == 0:
             owl_logging.info(owl_logging.lr_line(self.iter, rate))
         self.rule.apply(self.net, rate, self.iter)
+        if self.parallel is not None:
+            self.parallel.apply_update(rate, self.iter)
 
     def _update_smoothed_loss(self, loss: float, start_iter: int) -> None:
         average = self.param.average_loss
@@ -323,7 +357,7 @@ class Solver:
             request = self._requested_action()
             while request != "none":
                 if request == "snapshot":
-                    self.snapshot()
+                    self._snapshot_during_training()
                 else:
                     self.requested_early_exit = True
                 request = self._requested_action()
@@ -362,6 +396,17 @@ class Solver:
         }
         return snapshot.write_snapshot(self.snapshot_prefix, self.iter, net_param,
                                        self.rule.history, self.lr.current_step, resume)
+
+    def _snapshot_during_training(self) -> None:
+        """A snapshot the loop asks for; a failed one ends training (SnapshotError), or is
+        logged and training goes on when ``continue_on_snapshot_error`` is set."""
+        try:
+            self.snapshot()
+        except SnapshotError as exc:
+            if not self.continue_on_snapshot_error:
+                raise
+            owl_logging.warning(f"snapshot at iteration {self.iter} failed, training goes on "
+                                f"without it: {exc}")
 
     def restore(self, path) -> None:
         """Continue from a .solverstate: weights, history, iter, current_step, and (for

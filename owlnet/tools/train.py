@@ -5,16 +5,23 @@ resume from the N-th snapshot, i.e. iteration N x ``snapshot`` under ``snapshot_
 SIGINT and SIGTERM write a snapshot and stop; SIGHUP writes one and goes on (Caffe's
 sigint_effect / sighup_effect, which the flags change). On a terminal a progress bar shows
 iter/s and the time left.
+
+``-n N`` slices every batch over N devices (CPU slices, or GPUs ``--gpu .. --gpu+N-1``); under
+``mpiexec -n P`` each of the P ranks does so too, and the net's batch_size is the global batch
+over all P x N slices (see ``owlnet.parallel``). Only rank 0 logs, tests and snapshots; a rank
+that stops answering for ``--collective-timeout`` seconds ends the whole job with an error
+naming it.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
 
-from .. import backend
+from .. import backend, parallel
 from .. import logging as owl_logging
 from ..errors import ConfigError, OwlnetError
 from ..snapshot import find_snapshot
@@ -41,8 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU math mode (default fp32, or $OWLNET_MATH)")
     p.add_argument("--sigint-effect", choices=EFFECTS, default="stop")
     p.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot")
+    p.add_argument("--collective-timeout", type=float, default=parallel.DEFAULT_TIMEOUT,
+                   metavar="SECONDS",
+                   help="with several ranks: fail when another rank does not reach a gradient "
+                        "all-reduce within this time (default %(default)g; must exceed the "
+                        "longest test or snapshot pause of rank 0)")
     p.add_argument("--log", metavar="FILE", help="also write the log to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--continue-on-snapshot-error", action="store_true",
+                   help="log a failed snapshot and keep training (default: stop with the error)")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="skip (count and log) data records that cannot be decoded; the same as "
+                        "OWLNET_SKIP_BAD_RECORDS=1 (default: stop with an error naming the record)")
     return p
 
 
@@ -124,21 +141,25 @@ def setup_device(device: str, gpu: int, math: str | None) -> None:
         owl_logging.info("Using CPU")
 
 
-def train(args) -> int:
-    owl_logging.configure(log_file=args.log) if args.log else owl_logging.ensure_configured()
-    if args.num_devices < 1:
-        raise ConfigError(f"-n must be at least 1, got {args.num_devices}")
-    if args.num_devices > 1:
-        raise ConfigError(f"-n {args.num_devices}: training across several devices is not "
-                          "available in this version of owlnet; use -n 1")
+def train(args, comm=None) -> int:
+    primary = comm is None or comm.Get_rank() == 0
+    if primary:
+        owl_logging.configure(log_file=args.log) if args.log else owl_logging.ensure_configured()
+    else:
+        owl_logging.ensure_configured()
+        owl_logging.logger.setLevel(logging.WARNING)     # rank 0 alone logs progress
+    devices = parallel.device_list(args.num_devices, args.device, args.gpu)
     if args.snapshot is not None and args.resume:
         raise ConfigError("give --snapshot N or --resume FILE, not both")
     if args.weights and (args.snapshot is not None or args.resume):
         raise ConfigError("give --weights (fine-tune) or a snapshot to resume, not both")
     setup_device(args.device, args.gpu, args.math)
 
+    if args.skip_bad_records:
+        os.environ["OWLNET_SKIP_BAD_RECORDS"] = "1"   # read by the data layers as they are built
     actions = SignalActions(args.sigint_effect, args.sighup_effect)
     solver = get_solver(args.solver, action_callback=actions)
+    solver.continue_on_snapshot_error = args.continue_on_snapshot_error
     resume = args.resume
     if args.snapshot is not None:
         resume = find_snapshot(solver.snapshot_prefix, args.snapshot, solver.param.snapshot)
@@ -149,14 +170,22 @@ def train(args) -> int:
             for name in skipped:
                 owl_logging.warning(f"layer '{name}': shapes differ from {path}; "
                                     "keeping its fresh initialisation")
+    if len(devices) > 1 or comm is not None:
+        solver.parallel = parallel.DataParallel(solver, devices, comm, args.collective_timeout)
+        owl_logging.info(f"Data-parallel training: {solver.parallel.ranks} rank(s) x "
+                         f"{len(devices)} slice(s), {solver.parallel.slices} slices per batch")
     bar = None
-    if not args.no_progress and sys.stderr.isatty():
+    if not args.no_progress and sys.stderr.isatty() and primary:
         bar = ProgressBar(sys.stderr, solver.param.max_iter)
         solver.on_iteration.append(bar)
         for handler in owl_logging.logger.handlers:
             handler.addFilter(_ClearBarFirst(bar))
-    with actions:
-        solver.solve(resume_file=resume)
+    try:
+        with actions:
+            solver.solve(resume_file=resume)
+    finally:
+        if solver.parallel is not None:
+            solver.parallel.close()
     if bar is not None:
         bar.clear()
     return 0
@@ -164,10 +193,19 @@ def train(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    comm = None
     try:
-        return train(args)
+        comm = parallel.mpi_comm()
+        return train(args, comm)
     except OwlnetError as exc:
-        print(f"net_trainer: error: {exc}", file=sys.stderr)
+        where = f" (rank {comm.Get_rank()})" if comm is not None else ""
+        print(f"net_trainer: error{where}: {exc}", file=sys.stderr, flush=True)
+        if comm is not None:
+            # The log file keeps the reason even if the launcher drops the rank's last
+            # output when the job is aborted; the other ranks may wait in a collective, so
+            # the whole job ends here.
+            owl_logging.logger.error(f"error{where}: {exc}")
+            comm.Abort(1)
         return 1
 
 
