@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from owlnet import io, snapshot
-from owlnet import logging as owl_logging
 from owlnet.data.datum import array_to_datum, encoded_datum
 from owlnet.data.db import LMDBWriter
 from owlnet.errors import ConfigError, SnapshotError

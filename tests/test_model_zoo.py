@@ -11,7 +11,6 @@ import pytest
 
 import owlnet
 from owlnet import config
-from owlnet.proto import caffe_pb2
 from netutil import swap_data_layers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,6 @@ import pytest
 
 import owlnet
 from owlnet import backend, parallel
-from owlnet import logging as owl_logging
 from owlnet.data.datum import array_to_datum
 from owlnet.data.db import LMDBWriter
 from owlnet.errors import ConfigError, TrainingError
