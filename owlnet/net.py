@@ -342,7 +342,7 @@ class Net:
     def update(self):
         """data -= diff for every learnable parameter (in place, so shared arrays follow)."""
         for blob in self.learnable_params:
-            blob.data[...] -= blob.diff
+            backend.array_module(blob.data).subtract(blob.data, blob.diff, out=blob.data)
 
     def share_trained_layers(self, other: "Net"):
         """Use ``other``'s parameter values in this net's layers of the same name."""

@@ -301,6 +301,7 @@ def pool_text(method, extra):
 POOL_CASES = [
     # (bottom shape, params text, kernel, stride, pad)
     ((2, 2, 7, 7), "kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0)),        # exact fit
+    ((2, 3, 4, 6), "kernel_size: 2 stride: 2", (2, 2), (2, 2), (0, 0)),        # tiling fast path
     ((1, 2, 6, 8), "kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0)),        # clipped last
     ((1, 3, 7, 6), "kernel_size: 3 stride: 2 pad: 1", (3, 3), (2, 2), (1, 1)),
     ((1, 2, 6, 6), "kernel_size: 2 stride: 2 pad: 1", (2, 2), (2, 2), (1, 1)),  # decrement rule

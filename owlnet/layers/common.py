@@ -77,12 +77,13 @@ class InnerProductLayer(_AxisLayer):
         top[0].reshape(bottom[0].shape[:axis] + (self.num_output,))
 
     def forward(self, bottom, top):
+        xp = backend.array_module(bottom[0].data)
         x = bottom[0].data.reshape(self.m, self.k)
         w = self.blobs[0].data
-        y = x @ w if self.transpose else x @ w.T
+        y = top[0].data.reshape(self.m, self.num_output)
+        xp.matmul(x, w if self.transpose else w.T, out=y)
         if self.bias_term:
             y += self.blobs[1].data
-        top[0].data[...] = y.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff.reshape(self.m, self.num_output)
@@ -93,8 +94,8 @@ class InnerProductLayer(_AxisLayer):
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
-            dx = dy @ w.data.T if self.transpose else dy @ w.data
-            bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+            dx = bottom[0].diff.reshape(self.m, self.k)
+            backend.array_module(dy).matmul(dy, w.data.T if self.transpose else w.data, out=dx)
 
 
 _PROD, _SUM, _MAX = 0, 1, 2

@@ -187,21 +187,29 @@ class ConvolutionLayer(_ConvolutionBase):
         return tuple((in_size[a] + 2 * self.pad[a] - self.extent(a)) // self.stride[a] + 1
                      for a in range(2))
 
+    # Each chunk goes to the device's convolution kernel (kernels.cpu: im2col in its best
+    # column order; kernels.gpu: cuDNN), or to the im2col path here when that declines.
     def forward(self, bottom, top):
-        weights = self.weight_matrix()
+        w = self.blobs[0].data
+        k = kernels.get(backend.array_module(w))
         per_image = self.channels * self.kernel[0] * self.kernel[1] * math.prod(self.out_size)
         for b, t in zip(bottom, top):
             x, y = self.images(b.data), self.images(t.data)
             for part in self.chunks(per_image):
-                cols = self.to_columns(x[part], self.out_size)
-                products = _group_matmul(weights, cols)
-                y[part] = _from_groups(products, x[part].shape[0], self.out_size)
+                if not k.conv_forward(x[part], w, y[part], self.pad, self.stride,
+                                      self.dilation):
+                    cols = self.to_columns(x[part], self.out_size)
+                    products = _group_matmul(self.weight_matrix(), cols)
+                    y[part] = _from_groups(products, x[part].shape[0], self.out_size)
             self.add_bias(y)
 
     def backward(self, top, propagate_down, bottom):
-        weights = self.weight_matrix()
+        w = self.blobs[0].data
+        xp = backend.array_module(w)
+        k = kernels.get(xp)
         want_weights = self.param_propagate_down[0]
         per_image = self.channels * self.kernel[0] * self.kernel[1] * math.prod(self.out_size)
+        grad = xp.empty_like(w) if want_weights else None
         for i, (b, t) in enumerate(zip(bottom, top)):
             self.accumulate_bias(t)
             if not (want_weights or propagate_down[i]):
@@ -209,14 +217,20 @@ class ConvolutionLayer(_ConvolutionBase):
             x, dy = self.images(b.data), self.images(t.diff)
             dx = self.images(b.diff)
             for part in self.chunks(per_image):
-                dy_groups = _to_groups(dy[part], self.group)
                 if want_weights:
-                    cols = self.to_columns(x[part], self.out_size)
-                    self.accumulate_weight(_group_matmul(dy_groups, cols.transpose(0, 2, 1)))
-                if propagate_down[i]:
-                    n = dy[part].shape[0]
-                    dcols = _group_matmul(weights.transpose(0, 2, 1), dy_groups)
-                    dx[part] = self.from_columns(dcols, n, self.in_size, self.out_size)
+                    if not k.conv_backward_filter(x[part], dy[part], grad, self.pad, self.stride,
+                                                  self.dilation):
+                        cols = self.to_columns(x[part], self.out_size)
+                        products = _group_matmul(_to_groups(dy[part], self.group),
+                                                 cols.transpose(0, 2, 1))
+                        grad[...] = products.reshape(grad.shape)
+                    self.accumulate_weight(grad)
+                if propagate_down[i] and not k.conv_backward_data(
+                        dy[part], w, dx[part], self.pad, self.stride, self.dilation):
+                    dcols = _group_matmul(self.weight_matrix().transpose(0, 2, 1),
+                                          _to_groups(dy[part], self.group))
+                    dx[part] = self.from_columns(dcols, dy[part].shape[0], self.in_size,
+                                                 self.out_size)
 
 
 @register("Deconvolution")
@@ -358,6 +372,11 @@ class PoolingLayer(Layer):
         (sh, sw), (oh, ow) = self.stride, self.pooled
         return (Ellipsis, slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw))
 
+    def _windows_tile(self, shape):
+        """The windows cover the image exactly once: stride = kernel, no pad, sizes divisible."""
+        return (self.stride == tuple(self.kernel) and self.pad == (0, 0)
+                and shape[2] % self.kernel[0] == 0 and shape[3] % self.kernel[1] == 0)
+
     def _interior(self, shape):
         return (Ellipsis, slice(self.pad[0], self.pad[0] + shape[2]),
                 slice(self.pad[1], self.pad[1] + shape[3]))
@@ -392,8 +411,9 @@ class PoolingLayer(Layer):
             top[0].data[...] = total / self._window_area(xp, x.shape, x.dtype)
             return
         frame = self._padded(xp, x, -xp.inf)
-        best = frame[self._window(0, 0)].copy()
-        self.argmax = xp.zeros(best.shape, dtype=xp.int32)
+        best = top[0].data
+        best[...] = frame[self._window(0, 0)]
+        self.argmax = xp.zeros(best.shape, dtype=xp.uint8 if kh * kw <= 256 else xp.int32)
         for offset in range(1, kh * kw):
             window = frame[self._window(*divmod(offset, kw))]
             # Offsets grow, so "take the later offset where strictly larger" is a maximum;
@@ -401,7 +421,6 @@ class PoolingLayer(Layer):
             xp.maximum(self.argmax, (window > best) * self.argmax.dtype.type(offset),
                        out=self.argmax)
             xp.maximum(best, window, out=best)
-        top[0].data[...] = best
         if len(top) == 2:
             rows = (xp.arange(self.pooled[0]) * self.stride[0] - self.pad[0])[:, None]
             cols = (xp.arange(self.pooled[1]) * self.stride[1] - self.pad[1])[None, :]
@@ -414,6 +433,13 @@ class PoolingLayer(Layer):
         xp = backend.array_module(dy)
         shape = bottom[0].shape
         kh, kw = self.kernel
+        if self.method == _POOL.MAX and self._windows_tile(shape):
+            # Every pixel lies in exactly one window: write each offset's share directly.
+            dx = bottom[0].diff.reshape(shape[:2] + (self.pooled[0], kh, self.pooled[1], kw))
+            for offset in range(kh * kw):
+                i, j = divmod(offset, kw)
+                xp.multiply(dy, self.argmax == offset, out=dx[:, :, :, i, :, j])
+            return
         grad = xp.zeros(self._padded_shape(shape), dtype=dy.dtype)
         if self.method == _POOL.AVE:
             share = dy / self._window_area(xp, shape, dy.dtype)
