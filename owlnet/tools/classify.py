@@ -29,7 +29,8 @@ import numpy as np
 from .. import backend
 from .. import logging as owl_logging
 from ..data.datum import load_image
-from ..errors import ConfigError, DataError, OwlnetError
+from . import run_command
+from ..errors import ConfigError, DataError
 from ..io import read_mean_binaryproto
 from ..net import TEST, Net
 from ..views import VIEWS, ten_views
@@ -255,13 +256,7 @@ def run(args, out=None) -> list:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except OwlnetError as exc:
-        print(f"classify: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command("classify", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from ..data.datum import (array_to_datum, encode_image, encoded_datum, image_to_
                           read_image_list)
 from ..data.db import COMMIT_EVERY, LMDBWriter
 from ..data.prefetch import default_workers
-from ..errors import ConfigError, DataError, OwlnetError
+from . import run_command
+from ..errors import ConfigError, DataError
 
 PROG = "convert_imageset"
 
@@ -147,10 +148,4 @@ def convert(args, out=None, err=None) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        convert(args)
-    except OwlnetError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(PROG, build_parser(), convert, argv)

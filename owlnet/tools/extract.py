@@ -28,7 +28,8 @@ import numpy as np
 from .. import backend
 from .. import logging as owl_logging
 from ..data.db import LMDBWriter
-from ..errors import ConfigError, DataError, OwlnetError
+from . import run_command
+from ..errors import ConfigError, DataError
 from ..io import atomic_write
 from ..proto import caffe_pb2
 from .test import add_weight_arguments, find_blob, load_test_net
@@ -175,13 +176,7 @@ def run(args, out=None) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except OwlnetError as exc:
-        print(f"feature_extractor: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command("feature_extractor", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import numpy as np
 from ..data.datum import datum_to_array, describe_key, parse_datum
 from ..data.db import LMDBReader
 from ..data.prefetch import default_workers
-from ..errors import ConfigError, DataError, OwlnetError
+from . import run_command
+from ..errors import ConfigError, DataError
 from ..io import atomic_write, write_mean_binaryproto
 
 PROG = "compute_image_mean"
@@ -98,10 +99,4 @@ def run(args, out=None) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except OwlnetError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(PROG, build_parser(), run, argv)

@@ -30,7 +30,8 @@ import numpy as np
 
 from .. import backend
 from .. import logging as owl_logging
-from ..errors import ConfigError, DataError, OwlnetError, ShapeError, SnapshotError
+from . import run_command
+from ..errors import ConfigError, DataError, ShapeError, SnapshotError
 from ..layers.common import softmax
 from ..snapshot import snapshot_paths
 from ..solver.solver import Solver, read_solver_param
@@ -302,13 +303,7 @@ def run(args, out=None) -> ScoreResult:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except OwlnetError as exc:
-        print(f"net_tester: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command("net_tester", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
