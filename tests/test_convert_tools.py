@@ -10,6 +10,7 @@ import pytest
 from owlnet.data.datum import datum_to_array, encoded_datum, encode_image, parse_datum
 from owlnet.data.db import LMDBReader, LMDBWriter
 from owlnet.data.datum import array_to_datum
+from owlnet.errors import DataError
 from owlnet.io import read_mean_binaryproto
 from owlnet.tools import convert, mean
 
@@ -152,3 +153,12 @@ def test_wrapper_scripts_run(image_set, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "compute_image_mean.py"), str(db),
                            str(tmp_path / "m.binaryproto")], capture_output=True, text=True)
     assert done.returncode == 1 and "all records need one size" in done.stderr
+
+
+def test_list_paths_stay_inside_the_root_folder(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "list.txt").write_text("a.png 0\n../secret.png 1\n")
+    with pytest.raises(DataError, match=r"list\.txt:2: path '\.\./secret\.png' leads outside"):
+        convert.convert(convert.build_parser().parse_args(
+            [str(root), str(tmp_path / "list.txt"), str(tmp_path / "db")]))

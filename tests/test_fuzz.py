@@ -429,7 +429,7 @@ def test_list_file_paths_stay_inside_root_folder(tmp_path):
                           f'image_data_param {{ source: "{tmp_path}/list.txt" {root_field} '
                           f'batch_size: 1 }} }}', owlnet.TEST)
     for bad in ("../secret.png 0", "sub/../../secret.png 0", f"{tmp_path}/secret.png 0"):
-        with pytest.raises(DataError, match=r"list\.txt:2.*(outside root_folder|absolute path)"):
+        with pytest.raises(DataError, match=r"list\.txt:2.*outside root folder"):
             layer_for(f"sub/ok.png 1\n{bad}\n", root)
     net = layer_for("sub/ok.png 1\nsub/./ok.png 2\n", root)
     assert net.forward()["y"].tolist() == [1.0]

@@ -126,6 +126,21 @@ def encoded_datum(payload: bytes, label: int) -> caffe_pb2.Datum:
     return datum
 
 
+def resolve_list_path(root: str, name: str, list_file, number: int) -> str:
+    """The file a list line names: ``name`` under ``root`` (as is when there is no root).
+
+    With a root, the result must stay inside it: ``..`` that climbs out, or an absolute path
+    elsewhere, is a DataError naming the list file and line.
+    """
+    if not root:
+        return name
+    base = os.path.normpath(root)
+    path = os.path.normpath(name if os.path.isabs(name) else os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise DataError(f"{list_file}:{number}: path '{name}' leads outside root folder '{root}'")
+    return path
+
+
 def read_image_list(path) -> list[tuple[str, int, int]]:
     """Parse an image list file, one ``path label`` per line, into ``(path, label, line_number)``.
 

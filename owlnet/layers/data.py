@@ -24,7 +24,7 @@ import numpy as np
 from .. import backend
 from .. import logging as owl_logging
 from ..data.datum import (describe_key, datum_to_array, image_to_chw, load_image, parse_datum,
-                          read_image_list)
+                          read_image_list, resolve_list_path)
 from ..data.db import LMDBReader
 from ..data.prefetch import DEFAULT_DEPTH, Prefetcher
 from ..data.transform import DataTransformer
@@ -291,22 +291,9 @@ class ImageData(_PrefetchingData):
         if not entries:
             raise DataError(f"{self.where}: image list '{param.source}' names no images")
         root = param.root_folder
-        self.images = [(self._resolve(root, name, param.source, number), label)
+        self.images = [(resolve_list_path(root, name, param.source, number), label)
                        for name, label, number in entries]
         self._orders: dict[int, np.ndarray] = {}
-
-    @staticmethod
-    def _resolve(root: str, name: str, list_file: str, number: int) -> str:
-        if not root:
-            return name
-        if os.path.isabs(name):
-            raise DataError(f"{list_file}:{number}: absolute path '{name}' with root_folder "
-                            f"'{root}'; list paths relative to root_folder")
-        base = os.path.normpath(root)
-        path = os.path.normpath(os.path.join(base, name))
-        if os.path.commonpath([base, path]) != base:
-            raise DataError(f"{list_file}:{number}: path '{name}' leads outside root_folder '{root}'")
-        return path
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)

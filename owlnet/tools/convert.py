@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..data.datum import (array_to_datum, encode_image, encoded_datum, image_to_chw, load_image,
-                          read_image_list)
+                          read_image_list, resolve_list_path)
 from ..data.db import COMMIT_EVERY, LMDBWriter
 from ..data.prefetch import default_workers
 from . import run_command
@@ -116,6 +116,8 @@ def convert(args, out=None, err=None) -> tuple[int, int]:
     if args.encode_type:
         encode_image(np.zeros((1, 1, 3), np.uint8), args.encode_type)  # rejects unknown formats
     entries = read_image_list(args.listfile)
+    for name, _, number in entries:     # every path stays inside the root folder
+        resolve_list_path(args.root_folder, name, args.listfile, number)
     if args.shuffle:
         order = np.random.default_rng(args.seed).permutation(len(entries))
         entries = [entries[i] for i in order]
