@@ -419,7 +419,7 @@ def test_image_data_bad_inputs(tmp_path):
     with pytest.raises(DataError, match=r"list\.txt:2"):
         image_layer(tmp_path, root, 2)
     (tmp_path / "list.txt").write_text("sub/im0.png 0\n../../escape.png 1\n")
-    with pytest.raises(DataError, match=r"list\.txt:2.*outside root_folder"):
+    with pytest.raises(DataError, match=r"list\.txt:2.*outside root folder"):
         image_layer(tmp_path, root, 2)
     (tmp_path / "list.txt").write_text("sub/im0.png 0\nsub/missing.png 1\n")
     layer, top = image_layer(tmp_path, root, 2)

@@ -120,7 +120,9 @@ class DataTransformer:
         out = example[:, h_off:h_off + h, w_off:w_off + w]
         if mirrored:
             out = out[:, :, ::-1]
-        return out, h_off, w_off, mirrored
+        # One contiguous copy here, on the decode pool's thread, so the batch is assembled
+        # by plain memory copies.
+        return np.ascontiguousarray(out), h_off, w_off, mirrored
 
     # -- stage 2: whole batch, any device -----------------------------------------------------
     def normalize(self, batch, h_offs, w_offs, mirrored, out) -> None:
