@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize_height", "-resize_height", type=int, default=0)
     parser.add_argument("--encode_type", "-encode_type", default="",
                         help="image format of encoded records ('png', 'jpg', ...); implies --encoded")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of --shuffle (default: a fresh random order)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of --shuffle (default 0: the same order every run, as Caffe's)")
     parser.add_argument("--threads", type=int, default=default_workers(),
                         help="decode/encode threads")
     return parser
