@@ -146,13 +146,13 @@ def main(argv=None) -> int:
             net = data_net(folder, db, args.batch)
             host[db] = host_stage_rate(net, args.batches, args.batch)
             net.layers[0].close()
-        print(f"Data layer forward on the CPU (decode, crop, mirror, then float, mean, scale on "
-              f"the same cores):")
+        print("Data layer forward on the CPU (decode, crop, mirror, then float, mean, scale on "
+              "the same cores):")
         print(f"  raw Datums:  {results['raw']:8.1f} images/s")
         print(f"  JPEG Datums: {results['jpg']:8.1f} images/s = "
               f"{100 * results['jpg'] / decode_n:.0f}% of cv2.imdecode's rate on {workers} threads")
-        print(f"Host stage alone (decode, crop, mirror -> uint8 batches: what a GPU consumer "
-              f"takes, float/mean/scale on the device):")
+        print("Host stage alone (decode, crop, mirror -> uint8 batches: what a GPU consumer "
+              "takes, float/mean/scale on the device):")
         print(f"  raw Datums:  {host['raw']:8.1f} images/s")
         print(f"  JPEG Datums: {host['jpg']:8.1f} images/s = "
               f"{100 * host['jpg'] / decode_n:.0f}% of cv2.imdecode's rate on {workers} threads "

@@ -150,9 +150,10 @@ V1_TYPES = {
     "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
 }
 
-# V1 fields handled by hand; every other V1 field is copied to the LayerParameter field of
-# the same name.
-_V1_SPECIAL = {"type", "param", "blob_share_mode", "blobs_lr", "weight_decay", "layer"}
+# V1 fields handled by hand (with blob_share_mode, blobs_lr, weight_decay and the V0 layer,
+# which LayerParameter lacks); every other V1 field has a LayerParameter field of the same
+# name and type and is copied as it is.
+_V1_SPECIAL = {"type", "param"}
 
 
 def upgrade_v1_layer(v1, where: str):
@@ -163,9 +164,7 @@ def upgrade_v1_layer(v1, where: str):
     layer = caffe_pb2.LayerParameter()
     names = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
     for field, value in v1.ListFields():
-        if field.name in _V1_SPECIAL:
-            continue
-        if field.name not in names:
+        if field.name in _V1_SPECIAL or field.name not in names:
             continue
         target = getattr(layer, field.name)
         if field.message_type is not None and not field.is_repeated:

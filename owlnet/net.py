@@ -5,7 +5,8 @@ Split layer is inserted wherever one top feeds several bottoms (so their diffs a
 layers are set up in file order with bottoms and tops wired by name (a top named like the
 bottom at the same position is computed in place), parameters named in ``param { name }``
 are shared, and the layers that need backward are found: those downstream of a parameter
-with a non-zero lr_mult (or of a bottom that needs it) and upstream of a loss.
+with a non-zero lr_mult (or of a bottom that needs it), upstream of a loss, and with a top
+that some consumer propagates into (see ``propagate_down``).
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ class Net:
         self.inputs, available = [], OrderedDict()
         self.learnable_params, self.params_lr, self.params_weight_decay = [], [], []
         self.params: OrderedDict[str, list] = OrderedDict()
-        self._param_owner = {}                  # param name -> (layer name, blob, lr, decay)
+        self._param_owner = {}                  # param name -> (layer, blob, learnable index)
+        self._explicit_mults = []               # per learnable param: mults given explicitly
         self.blob_loss_weights: OrderedDict[str, float] = OrderedDict()
         file_names = {lp.name for lp in param.layer}
         for lp, origin in zip(layer_params, origins):
@@ -170,6 +172,9 @@ class Net:
         if lp.type == "Input":
             self.inputs.extend(lp.top)
 
+        if len(lp.propagate_down) not in (0, len(bottoms)):
+            raise ConfigError(f"layer '{lp.name}' has {len(lp.propagate_down)} propagate_down "
+                              f"values for {len(bottoms)} bottoms (give none or one each)")
         if len(lp.loss_weight) > len(tops):
             raise ConfigError(f"layer '{lp.name}' has {len(lp.loss_weight)} loss_weight "
                               f"values for {len(tops)} tops")
@@ -186,65 +191,88 @@ class Net:
         return index
 
     def _add_params(self, layer, lp):
+        """Register the layer's parameter blobs as Caffe's AppendParam does.
+
+        A blob named in ``param { name }`` that an earlier layer owns is that layer's blob;
+        an lr_mult or decay_mult one sharer gives explicitly applies to the shared blob and
+        must agree with any other explicit value. Each layer's param_propagate_down follows
+        its own lr_mult (0 for blobs the layer itself keeps out of learning, as BatchNorm's).
+        """
+        if len(lp.param) > len(layer.blobs):
+            raise ConfigError(f"layer '{lp.name}' has {len(lp.param)} param specs for "
+                              f"{len(layer.blobs)} param blobs")
         for k, blob in enumerate(layer.blobs):
             spec = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
-            if layer.param_propagate_down[k]:
-                lr, decay = spec.lr_mult, spec.decay_mult
-            else:                                  # the layer keeps this blob out of learning
-                lr, decay = 0.0, 0.0
-            if spec.name and spec.name in self._param_owner:
-                owner_layer, owner, lr, decay = self._param_owner[spec.name]
-                strict = spec.share_mode == caffe_pb2.ParamSpec.STRICT
-                if (owner.shape != blob.shape) if strict else (owner.count != blob.count):
-                    raise ShapeError(f"layer '{lp.name}' shares param '{spec.name}' of shape "
-                                     f"{blob.shape} with layer '{owner_layer}', whose shape is "
-                                     f"{owner.shape}")
-                if not strict:
-                    owner = _reshaped_view(owner, blob.shape)
-                layer.blobs[k] = owner
-            else:
-                self.learnable_params.append(blob)
-                self.params_lr.append(float(lr))
-                self.params_weight_decay.append(float(decay))
+            learns = layer.param_propagate_down[k]
+            mults = {"lr_mult": spec.lr_mult if learns else 0.0,
+                     "decay_mult": spec.decay_mult if learns else 0.0}
+            given = {field for field in mults if learns and spec.HasField(field)}
+            layer.param_propagate_down[k] = mults["lr_mult"] != 0
+            if not spec.name or spec.name not in self._param_owner:
                 if spec.name:
-                    self._param_owner[spec.name] = (lp.name, blob, lr, decay)
-            layer.param_propagate_down[k] = lr != 0
+                    self._param_owner[spec.name] = (lp.name, blob, len(self.learnable_params))
+                self.learnable_params.append(blob)
+                self.params_lr.append(float(mults["lr_mult"]))
+                self.params_weight_decay.append(float(mults["decay_mult"]))
+                self._explicit_mults.append(given)
+                continue
+            owner_layer, owner, index = self._param_owner[spec.name]
+            strict = spec.share_mode == caffe_pb2.ParamSpec.STRICT
+            if (owner.shape != blob.shape) if strict else (owner.count != blob.count):
+                raise ShapeError(f"layer '{lp.name}' shares param '{spec.name}' of shape "
+                                 f"{blob.shape} with layer '{owner_layer}', whose shape is "
+                                 f"{owner.shape}")
+            layer.blobs[k] = owner if strict else _reshaped_view(owner, blob.shape)
+            for field, values in (("lr_mult", self.params_lr),
+                                  ("decay_mult", self.params_weight_decay)):
+                if field not in given:
+                    continue
+                if field not in self._explicit_mults[index]:
+                    values[index] = float(mults[field])
+                    self._explicit_mults[index].add(field)
+                elif values[index] != mults[field]:
+                    raise ConfigError(f"layer '{lp.name}' shares param '{spec.name}' with "
+                                      f"{field} {mults[field]:g}, but it has {field} "
+                                      f"{values[index]:g} where layer '{owner_layer}' owns it")
         if layer.blobs:
             self.params[lp.name] = layer.blobs
 
     def _find_backward_layers(self):
-        """Which layers run backward and into which bottoms (Caffe's need-backward rules)."""
+        """Which layers run backward and into which bottoms (Caffe's need-backward rules).
+
+        Forward: a bottom needs backward when its blob does, or as its explicit
+        ``propagate_down`` says; a layer when a bottom blob or a parameter (lr_mult != 0)
+        does, and then so do its tops. Backward: a layer that contributes no loss, or whose
+        tops no consumer propagates into, runs no backward.
+        """
         blob_needs = {}
         self._layer_need_backward, self._bottom_need_backward = [], []
-        for layer, lp, bottoms, tops in zip(self.layers, self._layer_params(), self._bottoms,
-                                            self._tops):
-            needs = []
-            for i, b in enumerate(bottoms):
-                wanted = lp.propagate_down[i] if i < len(lp.propagate_down) else True
-                needs.append(bool(blob_needs.get(b.name, False) and wanted))
-            need = any(needs) or any(layer.param_propagate_down)
+        for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
+            explicit = layer.param.propagate_down
+            needed = [blob_needs.get(b.name, False) for b in bottoms]
+            need = any(needed) or any(layer.param_propagate_down)
             for t in tops:
                 blob_needs[t.name] = need
             self._layer_need_backward.append(need)
-            self._bottom_need_backward.append(needs)
-        under_loss = set()
+            self._bottom_need_backward.append(
+                [bool(p) for p in explicit] if len(explicit) else needed)
+        under_loss, no_gradient = set(), set()
         for li in reversed(range(len(self.layers))):
-            tops = self._tops[li]
+            tops, bottoms = self._tops[li], self._bottoms[li]
+            needs = self._bottom_need_backward[li]
             contributes = bool(self._loss_weights[li]) or any(t.name in under_loss for t in tops)
-            if contributes:
-                under_loss.update(b.name for b in self._bottoms[li])
-            else:
+            if not contributes or all(t.name in no_gradient for t in tops):
                 self._layer_need_backward[li] = False
-                self._bottom_need_backward[li] = [False] * len(self._bottoms[li])
+                needs[:] = [False] * len(bottoms)
+            if contributes:
+                under_loss.update(b.name for b in bottoms)
+            no_gradient.update(b.name for b, need in zip(bottoms, needs) if not need)
         if self.force_backward:
             for li, layer in enumerate(self.layers):
                 self._layer_need_backward[li] = True
                 self._bottom_need_backward[li] = [
                     need or layer.allow_force_backward(i)
                     for i, need in enumerate(self._bottom_need_backward[li])]
-
-    def _layer_params(self):
-        return (layer.param for layer in self.layers)
 
     # -- pycaffe-shaped views ---------------------------------------------------------------
     @property
@@ -402,11 +430,14 @@ class Net:
         else:
             where = os.fspath(source)
             param = io.parse_binary(caffe_pb2.NetParameter(), where, "caffemodel")
+        param = _copy(param)
+        for field in ("input", "input_dim", "input_shape"):   # a deploy net's; no weights
+            param.ClearField(field)
         param = config.upgrade_net(param, config.Source(where))
         reinitialised = []
         for lp in param.layer:
             layer = self.layer_dict.get(lp.name)
-            if layer is None or not len(lp.blobs):
+            if layer is None:
                 continue
             if len(lp.blobs) != len(layer.blobs):
                 raise SnapshotError(f"{where}: layer '{lp.name}' has {len(lp.blobs)} blobs in "

@@ -35,6 +35,13 @@ def ten_view_windows(height: int, width: int, crop_h: int, crop_w: int) -> list[
             [View(h, w, True) for h, w in corners])
 
 
+def centre_view(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """The centre ``crop_h x crop_w`` window of a C x H x W ``image`` (a view of it): the 5th
+    of the 10 views, pycaffe's single-view crop."""
+    h_off, w_off, _ = ten_view_windows(image.shape[1], image.shape[2], crop_h, crop_w)[4]
+    return image[:, h_off:h_off + crop_h, w_off:w_off + crop_w]
+
+
 def ten_views(image: np.ndarray, crop_h: int, crop_w: int) -> tuple[np.ndarray, list[View]]:
     """The 10 crops of a C x H x W ``image`` as a 10 x C x crop_h x crop_w array (its dtype),
     with the windows they come from."""

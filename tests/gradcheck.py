@@ -110,3 +110,35 @@ def check_gradient(layer, bottom, top, check_bottoms=None, check_params=True, st
                 f"numeric {numeric.reshape(-1)[k]:.8g} at flat index {k} "
                 f"(max abs err {err.max():.3g})")
     run_forward()
+
+
+def run_both_ways(text, x, phase=TRAIN, seed=3):
+    """Forward and backward of a one-bottom layer once out of place and once in place (top is
+    the bottom Blob), from the same seeds and the same top gradient; returns two
+    ``(y, dx, param data, param diffs)`` tuples."""
+    dy = np.random.default_rng(0).standard_normal(np.shape(x))
+    results = []
+    for in_place in (False, True):
+        backend.set_random_seed(seed)
+        with backend.dtype_scope(np.float64):
+            bottom = Blob(np.shape(x), name="data")
+            bottom.data[...] = x
+            top = bottom if in_place else Blob((), name="out")
+            layer = create_layer(layer_param(text), phase)
+            layer.setup([bottom], [top])
+            layer.reshape([bottom], [top])
+        backend.set_random_seed(seed + 1)  # random layers (Dropout) draw the same mask
+        layer.forward([bottom], [top])
+        y = top.data.copy()
+        top.diff[...] = dy
+        layer.backward([top], [True], [bottom])
+        results.append((y, bottom.diff.copy(), [p.data.copy() for p in layer.blobs],
+                        [p.diff.copy() for p in layer.blobs]))
+    return results
+
+
+def assert_same_both_ways(text, x, phase=TRAIN):
+    """In-place and out-of-place runs agree on the top, the bottom diff and the parameters."""
+    (y0, dx0, data0, diffs0), (y1, dx1, data1, diffs1) = run_both_ways(text, x, phase)
+    for a, b in [(y0, y1), (dx0, dx1), *zip(data0, data1), *zip(diffs0, diffs1)]:
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)

@@ -130,6 +130,14 @@ def test_reader_wraps_and_seeks(tmp_path):
     second.close()
 
 
+def test_reader_steps_back_and_forth(tmp_path):
+    src = write_lmdb(tmp_path / "db", [b"v%d" % i for i in range(9)])
+    order = [5, 4, 2, 7, 1, 8, 0, 6, 6, 3, 10]
+    with LMDBReader(src) as reader:
+        assert [reader.get(i) for i in order] == [(b"%08d" % (i % 9), b"v%d" % (i % 9))
+                                                   for i in order]
+
+
 def test_writer_grows_map(tmp_path):
     big = b"x" * 50_000
     with LMDBWriter(tmp_path / "db", map_size=1 << 16) as writer:
@@ -281,6 +289,20 @@ def test_corrupt_record_raises_in_consumer_with_key(tmp_path):
     run_forward(layer, top)
     with pytest.raises(DataError, match="00000002"):
         run_forward(layer, top)
+    layer.close()
+
+
+def test_forward_after_a_bad_record_raises_the_data_error_again(tmp_path):
+    """A caught DataError leaves the layer usable: the next forward retries the same batch
+    (and fails the same way), instead of reaching a closed prefetcher."""
+    good = array_to_datum(np.zeros((1, 2, 2), np.uint8)).SerializeToString()
+    src = write_lmdb(tmp_path / "db", [good, b"\x08\x96\x01\x22", good, good])
+    layer, top = data_layer(src, 1)
+    run_forward(layer, top)
+    for _ in range(2):
+        with pytest.raises(DataError, match="00000001"):
+            run_forward(layer, top)
+    assert layer.batches_consumed == 1
     layer.close()
 
 

@@ -175,6 +175,17 @@ def test_accuracy_ties_count_against_the_label():
     assert forward(layer, bottom, top)[0] == 1.0
 
 
+def test_accuracy_ignore_label_comes_from_accuracy_param():
+    x = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = np.array([0.0, 0.0, 2.0])  # wrong, right, right
+    text = 'name: "acc" type: "Accuracy" '
+    layer, bottom, top = make_layer(text + "accuracy_param { ignore_label: 0 }", [x, labels])
+    assert forward(layer, bottom, top)[0] == 1.0
+    # As in Caffe, Accuracy does not read loss_param.
+    layer, bottom, top = make_layer(text + "loss_param { ignore_label: 0 }", [x, labels])
+    np.testing.assert_allclose(forward(layer, bottom, top)[0], 2 / 3)
+
+
 def test_accuracy_bad_input():
     with pytest.raises(ConfigError, match="top_k"):
         make_layer('name: "acc" type: "Accuracy" accuracy_param { top_k: 4 }',

@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from gradcheck import TEST, TRAIN, check_gradient, forward, layer_param, make_layer
+from gradcheck import (TEST, TRAIN, assert_same_both_ways, check_gradient, forward,
+                       layer_param, make_layer)
 
 from owlnet import backend
 from owlnet.blob import Blob
@@ -25,50 +26,6 @@ def away_from_zero(shape, low=0.1, high=1.5):
 def elementwise(fn, x):
     """Apply a scalar Python function to every element (the slow, obviously right way)."""
     return np.array([fn(float(v)) for v in x.reshape(-1)]).reshape(x.shape)
-
-
-def run_both_ways(text, x, phase=TRAIN, seed=3):
-    """Forward and backward once out of place and once in place (top is the bottom Blob),
-    from the same seed and the same top gradient; returns two (y, dx, param diffs) tuples."""
-    dy = np.random.default_rng(0).standard_normal(x.shape)
-    results = []
-    for in_place in (False, True):
-        backend.set_random_seed(seed)
-        with backend.dtype_scope(np.float64):
-            bottom = Blob(x.shape, name="data")
-            bottom.data[...] = x
-            top = bottom if in_place else Blob((), name="out")
-            layer = create_layer(layer_param(text), phase)
-            layer.setup([bottom], [top])
-            layer.reshape([bottom], [top])
-        backend.set_random_seed(seed + 1)
-        layer.forward([bottom], [top])
-        y = top.data.copy()
-        top.diff[...] = dy
-        layer.backward([top], [True], [bottom])
-        results.append((y, bottom.diff.copy(), [p.diff.copy() for p in layer.blobs]))
-    return results
-
-
-def assert_same_both_ways(text, x, phase=TRAIN):
-    (y0, dx0, p0), (y1, dx1, p1) = run_both_ways(text, x, phase)
-    np.testing.assert_allclose(y1, y0, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx1, dx0, rtol=1e-12, atol=1e-12)
-    for a, b in zip(p0, p1):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-
-
-# -- ReLU ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("slope", [0.0, 0.125, -0.5])
-@pytest.mark.parametrize("shape", [(1, 3, 2, 5), (4, 3)])
-def test_relu(slope, shape):
-    x = away_from_zero(shape)
-    text = f'type: "ReLU" relu_param {{ negative_slope: {slope} }}'
-    layer, bottom, top = make_layer(text, [x])
-    (y,) = forward(layer, bottom, top)
-    # max(x,0) + s*min(x,0), written through |x|
-    np.testing.assert_allclose(y, (x + np.abs(x)) / 2 + slope * (x - np.abs(x)) / 2)
-    check_gradient(layer, bottom, top)
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.25, -0.5])

@@ -6,50 +6,15 @@ import itertools
 
 import numpy as np
 import pytest
-from gradcheck import TEST, TRAIN, check_gradient, forward, layer_param, make_layer
+from gradcheck import TEST, TRAIN, assert_same_both_ways, check_gradient, forward, make_layer
 
-from owlnet import backend
-from owlnet.blob import Blob
 from owlnet.errors import ConfigError, ShapeError
-from owlnet.layers import create_layer
 
 RS = np.random.default_rng(77)
 
 
 def normal(*shape):
     return RS.standard_normal(shape)
-
-
-def run_both_ways(text, x, phase=TRAIN, seed=3):
-    """Forward and backward once out of place and once in place (top is the bottom Blob);
-    returns two (y, dx, param data, param diffs) tuples."""
-    dy = np.random.default_rng(0).standard_normal(x.shape)
-    results = []
-    for in_place in (False, True):
-        backend.set_random_seed(seed)
-        with backend.dtype_scope(np.float64):
-            bottom = Blob(x.shape, name="data")
-            bottom.data[...] = x
-            top = bottom if in_place else Blob((), name="out")
-            layer = create_layer(layer_param(text), phase)
-            layer.setup([bottom], [top])
-            layer.reshape([bottom], [top])
-        layer.forward([bottom], [top])
-        y = top.data.copy()
-        top.diff[...] = dy
-        layer.backward([top], [True], [bottom])
-        results.append((y, bottom.diff.copy(), [p.data.copy() for p in layer.blobs],
-                        [p.diff.copy() for p in layer.blobs]))
-    return results
-
-
-def assert_same_both_ways(text, x, phase=TRAIN):
-    out_of_place, in_place = run_both_ways(text, x, phase)
-    for a, b in zip(out_of_place[:2], in_place[:2]):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-    for params_a, params_b in zip(out_of_place[2:], in_place[2:]):
-        for a, b in zip(params_a, params_b):
-            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
 
 
 def per_channel_stats(x):

@@ -78,10 +78,11 @@ def naive_pool(x, kernel, stride, pad, method, ceil_mode=True):
     round_ = math.ceil if ceil_mode else math.floor
     oh = int(round_((h + 2 * ph - kh) / sh)) + 1
     ow = int(round_((w + 2 * pw - kw) / sw)) + 1
-    if ph and (oh - 1) * sh >= h + ph:
-        oh -= 1
-    if pw and (ow - 1) * sw >= w + pw:
-        ow -= 1
+    if ph or pw:  # Caffe checks both axes when either is padded
+        if (oh - 1) * sh >= h + ph:
+            oh -= 1
+        if (ow - 1) * sw >= w + pw:
+            ow -= 1
     y = np.zeros((n, c, oh, ow))
     mask = np.zeros((n, c, oh, ow))
     for img in range(n):
@@ -308,6 +309,8 @@ POOL_CASES = [
     ((2, 1, 5, 7), "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 0",
      (2, 3), (1, 2), (1, 0)),
     ((1, 2, 2, 3), "kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0)),        # kernel > image
+    # pad_h alone also trims the last column window, which would start past the image
+    ((1, 2, 4, 5), "kernel_h: 2 kernel_w: 1 stride: 3 pad_h: 1 pad_w: 0", (2, 1), (3, 3), (1, 0)),
 ]
 
 
@@ -373,6 +376,10 @@ def test_alexnet_pool1_shape():
     (pool_text("MAX", "global_pooling: true stride: 2"), 1, ConfigError, "stride 1"),
     (pool_text("MAX", "kernel_size: 2 stride: 0"), 1, ConfigError, "positive"),
     (pool_text("MAX", "kernel_size: 5 stride: 1"), 1, ShapeError, "pooled size"),
+    (pool_text("MAX", "kernel_size: 2 pad_w: 1"), 1, ConfigError, "pad_h and pad_w"),
+    (pool_text("MAX", "kernel_size: 2 pad: 1 pad_h: 1 pad_w: 1"), 1, ConfigError, "pad_h"),
+    (pool_text("MAX", "kernel_size: 2 stride: 1 stride_h: 1 stride_w: 1"), 1, ConfigError,
+     "stride_h"),
 ])
 def test_pooling_bad_params(text, n_tops, error, words):
     with pytest.raises(error, match=words) as info:

@@ -381,3 +381,115 @@ def test_package_exports_pycaffe_names():
                  "set_mode_gpu", "set_device", "set_random_seed", "layer_type_list"):
         assert hasattr(owlnet, name), name
     assert "Convolution" in owlnet.layer_type_list()
+
+
+# -- Caffe semantics found in review ---------------------------------------------------------
+SHARED_IP = """
+layer {{ name: "in" type: "Input" top: "x" top: "y" input_param {{ shape {{ dim: 2 dim: 3 }} }} }}
+layer {{ name: "p" type: "InnerProduct" bottom: "x" top: "px" {p_spec}
+        inner_product_param {{ num_output: 2 bias_term: false weight_filler {{ type: "gaussian" }} }} }}
+layer {{ name: "q" type: "InnerProduct" bottom: "y" top: "qy" {q_spec}
+        inner_product_param {{ num_output: 2 bias_term: false weight_filler {{ type: "gaussian" }} }} }}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "px" bottom: "qy" top: "loss" }}
+"""
+
+
+def test_shared_param_takes_lr_and_decay_mult_the_owner_left_unset():
+    # Caffe's AppendParam: a sharer's explicit lr_mult/decay_mult is adopted when the owner
+    # gave none; each layer's param_propagate_down follows its own spec.
+    net = owlnet.Net(SHARED_IP.format(p_spec='param { name: "w" }',
+                                      q_spec='param { name: "w" lr_mult: 0 decay_mult: 3 }'),
+                     owlnet.TRAIN)
+    assert net.params_lr == [0.0] and net.params_weight_decay == [3.0]
+    assert net.layer_dict["p"].param_propagate_down == [True]
+    assert net.layer_dict["q"].param_propagate_down == [False]
+
+
+def test_shared_param_with_conflicting_lr_mult_is_an_error():
+    with pytest.raises(owlnet.ConfigError, match=r"<string>:5: .*'q'.*'w'.*lr_mult 2.*lr_mult 1"):
+        owlnet.Net(SHARED_IP.format(p_spec='param { name: "w" lr_mult: 1 }',
+                                    q_spec='param { name: "w" lr_mult: 2 }'), owlnet.TRAIN)
+    with pytest.raises(owlnet.ConfigError, match="decay_mult"):
+        owlnet.Net(SHARED_IP.format(p_spec='param { name: "w" decay_mult: 1 }',
+                                    q_spec='param { name: "w" decay_mult: 0 }'), owlnet.TRAIN)
+
+
+def test_more_param_specs_than_blobs_is_an_error():
+    with pytest.raises(owlnet.ConfigError, match=r"<string>:3: .*'p'.*2 param.*1 param"):
+        owlnet.Net(SHARED_IP.format(p_spec="param { lr_mult: 1 } param { lr_mult: 2 }",
+                                    q_spec=""), owlnet.TRAIN)
+
+
+def test_propagate_down_count_must_match_bottoms():
+    with pytest.raises(owlnet.ConfigError, match=r"<string>:7: .*'loss'.*propagate_down"):
+        owlnet.Net(SHARED_IP.format(p_spec="", q_spec="").replace(
+            'top: "loss" }', 'top: "loss" propagate_down: true }'), owlnet.TRAIN)
+
+
+PRUNE_NET = """
+layer { name: "in" type: "Input" top: "x" top: "t" input_param { shape { dim: 2 dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "h"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "t" top: "loss"
+        propagate_down: false propagate_down: false }
+"""
+
+
+def test_layers_whose_tops_get_no_gradient_skip_backward():
+    # Caffe's blobs_skip_backp: nothing flows into 'h', so neither ReLU nor ip runs backward.
+    net = owlnet.Net(PRUNE_NET, owlnet.TRAIN)
+    names = net._layer_names
+    assert not net._layer_need_backward[names.index("ip")]
+    assert not net._layer_need_backward[names.index("relu")]
+    assert net._bottom_need_backward[names.index("loss")] == [False, False]
+
+
+def test_explicit_propagate_down_true_reaches_an_input():
+    # Caffe's AppendBottom: an explicit propagate_down sets the bottom's need outright.
+    text = """
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "h" propagate_down: true
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "h" top: "loss" }
+"""
+    net = owlnet.Net(text, owlnet.TRAIN)
+    assert net._bottom_need_backward[net._layer_names.index("ip")] == [True]
+    net.forward(x=np.random.default_rng(0).standard_normal((2, 3)))
+    assert net.backward()["x"].shape == (2, 3)
+    plain = owlnet.Net(text.replace("propagate_down: true", ""), owlnet.TRAIN)
+    assert plain._bottom_need_backward[plain._layer_names.index("ip")] == [False]
+
+
+def test_copy_from_accepts_a_legacy_caffemodel_with_bare_inputs(zoo):
+    # Caffe's UpgradeNetInput: 'input' without dims (an old caffemodel) is simply dropped.
+    net = owlnet.Net(str(zoo / "examples/mnist/lenet.prototxt"), owlnet.TEST)
+    param = net.to_proto()
+    param.input.append("data")
+    fresh = owlnet.Net(str(zoo / "examples/mnist/lenet.prototxt"), owlnet.TEST)
+    fresh.copy_from(param)
+    np.testing.assert_array_equal(fresh.params["ip2"][0].data, net.params["ip2"][0].data)
+
+
+def test_copy_from_a_layer_without_blobs_into_one_with_blobs_is_an_error(zoo):
+    # Caffe's CopyTrainedLayersFrom checks the blob count of every layer of the same name.
+    net = owlnet.Net(str(zoo / "examples/mnist/lenet.prototxt"), owlnet.TEST)
+    param = net.to_proto()
+    [l for l in param.layer if l.name == "ip2"][0].ClearField("blobs")
+    with pytest.raises(owlnet.SnapshotError, match=r"'ip2' has 0 blobs.*expects 2"):
+        net.copy_from(param)
+
+
+def test_v1_param_names_share_mode_rules_and_loss_weight_are_kept():
+    param, _ = config.read_net("""
+layers { name: "ip" type: INNER_PRODUCT bottom: "x" top: "y" param: "w" param: "b"
+         blob_share_mode: PERMISSIVE blobs_lr: 1 blobs_lr: 2 weight_decay: 0
+         include { phase: TRAIN stage: "s" } loss_weight: 0.5
+         transform_param { scale: 0.25 } inner_product_param { num_output: 3 } }""")
+    layer = param.layer[0]
+    assert [(p.name, p.lr_mult, p.decay_mult) for p in layer.param] == [("w", 1, 0), ("b", 2, 1)]
+    assert layer.param[0].share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+    assert not layer.param[1].HasField("share_mode") and not layer.param[1].HasField("decay_mult")
+    assert layer.include[0].phase == owlnet.TRAIN and list(layer.include[0].stage) == ["s"]
+    assert list(layer.loss_weight) == [0.5] and layer.transform_param.scale == 0.25
+    assert layer.inner_product_param.num_output == 3

@@ -136,6 +136,15 @@ def test_parse_log_errors(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_parse_log_names_a_csv_it_cannot_write(tmp_path, capsys):
+    log = tmp_path / "a.log"
+    log.write_text(CAFFE_LOG)
+    (tmp_path / "a.log.train").mkdir()              # in the way of the CSV file
+    assert plot.main(["parse-log", str(log)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("parse-log: error: ") and "a.log.train" in err
+
+
 def test_plot_without_matplotlib_names_the_extra(training_log, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # import fails
     with pytest.raises(ConfigError, match="matplotlib"):

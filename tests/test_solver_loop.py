@@ -354,3 +354,27 @@ def test_caffe_written_state_without_owlnet_extras_restores(snapshot_at_2):
     solver = get_solver(text)
     solver.restore(state_path)
     assert solver.iter == 2
+
+
+def test_loss_of_a_top_that_is_not_an_output_counts(log, tmp_path):
+    # Caffe's Test and the final display take the net's loss (Forward(&loss)), which includes
+    # loss tops that other layers consume, not only weighted outputs.
+    path = tmp_path / "consumed.prototxt"
+    path.write_text(NET + 'layer { name: "twice" type: "Power" bottom: "loss" top: "twice" '
+                          'power_param { scale: 2 } }\n')
+    solver = get_solver(solver_text(path, tmp_path, max_iter=3, display=3, test_interval=3,
+                                    test_iter=2, test_compute_loss="true",
+                                    test_initialization="false"))
+    solver.solve()
+    text = messages(log)
+    final = [m for m in text if re.fullmatch(rf"Iteration 3, loss = ({NUMBER})", m)]
+    assert len(final) == 1 and float(final[0].rsplit("= ", 1)[1]) > 0
+    test_loss = [float(m.split(": ")[1]) for m in text if m.startswith("Test loss: ")]
+    twice = [float(m.split("= ")[1]) for m in text if m.startswith("    Test net output #1: twice")]
+    assert len(test_loss) == 1 and test_loss[0] > 0
+    np.testing.assert_allclose(test_loss[0], twice[0] / 2, rtol=1e-4)
+
+
+def test_zero_test_iter_tests_nothing(log, net_file, tmp_path):
+    solver = get_solver(solver_text(net_file, tmp_path, test_interval=100, test_iter=0))
+    assert solver.test(0) == {}

@@ -269,6 +269,36 @@ def test_extracted_features_equal_the_blobs(job, fmt, tmp_path, capsys):
                 np.testing.assert_array_equal(datum_to_array(datum, key), row.reshape(shape))
 
 
+def test_lmdb_features_use_caffes_datum_layout(tmp_path):
+    """extract_features sets channels, height, width (legacy axes) and float_data only: no
+    label, no encoded flag, so the records are byte for byte Caffe's."""
+    writer = extract._Writer(str(tmp_path / "f.lmdb"), "lmdb")
+    batch = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    writer.add(batch)
+    writer.close(complete=True)
+    with LMDBReader(tmp_path / "f.lmdb") as reader:
+        records = list(reader)
+    for i, (key, value) in enumerate(records):
+        want = owlnet.proto.caffe_pb2.Datum(channels=3, height=4, width=1)
+        want.float_data.extend(batch[i].reshape(-1).tolist())
+        assert key == b"%010d" % i and value == want.SerializeToString()
+
+
+def test_npy_features_are_written_whole_or_not_at_all(tmp_path):
+    batches = [np.full((2, 3), k, dtype=np.float32) for k in range(3)]
+    done = extract._Writer(str(tmp_path / "done.npy"), "npy", batches=3)
+    for batch in batches:
+        done.add(batch)
+    done.close(complete=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "done.npy"), np.concatenate(batches))
+    failed = extract._Writer(str(tmp_path / "failed.npy"), "npy", batches=3)
+    failed.add(batches[0])
+    with pytest.raises(owlnet.errors.ShapeError, match="failed.npy"):
+        failed.add(np.zeros((2, 4), np.float32))
+    failed.close(complete=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.npy"]
+
+
 def test_unknown_blob_lists_the_blobs(job, tmp_path, capsys):
     args = extract.build_parser().parse_args([job.solver, "ip,fc9", str(tmp_path / "f")])
     with pytest.raises(ConfigError, match=r"no blob or layer 'fc9' \(blobs: data, label.*ip"):
@@ -315,6 +345,29 @@ def test_classify_multiview_averages_ten_crops(job, tmp_path):
         total += net.forward()["prob"].sum(axis=0)
     np.testing.assert_allclose(got, total / 10, rtol=1e-5, atol=1e-6)
     assert classify.run(args)[0][0][0] == int(np.argmax(total))
+
+
+def test_classify_single_view_is_pycaffes_centre_crop(job):
+    """pycaffe's Classifier.predict(oversample=False): resize to image_dims, then the centre
+    crop; without image_dims the image is resized to the input itself."""
+    path = job.lists["train"][5][0]
+    grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    net = owlnet.Net(job.deploy, weights=job.bars_weights, phase=owlnet.TEST)
+
+    def probs_of(image):
+        net.blobs["data"].data[...] = ((image * 255 - 20) * 0.00390625)[np.newaxis, np.newaxis]
+        return net.forward()["prob"][0].copy()
+
+    big = cv2.resize(grey, (17, 16), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    for dims, want in (((16, 17), probs_of(big[1:1 + SIZE, 1:1 + SIZE])),
+                       (None, probs_of(grey.astype(np.float64)))):
+        classifier = classify.Classifier(job.deploy, job.bars_weights, mean=[20.0],
+                                         scale=0.00390625, image_dims=dims)
+        np.testing.assert_allclose(classifier.predict([path])[0], want, rtol=1e-5, atol=1e-6)
+    args = classify_args(job, [path], "--image-dims", "16,17", "--top", "10")
+    got = dict(classify.run(args)[0])
+    np.testing.assert_allclose([got[k] for k in range(CLASSES)],
+                               probs_of(big[1:1 + SIZE, 1:1 + SIZE]), rtol=1e-5, atol=1e-6)
 
 
 def test_classify_names_an_unreadable_image(job, tmp_path, capsys):

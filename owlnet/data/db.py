@@ -50,9 +50,10 @@ def _close_shared(path: str) -> None:
 class LMDBReader:
     """Read-only access to an LMDB of records in key order.
 
-    ``get(i)`` returns ``(key, value)`` of record ``i % len(self)``. Reading consecutive (or
-    forward-strided) indices steps the cursor; an index behind the cursor restarts from the
-    first key. Use one reader per thread.
+    ``get(i)`` returns ``(key, value)`` of record ``i % len(self)``. The cursor steps from its
+    current record or from the first key, whichever is nearer, so reading consecutive (or
+    strided) indices, and the small look-backs of skipped bad records, cost a few steps each.
+    Use one reader per thread.
     """
 
     def __init__(self, path):
@@ -78,9 +79,12 @@ class LMDBReader:
     def get(self, index: int):
         """``(key, value)`` of record ``index`` (taken modulo the record count)."""
         index %= self._length
-        if index < self._position:
+        if index < self._position - index:      # nearer the first key than the cursor
             self._cursor.first()
             self._position = 0
+        while self._position > index:
+            self._cursor.prev()
+            self._position -= 1
         while self._position < index:
             self._cursor.next()
             self._position += 1

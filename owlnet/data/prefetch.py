@@ -24,6 +24,7 @@ def default_workers() -> int:
 
 
 class _Failure:
+    """The producer's exception, queued for the consumer."""
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException):
@@ -57,6 +58,7 @@ class Prefetcher:
         return False
 
     def _run(self) -> None:
+        """The producer thread: batches in order until stopped or failed."""
         index = self._next_index
         while not self._stop.is_set():
             try:

@@ -121,6 +121,14 @@ class Layer:
         """Raise ``kind`` with a message that names this layer and its type."""
         raise kind(f"layer '{self.name}' ({self.type}): {message}")
 
+    def canonical_axis(self, blob, axis: int) -> int:
+        """``axis`` of ``blob`` counted from 0 (negative counts from the end); a ShapeError
+        naming this layer when the blob has no such axis."""
+        n = blob.num_axes
+        if not -n <= axis < n:
+            self.fail(f"axis {axis} out of range for blob '{blob.name}' of shape {blob.shape}")
+        return axis % n
+
     def add_param(self, shape, filler_param) -> Blob:
         """Create a learnable parameter blob filled by ``filler_param``."""
         blob = Blob(shape, name=f"{self.name}.{len(self.blobs)}")

@@ -5,7 +5,8 @@ runs on NumPy and CuPy arrays.
 """
 from __future__ import annotations
 
-import numpy as np
+import itertools
+import math
 
 from .. import backend
 from ..errors import ConfigError
@@ -32,19 +33,11 @@ def _legacy_axis(layer, bottom, message, legacy_field):
         if axis >= bottom.num_axes:
             layer.fail(f"{legacy_field} {axis} out of range for bottom of shape {bottom.shape}")
         return axis
-    return layer.canonical(bottom, message.axis)
-
-
-class _AxisLayer(Layer):
-    def canonical(self, blob, axis):
-        n = blob.num_axes
-        if not -n <= axis < n:
-            self.fail(f"axis {axis} out of range for bottom '{blob.name}' of shape {blob.shape}")
-        return axis % n
+    return layer.canonical_axis(bottom, message.axis)
 
 
 @register("InnerProduct")
-class InnerProductLayer(_AxisLayer):
+class InnerProductLayer(Layer):
     """Fully connected: with X the bottom as an (M, K) matrix (K = count from ``axis``),
     ``top = X W^T + b`` for W of shape (N, K), or ``X W + b`` for W of shape (K, N) when
     ``transpose``; the top keeps the bottom's axes before ``axis`` and adds one axis N."""
@@ -59,7 +52,7 @@ class InnerProductLayer(_AxisLayer):
         self.num_output = p.num_output
         self.bias_term = p.bias_term
         self.transpose = p.transpose
-        self.axis = self.canonical(bottom[0], p.axis)
+        self.axis = self.canonical_axis(bottom[0], p.axis)
         self.k = bottom[0].count_from(self.axis)
         shape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
         self.add_param(shape, p.weight_filler)
@@ -67,7 +60,7 @@ class InnerProductLayer(_AxisLayer):
             self.add_param((self.num_output,), p.bias_filler)
 
     def reshape(self, bottom, top):
-        axis = self.canonical(bottom[0], self.param.inner_product_param.axis)
+        axis = self.canonical_axis(bottom[0], self.param.inner_product_param.axis)
         k = bottom[0].count_from(axis)
         if k != self.k:
             self.fail(f"bottom shape {bottom[0].shape} gives {k} inputs from axis {axis}, "
@@ -142,11 +135,11 @@ class EltwiseLayer(Layer):
         else:
             first, second = bottom[0].data, bottom[1].data
             first_wins = first > second
-            self.winner = (~first_wins).astype(np.int32)
+            self.winner = (~first_wins).astype(xp.int32)
             out = xp.where(first_wins, first, second)
             for i, b in enumerate(bottom[2:], start=2):
                 better = b.data > out
-                self.winner[better] = i
+                self.winner = xp.where(better, xp.int32(i), self.winner)
                 out = xp.where(better, b.data, out)
         top[0].data[...] = out
 
@@ -171,7 +164,7 @@ class EltwiseLayer(Layer):
 
 
 @register("Concat")
-class ConcatLayer(_AxisLayer):
+class ConcatLayer(Layer):
     """Joins the bottoms along ``axis`` (legacy ``concat_dim``); every other dimension must
     match. Backward hands each bottom its slice of the top diff."""
 
@@ -191,7 +184,7 @@ class ConcatLayer(_AxisLayer):
                 self.fail(f"bottom '{b.name}' of shape {b.shape} does not match bottom "
                           f"'{bottom[0].name}' of shape {first} outside concat axis {self.axis}")
             size += b.shape[self.axis]
-        self.bounds = np.cumsum([0] + [b.shape[self.axis] for b in bottom]).tolist()
+        self.bounds = [0, *itertools.accumulate(b.shape[self.axis] for b in bottom)]
         top[0].reshape(first[:self.axis] + (size,) + first[self.axis + 1:])
 
     def forward(self, bottom, top):
@@ -209,7 +202,7 @@ class ConcatLayer(_AxisLayer):
 
 
 @register("Slice")
-class SliceLayer(_AxisLayer):
+class SliceLayer(Layer):
     """Cuts the bottom along ``axis`` (legacy ``slice_dim``) at ``slice_point``s, or into
     equal parts when none are given. Backward joins the top diffs."""
 
@@ -285,7 +278,7 @@ class SplitLayer(Layer):
         bottom[0].diff[...] = total
 
 
-class _ViewLayer(_AxisLayer):
+class _ViewLayer(Layer):
     """Base of Flatten and Reshape: the top is a view of the bottom with another shape."""
 
     exact_bottoms = 1
@@ -310,8 +303,8 @@ class FlattenLayer(_ViewLayer):
     def reshape(self, bottom, top):
         p = self.param.flatten_param
         shape = bottom[0].shape
-        start = self.canonical(bottom[0], p.axis)
-        end = self.canonical(bottom[0], p.end_axis)
+        start = self.canonical_axis(bottom[0], p.axis)
+        end = self.canonical_axis(bottom[0], p.end_axis)
         if end < start:
             self.fail(f"end_axis {p.end_axis} comes before axis {p.axis} for bottom shape {shape}",
                       ConfigError)
@@ -353,23 +346,22 @@ class ReshapeLayer(_ViewLayer):
                 d = shape[start + i]
             middle.append(d)
         new_shape = list(shape[:start]) + middle + list(shape[end:])
+        count = bottom[0].count
         if -1 in middle:
-            known = int(np.prod([d for d in new_shape if d != -1], dtype=np.int64))
-            count = bottom[0].count
+            known = math.prod(d for d in new_shape if d != -1)
             if known == 0 or count % known:
                 self.fail(f"cannot infer the -1 in shape {self.dims} for bottom shape {shape} "
                           f"({count} elements)")
             new_shape[new_shape.index(-1)] = count // known
         new_shape = tuple(new_shape)
-        if int(np.prod(new_shape, dtype=np.int64)) != bottom[0].count:
+        if math.prod(new_shape) != count:
             self.fail(f"shape {self.dims} gives top shape {new_shape} with "
-                      f"{int(np.prod(new_shape, dtype=np.int64))} elements, but bottom shape "
-                      f"{shape} has {bottom[0].count}")
+                      f"{math.prod(new_shape)} elements, but bottom shape {shape} has {count}")
         top[0].reshape(new_shape)
 
 
 @register("Crop")
-class CropLayer(_AxisLayer):
+class CropLayer(Layer):
     """Crops bottom 0 to the shape of bottom 1 on the axes from ``axis`` on, starting at
     ``offset`` (one value for all those axes, one per axis, or 0 when none)."""
 
@@ -381,7 +373,7 @@ class CropLayer(_AxisLayer):
         big, ref = bottom[0].shape, bottom[1].shape
         if len(big) != len(ref):
             self.fail(f"bottom shapes {big} and {ref} have different numbers of axes")
-        start = self.canonical(bottom[0], p.axis)
+        start = self.canonical_axis(bottom[0], p.axis)
         n_cropped = len(big) - start
         offsets = list(p.offset)
         if len(offsets) not in (0, 1, n_cropped):
@@ -430,7 +422,7 @@ class SilenceLayer(Layer):
 
 
 @register("ArgMax")
-class ArgMaxLayer(_AxisLayer):
+class ArgMaxLayer(Layer):
     """Indices (and with ``out_max_val`` the values) of the ``top_k`` largest entries per item
     over all axes after the first, or along ``axis`` when set; equal values put the larger
     index first. Without ``axis`` the top is (N, 1 or 2, top_k, 1...); with ``axis`` it is the
@@ -443,7 +435,7 @@ class ArgMaxLayer(_AxisLayer):
         p = self.param.argmax_param
         self.top_k = p.top_k
         self.out_max_val = p.out_max_val
-        self.axis = self.canonical(bottom[0], p.axis) if p.HasField("axis") else None
+        self.axis = self.canonical_axis(bottom[0], p.axis) if p.HasField("axis") else None
         if self.top_k < 1:
             self.fail("top_k must be at least 1", ConfigError)
 
@@ -504,7 +496,7 @@ def softmax(x, axis):
 
 
 @register("Softmax")
-class SoftmaxLayer(_AxisLayer):
+class SoftmaxLayer(Layer):
     """``top = exp(x - max) / sum(exp(x - max))`` along ``axis`` (default 1);
     backward ``dx = (dy - sum(dy * y)) * y`` along the same axis."""
 
@@ -512,7 +504,7 @@ class SoftmaxLayer(_AxisLayer):
     exact_tops = 1
 
     def reshape(self, bottom, top):
-        self.axis = self.canonical(bottom[0], self.param.softmax_param.axis)
+        self.axis = self.canonical_axis(bottom[0], self.param.softmax_param.axis)
         top[0].reshape(bottom[0].shape)
 
     def forward(self, bottom, top):

@@ -32,8 +32,6 @@ from ..errors import ConfigError, DataError, SnapshotError
 from ..proto import caffe_pb2
 from .base import Layer, register
 
-_LEGACY_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
-
 
 class Batch(NamedTuple):
     """One prepared batch on the host: cropped examples plus what stage 2 needs."""
@@ -72,7 +70,9 @@ class _PrefetchingData(Layer):
         self.batch_size = int(source_param.batch_size)
         if self.batch_size <= 0:
             self.fail("batch_size must be positive", ConfigError)
-        self.transformer = DataTransformer(self._transform_param(source_param), self.phase,
+        # Legacy scale/mean_file/crop_size/mirror of data_param are moved here by
+        # config.upgrade_net, as Caffe's UpgradeNetAsNeeded; the layer reads transform_param only.
+        self.transformer = DataTransformer(self.param.transform_param, self.phase,
                                            where=self.where)
         self.seed = int(backend.rng().integers(1 << 63))
         self.rank, self.world = 0, 1
@@ -93,15 +93,6 @@ class _PrefetchingData(Layer):
     def source_param(self):
         raise NotImplementedError
 
-    def _transform_param(self, source_param):
-        """transform_param, with the legacy fields of the source message where it lacks them."""
-        merged = caffe_pb2.TransformationParameter()
-        merged.CopyFrom(self.param.transform_param)
-        for field in _LEGACY_TRANSFORM_FIELDS:
-            if source_param.HasField(field) and not merged.HasField(field):
-                setattr(merged, field, getattr(source_param, field))
-        return merged
-
     def _draw_skip(self, rand_skip: int) -> int:
         """Caffe's rand_skip: start the stream at a random record below ``rand_skip``."""
         if rand_skip == 0:
@@ -113,7 +104,13 @@ class _PrefetchingData(Layer):
         pass  # forward shapes the tops to each batch
 
     def forward(self, bottom, top):
-        batch = self._prefetcher().next()
+        try:
+            batch = self._prefetcher().next()
+        except BaseException:
+            # The failed prefetcher is closed; the next forward starts a new one at the same
+            # batch, so a caught DataError is raised again rather than a closed-queue error.
+            self._stop_prefetch()
+            raise
         top[0].reshape(batch.data.shape)
         self.transformer.normalize(backend.to_device(batch.data), batch.h_offs, batch.w_offs,
                                    batch.mirrored, top[0].data)

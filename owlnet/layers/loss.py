@@ -35,15 +35,10 @@ class LossLayer(Layer):
         if len(propagate_down) > label_index and propagate_down[label_index]:
             self.fail(f"cannot backpropagate to the labels (bottom {label_index})", ConfigError)
 
-    def canonical(self, blob, axis):
-        n = blob.num_axes
-        if not -n <= axis < n:
-            self.fail(f"axis {axis} out of range for bottom '{blob.name}' of shape {blob.shape}")
-        return axis % n
-
-    def read_ignore_label(self):
-        loss = self.param.loss_param
-        self.ignore_label = loss.ignore_label if loss.HasField("ignore_label") else None
+    def read_ignore_label(self, message=None):
+        """``ignore_label`` of ``message`` (default: loss_param), None when unset."""
+        message = self.param.loss_param if message is None else message
+        self.ignore_label = message.ignore_label if message.HasField("ignore_label") else None
 
     def read_normalization(self, default):
         loss = self.param.loss_param
@@ -86,11 +81,29 @@ class LossLayer(Layer):
         return xp.where(valid, labels, 0), valid
 
 
+class _PerItemLossLayer(LossLayer):
+    """Bottom 0 viewed as (N, classes) with N its first dimension; one label per item."""
+
+    exact_bottoms = 2
+
+    def reshape(self, bottom, top):
+        self.num = bottom[0].num
+        self.classes = bottom[0].count // max(self.num, 1)
+        if bottom[1].count != self.num:
+            self.fail(f"label blob '{bottom[1].name}' of shape {bottom[1].shape} needs one label "
+                      f"per item of bottom '{bottom[0].name}' of shape {bottom[0].shape}")
+        top[0].reshape(())
+
+    def item_labels(self, bottom):
+        """The labels as int64, shape (N,); out-of-range labels raise a DataError."""
+        return self.integer_labels(bottom[1].data.reshape(self.num), self.classes)[0]
+
+
 class _ClassLossLayer(LossLayer):
     """Predictions with a class axis and one label per (outer, inner) position."""
 
     def class_layout(self, bottom, axis):
-        self.axis = self.canonical(bottom[0], axis)
+        self.axis = self.canonical_axis(bottom[0], axis)
         self.outer = bottom[0].count_from(0, self.axis)
         self.inner = bottom[0].count_from(self.axis + 1)
         self.classes = bottom[0].shape[self.axis]
@@ -161,7 +174,8 @@ class SoftmaxWithLossLayer(_ClassLossLayer):
 
 @register("Accuracy")
 class AccuracyLayer(_ClassLossLayer):
-    """Fraction of counted positions (label not ``ignore_label``) where fewer than ``top_k``
+    """Fraction of counted positions (label not ``accuracy_param.ignore_label``; Accuracy does
+    not read loss_param) where fewer than ``top_k``
     other classes score at least the true class (ties count against the label); 0 when no
     position counts. Optional top 1: the same per true class, shape (classes,)."""
 
@@ -172,7 +186,7 @@ class AccuracyLayer(_ClassLossLayer):
     max_tops = 2
 
     def layer_setup(self, bottom, top):
-        self.read_ignore_label()
+        self.read_ignore_label(self.param.accuracy_param)
         self.top_k = self.param.accuracy_param.top_k
 
     def reshape(self, bottom, top):
@@ -284,34 +298,25 @@ class SigmoidCrossEntropyLossLayer(LossLayer):
             return
         xp = backend.array_module(bottom[0].data)
         x = bottom[0].data
-        grad = 1.0 / (1.0 + xp.exp(-x)) - bottom[1].data.reshape(x.shape)
+        grad = 0.5 * xp.tanh(0.5 * x) + 0.5 - bottom[1].data.reshape(x.shape)  # sigmoid(x) - t
         if self.valid is not None:
             grad *= self.valid
         bottom[0].diff[...] = grad * (top[0].diff / self.scale_by)
 
 
 @register("HingeLoss")
-class HingeLossLayer(LossLayer):
+class HingeLossLayer(_PerItemLossLayer):
     """With ``v_nk = max(0, 1 - s x_nk)`` (s = +1 for the true class, -1 otherwise), loss
-    ``sum(v) / N`` (L1) or ``sum(v^2) / N`` (L2); x is the bottom as (N, classes)."""
-
-    exact_bottoms = 2
+    ``sum(v) / N`` (L1) or ``sum(v^2) / N`` (L2); x is the bottom as (N, classes).
+    Gradient ``-s [v > 0] / N`` (L1) or ``-2 s v / N`` (L2)."""
 
     def layer_setup(self, bottom, top):
-        self.squared = self.param.hinge_loss_param.norm == 2
-
-    def reshape(self, bottom, top):
-        self.num = bottom[0].num
-        self.classes = bottom[0].count // max(self.num, 1)
-        if bottom[1].count != self.num:
-            self.fail(f"label blob '{bottom[1].name}' of shape {bottom[1].shape} needs one label "
-                      f"per item of predictions of shape {bottom[0].shape}")
-        top[0].reshape(())
+        self.squared = self.param.hinge_loss_param.norm == caffe_pb2.HingeLossParameter.L2
 
     def forward(self, bottom, top):
         xp = backend.array_module(bottom[0].data)
         x = bottom[0].data.reshape(self.num, self.classes)
-        labels, _ = self.integer_labels(bottom[1].data.reshape(self.num), self.classes)
+        labels = self.item_labels(bottom)
         is_true = xp.arange(self.classes)[None, :] == labels[:, None]
         self.sign = 1.0 - 2.0 * is_true.astype(x.dtype)
         self.margin = xp.maximum(1.0 + self.sign * x, 0)
@@ -386,24 +391,14 @@ class ContrastiveLossLayer(LossLayer):
 
 
 @register("MultinomialLogisticLoss")
-class MultinomialLogisticLossLayer(LossLayer):
+class MultinomialLogisticLossLayer(_PerItemLossLayer):
     """On probabilities p of shape (N, classes): ``-sum log(max(p[label], 1e-20)) / N``;
     gradient ``-1 / max(p[label], 1e-20) / N`` at the label, 0 elsewhere."""
-
-    exact_bottoms = 2
-    def reshape(self, bottom, top):
-        self.num = bottom[0].num
-        self.classes = bottom[0].count // max(self.num, 1)
-        if bottom[1].count != self.num:
-            self.fail(f"label blob '{bottom[1].name}' of shape {bottom[1].shape} needs one label "
-                      f"per item of probabilities of shape {bottom[0].shape}")
-        top[0].reshape(())
 
     def forward(self, bottom, top):
         xp = backend.array_module(bottom[0].data)
         prob = bottom[0].data.reshape(self.num, self.classes)
-        labels, _ = self.integer_labels(bottom[1].data.reshape(self.num), self.classes)
-        self.labels = labels
+        self.labels = labels = self.item_labels(bottom)
         self.picked = xp.maximum(xp.take_along_axis(prob, labels[:, None], axis=1)[:, 0],
                                  _LOG_THRESHOLD)
         top[0].data[...] = -xp.log(self.picked).sum() / self.num

@@ -7,7 +7,7 @@ axes before and after that span, which the code views as ``(outer, dim, inner)``
 from __future__ import annotations
 
 from .. import backend
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError
 from ..proto import caffe_pb2
 from .base import Layer, register
 
@@ -115,7 +115,7 @@ class _Broadcast(Layer):
 
     def _learned_shape(self, data, axis_param, num_axes):
         """A learned operand's shape: ``data.shape[axis : axis + num_axes]`` (-1: to the end)."""
-        axis = self._axis(data, axis_param)
+        axis = self.canonical_axis(data, axis_param)
         if num_axes < -1:
             self.fail(f"num_axes must be -1 or >= 0, got {num_axes}", ConfigError)
         if num_axes == -1:
@@ -125,15 +125,9 @@ class _Broadcast(Layer):
                       f"'{data.name}' of shape {data.shape}")
         return data.shape[axis:axis + num_axes]
 
-    def _axis(self, data, axis_param):
-        try:
-            return data.canonical_axis(axis_param)
-        except ShapeError as exc:
-            self.fail(str(exc))
-
     def _layout(self, data, operand, axis_param):
         """``(outer, dim, inner)`` for broadcasting ``operand`` over ``data``, checking shapes."""
-        axis = 0 if operand.num_axes == 0 else self._axis(data, axis_param)
+        axis = 0 if operand.num_axes == 0 else self.canonical_axis(data, axis_param)
         span = data.shape[axis:axis + operand.num_axes]
         if span != operand.shape:
             self.fail(f"operand '{operand.name}' of shape {operand.shape} does not match "

@@ -278,12 +278,12 @@ class DeconvolutionLayer(_ConvolutionBase):
                     dx[part] = _from_groups(products, dy[part].shape[0], self.in_size)
 
 
-def _pooled_size(size, kernel, pad, stride, ceil_mode):
+def _pooled_size(size, kernel, pad, stride, ceil_mode, padded):
     """Caffe's pooled length: ceil (or floor) of (size + 2p - k) / s, plus 1, minus 1 when
-    padding makes the last window start at or beyond size + p."""
+    the layer is ``padded`` (on either axis) and the last window starts at or beyond size + p."""
     span = size + 2 * pad - kernel
     pooled = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if pad and (pooled - 1) * stride >= size + pad:
+    if padded and (pooled - 1) * stride >= size + pad:
         pooled -= 1
     return pooled
 
@@ -291,8 +291,8 @@ def _pooled_size(size, kernel, pad, stride, ceil_mode):
 @register("Pooling")
 class PoolingLayer(Layer):
     """Windows start at (ph*sh - pad_h, pw*sw - pad_w) and span kh x kw; pooled size is
-    ceil((H + 2p - k) / s) + 1 (floor with round_mode FLOOR), minus 1 if p > 0 and the last
-    window would start at or beyond H + p.
+    ceil((H + 2p - k) / s) + 1 (floor with round_mode FLOOR), minus 1 if pad_h or pad_w > 0
+    and the last window would start at or beyond H + p (each axis checked, as Caffe).
     MAX: max over in-image pixels (first in row-major order on ties); optional top 1 = its
     index h*W + w. AVE: sum of in-image pixels / ((min(hs + kh, H + p) - hs) *
     (min(ws + kw, W + p) - ws)), hs/ws the unclipped window start.
@@ -323,16 +323,8 @@ class PoolingLayer(Layer):
             self.kernel = (p.kernel_h, p.kernel_w)
         else:
             self.fail("kernel_size (or kernel_h and kernel_w) is required", ConfigError)
-        if p.HasField("pad_h") or p.HasField("pad_w"):
-            self.pad = (p.pad_h, p.pad_w)
-        else:
-            self.pad = (p.pad, p.pad)
-        if p.HasField("stride_h") or p.HasField("stride_w"):
-            if not (p.HasField("stride_h") and p.HasField("stride_w")):
-                self.fail("stride_h and stride_w must be given together", ConfigError)
-            self.stride = (p.stride_h, p.stride_w)
-        else:
-            self.stride = (p.stride, p.stride)
+        self.pad = self._pair(p, "pad")
+        self.stride = self._pair(p, "stride")
         if min(self.stride) < 1:
             self.fail(f"stride must be positive, got {self.stride}", ConfigError)
         if self.global_pooling:
@@ -346,6 +338,15 @@ class PoolingLayer(Layer):
                           ConfigError)
         self.ceil_mode = p.round_mode == _POOL.CEIL
 
+    def _pair(self, p, field):
+        """``field`` for both axes, or ``field_h`` and ``field_w`` given together (Caffe)."""
+        h_field, w_field = f"{field}_h", f"{field}_w"
+        if not (p.HasField(h_field) or p.HasField(w_field)):
+            return (getattr(p, field),) * 2
+        if p.HasField(field) or not (p.HasField(h_field) and p.HasField(w_field)):
+            self.fail(f"give {field}, or {h_field} and {w_field} together", ConfigError)
+        return (getattr(p, h_field), getattr(p, w_field))
+
     def reshape(self, bottom, top):
         shape = bottom[0].shape
         if len(shape) != 4:
@@ -353,7 +354,8 @@ class PoolingLayer(Layer):
         if self.global_pooling:
             self.kernel = shape[2:]
         self.pooled = tuple(_pooled_size(shape[2 + a], self.kernel[a], self.pad[a],
-                                         self.stride[a], self.ceil_mode) for a in range(2))
+                                         self.stride[a], self.ceil_mode, any(self.pad))
+                            for a in range(2))
         if min(self.pooled) < 1:
             self.fail(f"bottom shape {shape} gives pooled size {self.pooled} with kernel "
                       f"{self.kernel}, stride {self.stride}, pad {self.pad}")

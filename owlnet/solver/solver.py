@@ -227,7 +227,7 @@ class Solver:
             return
         if p.display and self.iter % p.display == 0:
             if self.parallel is None:
-                loss = self._weighted_loss(self.net, self.net.forward())
+                loss = float(self.net.forward_range(0, len(self.net.layers) - 1))
             else:
                 loss = self.parallel.forward_loss()
             self._update_smoothed_loss(loss, start_iter)
@@ -338,11 +338,6 @@ class Solver:
             results.append(self.test(i))
         return results
 
-    @staticmethod
-    def _weighted_loss(net, outputs) -> float:
-        return sum(float(weight * outputs[name].sum())
-                   for name, weight in net.output_loss_weights.items() if weight)
-
     def test(self, test_net_id: int = 0) -> dict:
         """Run test net ``test_net_id`` for its ``test_iter`` batches with the train net's
         weights; log and return the mean of each output ({name: float, or array when the
@@ -363,14 +358,14 @@ class Solver:
                 request = self._requested_action()
             if self.requested_early_exit:
                 break
-            outputs = test_net.forward()
+            loss = loss + test_net.forward_range(0, len(test_net.layers) - 1)
             for name in test_net.outputs:
-                values = outputs[name].ravel().astype("float64")
+                values = test_net.blobs[name].data.ravel().astype("float64")
                 totals[name] = values if name not in totals else totals[name] + values
-            if self.param.test_compute_loss:
-                loss += self._weighted_loss(test_net, outputs)
         if self.requested_early_exit:
             owl_logging.info("Test interrupted.")
+            return {}
+        if batches <= 0:
             return {}
         if self.param.test_compute_loss:
             owl_logging.info(f"Test loss: {owl_logging.num(loss / batches)}")

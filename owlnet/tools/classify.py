@@ -6,9 +6,11 @@
 
 Prints the top-k classes with their probabilities for each image, preparing images as
 pycaffe's ``Classifier`` does: an image is loaded as RGB floats in [0, 1] (grey when the net
-has one input channel), resized bilinearly to the net's input size (with ``--multiview``: to
-``--image-dims``, 256 x 256 by default, then cut into the 10 views of owlnet.views, as
-pycaffe's ``oversample``), and each input becomes, channel by channel,
+has one input channel), resized bilinearly to ``--image-dims`` and cut to the net's input
+size: the centre window, or with ``--multiview`` the 10 views of owlnet.views (pycaffe's
+``oversample``). Without ``--image-dims`` a single view resizes to the input size itself
+(pycaffe's default) and ``--multiview`` resizes to 256 x 256 (pycaffe's classify.py default).
+Each input then becomes, channel by channel,
 
     x' = (swap(x) * raw_scale - mean) * scale
 
@@ -33,7 +35,7 @@ from . import run_command
 from ..errors import ConfigError, DataError
 from ..io import read_mean_binaryproto
 from ..net import TEST, Net
-from ..views import VIEWS, ten_views
+from ..views import VIEWS, centre_view, ten_views
 from .test import probabilities
 from .train import setup_device
 
@@ -75,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--multiview", action="store_true",
                    help="average over 10 views (corners, centre, mirrored)")
-    p.add_argument("--image-dims", type=int_list, default=list(DEFAULT_IMAGE_DIMS),
-                   metavar="H,W", help="size images are resized to before the 10 views "
-                                       "(default 256,256)")
+    p.add_argument("--image-dims", type=int_list, metavar="H,W",
+                   help="size images are resized to before cropping (default: the net's input "
+                        "size; 256,256 with --multiview)")
     p.add_argument("--top", type=int, default=5, metavar="K", help="classes to show (default 5)")
     p.add_argument("--gpu", type=int, metavar="IDX", help="run on GPU IDX (default: the CPU)")
     return p
@@ -127,6 +129,7 @@ class Preprocessor:
 
 
 def read_mean(path: str) -> np.ndarray:
+    """A mean image from a .npy file or a binaryproto."""
     if path.endswith(".npy"):
         try:
             return np.load(path, allow_pickle=False)
@@ -136,6 +139,7 @@ def read_mean(path: str) -> np.ndarray:
 
 
 def read_labels(path: str, classes: int) -> list[str]:
+    """Class names, one a line; DataError unless there are at least ``classes``."""
     try:
         with open(path, encoding="utf-8") as fh:
             labels = [line.strip() for line in fh.read().splitlines()]
@@ -171,7 +175,7 @@ class Classifier:
     """A deploy net and its weights, classifying images as pycaffe's ``Classifier``."""
 
     def __init__(self, deploy, weights, raw_scale=255.0, scale=1.0, channel_swap=None,
-                 mean=None, image_dims=DEFAULT_IMAGE_DIMS):
+                 mean=None, image_dims=None):
         self.net = Net(deploy, weights=weights, phase=TEST)
         if not self.net.inputs:
             raise ConfigError(f"net '{self.net.name}' has no Input layer to feed images to")
@@ -182,6 +186,7 @@ class Classifier:
                               "N x C x H x W")
         self.batch = max(shape[0], 1)
         self.preprocess = Preprocessor(shape[1:], raw_scale, scale, channel_swap, mean)
+        image_dims = image_dims or shape[2:]       # pycaffe: the input size by default
         self.image_dims = (max(image_dims[0], shape[2]), max(image_dims[1], shape[3]))
         self.probs_source = _probability_source(self.net)
 
@@ -208,14 +213,16 @@ class Classifier:
             raise DataError(f"image '{path}' has {image.shape[2]} channels, the net's input "
                             f"{self.preprocess.channels}")
         height, width = self.preprocess.height, self.preprocess.width
+        resized = resize(image, *self.image_dims)
         if multiview:
-            crops, _ = ten_views(resize(image, *self.image_dims), height, width)
+            crops, _ = ten_views(resized, height, width)
         else:
-            crops = resize(image, height, width)[np.newaxis]
+            crops = centre_view(resized, height, width)[np.newaxis]
         return self.preprocess(crops)
 
 
 def _probability_source(net) -> tuple[str, bool]:
+    """``(blob, apply_softmax)``: the first Softmax top, else the softmax of the first output."""
     for name, layer in net.layer_dict.items():
         if layer.type == "Softmax":
             return net.top_names[name][0], False
@@ -231,17 +238,19 @@ def top_classes(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def run(args, out=None) -> list:
+    """Classify the parsed command line's images; per image, its top classes."""
     out = out or sys.stdout
     owl_logging.ensure_configured()
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
-    if len(args.image_dims) != 2 or min(args.image_dims) <= 0:
+    image_dims = args.image_dims or (DEFAULT_IMAGE_DIMS if args.multiview else None)
+    if image_dims is not None and (len(image_dims) != 2 or min(image_dims) <= 0):
         raise ConfigError(f"--image-dims takes H,W, got {args.image_dims}")
     if args.gpu is not None:
         setup_device("gpu", args.gpu, None)
     mean = read_mean(args.mean) if args.mean else args.mean_value
     classifier = Classifier(args.deploy, args.weights, args.raw_scale, args.scale,
-                            args.channel_swap, mean, tuple(args.image_dims))
+                            args.channel_swap, mean, image_dims)
     probs = classifier.predict(args.images, args.multiview)
     labels = read_labels(args.labels, probs.shape[1]) if args.labels else None
     results = []

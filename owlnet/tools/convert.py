@@ -74,21 +74,20 @@ class _Converter:
     """Turns one list entry into serialized Datum bytes (called from the thread pool)."""
 
     def __init__(self, args):
-        self.root = args.root_folder
         self.is_color = not args.gray
         self.height, self.width = args.resize_height, args.resize_width
         self.encoded = args.encoded or bool(args.encode_type)
         self.encode_type = args.encode_type.lower().lstrip(".")
 
     def __call__(self, entry):
-        """``(datum bytes, C x H x W shape)`` or ``(None, reason)`` for an image to skip."""
-        name, label, _ = entry
-        path = os.path.join(self.root, name)
+        """``(datum bytes, C x H x W shape)`` or ``(None, reason)`` for an image to skip;
+        ``entry`` is ``(list name, label, line number, file path)``."""
+        name, label, _, path = entry
         try:
             image = load_image(path, self.is_color, self.height, self.width)
-            shape = image_to_chw(image).shape
+            chw = image_to_chw(image)
             if not self.encoded:
-                return array_to_datum(image_to_chw(image), label).SerializeToString(), shape
+                return array_to_datum(chw, label).SerializeToString(), chw.shape
             encoding = self.encode_type or _extension(name)
             if not encoding:
                 raise DataError(f"image '{path}': cannot guess the encoding from the file name; "
@@ -99,7 +98,7 @@ class _Converter:
                     payload = fh.read()
             else:
                 payload = encode_image(image, encoding)
-            return encoded_datum(payload, label).SerializeToString(), shape
+            return encoded_datum(payload, label).SerializeToString(), chw.shape
         except (DataError, OSError) as exc:
             return None, str(exc)
 
@@ -115,9 +114,10 @@ def convert(args, out=None, err=None) -> tuple[int, int]:
               f"--resize_width are set", file=err)
     if args.encode_type:
         encode_image(np.zeros((1, 1, 3), np.uint8), args.encode_type)  # rejects unknown formats
-    entries = read_image_list(args.listfile)
-    for name, _, number in entries:     # every path stays inside the root folder
-        resolve_list_path(args.root_folder, name, args.listfile, number)
+    # (list name, label, line number, file path); every path stays inside the root folder
+    entries = [(name, label, number, resolve_list_path(args.root_folder, name, args.listfile,
+                                                       number))
+               for name, label, number in read_image_list(args.listfile)]
     if args.shuffle:
         order = np.random.default_rng(args.seed).permutation(len(entries))
         entries = [entries[i] for i in order]

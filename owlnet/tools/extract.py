@@ -18,7 +18,6 @@ in a blob name becomes ``_``):
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -26,14 +25,11 @@ import time
 import numpy as np
 
 from .. import backend
-from .. import logging as owl_logging
 from ..data.db import LMDBWriter
 from . import run_command
-from ..errors import ConfigError, DataError
-from ..io import atomic_write
+from ..errors import ConfigError, DataError, ShapeError
 from ..proto import caffe_pb2
-from .test import add_weight_arguments, find_blob, load_test_net
-from .train import setup_device
+from ._testnet import add_test_net_arguments, find_blob, open_test_net
 
 FORMATS = ("npy", "txt", "lmdb")
 
@@ -43,10 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("solver", help="solver prototxt (its first test net is run)")
     p.add_argument("blobs", metavar="BLOB[,BLOB...]", help="blobs (or layers) to extract")
     p.add_argument("out", metavar="OUT", help="output folder")
-    add_weight_arguments(p)
+    add_test_net_arguments(p, "run")
     p.add_argument("--format", choices=FORMATS, default="npy")
-    p.add_argument("--iters", type=int, metavar="K", help="batches to run (default test_iter)")
-    p.add_argument("--gpu", type=int, metavar="IDX", help="run on GPU IDX (default: the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -63,12 +57,16 @@ def datum_shape(per_image: tuple) -> tuple[int, int, int]:
 
 
 class _Writer:
-    """Appends the features of one blob, batch by batch, in one of the formats."""
+    """Appends the features of one blob, batch by batch, in one of the formats.
 
-    def __init__(self, path: str, fmt: str):
-        self.path, self.fmt = path, fmt
+    npy rows go into a memory-mapped ``.npy`` beside the target, sized for ``batches`` batches
+    once the first one shows the shape, and renamed into place when complete: memory stays at
+    one batch however many images there are.
+    """
+
+    def __init__(self, path: str, fmt: str, batches: int = 1):
+        self.path, self.fmt, self.batches = path, fmt, batches
         self.count = 0
-        self.parts: list[np.ndarray] = []
         self.handle = None
         if fmt == "txt":
             try:
@@ -80,29 +78,56 @@ class _Writer:
 
     def add(self, batch: np.ndarray) -> None:
         """``batch``: the blob's data of one batch, N x ..., on the host."""
-        flat = batch.reshape(batch.shape[0], -1).astype(np.float32)
+        flat = batch.reshape(batch.shape[0], -1).astype(np.float32, copy=False)
         if self.fmt == "npy":
-            self.parts.append(flat)
+            self._add_npy(flat)
         elif self.fmt == "txt":
             np.savetxt(self.handle, flat, fmt="%.9g")
         else:
             channels, height, width = datum_shape(batch.shape[1:])
             for row in flat:
-                datum = caffe_pb2.Datum(channels=channels, height=height, width=width, label=0)
+                # as Caffe's extract_features: shape and float_data only (no label)
+                datum = caffe_pb2.Datum(channels=channels, height=height, width=width)
                 datum.float_data.extend(row.tolist())
-                self.handle.put(f"{self.count:010d}".encode("ascii"), datum.SerializeToString())
+                self.handle.put(f"{self.count:010d}".encode("ascii"),
+                                datum.SerializeToString())
                 self.count += 1
             return
         self.count += len(flat)
 
+    def _add_npy(self, flat: np.ndarray) -> None:
+        if self.handle is None:
+            try:
+                self.handle = np.lib.format.open_memmap(
+                    self.path + ".partial", mode="w+", dtype=np.float32,
+                    shape=(self.batches * flat.shape[0], flat.shape[1]))
+            except OSError as exc:
+                raise DataError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        end = self.count + len(flat)
+        if flat.shape[1] != self.handle.shape[1] or end > len(self.handle):
+            raise ShapeError(f"{self.path}: a batch of {flat.shape[0]} x {flat.shape[1]} "
+                             f"values does not continue the first batch's "
+                             f"{len(self.handle) // self.batches} x {self.handle.shape[1]}")
+        self.handle[self.count:end] = flat
+
     def close(self, complete: bool) -> None:
         """Finish the file; an npy file is written only when ``complete``."""
-        if self.fmt == "npy" and complete:
-            buffer = io.BytesIO()
-            np.save(buffer, np.concatenate(self.parts))
-            atomic_write(self.path, buffer.getvalue())
-        elif self.handle is not None:
-            self.handle.close()
+        if self.fmt != "npy":
+            if self.handle is not None:
+                self.handle.close()
+            return
+        if self.handle is None:
+            return
+        self.handle.flush()
+        self.handle = None      # drops the map
+        partial = self.path + ".partial"
+        try:
+            if complete:
+                os.replace(partial, self.path)
+            else:
+                os.unlink(partial)
+        except OSError as exc:
+            raise DataError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
 
 def extract(net, blob_names, out: str, fmt: str, iters: int, progress=None) -> int:
@@ -120,7 +145,7 @@ def extract(net, blob_names, out: str, fmt: str, iters: int, progress=None) -> i
     complete = False
     try:
         for blob in blobs:
-            writers.append(_Writer(output_path(out, blob, fmt), fmt))
+            writers.append(_Writer(output_path(out, blob, fmt), fmt, iters))
         for batch in range(iters):
             net.forward(blobs=blobs)
             for blob, writer in zip(blobs, writers):
@@ -154,15 +179,12 @@ class ProgressBar:
 
 
 def run(args, out=None) -> int:
+    """Extract what the parsed command line asks; the number of images."""
     out = out or sys.stdout
-    owl_logging.ensure_configured()
-    if args.gpu is not None:
-        setup_device("gpu", args.gpu, None)
     names = [name for name in args.blobs.split(",") if name]
     if not names:
         raise ConfigError("name at least one blob to extract")
-    net, test_iter = load_test_net(args.solver, args.snapshot, args.weights)
-    iters = args.iters if args.iters is not None else test_iter
+    net, iters = open_test_net(args)
     bar = None
     if not args.no_progress and sys.stderr.isatty():
         bar = ProgressBar(sys.stderr)

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size_error(key, shape, first_key, first_shape) -> DataError:
+    return DataError(f"record '{describe_key(key)}' has shape {shape}, record "
+                     f"'{describe_key(first_key)}' {first_shape}; all records need one size")
+
+
 def _sum_chunk(records):
     """(sum in float64, count, shape, key of the first record) of a list of (key, value)."""
     total = None
@@ -48,8 +53,7 @@ def _sum_chunk(records):
         if total is None:
             total, shape, first_key = example.astype(np.float64), example.shape, key
         elif example.shape != shape:
-            raise DataError(f"record '{describe_key(key)}' has shape {example.shape}, record "
-                            f"'{describe_key(first_key)}' {shape}; all records need one size")
+            raise _size_error(key, example.shape, first_key, shape)
         else:
             total += example
     return total, len(records), shape, first_key
@@ -71,9 +75,7 @@ def compute_mean(path, threads: int = 1) -> np.ndarray:
                 if total is None:
                     total, shape, first_key = part, part_shape, key
                 elif part_shape != shape:
-                    raise DataError(f"record '{describe_key(key)}' has shape {part_shape}, record "
-                                    f"'{describe_key(first_key)}' {shape}; all records need one "
-                                    f"size")
+                    raise _size_error(key, part_shape, first_key, shape)
                 else:
                     total += part
                 count += n
@@ -81,6 +83,7 @@ def compute_mean(path, threads: int = 1) -> np.ndarray:
 
 
 def run(args, out=None) -> np.ndarray:
+    """Compute, write and summarise the mean as the parsed command line asks."""
     out = out or sys.stdout
     if args.backend.lower() != "lmdb":
         raise ConfigError(f"backend '{args.backend}' is not supported; only lmdb is")

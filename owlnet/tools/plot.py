@@ -22,7 +22,8 @@ import os
 import re
 import sys
 
-from ..errors import ConfigError, DataError, OwlnetError
+from ..errors import ConfigError, DataError
+from . import run_command
 
 # glog prefix: severity, mmdd, hh:mm:ss.micros
 _STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
@@ -126,12 +127,16 @@ def columns(rows: list[dict]) -> list[str]:
 
 
 def write_csv(path, rows: list[dict]) -> None:
+    """``rows`` as CSV under the header ``columns(rows)``; a missing value is an empty field."""
     names = columns(rows)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(names)
-        for row in rows:
-            writer.writerow("" if row.get(n) is None else repr(row[n]) for n in names)
+    try:
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(names)
+            for row in rows:
+                writer.writerow("" if row.get(n) is None else repr(row[n]) for n in names)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the CSV file: {exc.strerror or exc}") from None
 
 
 def parse_main(argv) -> int:
@@ -140,20 +145,18 @@ def parse_main(argv) -> int:
                                             "(LOG.train, LOG.test), like Caffe's parse_log.py")
     p.add_argument("log", help="training log (owlnet's or Caffe's)")
     p.add_argument("outdir", nargs="?", help="folder for the CSV files (default: the log's)")
-    args = p.parse_args(argv)
-    try:
-        train, test = parse_log(args.log)
-        outdir = args.outdir or os.path.dirname(os.path.abspath(args.log))
-        if not os.path.isdir(outdir):
-            raise ConfigError(f"{outdir}: no such folder for the CSV files")
-        base = os.path.join(outdir, os.path.basename(args.log))
-        write_csv(base + ".train", train)
-        write_csv(base + ".test", test)
-    except OwlnetError as exc:
-        print(f"parse-log: error: {exc}", file=sys.stderr)
-        return 1
+    return run_command("parse-log", p, _write_csvs, argv)
+
+
+def _write_csvs(args) -> None:
+    train, test = parse_log(args.log)
+    outdir = args.outdir or os.path.dirname(os.path.abspath(args.log))
+    if not os.path.isdir(outdir):
+        raise ConfigError(f"{outdir}: no such folder for the CSV files")
+    base = os.path.join(outdir, os.path.basename(args.log))
+    write_csv(base + ".train", train)
+    write_csv(base + ".test", test)
     print(f"{base}.train: {len(train)} rows, {base}.test: {len(test)} rows")
-    return 0
 
 
 def _pyplot():
@@ -211,19 +214,16 @@ def plot_main(argv) -> int:
     p.add_argument("log", help="training log (owlnet's or Caffe's)")
     p.add_argument("--out", help="image file to write (default: LOG.png; the suffix picks "
                                  "the format)")
-    args = p.parse_args(argv)
+    return run_command("plot", p, _plot_log, argv)
+
+
+def _plot_log(args) -> None:
     out = args.out or args.log + ".png"
-    try:
-        train, test = parse_log(args.log)
-        if not train and not test:
-            raise DataError(f"{args.log}: no 'Train net output' or 'Test net output' lines "
-                            "to plot")
-        plot(train, test, out, title=os.path.basename(args.log))
-    except OwlnetError as exc:
-        print(f"plot: error: {exc}", file=sys.stderr)
-        return 1
+    train, test = parse_log(args.log)
+    if not train and not test:
+        raise DataError(f"{args.log}: no 'Train net output' or 'Test net output' lines to plot")
+    plot(train, test, out, title=os.path.basename(args.log))
     print(f"wrote {out}")
-    return 0
 
 
 def main(argv=None) -> int:

@@ -22,21 +22,17 @@ SoftmaxWithLoss layer's scores. ``--snapshot N`` loads the weights of the N-th s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import backend
-from .. import logging as owl_logging
 from . import run_command
-from ..errors import ConfigError, DataError, ShapeError, SnapshotError
+from ..errors import ConfigError, DataError, ShapeError
 from ..layers.common import softmax
-from ..snapshot import snapshot_paths
-from ..solver.solver import Solver, read_solver_param
 from ..views import VIEWS, ten_views
-from .train import setup_device
+from ._testnet import add_test_net_arguments, find_blob, open_test_net
 
 TOP_K = 5
 
@@ -44,7 +40,7 @@ TOP_K = 5
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="net_tester.py", description=__doc__.splitlines()[0])
     p.add_argument("solver", help="solver prototxt (its first test net is scored)")
-    add_weight_arguments(p)
+    add_test_net_arguments(p, "score")
     p.add_argument("--multiview", action="store_true",
                    help="average the softmax over 10 views (corners, centre, mirrored)")
     p.add_argument("--softmax", metavar="BLOB",
@@ -52,76 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer's top, else the softmax of the SoftmaxWithLoss input)")
     p.add_argument("--accuracy", metavar="LAYER",
                    help="also report this Accuracy layer's value (single view)")
-    p.add_argument("--iters", type=int, metavar="K", help="batches to score (default test_iter)")
-    p.add_argument("--gpu", type=int, metavar="IDX", help="run on GPU IDX (default: the CPU)")
     return p
-
-
-def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--snapshot", type=int, metavar="N",
-                       help="weights of the N-th snapshot (iteration N x solver.snapshot)")
-    group.add_argument("--weights", metavar="A.caffemodel[,B.caffemodel]",
-                       help="weights to load (later files override earlier ones)")
-
-
-# -- the net ----------------------------------------------------------------------------------
-class _TestNets(Solver):
-    """Only the test nets of a solver file, built as the solver builds them (paths, NetState,
-    the solver's ``weights``), without the train net and update rule."""
-
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: solver prototxt file not found")
-        self.source_dir = os.path.dirname(os.path.abspath(path))
-        self.param = read_solver_param(path)
-        if self.param.random_seed >= 0:
-            backend.set_random_seed(self.param.random_seed)
-        owl_logging.ensure_configured()
-        self.test_nets = self._init_test_nets()
-        if not self.test_nets:
-            raise ConfigError(f"{path}: the solver defines no test net (set test_iter, "
-                              "test_interval and a net or test_net)")
-
-    def snapshot_weights(self, index: int) -> str:
-        """The caffemodel of snapshot number ``index`` (iteration ``index * snapshot``)."""
-        every = self.param.snapshot
-        if every <= 0:
-            raise ConfigError(f"snapshot number {index} needs a solver with snapshot > 0 "
-                              f"(it has snapshot: {every})")
-        path = snapshot_paths(self._snapshot_prefix(), index * every)[0]
-        if not os.path.isfile(path):
-            raise SnapshotError(f"no snapshot weights {path} (snapshot number {index} x "
-                                f"interval {every} = iteration {index * every})")
-        return path
-
-
-def load_test_net(solver_path, snapshot: int | None = None, weights: str | None = None):
-    """The solver's first test net with the requested weights, and its ``test_iter``."""
-    nets = _TestNets(solver_path)
-    net = nets.test_nets[0]
-    paths = weights.split(",") if weights else []
-    if snapshot is not None:
-        paths = [nets.snapshot_weights(snapshot)]
-    for path in paths:
-        owl_logging.info(f"Loading weights from {path}")
-        net.copy_from(path)
-    if not paths and not nets.param.weights:
-        owl_logging.warning("no --weights or --snapshot given: the net keeps its initial "
-                            "(untrained) weights")
-    return net, int(nets.param.test_iter[0])
-
-
-def find_blob(net, name: str) -> str:
-    """The blob ``name``, or the first top of the layer ``name``; ConfigError listing the
-    blobs otherwise."""
-    if name in net.blobs:
-        return name
-    tops = net.top_names.get(name)
-    if tops:
-        return tops[0]
-    raise ConfigError(f"net '{net.name}' has no blob or layer '{name}' (blobs: "
-                      f"{', '.join(net.blobs)})")
 
 
 def probability_source(net, name: str | None) -> tuple[str, bool]:
@@ -156,6 +83,8 @@ def top_k_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def integer_labels(values, classes: int, batch: int) -> np.ndarray:
+    """Labels as class indices; a DataError naming the batch for a label that is not an
+    integer in [0, classes)."""
     labels = np.asarray(values, dtype=np.float64).reshape(-1)
     as_int = labels.astype(np.int64)
     bad = (as_int != labels) | (as_int < 0) | (as_int >= classes)
@@ -167,6 +96,7 @@ def integer_labels(values, classes: int, batch: int) -> np.ndarray:
 
 # -- the data layer ---------------------------------------------------------------------------
 class DataSource(NamedTuple):
+    """The data layer a scored net reads from."""
     index: int          # position of the data layer in net.layers
     layer: object
     data: str           # blob names of its tops
@@ -184,6 +114,7 @@ def data_source(net) -> DataSource:
 
 # -- scoring ----------------------------------------------------------------------------------
 class ScoreResult(NamedTuple):
+    """What ``score_net`` measured."""
     images: int
     top1: float
     top5: float
@@ -286,12 +217,9 @@ class _MultiView:
 
 # -- command line -----------------------------------------------------------------------------
 def run(args, out=None) -> ScoreResult:
+    """Score the parsed command line's net; prints the totals to ``out``."""
     out = out or sys.stdout
-    owl_logging.ensure_configured()
-    if args.gpu is not None:
-        setup_device("gpu", args.gpu, None)
-    net, test_iter = load_test_net(args.solver, args.snapshot, args.weights)
-    iters = args.iters if args.iters is not None else test_iter
+    net, iters = open_test_net(args)
     result = score_net(net, iters, args.multiview, args.softmax, args.accuracy, out)
     mode = "10 views" if args.multiview else "single view"
     print(f"Tested {result.images} images in {iters} batches ({mode})", file=out)

@@ -23,10 +23,11 @@ import time
 
 from .. import backend
 from .. import config
-from ..errors import ConfigError, DataError, OwlnetError
+from ..errors import ConfigError, DataError
 from ..layers.base import layer_class
 from ..net import TEST, TRAIN, Net
 from ..proto import caffe_pb2
+from . import run_command
 
 _PHASES = {"TRAIN": TRAIN, "TEST": TEST}
 _SOURCE_LAYERS = ("Data", "ImageData")
@@ -101,6 +102,7 @@ def prepare_net_param(param, batch=None, data_shape=None):
 
 
 def _with_batch(lp, batch):
+    """A copy of ``lp`` whose input/data shape has batch size ``batch``."""
     copy = caffe_pb2.LayerParameter()
     copy.CopyFrom(lp)
     if copy.type == "Input":
@@ -155,6 +157,7 @@ def benchmark(net, iterations: int, warmup: int, sync):
 
 
 def _fill_inputs(net):
+    """Standard-normal values in the net's Input blobs."""
     rng = backend.rng()
     for name in net.inputs:
         blob = net.blobs[name]
@@ -162,6 +165,7 @@ def _fill_inputs(net):
 
 
 def report(net, forward, backward, passes, out) -> None:
+    """Caffe's per-iteration lines, per-layer averages and totals."""
     n = len(passes)
     names = list(net.layer_dict)
     width = max([len("layer")] + [len(name) for name in names])
@@ -181,6 +185,7 @@ def report(net, forward, backward, passes, out) -> None:
 
 
 def run(args, out=None) -> int:
+    """Build and time the parsed command line's net; prints the report to ``out``."""
     out = out or sys.stdout
     if args.iterations < 1:
         raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
@@ -215,12 +220,7 @@ def run(args, out=None) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except OwlnetError as exc:
-        print(f"owlnet time: error: {exc}", file=sys.stderr)
-        return 1
+    return run_command("owlnet time", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
