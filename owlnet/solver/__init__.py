@@ -1,7 +1,8 @@
 """Solvers (Caffe's training loop and update rules) and learning-rate policies."""
 from .lr_policy import LearningRate
 from .solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver,
-                     SGDSolver, Solver, get_solver, read_solver_param)
+                     SGDSolver, Solver, SolverFiles, get_solver, read_solver_param)
 
 __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "LearningRate", "NesterovSolver",
-           "RMSPropSolver", "SGDSolver", "Solver", "get_solver", "read_solver_param"]
+           "RMSPropSolver", "SGDSolver", "Solver", "SolverFiles", "get_solver",
+           "read_solver_param"]

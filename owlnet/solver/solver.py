@@ -58,58 +58,16 @@ def upgrade_solver_type(param, where: str = "solver") -> None:
     param.ClearField("solver_type")
 
 
-class Solver:
-    """Base of the solvers: builds the nets, runs the loop, snapshots and restores.
+class SolverFiles:
+    """What a solver file names, found and built: its net files (relative to the current
+    directory, else to the solver file's folder or a parent), snapshot prefix, train net and
+    test nets. Kept apart from the loop so the tools can build a test net alone."""
 
-    ``action_callback()`` (optional) is asked after each iteration and during testing and
-    returns "none", "stop" or "snapshot" (Caffe's SolverAction for SIGINT/SIGHUP).
-    ``on_iteration`` is a list of callables, each called with the solver after every
-    iteration (a progress bar, say). ``parallel`` (None, or an ``owlnet.parallel.DataParallel``
-    attached before ``solve``) spreads each batch over devices and ranks: it runs the slices'
-    forward/backward, reduces their gradients before the update, and agrees on the actions;
-    only the primary rank (rank 0) tests and snapshots.
-    """
+    def __init__(self, param, source_dir: str | None = None):
+        self.param = param
+        self.source_dir = source_dir
 
-    rule_class: type[updates.UpdateRule] = updates.SGD
-
-    def __init__(self, param, action_callback=None):
-        is_path = isinstance(param, os.PathLike) or (
-            isinstance(param, str) and os.path.isfile(param))
-        self.source_dir = os.path.dirname(os.path.abspath(param)) if is_path else None
-        self.param = param = read_solver_param(param)
-        self.action_callback = action_callback
-        self.on_iteration: list = []
-        self.parallel = None
-        if param.average_loss < 1:
-            raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
-        if param.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
-            raise ConfigError("snapshot_format HDF5 is not supported; use BINARYPROTO")
-        self.snapshot_prefix = self._snapshot_prefix()
-        if param.random_seed >= 0:
-            backend.set_random_seed(param.random_seed)
-        owl_logging.ensure_configured()
-        self.net = self._init_train_net()
-        self.test_nets = self._init_test_nets()
-        owl_logging.info("Solver scaffolding done.")
-        self.rule = self.rule_class(param, self.net)
-        self.lr = LearningRate(param)
-        self.iter = 0
-        self.smoothed_loss = 0.0
-        self._losses: list[float] = []
-        self.requested_early_exit = False
-        self.continue_on_snapshot_error = False
-
-    @property
-    def type(self) -> str:
-        return self.rule_class.type
-
-    @property
-    def is_primary(self) -> bool:
-        """Whether this process tests and snapshots (rank 0 of a distributed run)."""
-        return self.parallel is None or self.parallel.is_primary
-
-    # -- building ---------------------------------------------------------------------------
-    def _find(self, path: str, what: str) -> str:
+    def find(self, path: str, what: str) -> str:
         """``path`` relative to the current directory, else to the solver's folder or a parent."""
         if os.path.exists(path) or os.path.isabs(path) or self.source_dir is None:
             return path
@@ -120,16 +78,18 @@ class Solver:
         raise ConfigError(f"{what} {path} not found (looked in the current directory "
                           f"{os.getcwd()} and in {self.source_dir} and its parents)")
 
-    def _snapshot_prefix(self) -> str:
+    def snapshot_prefix(self, check_writable: bool = True) -> str:
+        """``snapshot_prefix`` with its folder found as ``find`` says; with ``check_writable``
+        (training), an error unless snapshots are off or the folder can be written."""
         prefix = self.param.snapshot_prefix
         folder = os.path.dirname(prefix)
         if folder and not os.path.isdir(folder) and self.source_dir is not None:
             try:
-                prefix = os.path.join(self._find(folder, "snapshot_prefix folder"),
+                prefix = os.path.join(self.find(folder, "snapshot_prefix folder"),
                                       os.path.basename(prefix))
             except ConfigError:
                 pass  # reported below when snapshots are due
-        if self.param.snapshot:
+        if self.param.snapshot and check_writable:
             if not self.param.HasField("snapshot_prefix"):
                 raise ConfigError("snapshot is set but snapshot_prefix is not")
             folder = os.path.dirname(prefix) or "."
@@ -138,18 +98,18 @@ class Solver:
                                   f"folder {folder} exists and is writeable")
         return prefix
 
-    def _net_source(self, field: str, index: int | None = None):
-        """What solver field ``field`` names: a prototxt path (found as ``_find`` says) or a
+    def net_source(self, field: str, index: int | None = None):
+        """What solver field ``field`` names: a prototxt path (found as ``find`` says) or a
         NetParameter; with the NetParameter itself (for its ``state``) and a description."""
         value = getattr(self.param, field)
         if index is not None:
             value = value[index]
         if isinstance(value, str):
-            path = self._find(value, f"{field} file")
+            path = self.find(value, f"{field} file")
             return path, config.read_net(path)[0], f"{field} file: {path}"
         return value, value, field
 
-    def _build_net(self, source, net_param, phase, extra_state):
+    def build_net(self, source, net_param, phase, extra_state):
         """A Net in Caffe's merged NetState: ``phase``, then the net's own ``state``, then
         the solver's ``train_state``/``test_state`` (later ones win)."""
         state = caffe_pb2.NetState(phase=phase)
@@ -159,11 +119,8 @@ class Solver:
         net = Net(source, phase=state.phase, level=state.level, stages=tuple(state.stage))
         for entry in self.param.weights:
             for path in entry.split(","):
-                net.copy_from(self._find(path, "weights file"))
+                net.copy_from(self.find(path, "weights file"))
         return net
-
-    def _init_train_net(self):
-        return self.build_train_net(log=True)
 
     def build_train_net(self, log: bool = False) -> Net:
         """A new train net as the solver file describes it (data-parallel slices use more)."""
@@ -173,12 +130,14 @@ class Solver:
             raise ConfigError("the solver must name exactly one train net with one of net, "
                               f"net_param, train_net, train_net_param (it names: "
                               f"{', '.join(fields) or 'none'})")
-        source, net_param, description = self._net_source(fields[0])
+        source, net_param, description = self.net_source(fields[0])
         if log:
             owl_logging.info(f"Creating training net from {description}")
-        return self._build_net(source, net_param, caffe_pb2.TRAIN, p.train_state)
+        return self.build_net(source, net_param, caffe_pb2.TRAIN, p.train_state)
 
-    def _init_test_nets(self):
+    def build_test_nets(self) -> list:
+        """The test nets, as Caffe's InitTestNets: test_net(_param) entries, then the generic
+        net for the remaining test_iter entries, each with its test_state."""
         p = self.param
         specific = [("test_net_param", i) for i in range(len(p.test_net_param))]
         specific += [("test_net", i) for i in range(len(p.test_net))]
@@ -199,11 +158,67 @@ class Solver:
             raise ConfigError(f"{len(sources)} test net(s) need test_interval > 0")
         nets = []
         for i, (field, index) in enumerate(sources):
-            source, net_param, description = self._net_source(field, index)
+            source, net_param, description = self.net_source(field, index)
             owl_logging.info(f"Creating test net (#{i}) specified by {description}")
             extra = p.test_state[i] if p.test_state else None
-            nets.append(self._build_net(source, net_param, caffe_pb2.TEST, extra))
+            nets.append(self.build_net(source, net_param, caffe_pb2.TEST, extra))
         return nets
+
+
+class Solver:
+    """Base of the solvers: builds the nets, runs the loop, snapshots and restores.
+
+    ``action_callback()`` (optional) is asked after each iteration and during testing and
+    returns "none", "stop" or "snapshot" (Caffe's SolverAction for SIGINT/SIGHUP).
+    ``on_iteration`` is a list of callables, each called with the solver after every
+    iteration (a progress bar, say). ``parallel`` (None, or an ``owlnet.parallel.DataParallel``
+    attached before ``solve``) spreads each batch over devices and ranks: it runs the slices'
+    forward/backward, reduces their gradients before the update, and agrees on the actions;
+    only the primary rank (rank 0) tests and snapshots.
+    """
+
+    rule_class: type[updates.UpdateRule] = updates.SGD
+
+    def __init__(self, param, action_callback=None):
+        is_path = isinstance(param, os.PathLike) or (
+            isinstance(param, str) and os.path.isfile(param))
+        source_dir = os.path.dirname(os.path.abspath(param)) if is_path else None
+        self.param = param = read_solver_param(param)
+        self.files = SolverFiles(param, source_dir)
+        self.action_callback = action_callback
+        self.on_iteration: list = []
+        self.parallel = None
+        if param.average_loss < 1:
+            raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
+        if param.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
+            raise ConfigError("snapshot_format HDF5 is not supported; use BINARYPROTO")
+        self.snapshot_prefix = self.files.snapshot_prefix()
+        if param.random_seed >= 0:
+            backend.set_random_seed(param.random_seed)
+        owl_logging.ensure_configured()
+        self.net = self.files.build_train_net(log=True)
+        self.test_nets = self.files.build_test_nets()
+        owl_logging.info("Solver scaffolding done.")
+        self.rule = self.rule_class(param, self.net)
+        self.lr = LearningRate(param)
+        self.iter = 0
+        self.smoothed_loss = 0.0
+        self._losses: list[float] = []
+        self.requested_early_exit = False
+        self.continue_on_snapshot_error = False
+
+    @property
+    def type(self) -> str:
+        return self.rule_class.type
+
+    def build_train_net(self) -> Net:
+        """Another train net as the solver file describes it (data-parallel slices use it)."""
+        return self.files.build_train_net()
+
+    @property
+    def is_primary(self) -> bool:
+        """Whether this process tests and snapshots (rank 0 of a distributed run)."""
+        return self.parallel is None or self.parallel.is_primary
 
     # -- the loop ---------------------------------------------------------------------------
     def solve(self, resume_file=None) -> None:

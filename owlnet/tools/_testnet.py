@@ -13,7 +13,7 @@ from .. import backend
 from .. import logging as owl_logging
 from ..errors import ConfigError, SnapshotError
 from ..snapshot import snapshot_paths
-from ..solver.solver import Solver, read_solver_param
+from ..solver.solver import SolverFiles, read_solver_param
 from .train import setup_device
 
 
@@ -30,54 +30,43 @@ def add_test_net_arguments(parser: argparse.ArgumentParser, runs: str) -> None:
     parser.add_argument("--gpu", type=int, metavar="IDX", help="run on GPU IDX (default: the CPU)")
 
 
-class _TestNets(Solver):
-    """Only the test nets of a solver file, built as the solver builds them (paths, NetState,
-    the solver's ``weights``), without the train net and update rule.
-
-    It reuses Solver's building steps (``_init_test_nets``, ``_snapshot_prefix``) without
-    running ``Solver.__init__``, which would build the train net and open its data.
-    """
-
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: solver prototxt file not found")
-        self.source_dir = os.path.dirname(os.path.abspath(path))
-        self.param = read_solver_param(path)
-        if self.param.random_seed >= 0:
-            backend.set_random_seed(self.param.random_seed)
-        owl_logging.ensure_configured()
-        self.test_nets = self._init_test_nets()
-        if not self.test_nets:
-            raise ConfigError(f"{path}: the solver defines no test net (set test_iter, "
-                              "test_interval and a net or test_net)")
-
-    def snapshot_weights(self, index: int) -> str:
-        """The caffemodel of snapshot number ``index`` (iteration ``index * snapshot``)."""
-        every = self.param.snapshot
-        if every <= 0:
-            raise ConfigError(f"snapshot number {index} needs a solver with snapshot > 0 "
-                              f"(it has snapshot: {every})")
-        path = snapshot_paths(self._snapshot_prefix(), index * every)[0]
-        if not os.path.isfile(path):
-            raise SnapshotError(f"no snapshot weights {path} (snapshot number {index} x "
-                                f"interval {every} = iteration {index * every})")
-        return path
+def _snapshot_weights(files: SolverFiles, index: int) -> str:
+    """The caffemodel of snapshot number ``index`` (iteration ``index * snapshot``)."""
+    every = files.param.snapshot
+    if every <= 0:
+        raise ConfigError(f"snapshot number {index} needs a solver with snapshot > 0 "
+                          f"(it has snapshot: {every})")
+    path = snapshot_paths(files.snapshot_prefix(check_writable=False), index * every)[0]
+    if not os.path.isfile(path):
+        raise SnapshotError(f"no snapshot weights {path} (snapshot number {index} x "
+                            f"interval {every} = iteration {index * every})")
+    return path
 
 
 def load_test_net(solver_path, snapshot: int | None = None, weights: str | None = None):
-    """The solver's first test net with the requested weights, and its ``test_iter``."""
-    nets = _TestNets(solver_path)
-    net = nets.test_nets[0]
+    """The solver's first test net (built as the solver builds it, without its train net)
+    with the requested weights, and its ``test_iter``."""
+    if not os.path.isfile(solver_path):
+        raise ConfigError(f"{solver_path}: solver prototxt file not found")
+    param = read_solver_param(solver_path)
+    files = SolverFiles(param, os.path.dirname(os.path.abspath(solver_path)))
+    if param.random_seed >= 0:
+        backend.set_random_seed(param.random_seed)
+    test_nets = files.build_test_nets()
+    if not test_nets:
+        raise ConfigError(f"{solver_path}: the solver defines no test net (set test_iter, "
+                          "test_interval and a net or test_net)")
+    net = test_nets[0]
     paths = weights.split(",") if weights else []
     if snapshot is not None:
-        paths = [nets.snapshot_weights(snapshot)]
+        paths = [_snapshot_weights(files, snapshot)]
     for path in paths:
         owl_logging.info(f"Loading weights from {path}")
         net.copy_from(path)
-    if not paths and not nets.param.weights:
+    if not paths and not param.weights:
         owl_logging.warning("no --weights or --snapshot given: the net keeps its initial "
                             "(untrained) weights")
-    return net, int(nets.param.test_iter[0])
+    return net, int(param.test_iter[0])
 
 
 def open_test_net(args) -> tuple:
