@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from owlnet import io, snapshot
-from owlnet.data.datum import array_to_datum, encoded_datum
-from owlnet.data.db import LMDBWriter
+from owlnet.data.datum import encoded_datum
+from netutil import write_bar_lmdb
 from owlnet.errors import ConfigError, SnapshotError
 from owlnet.solver import get_solver
 from owlnet.tools import train
@@ -62,25 +62,10 @@ random_seed: 11
 VERIFIED = {"snapshots loaded and resumed bitwise": 0, "kills": 0}
 
 
-def write_lmdb(path, n, seed, bad=()):
-    """``n`` 1x8x8 Datums with a bright bar per class; keys in ``bad`` hold broken records."""
-    rng = np.random.default_rng(seed)
-    with LMDBWriter(str(path)) as db:
-        for i in range(n):
-            key = f"{i:08d}".encode()
-            label = i % 3
-            image = rng.integers(0, 60, (1, 8, 8), dtype=np.uint8)
-            image[0, label * 2: label * 2 + 3, :] += 150
-            value = array_to_datum(image, label).SerializeToString()
-            if key in bad:
-                value = bad[key]
-            db.put(key, value)
-
-
 @pytest.fixture
 def job(tmp_path):
-    write_lmdb(tmp_path / "train_lmdb", 30, 0)
-    write_lmdb(tmp_path / "test_lmdb", 12, 1)
+    write_bar_lmdb(tmp_path / "train_lmdb", 30, 0)
+    write_bar_lmdb(tmp_path / "test_lmdb", 12, 1)
     net = tmp_path / "net.prototxt"
     net.write_text(NET.format(train=tmp_path / "train_lmdb", test=tmp_path / "test_lmdb"))
 
@@ -346,7 +331,7 @@ BAD = {b"00000004": b"\x08\x01\x12\xff\xff\xff\x0f truncated",
 @pytest.fixture
 def bad_job(job):
     (job.dir / "train_lmdb").rename(job.dir / "good_lmdb")
-    write_lmdb(job.dir / "train_lmdb", 30, 0, bad=BAD)
+    write_bar_lmdb(job.dir / "train_lmdb", 30, 0, bad=BAD)
     return job
 
 

@@ -19,8 +19,7 @@ import pytest
 
 import owlnet
 from owlnet import backend, parallel
-from owlnet.data.datum import array_to_datum
-from owlnet.data.db import LMDBWriter
+from netutil import write_bar_lmdb
 from owlnet.errors import ConfigError, TrainingError
 from owlnet.solver import get_solver
 
@@ -69,20 +68,10 @@ random_seed: 5
 ITERATIONS = 50
 
 
-def write_lmdb(path, n=60):
-    rng = np.random.default_rng(0)
-    with LMDBWriter(str(path)) as db:
-        for i in range(n):
-            label = i % 3
-            image = rng.integers(0, 60, (1, 10, 10), dtype=np.uint8)
-            image[0, label * 3: label * 3 + 3, :] += 40
-            db.put(f"{i:08d}".encode(), array_to_datum(image, label).SerializeToString())
-
-
 @pytest.fixture(scope="module")
 def lmdb_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("parallel") / "train_lmdb"
-    write_lmdb(path)
+    write_bar_lmdb(path, 60, 0, size=10, bar=40, spacing=3)
     return path
 
 

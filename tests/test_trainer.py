@@ -1,10 +1,8 @@
 """tools/net_trainer.py (owlnet train): training, --snapshot N resume, --weights fine-tuning."""
-import numpy as np
 import pytest
 
-from owlnet.data.datum import array_to_datum
+from netutil import write_bar_lmdb
 from owlnet import logging as owl_logging
-from owlnet.data.db import LMDBWriter
 from owlnet.tools import train
 
 NET = """
@@ -41,22 +39,11 @@ random_seed: 11
 """
 
 
-def write_lmdb(path, n, seed):
-    rng = np.random.default_rng(seed)
-    with LMDBWriter(str(path)) as db:
-        for i in range(n):
-            label = i % 3
-            image = rng.integers(0, 60, (1, 8, 8), dtype=np.uint8)
-            image[0, label * 2: label * 2 + 3, :] += 150          # a bar per class
-            db.put(f"{i:08d}".encode(), array_to_datum(image, label).SerializeToString())
-        db.commit()
-
-
 @pytest.fixture
 def job(tmp_path, capfd):
     owl_logging.configure()           # log to this test's captured stderr
-    write_lmdb(tmp_path / "train_lmdb", 30, 0)
-    write_lmdb(tmp_path / "test_lmdb", 12, 1)
+    write_bar_lmdb(tmp_path / "train_lmdb", 30, 0)
+    write_bar_lmdb(tmp_path / "test_lmdb", 12, 1)
 
     def make(classes=3, name="solver.prototxt", prefix="snap/tiny"):
         net = tmp_path / f"net{classes}.prototxt"
