@@ -6,12 +6,12 @@ The names here follow pycaffe's, so a Caffe user's scripts carry over::
     net = caffe.Net("deploy.prototxt", "weights.caffemodel", caffe.TEST)
     out = net.forward(data=batch)
 """
-from . import layers as _layers  # noqa: F401  (registers every layer type)
+from . import layer_types as _layer_types  # noqa: F401  (registers every layer type)
 from .backend import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from .blob import Blob
 from .errors import (ConfigError, DataError, OwlnetError, ShapeError, SnapshotError,
                      TrainingError)
-from .layers import known_types as layer_type_list
+from .layer_types import known_types as layer_type_list
 from .net import TEST, TRAIN, Net
 from .solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver,
                      SGDSolver, Solver, get_solver)

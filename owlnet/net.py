@@ -18,7 +18,7 @@ import numpy as np
 from . import backend, config, io
 from .blob import Blob
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
-from .layers import create_layer
+from .layer_types import create_layer
 from .proto import caffe_pb2
 
 TRAIN = caffe_pb2.TRAIN

@@ -12,7 +12,7 @@ from google.protobuf import text_format
 
 from owlnet import backend
 from owlnet.blob import Blob
-from owlnet.layers import create_layer
+from owlnet.layer_types import create_layer
 from owlnet.proto import caffe_pb2
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST

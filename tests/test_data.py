@@ -14,8 +14,8 @@ from owlnet.data.db import LMDBReader, LMDBWriter
 from owlnet.data.prefetch import Prefetcher
 from owlnet.errors import ConfigError, DataError, SnapshotError
 from owlnet.io import write_mean_binaryproto
-from owlnet.layers import create_layer
-from owlnet.layers import data as data_layers  # noqa: F401  (registers the layers)
+from owlnet.layer_types import create_layer
+from owlnet.layer_types import data as data_layers  # noqa: F401  (registers the layers)
 from owlnet.proto import caffe_pb2
 
 RNG = np.random.default_rng(5)

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-import owlnet.layers.common  # noqa: F401  (registers the layer types)
+import owlnet.layer_types.common  # noqa: F401  (registers the layer types)
 from gradcheck import check_gradient, forward, make_layer
 from owlnet.blob import Blob
 from owlnet.errors import ConfigError, ShapeError
@@ -236,7 +236,7 @@ def test_reshape_bad_input():
 
 def test_view_layers_refuse_in_place():
     from gradcheck import layer_param
-    from owlnet.layers import create_layer
+    from owlnet.layer_types import create_layer
     blob = Blob((2, 3))
     layer = create_layer(layer_param('name: "f" type: "Flatten"'), 0)
     with pytest.raises(ConfigError, match="in place"):

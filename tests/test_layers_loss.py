@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-import owlnet.layers.loss  # noqa: F401  (registers the layer types)
+import owlnet.layer_types.loss  # noqa: F401  (registers the layer types)
 from gradcheck import check_gradient, forward, make_layer
 from owlnet.errors import ConfigError, DataError, ShapeError
 from owlnet.proto import caffe_pb2

@@ -12,7 +12,7 @@ from gradcheck import (TEST, TRAIN, assert_same_both_ways, check_gradient, forwa
 from owlnet import backend
 from owlnet.blob import Blob
 from owlnet.errors import ConfigError, ShapeError
-from owlnet.layers import create_layer
+from owlnet.layer_types import create_layer
 
 RS = np.random.default_rng(2024)
 

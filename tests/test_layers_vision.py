@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gradcheck import check_gradient, forward, make_layer
 
-import owlnet.layers.vision  # noqa: F401  (registers the layer types)
+import owlnet.layer_types.vision  # noqa: F401  (registers the layer types)
 from owlnet.errors import ConfigError, ShapeError
 
 RNG = np.random.default_rng(1234)
@@ -173,7 +173,7 @@ def test_convolution_chunked_batch_matches(monkeypatch):
     top[0].diff[...] = randn(*top[0].shape)
     layer.backward(top, [True], bottom)
     grads = (bottom[0].diff.copy(), layer.blobs[0].diff.copy())
-    monkeypatch.setattr(owlnet.layers.vision, "_COLUMN_BUFFER_LIMIT", 2 * 18 * 16)
+    monkeypatch.setattr(owlnet.layer_types.vision, "_COLUMN_BUFFER_LIMIT", 2 * 18 * 16)
     assert len(layer.chunks(18 * 16)) == 3
     (chunked,) = forward(layer, bottom, top)
     np.testing.assert_allclose(chunked, full, atol=1e-12)

@@ -30,7 +30,7 @@ import numpy as np
 from .. import backend
 from . import run_command
 from ..errors import ConfigError, DataError, ShapeError
-from ..layers.common import softmax
+from ..layer_types.common import softmax
 from ..views import VIEWS, ten_views
 from ._testnet import add_test_net_arguments, find_blob, open_test_net
 

@@ -24,7 +24,7 @@ import time
 from .. import backend
 from .. import config
 from ..errors import ConfigError, DataError
-from ..layers.base import layer_class
+from ..layer_types.base import layer_class
 from ..net import TEST, TRAIN, Net
 from ..proto import caffe_pb2
 from . import run_command
