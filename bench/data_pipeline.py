@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import owlnet  # noqa: E402
-from owlnet import io  # noqa: E402
+from owlnet import fileio  # noqa: E402
 from owlnet.data.datum import array_to_datum, encode_image, encoded_datum  # noqa: E402
 from owlnet.data.db import LMDBWriter  # noqa: E402
 from owlnet.data.prefetch import default_workers  # noqa: E402
@@ -56,7 +56,7 @@ def write_dbs(folder: Path, count: int):
             payload = encode_image(image, "jpg")
             jpegs.append(payload)
             jpg.put(key, encoded_datum(payload, i % 10).SerializeToString())
-    io.write_mean_binaryproto(folder / "mean.binaryproto",
+    fileio.write_mean_binaryproto(folder / "mean.binaryproto",
                               np.full((3, 256, 256), 120, dtype=np.float32))
     return jpegs
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import backend
 from .errors import ShapeError
-from .io import max_blob_elements
+from .fileio import max_blob_elements
 
 
 class Blob:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import backend, config, io
+from . import backend, config, fileio
 from .blob import Blob
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
 from .layer_types import create_layer
@@ -409,14 +409,14 @@ class Net:
             lp.CopyFrom(layer.param)
             lp.ClearField("blobs")
             for blob in layer.blobs:
-                io.array_to_blobproto(backend.to_host(blob.data),
+                fileio.array_to_blobproto(backend.to_host(blob.data),
                                       backend.to_host(blob.diff) if write_diff else None,
                                       lp.blobs.add())
         return out
 
     def save(self, path) -> None:
         """Write the weights as a binary .caffemodel (atomically)."""
-        io.atomic_write(path, self.to_proto().SerializeToString())
+        fileio.atomic_write(path, self.to_proto().SerializeToString())
 
     def copy_from(self, source, reinit_mismatched: bool = False) -> list[str]:
         """Load weights from a .caffemodel path or NetParameter, matching layers by name.
@@ -429,7 +429,7 @@ class Net:
             param, where = source, "<NetParameter>"
         else:
             where = os.fspath(source)
-            param = io.parse_binary(caffe_pb2.NetParameter(), where, "caffemodel")
+            param = fileio.parse_binary(caffe_pb2.NetParameter(), where, "caffemodel")
         param = _copy(param)
         for field in ("input", "input_dim", "input_shape"):   # a deploy net's; no weights
             param.ClearField(field)
@@ -442,7 +442,7 @@ class Net:
             if len(lp.blobs) != len(layer.blobs):
                 raise SnapshotError(f"{where}: layer '{lp.name}' has {len(lp.blobs)} blobs in "
                                     f"the file, the net expects {len(layer.blobs)}")
-            arrays = [io.blobproto_to_array(b, where=f"{where}: layer '{lp.name}' blob {k}")
+            arrays = [fileio.blobproto_to_array(b, where=f"{where}: layer '{lp.name}' blob {k}")
                       for k, b in enumerate(lp.blobs)]
             mismatch = [(k, a.shape, t.shape) for k, (a, t) in enumerate(zip(arrays, layer.blobs))
                         if not _shapes_match(lp.blobs[k], a.shape, t.shape)]

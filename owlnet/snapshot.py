@@ -18,7 +18,7 @@ import numpy as np
 from . import backend
 from . import logging as owl_logging
 from .errors import ConfigError, SnapshotError
-from .io import array_to_blobproto, atomic_write, blobproto_to_array, parse_binary
+from .fileio import array_to_blobproto, atomic_write, blobproto_to_array, parse_binary
 from .proto import caffe_pb2
 
 #: Bit generators whose state a snapshot may restore (numpy's, by class name).

@@ -11,7 +11,7 @@ from owlnet.data.datum import datum_to_array, encoded_datum, encode_image, parse
 from owlnet.data.db import LMDBReader, LMDBWriter
 from owlnet.data.datum import array_to_datum
 from owlnet.errors import DataError
-from owlnet.io import read_mean_binaryproto
+from owlnet.fileio import read_mean_binaryproto
 from owlnet.tools import convert, mean
 
 ROOT = Path(__file__).resolve().parents[1]

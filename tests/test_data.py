@@ -13,7 +13,7 @@ from owlnet.data.datum import array_to_datum, datum_to_array, encode_image, enco
 from owlnet.data.db import LMDBReader, LMDBWriter
 from owlnet.data.prefetch import Prefetcher
 from owlnet.errors import ConfigError, DataError, SnapshotError
-from owlnet.io import write_mean_binaryproto
+from owlnet.fileio import write_mean_binaryproto
 from owlnet.layer_types import create_layer
 from owlnet.layer_types import data as data_layers  # noqa: F401  (registers the layers)
 from owlnet.proto import caffe_pb2

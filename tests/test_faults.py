@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from owlnet import io, snapshot
+from owlnet import fileio, snapshot
 from owlnet.data.datum import encoded_datum
 from netutil import write_bar_lmdb
 from owlnet.errors import ConfigError, SnapshotError
@@ -159,11 +159,11 @@ def test_sighup_snapshots_and_goes_on(job):
 
 # -- kill -9: at random moments and inside a snapshot ------------------------------------------
 # The driver kills its own process (SIGKILL, no clean-up) on the N-th call of one file
-# operation of owlnet.io.atomic_write, so each kill lands at a chosen point of a snapshot.
+# operation of owlnet.fileio.atomic_write, so each kill lands at a chosen point of a snapshot.
 KILL_DRIVER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import owlnet.io
+import owlnet.fileio
 operation, when = sys.argv[1], int(sys.argv[2])
 real = getattr(os, operation)
 calls = [0]
@@ -289,7 +289,7 @@ def test_read_only_snapshot_folder(job, monkeypatch):
 
     def read_only(path, mode="r", *args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-    disk_fails_after(solver, 15, lambda: monkeypatch.setattr(io, "open", read_only, raising=False))
+    disk_fails_after(solver, 15, lambda: monkeypatch.setattr(fileio, "open", read_only, raising=False))
     before = None
 
     def remember(s):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from owlnet import backend, fillers, io
+from owlnet import backend, fillers, fileio
 from owlnet.errors import ConfigError, SnapshotError
 from owlnet.proto import caffe_pb2
 
@@ -71,18 +71,18 @@ def test_seeded_and_unknown_type():
 def test_mean_binaryproto_round_trip(tmp_path):
     mean = np.random.default_rng(0).uniform(0, 255, (3, 5, 4)).astype(np.float32)
     path = tmp_path / "mean.binaryproto"
-    io.write_mean_binaryproto(path, mean)
+    fileio.write_mean_binaryproto(path, mean)
     proto = caffe_pb2.BlobProto()
     proto.ParseFromString(path.read_bytes())
     assert (proto.num, proto.channels, proto.height, proto.width) == (1, 3, 5, 4)
-    np.testing.assert_array_equal(io.read_mean_binaryproto(path), mean)
+    np.testing.assert_array_equal(fileio.read_mean_binaryproto(path), mean)
 
 
 def test_ilsvrc_mean_written_as_binaryproto_reads_back(tmp_path, zoo):
     mean = np.load(zoo / "python/caffe/imagenet/ilsvrc_2012_mean.npy", allow_pickle=False)
     path = tmp_path / "ilsvrc.binaryproto"
-    io.write_mean_binaryproto(path, mean)
-    back = io.read_mean_binaryproto(path)
+    fileio.write_mean_binaryproto(path, mean)
+    back = fileio.read_mean_binaryproto(path)
     assert back.shape == (3, 256, 256)
     np.testing.assert_allclose(back.mean(axis=(1, 2)), [104.007, 116.669, 122.679], atol=1e-3)
 
@@ -91,24 +91,24 @@ def test_blob_limits_and_bad_files(tmp_path):
     proto = caffe_pb2.BlobProto()
     proto.shape.dim.extend([10 ** 6, 10 ** 6])
     with pytest.raises(SnapshotError, match="over the limit"):
-        io.blobproto_to_array(proto, where="huge")
+        fileio.blobproto_to_array(proto, where="huge")
     proto = caffe_pb2.BlobProto(num=1, channels=2, height=1, width=2)
     proto.data.extend([1, 2, 3])
     with pytest.raises(SnapshotError, match="needs 4 values, the file holds 3"):
-        io.blobproto_to_array(proto)
+        fileio.blobproto_to_array(proto)
     proto.data.append(4)
-    assert io.blobproto_to_array(proto).shape == (1, 2, 1, 2)
+    assert fileio.blobproto_to_array(proto).shape == (1, 2, 1, 2)
     bad = tmp_path / "garbage.binaryproto"
     bad.write_bytes(b"\xff\xff\xff\xff not a proto")
     with pytest.raises(SnapshotError, match="garbage.binaryproto"):
-        io.read_mean_binaryproto(bad)
+        fileio.read_mean_binaryproto(bad)
     with pytest.raises(SnapshotError, match="cannot read"):
-        io.read_mean_binaryproto(tmp_path / "missing.binaryproto")
+        fileio.read_mean_binaryproto(tmp_path / "missing.binaryproto")
 
 
 def test_atomic_write_leaves_no_temp_file(tmp_path):
     path = tmp_path / "x.bin"
-    io.atomic_write(path, b"one")
-    io.atomic_write(path, b"two")
+    fileio.atomic_write(path, b"one")
+    fileio.atomic_write(path, b"two")
     assert path.read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import owlnet
-from owlnet import config, io
+from owlnet import config, fileio
 from owlnet import logging as owl_logging
 from owlnet.blob import Blob
 from owlnet.data.datum import array_to_datum, datum_to_array, encode_image, encoded_datum, parse_datum
@@ -250,7 +250,7 @@ def files(tmp_path_factory):
     for handler in list(owl_logging.logger.handlers):    # leave the log as later tests expect
         if handler not in handlers:
             owl_logging.logger.removeHandler(handler)
-    io.write_mean_binaryproto(folder / "mean.binaryproto",
+    fileio.write_mean_binaryproto(folder / "mean.binaryproto",
                               np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5))
     image = (np.arange(3 * 12 * 10) % 251).astype(np.uint8).reshape(12, 10, 3)
     datums = {
@@ -297,7 +297,7 @@ def test_corrupt_solverstate(files, case):
 @given(case=corruption)
 def test_corrupt_mean_binaryproto(files, case):
     path = write_case(files, "case.binaryproto", corrupt(files["mean"], *case))
-    outcome("binaryproto mean", lambda: io.read_mean_binaryproto(path))
+    outcome("binaryproto mean", lambda: fileio.read_mean_binaryproto(path))
 
 
 @settings(FUZZ, max_examples=300)
@@ -387,7 +387,7 @@ def test_blob_limit_follows_the_environment(monkeypatch):
     with pytest.raises(OwlnetError, match="not an integer"):
         Blob((2,))
     monkeypatch.delenv("OWLNET_MAX_BLOB_ELEMENTS")
-    assert io.max_blob_elements() == io.MAX_BLOB_ELEMENTS == 2 ** 31
+    assert fileio.max_blob_elements() == fileio.MAX_BLOB_ELEMENTS == 2 ** 31
 
 
 def test_lmdb_reader_opens_a_read_only_copy_without_locks(tmp_path):

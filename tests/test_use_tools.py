@@ -14,7 +14,7 @@ import owlnet
 from owlnet.data.datum import datum_to_array, parse_datum
 from owlnet.data.db import LMDBReader
 from owlnet.errors import ConfigError, DataError, SnapshotError
-from owlnet.io import write_mean_binaryproto
+from owlnet.fileio import write_mean_binaryproto
 from owlnet import cli
 from owlnet.tools import classify, convert, extract
 from owlnet.tools import test as tester

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import backend
 from ..errors import ConfigError, DataError, OwlnetError
-from ..io import read_mean_binaryproto
+from ..fileio import read_mean_binaryproto
 from ..proto import caffe_pb2
 from .datum import describe_key
 

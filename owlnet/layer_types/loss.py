@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, io
+from .. import backend, fileio
 from ..errors import ConfigError, DataError
 from ..proto import caffe_pb2
 from .base import Layer, register
@@ -435,8 +435,8 @@ class InfogainLossLayer(_ClassLossLayer):
             if not source:
                 self.fail("needs the infogain matrix as bottom 2 or infogain_loss_param.source",
                           ConfigError)
-            proto = io.parse_binary(caffe_pb2.BlobProto(), source, "infogain matrix")
-            matrix = io.blobproto_to_array(proto, where=f"layer '{self.name}': {source}")
+            proto = fileio.parse_binary(caffe_pb2.BlobProto(), source, "infogain matrix")
+            matrix = fileio.blobproto_to_array(proto, where=f"layer '{self.name}': {source}")
             self.fixed_h = backend.to_device(matrix.astype(backend.dtype()))
 
     def allow_force_backward(self, bottom_index):

@@ -33,7 +33,7 @@ from .. import logging as owl_logging
 from ..data.datum import load_image
 from . import run_command
 from ..errors import ConfigError, DataError
-from ..io import read_mean_binaryproto
+from ..fileio import read_mean_binaryproto
 from ..net import TEST, Net
 from ..views import VIEWS, centre_view, ten_views
 from .test import probabilities

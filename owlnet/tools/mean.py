@@ -21,7 +21,7 @@ from ..data.db import LMDBReader
 from ..data.prefetch import default_workers
 from . import run_command
 from ..errors import ConfigError, DataError
-from ..io import atomic_write, write_mean_binaryproto
+from ..fileio import atomic_write, write_mean_binaryproto
 
 PROG = "compute_image_mean"
 _CHUNK = 64   # records summed by one task of the pool
