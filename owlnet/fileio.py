@@ -92,6 +92,32 @@ def array_to_blobproto(data, diff=None, proto=None):
     return proto
 
 
+def import_h5py(what: str):
+    """The h5py module, which HDF5 files need; a ConfigError naming ``what`` when absent."""
+    try:
+        import h5py
+    except ImportError:
+        raise ConfigError(f"{what} needs the h5py package (pip install 'owlnet[hdf5]')") from None
+    return h5py
+
+
+def read_hdf5_array(dataset, where: str, error=SnapshotError) -> np.ndarray:
+    """An h5py dataset of numbers (float, int or uint, any compression) as float32, as Caffe's
+    hdf5_load_nd_dataset converts it; ``error`` (naming ``where``) for other types, a size
+    over the blob limit or unreadable (truncated, corrupt) contents."""
+    if dataset.dtype.kind not in "fiu":
+        raise error(f"{where}: dataset of type {dataset.dtype}; only float or integer "
+                    "datasets can be read")
+    limit = max_blob_elements()
+    if dataset.size > limit:
+        raise error(f"{where}: shape {dataset.shape} has {dataset.size} elements, over the "
+                    f"limit of {limit} (OWLNET_MAX_BLOB_ELEMENTS)")
+    try:
+        return np.asarray(dataset.astype(np.float32)[()])
+    except (OSError, ValueError) as exc:
+        raise error(f"{where}: cannot read the dataset ({exc})") from None
+
+
 def parse_binary(message, path, kind: str):
     """Parse a binary protobuf file into ``message``; errors name the file."""
     try:

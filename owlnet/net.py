@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import backend, config, fileio
+from . import backend, config, fileio, snapshot
 from .blob import Blob
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
 from .layer_types import create_layer
@@ -429,6 +429,8 @@ class Net:
             param, where = source, "<NetParameter>"
         else:
             where = os.fspath(source)
+            if snapshot.is_hdf5(where):     # Caffe's CopyTrainedLayersFrom: HDF5 by content
+                return self.load_hdf5(where, reinit_mismatched)
             param = fileio.parse_binary(caffe_pb2.NetParameter(), where, "caffemodel")
         param = _copy(param)
         for field in ("input", "input_dim", "input_shape"):   # a deploy net's; no weights
@@ -456,6 +458,23 @@ class Net:
             for array, blob in zip(arrays, layer.blobs):
                 blob.data[...] = backend.to_device(array.reshape(blob.shape))
         return reinitialised
+
+    # -- HDF5 weights (pycaffe's save_hdf5 / load_hdf5; the layout is in owlnet.snapshot) ---
+    def save_hdf5(self, path, write_diff: bool = False) -> None:
+        """Write the weights as Caffe's HDF5 weights file (Net::ToHDF5), atomically."""
+        snapshot.save_weights_hdf5(self, path, write_diff)
+
+    def load_hdf5(self, path, reinit_mismatched: bool = False) -> list[str]:
+        """Load weights from a Caffe HDF5 weights file (Net::CopyTrainedLayersFromHDF5);
+        ``reinit_mismatched`` and the result as in ``copy_from``."""
+        return snapshot.load_weights_hdf5(self, path, reinit_mismatched)
+
+    def close(self) -> None:
+        """Release what the layers hold (readers, prefetch threads) and publish the files
+        they write (HDF5Output); the net is not used afterwards."""
+        for layer in self.layers:
+            if hasattr(layer, "close"):
+                layer.close()
 
 
 def _shapes_match(proto, file_shape, net_shape) -> bool:

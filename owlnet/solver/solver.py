@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from .. import backend, config, snapshot
+from .. import backend, config, fileio, snapshot
 from .. import logging as owl_logging
 from ..errors import ConfigError, SnapshotError, TrainingError
 from ..net import Net
@@ -190,8 +190,8 @@ class Solver:
         self.parallel = None
         if param.average_loss < 1:
             raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
-        if param.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
-            raise ConfigError("snapshot_format HDF5 is not supported; use BINARYPROTO")
+        if param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            fileio.import_h5py("snapshot_format: HDF5")     # fail now, not at the first snapshot
         self.snapshot_prefix = self.files.snapshot_prefix()
         if param.random_seed >= 0:
             backend.set_random_seed(param.random_seed)
@@ -397,13 +397,18 @@ class Solver:
 
     # -- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> tuple[str, str]:
-        """Write ``{prefix}_iter_{iter}.caffemodel`` and ``.solverstate``; returns both paths."""
-        net_param = self.net.to_proto(write_diff=self.param.snapshot_diff)
+        """Write ``{prefix}_iter_{iter}.caffemodel`` and ``.solverstate`` (``.caffemodel.h5``
+        and ``.solverstate.h5`` with snapshot_format HDF5); returns both paths."""
         resume = {
             "rng": snapshot.rng_state(),
             "train_data": self.net.data_state(),
             "test_data": [net.data_state() for net in self.test_nets],
         }
+        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            return snapshot.write_snapshot_hdf5(self.snapshot_prefix, self.iter, self.net,
+                                                self.param.snapshot_diff, self.rule.history,
+                                                self.lr.current_step, resume)
+        net_param = self.net.to_proto(write_diff=self.param.snapshot_diff)
         return snapshot.write_snapshot(self.snapshot_prefix, self.iter, net_param,
                                        self.rule.history, self.lr.current_step, resume)
 
@@ -419,8 +424,8 @@ class Solver:
                                 f"without it: {exc}")
 
     def restore(self, path) -> None:
-        """Continue from a .solverstate: weights, history, iter, current_step, and (for
-        owlnet's snapshots) the RNG and the data layers' positions."""
+        """Continue from a .solverstate (or .solverstate.h5): weights, history, iter,
+        current_step, and (for owlnet's snapshots) the RNG and the data layers' positions."""
         path = os.fspath(path)
         state = snapshot.read_solver_state(path)
         model_path = snapshot.learned_net_path(state, path)
