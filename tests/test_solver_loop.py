@@ -263,7 +263,6 @@ def test_solver_classes_by_type_and_legacy_enum(log, net_file, tmp_path):
     ({"test_iter": 2, "test_interval": 2, "test_state": "{ stage: 'a' }\n"
       "test_state: { stage: 'b' }"}, "test_state"),
     ({"train_net": '"other.prototxt"'}, "exactly one train net"),
-    ({"snapshot_format": "HDF5"}, "HDF5"),
     ({"average_loss": 0}, "average_loss"),
     ({"lr_policy": '"triangle"'}, "triangle"),
     ({"snapshot": 2, "snapshot_prefix": '"/no/such/folder/snap"'}, "/no/such/folder"),

@@ -96,17 +96,19 @@ class HDF5Data(Layer):
         for blob, shape in zip(top, self.row_shapes):
             blob.reshape(self.batch_size, *shape)
 
+    def _open(self, path, listed):
+        try:
+            return self.h5py.File(path, "r")
+        except OSError as exc:
+            raise DataError(f"{self.where}: {listed}: cannot read HDF5 file '{path}' "
+                            f"({exc})") from None
+
     def _inspect(self, path, listed):
         """A file's row count and per-top row shapes, checked (metadata only)."""
         if not os.path.isfile(path):
             raise DataError(f"{self.where}: {listed}: HDF5 file '{path}' not found (paths are "
                             f"relative to the current directory {os.getcwd()})")
-        try:
-            handle = self.h5py.File(path, "r")
-        except OSError as exc:
-            raise DataError(f"{self.where}: {listed}: cannot read HDF5 file '{path}' "
-                            f"({exc})") from None
-        with handle:
+        with self._open(path, listed) as handle:
             shapes = []
             for name in self.param.top:
                 dataset = handle.get(name)
@@ -192,12 +194,7 @@ class HDF5Data(Layer):
         arrays = self._loaded.pop(index, None)
         if arrays is None:
             path, listed = self.files[index]
-            try:
-                handle = self.h5py.File(path, "r")
-            except OSError as exc:
-                raise DataError(f"{self.where}: {listed}: cannot read HDF5 file '{path}' "
-                                f"({exc})") from None
-            with handle:
+            with self._open(path, listed) as handle:
                 arrays = []
                 for name, shape in zip(self.param.top, self.row_shapes):
                     dataset = handle.get(name)
