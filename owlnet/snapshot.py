@@ -13,7 +13,8 @@ Caffe's HDF5 layout. Weights: group ``data`` holds a group per layer (every laye
 Split layers included, as Caffe's Net::ToHDF5) with float32 datasets ``0``, ``1``, ... of each
 parameter blob's shape; a parameter shared from an earlier layer is written only under the
 layer that owns it; with ``snapshot_diff`` a group ``diff`` holds every layer's diffs alike.
-Solver state: scalar int32 datasets ``iter`` and ``current_step``, the C string
+A layer name holding "/" becomes a group nested in the group of the name before the
+slash (HDF5 paths; Caffe itself cannot write such names). Solver state: scalar int32 datasets ``iter`` and ``current_step``, the C string
 ``learned_net`` (the weights file's path) and group ``history`` with datasets ``0`` .. ``k``;
 owlnet's resume JSON goes in one more string dataset, ``owlnet_resume``, which Caffe never
 opens. A solver state is read as HDF5 when its name ends in ``.h5`` (Caffe's Solver::Restore);
@@ -237,8 +238,8 @@ def weights_hdf5_bytes(net, write_diff: bool = False) -> bytes:
         data = f.create_group("data")
         diff = f.create_group("diff") if write_diff else None
         for name, layer in net.layer_dict.items():
-            layer_data = data.create_group(name)
-            layer_diff = diff.create_group(name) if write_diff else None
+            layer_data = data.require_group(name)      # "a/b" nests in group "a" (which
+            layer_diff = diff.require_group(name) if write_diff else None   # layer "a" may use)
             for k, blob in enumerate(layer.blobs):
                 if owned[name][k]:
                     layer_data.create_dataset(str(k), data=_host_float32(blob.data))

@@ -309,6 +309,24 @@ def test_save_load_hdf5_reproduces_outputs_bit_for_bit(tmp_path):
     assert not snap.is_hdf5(tmp_path / "w.caffemodel")
 
 
+def test_hdf5_weights_of_layers_named_with_slashes(tmp_path):
+    text = ('name: "slashes" layer { name: "in" type: "Input" top: "x" '
+            'input_param { shape { dim: 1 dim: 3 } } }')
+    for name, bottom in (("ip/a", "x"), ("ip", "ip/a"), ("ip/b", "ip")):
+        text += (f' layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" '
+                 f'top: "{name}" inner_product_param {{ num_output: 3 '
+                 'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }')
+    backend.set_random_seed(1)
+    net = owlnet.Net(text, owlnet.TEST)
+    net.save_hdf5(tmp_path / "w.h5")
+    backend.set_random_seed(2)
+    other = owlnet.Net(text, owlnet.TEST)
+    other.load_hdf5(tmp_path / "w.h5")
+    for name in ("ip/a", "ip", "ip/b"):
+        for mine, theirs in zip(other.params[name], net.params[name]):
+            np.testing.assert_array_equal(mine.data, theirs.data)
+
+
 def test_load_hdf5_errors(tmp_path):
     net = build_weights_net(1)
     path = tmp_path / "w.h5"
