@@ -52,8 +52,8 @@ class HDF5Data(Layer):
     visits them in a new random order and each file's rows in a new random order (Caffe
     reshuffles its file list at every wrap and a file's rows at every load). No transform.
 
-    Stream position s (shard rank r of P keeps s = r + P k, Caffe's rule for its solvers
-    sharing one HDF5 layer) is pass e = s div T, offset s mod T into that pass (T rows in all),
+    Stream position s (shard rank r of P keeps s = r + P k, the rows Caffe's HDF5Data keeps
+    for solver rank r of P) is pass e = s div T, offset s mod T into that pass (T rows in all),
     and the permutations of pass e are drawn from (layer seed, e): a batch is a pure function
     of (seed, batch index, shard), so ``state``/``restore_state`` resume at the same rows.
     """
