@@ -13,7 +13,6 @@ image (needs matplotlib: ``pip install 'owlnet[plot]'``).
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import csv
 import datetime
@@ -24,6 +23,7 @@ import sys
 
 from ..errors import ConfigError, DataError
 from . import run_command
+from .flags import FlagParser
 
 # glog prefix: severity, mmdd, hh:mm:ss.micros
 _STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
@@ -140,7 +140,7 @@ def write_csv(path, rows: list[dict]) -> None:
 
 
 def parse_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="owlnet parse-log",
+    p = FlagParser(prog="owlnet parse-log",
                                 description="write a training log's numbers as CSV "
                                             "(LOG.train, LOG.test), like Caffe's parse_log.py")
     p.add_argument("log", help="training log (owlnet's or Caffe's)")
@@ -208,7 +208,7 @@ def plot(train: list[dict], test: list[dict], out, title: str = "") -> None:
 
 
 def plot_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="owlnet plot",
+    p = FlagParser(prog="owlnet plot",
                                 description="plot training outputs, learning rate and test "
                                             "accuracy of a training log against iteration")
     p.add_argument("log", help="training log (owlnet's or Caffe's)")
