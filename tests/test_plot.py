@@ -116,7 +116,7 @@ def test_parse_log_reads_caffe_logs(tmp_path):
     assert train[0]["Seconds"] == pytest.approx(2.0)
     assert train[0]["LearningRate"] == 0.01
     assert test == [
-        {"NumIters": 0, "acc": 0.25, "acc#1": 0.5, "Seconds": pytest.approx(1.76),
+        {"NumIters": 0, "acc": 0.25, "acc#1": 0.5, "Seconds": pytest.approx(1.75),
          "LearningRate": 0.01},
         {"NumIters": 0, "TestNet": 1, "acc": 0.75, "Seconds": pytest.approx(1.9),
          "LearningRate": 0.01},

@@ -89,18 +89,15 @@ class FlagParser(argparse.ArgumentParser):
             if not token.startswith("-") or token == "-" or _NUMBER.match(token):
                 out.append(token)
                 continue
-            if (not token.startswith("--") and len(token) > 2
-                    and token[:2] in self._option_string_actions
-                    and _key(token.partition("=")[0]) not in table):
-                out.append(token)            # argparse's attached short value: -n4
-                continue
             name, has_value, value = token.partition("=")
-            key = _key(name)
-            negated = False
+            key, negated = _key(name), False
             if key not in table:
                 plain = key[2:].lstrip("_") if key.startswith("no") else ""
                 if plain in table and _is_boolean(table[plain][0]):
                     key, negated = plain, True
+                elif not token.startswith("--") and token[:2] in self._option_string_actions:
+                    out.append(token)        # argparse's attached short value: -n4
+                    continue
                 else:
                     self._unknown(name, table)
             action, spelling = table[key]
