@@ -245,7 +245,7 @@ def caffe_test(net, iterations: int) -> tuple[float, dict]:
     loss = 0.0
     sums = {}
     for i in range(iterations):
-        loss += float(backend.to_host(net.forward_range(0, last)))
+        loss += float(net.forward_range(0, last))
         for name in net.outputs:
             values = backend.to_host(net.blobs[name].data).astype(np.float64).ravel()
             for value in values:
