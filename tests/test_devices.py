@@ -48,6 +48,9 @@ def test_asking_for_a_missing_gpu_is_an_error_never_a_cpu_run():
         choose(0, device="gpu")
     with pytest.raises(ConfigError, match="GPU 5 does not exist; 2 GPU"):
         choose(2, gpu="0,5")
+    for local in (None, (0, 2)):
+        with pytest.raises(ConfigError, match=r"GPU 3 \(device_id\) does not exist"):
+            choose(2, solver_param=solver("solver_mode: GPU device_id: 3"), local=local)
 
 
 def test_device_cpu_overrides_the_solver_file_and_says_so():

@@ -134,6 +134,9 @@ def choose_devices(gpu=None, device=None, solver_param=None, slices=None, local=
                           "give --device cpu to run on the CPU")
     if listed == ALL:
         listed = list(range(count))
+    if listed is None and first >= count:
+        raise ConfigError(f"{why}: GPU {first} (device_id) does not exist; {count} GPU(s) "
+                          f"usable here (0..{count - 1})")
     if local is None:
         devices = _one_process(listed, first if listed is None else None, slices, count)
         note = ""

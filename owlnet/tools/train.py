@@ -201,12 +201,12 @@ def train(args, comm=None) -> int:
         owl_logging.warning("--iterations is not used by train (as in Caffe): max_iter in the "
                             "solver file sets the length of training")
     stages = [s for s in (args.stage or "").split(",") if s]
-    source = path
     if stages or args.level is not None:
-        source = solver_with_state(path, stages, args.level)
+        source = param = solver_with_state(path, stages, args.level)
+    else:
+        source, param = path, read_solver_param(path)
     local = device.local_rank(comm) if comm is not None else None
-    choice = device.choose_devices(args.gpu, args.device, read_solver_param(path),
-                                   args.num_devices, local)
+    choice = device.choose_devices(args.gpu, args.device, param, args.num_devices, local)
     device.setup_device(choice.devices, args.math, choice.note)
     devices = choice.devices
 
