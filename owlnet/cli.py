@@ -1,26 +1,33 @@
-"""`owlnet SUBCOMMAND ...`: one entry point for the tools (each also has a script in tools/)."""
+"""`owlnet SUBCOMMAND ...`: one entry point for the tools (each also has a script in tools/).
+
+Caffe's ``caffe`` commands are here under their names (train, test, time, device_query) and
+take Caffe's flags beside owl.net's (see each tool's --help).
+"""
 from __future__ import annotations
 
-import importlib
 import sys
 
-#: subcommand -> (module under owlnet.tools, one-line description)
+from .tools import classify, convert, device, extract, mean, plot, test, time, train
+
+#: subcommand -> (its main(argv), one-line description)
 COMMANDS = {
-    "train": ("train", "train a solver (tools/net_trainer.py)"),
-    "convert": ("convert", "convert an image list to a Datum LMDB (tools/convert_imageset.py)"),
-    "mean": ("mean", "compute the mean image of an LMDB (tools/compute_image_mean.py)"),
-    "test": ("test", "score a trained net, single or 10-view (tools/net_tester.py)"),
-    "extract": ("extract", "extract blobs' features (tools/feature_extractor.py)"),
-    "classify": ("classify", "top-k labels of images with a deploy net and weights"),
-    "time": ("time", "per-layer forward/backward timing, like `caffe time`"),
-    "plot": ("plot", "plot loss, learning rate and test accuracy from a training log"),
-    "parse-log": ("plot", "write a training log's numbers as CSV, like Caffe's parse_log"),
+    "train": (train.main, "train a solver (tools/net_trainer.py; also `caffe train` flags)"),
+    "convert": (convert.main, "convert an image list to a Datum LMDB (tools/convert_imageset.py)"),
+    "mean": (mean.main, "compute the mean image of an LMDB (tools/compute_image_mean.py)"),
+    "test": (test.main, "score a solver's test net (tools/net_tester.py) or, with --model, "
+                        "a net as `caffe test`"),
+    "extract": (extract.main, "extract blobs' features (tools/feature_extractor.py)"),
+    "classify": (classify.main, "top-k labels of images with a deploy net and weights"),
+    "time": (time.main, "per-layer forward/backward timing, like `caffe time`"),
+    "device_query": (device.query_main, "GPU diagnostic information, like `caffe device_query`"),
+    "plot": (plot.plot_main, "plot loss, learning rate and test accuracy from a training log"),
+    "parse-log": (plot.parse_main, "write a training log's numbers as CSV, like Caffe's parse_log"),
 }
 
 
 def usage() -> str:
     lines = ["usage: owlnet SUBCOMMAND [ARGS...]", "", "subcommands:"]
-    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -33,10 +40,7 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"owlnet: unknown subcommand '{name}'\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"owlnet.tools.{COMMANDS[name][0]}")
-    if name == "parse-log":
-        return module.parse_main(rest)
-    return module.main(rest)
+    return COMMANDS[name][0](rest)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_parse_log_reads_caffe_logs(tmp_path):
     assert train[0]["Seconds"] == pytest.approx(2.0)
     assert train[0]["LearningRate"] == 0.01
     assert test == [
-        {"NumIters": 0, "acc": 0.25, "acc#1": 0.5, "Seconds": pytest.approx(1.76),
+        {"NumIters": 0, "acc": 0.25, "acc#1": 0.5, "Seconds": pytest.approx(1.75),
          "LearningRate": 0.01},
         {"NumIters": 0, "TestNet": 1, "acc": 0.75, "Seconds": pytest.approx(1.9),
          "LearningRate": 0.01},
@@ -167,3 +167,17 @@ def test_plot_of_a_log_without_outputs(tmp_path, capsys):
     log.write_text("I0101 00:00:00.000000  1 x.py:1] Solving nothing\n")
     assert plot.main(["plot", str(log)]) == 1
     assert "no 'Train net output'" in capsys.readouterr().err
+
+
+def test_parse_log_rows_as_caffes_script_writes_them(tmp_path, capsys):
+    """NumIters as a float (``0.0``), a row's Seconds from its first output line, and no
+    file for a table without rows (Caffe's parse_log.py)."""
+    log = tmp_path / "train_only.log"
+    log.write_text("".join(line + "\n" for line in CAFFE_LOG.splitlines()
+                           if "Test" not in line))
+    assert plot.main(["parse-log", str(log)]) == 0
+    rows = (tmp_path / "train_only.log.train").read_text().splitlines()
+    assert rows[0] == "NumIters,Seconds,LearningRate,loss"
+    assert rows[1].startswith("0.0,2.0,0.01,")
+    assert not (tmp_path / "train_only.log.test").exists()
+    assert "Not writing" in capsys.readouterr().out

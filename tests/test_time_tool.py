@@ -109,3 +109,13 @@ def test_bench_help_runs_without_gpu_packages():
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--batch" in done.stdout and "--math" in done.stdout
+
+
+def test_caffes_time_spelling(capsys):
+    code, out, err = _run(capsys, "-model", DEPLOY, "-iterations", 1, "--batch", 2, "-phase",
+                          "TEST", "-stage", "deploy", "-level", 0)
+    assert code == 0, err
+    assert "phase TEST, 1 iterations" in out and "Use CPU." in err
+    assert [name for name in _table(out)] == [name for name, _ in LENET_LAYERS]
+    code, out, err = _run(capsys, DEPLOY, "--model", DEPLOY)
+    assert code == 1 and "not both" in err

@@ -105,3 +105,40 @@ def test_bad_arguments_are_one_line_errors(job, capfd):
     solver = job()
     assert train.main([str(solver), "--snapshot", "1", "--resume", "x"]) == 1
     assert "not both" in capfd.readouterr().err
+
+
+def test_caffes_train_spellings(job, capfd):
+    """`caffe train --solver=S --snapshot=X.solverstate` resumes as `SOLVER --snapshot N`."""
+    solver = job()
+    assert train.main([f"--solver={solver}", "-sighup_effect=none", "-sigint_effect", "stop",
+                       "--iterations", "5", "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert "--iterations is not used by train" in err and "Use CPU." in err
+    final = job.dir / "snap/tiny_iter_20.caffemodel"
+    uninterrupted = final.read_bytes()
+    final.unlink()
+    state = job.dir / "snap/tiny_iter_10.solverstate"
+    assert train.main(["-solver", str(solver), f"--snapshot={state}", "--no-progress"]) == 0
+    assert final.read_bytes() == uninterrupted
+    assert train.main([str(solver), "--solver", str(solver)]) == 1
+    assert "not both" in capfd.readouterr().err
+    assert train.main(["--no-progress"]) == 1
+    assert "need a solver definition" in capfd.readouterr().err
+
+
+def test_stage_and_level_reach_the_train_state(job, tmp_path, monkeypatch):
+    """--stage/--level as Caffe's: added to the solver's train_state; the solver's relative
+    net path is still found beside the solver file."""
+    solver = job()
+    net = solver.with_name("net3.prototxt")
+    net.write_text(net.read_text() + 'layer { name: "extra" type: "ReLU" bottom: "ip" '
+                   'top: "extra" include { stage: "deep" min_level: 2 } }\n')
+    solver.write_text(solver.read_text().replace(str(net), "net3.prototxt"))
+    monkeypatch.chdir(tmp_path.parent)
+    param = train.solver_with_state(str(solver), ["deep", "b"], 2)
+    assert list(param.train_state.stage) == ["deep", "b"] and param.train_state.level == 2
+    assert param.net == str(net)
+    built = train.get_solver(param)
+    assert "extra" in built.net.layer_dict
+    assert "extra" not in train.get_solver(train.solver_with_state(str(solver), ["deep"], 1)
+                                           ).net.layer_dict

@@ -5,6 +5,8 @@ The data: 14 x 14 grey images, class k (0..9) a bright row at k + 2 over dim noi
 PNGs and converted with owlnet.tools.convert.
 """
 import argparse
+import os
+import re
 
 import cv2
 import numpy as np
@@ -16,6 +18,7 @@ from owlnet.data.db import LMDBReader
 from owlnet.errors import ConfigError, DataError, SnapshotError
 from owlnet.fileio import write_mean_binaryproto
 from owlnet import cli
+from owlnet import logging as owl_logging
 from owlnet.tools import classify, convert, extract
 from owlnet.tools import test as tester
 from owlnet.views import ten_view_windows
@@ -391,3 +394,52 @@ def test_preprocessor_swaps_scales_and_subtracts_the_mean():
                                rtol=1e-6)
     with pytest.raises(ConfigError, match="channel-swap"):
         classify.Preprocessor((3, 4, 5), channel_swap=[0, 1])
+
+
+# -- Caffe's `caffe test -model M -weights W` -----------------------------------------------------
+def test_caffe_test_of_a_net_file_logs_caffes_lines(job, capfd):
+    owl_logging.configure()
+    assert cli.main(["test", "-model", job.net, "-weights", job.weights, "-iterations", "2"]) == 0
+    err = capfd.readouterr().err
+    net = reference_net(job)
+    batches = []
+    for _ in range(2):
+        out = net.forward()
+        batches.append({name: np.asarray(value, np.float64).ravel().copy()
+                        for name, value in out.items()})
+    logged = re.findall(r"\] Batch (\d+), (\S+) = (\S+)$", err, re.M)
+    expected = [(str(i), name, value) for i, batch in enumerate(batches)
+                for name in net.outputs for value in batch[name]]
+    assert [(i, name) for i, name, _ in logged] == [(i, name) for i, name, _ in expected]
+    np.testing.assert_allclose([float(v) for _, _, v in logged],
+                               [v for _, _, v in expected], rtol=1e-5, atol=1e-7)
+    mean_loss = (batches[0]["loss"][0] + batches[1]["loss"][0]) / 2
+    assert float(re.search(r"\] Loss: (\S+)$", err, re.M).group(1)) == pytest.approx(mean_loss,
+                                                                                      rel=1e-5)
+    loss_line = re.search(r"\] loss = (\S+) \(\* 1 = (\S+) loss\)$", err, re.M)
+    assert float(loss_line.group(1)) == pytest.approx(mean_loss, rel=1e-5)
+    acc = float(re.search(r"\] acc = (\S+)$", err, re.M).group(1))
+    assert acc == pytest.approx((batches[0]["acc"][0] + batches[1]["acc"][0]) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--weights", "W"], "not both"),
+    (["--snapshot", "1"], "--snapshot scores a solver's test net"),
+    ([], "need model weights"),
+])
+def test_caffe_test_errors(job, capsys, argv, words):
+    extra = [job.solver] if words == "not both" else []
+    assert cli.main(["test", *extra, "--model", job.net, *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err
+
+
+def test_no_python_layers_flag_sets_the_variable_for_the_process(job, monkeypatch):
+    monkeypatch.setenv("OWLNET_NO_PYTHON_LAYERS", "0")
+    result = run_tester([job.solver, "--weights", job.weights, "--iters", "1",
+                         "--no-python-layers"])
+    assert result.images == BATCH
+    assert os.environ["OWLNET_NO_PYTHON_LAYERS"] == "0"     # run() alone leaves it
+    assert cli.main(["test", job.solver, "--weights", job.weights, "--iters", "1",
+                     "--no-python-layers"]) == 0
+    assert os.environ["OWLNET_NO_PYTHON_LAYERS"] == "1"

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Score a solver's test net: net_tester.py SOLVER [--snapshot N | --weights W] [--multiview] [--iters K] [--gpu IDX]."""
+"""Score a solver's test net: net_tester.py SOLVER [--snapshot N | --weights W] [--multiview] [--iters K] [--gpu IDX],
+or a net as `caffe test`: net_tester.py -model M -weights W [-iterations N] (see owlnet/tools/test.py)."""
 import sys
 from pathlib import Path
 

@@ -10,6 +10,7 @@ import math
 
 from .. import backend
 from ..errors import ConfigError
+from ..numerics import softmax
 from .base import Layer, register
 
 
@@ -485,14 +486,6 @@ class ArgMaxLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             self.fail("has no backward", ConfigError)
-
-
-def softmax(x, axis):
-    """Numerically stable softmax of ``x`` along ``axis``."""
-    xp = backend.array_module(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
 
 
 @register("Softmax")

@@ -2,11 +2,12 @@
 
 Both tools take a solver prototxt, build its first TEST net as the solver would (paths found
 beside the solver, its NetState, its ``weights``), load ``--weights`` or the ``--snapshot N``
-caffemodel, and run ``--iters`` batches (by default the solver's ``test_iter``).
+caffemodel, and run ``--iters`` batches (by default the solver's ``test_iter``), on the device
+that ``--gpu``/``--device`` and the solver file's ``solver_mode``/``device_id`` choose
+(owlnet.tools.device).
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 from .. import backend
@@ -14,20 +15,22 @@ from .. import logging as owl_logging
 from ..errors import ConfigError, SnapshotError
 from ..snapshot import snapshot_paths
 from ..solver.solver import SolverFiles, read_solver_param
-from .train import setup_device
+from . import add_python_layers_flag, device
 
 
-def add_test_net_arguments(parser: argparse.ArgumentParser, runs: str) -> None:
-    """--snapshot N | --weights W, --iters K and --gpu IDX; ``runs`` says what a batch is
-    for in the --iters help ("score", "run")."""
+def add_test_net_arguments(parser, runs: str) -> None:
+    """--snapshot N | --weights W, --iters K (or --iterations), the device flags and
+    --no-python-layers; ``runs`` says what a batch is for in the --iters help ("score",
+    "run")."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--snapshot", type=int, metavar="N",
                        help="weights of the N-th snapshot (iteration N x solver.snapshot)")
     group.add_argument("--weights", metavar="A.caffemodel[,B.caffemodel]",
                        help="weights to load (later files override earlier ones)")
-    parser.add_argument("--iters", type=int, metavar="K",
+    parser.add_argument("--iters", "--iterations", type=int, metavar="K",
                         help=f"batches to {runs} (default test_iter)")
-    parser.add_argument("--gpu", type=int, metavar="IDX", help="run on GPU IDX (default: the CPU)")
+    device.add_device_flags(parser)
+    add_python_layers_flag(parser)
 
 
 def _snapshot_weights(files: SolverFiles, index: int) -> str:
@@ -43,12 +46,19 @@ def _snapshot_weights(files: SolverFiles, index: int) -> str:
     return path
 
 
-def load_test_net(solver_path, snapshot: int | None = None, weights: str | None = None):
-    """The solver's first test net (built as the solver builds it, without its train net)
-    with the requested weights, and its ``test_iter``."""
+def read_solver(solver_path):
+    """The solver file's parameters; ConfigError when there is no such file."""
     if not os.path.isfile(solver_path):
         raise ConfigError(f"{solver_path}: solver prototxt file not found")
-    param = read_solver_param(solver_path)
+    return read_solver_param(solver_path)
+
+
+def load_test_net(solver_path, snapshot: int | None = None, weights: str | None = None,
+                  param=None):
+    """The solver's first test net (built as the solver builds it, without its train net)
+    with the requested weights, and its ``test_iter``; ``param``: the solver file's
+    parameters when they were read already."""
+    param = param if param is not None else read_solver(solver_path)
     files = SolverFiles(param, os.path.dirname(os.path.abspath(solver_path)))
     if param.random_seed >= 0:
         backend.set_random_seed(param.random_seed)
@@ -71,11 +81,13 @@ def load_test_net(solver_path, snapshot: int | None = None, weights: str | None 
 
 def open_test_net(args) -> tuple:
     """``(net, batches)`` for the parsed arguments of ``add_test_net_arguments`` and
-    ``args.solver``, on the device ``--gpu`` names."""
+    ``args.solver``, on the device the flags and the solver file choose."""
     owl_logging.ensure_configured()
-    if args.gpu is not None:
-        setup_device("gpu", args.gpu, None)
-    net, test_iter = load_test_net(args.solver, args.snapshot, args.weights)
+    if not args.solver:
+        raise ConfigError("need a solver prototxt (its first test net is run)")
+    param = read_solver(args.solver)
+    device.setup_from_args(args, param)
+    net, test_iter = load_test_net(args.solver, args.snapshot, args.weights, param)
     return net, (args.iters if args.iters is not None else test_iter)
 
 

@@ -31,13 +31,13 @@ import numpy as np
 from .. import backend
 from .. import logging as owl_logging
 from ..data.datum import load_image
-from . import run_command
+from . import add_python_layers_flag, device, run_command
+from .flags import FlagParser
 from ..errors import ConfigError, DataError
 from ..fileio import read_mean_binaryproto
 from ..net import TEST, Net
 from ..views import VIEWS, centre_view, ten_views
 from .test import probabilities
-from .train import setup_device
 
 DEFAULT_IMAGE_DIMS = (256, 256)
 
@@ -58,8 +58,8 @@ def float_list(text: str) -> list[float]:
             from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="owlnet classify", description=__doc__.splitlines()[0])
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="owlnet classify", description=__doc__.splitlines()[0])
     p.add_argument("deploy", help="deploy prototxt (an Input layer feeds the images)")
     p.add_argument("weights", help="trained .caffemodel")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size images are resized to before cropping (default: the net's input "
                         "size; 256,256 with --multiview)")
     p.add_argument("--top", type=int, default=5, metavar="K", help="classes to show (default 5)")
-    p.add_argument("--gpu", type=int, metavar="IDX", help="run on GPU IDX (default: the CPU)")
+    device.add_device_flags(p)
+    add_python_layers_flag(p)
     return p
 
 
@@ -246,8 +247,7 @@ def run(args, out=None) -> list:
     image_dims = args.image_dims or (DEFAULT_IMAGE_DIMS if args.multiview else None)
     if image_dims is not None and (len(image_dims) != 2 or min(image_dims) <= 0):
         raise ConfigError(f"--image-dims takes H,W, got {args.image_dims}")
-    if args.gpu is not None:
-        setup_device("gpu", args.gpu, None)
+    device.setup_from_args(args)
     mean = read_mean(args.mean) if args.mean else args.mean_value
     classifier = Classifier(args.deploy, args.weights, args.raw_scale, args.scale,
                             args.channel_swap, mean, image_dims)

@@ -10,7 +10,6 @@ skipped, reported, and counted in the closing line.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,41 +21,28 @@ from ..data.datum import (array_to_datum, encode_image, encoded_datum, image_to_
 from ..data.db import COMMIT_EVERY, LMDBWriter
 from ..data.prefetch import default_workers
 from . import run_command
+from .flags import FlagParser
 from ..errors import ConfigError, DataError
 
 PROG = "convert_imageset"
 
 
-def parse_bool(text: str) -> bool:
-    """gflags-style boolean values: true/false, 1/0, yes/no."""
-    value = str(text).lower()
-    if value in ("1", "true", "t", "yes", "y"):
-        return True
-    if value in ("0", "false", "f", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def add_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
-    """A boolean flag accepted as --name, --name=true|false and -name (gflags spellings)."""
-    parser.add_argument(f"--{name}", f"-{name}", dest=name, nargs="?", const=True, default=False,
-                        type=parse_bool, help=help_text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> FlagParser:
+    parser = FlagParser(
         prog=PROG, description="Convert a set of images to an LMDB of Caffe Datums.")
     parser.add_argument("root_folder", help="folder the list's paths are relative to")
     parser.add_argument("listfile", help="text file with one 'path label' per line")
     parser.add_argument("db_name", help="LMDB folder to create (must not exist)")
-    add_flag(parser, "gray", "read images as grayscale")
-    add_flag(parser, "shuffle", "shuffle the order of the images")
-    add_flag(parser, "check_size", "check that all records have the same size")
-    add_flag(parser, "encoded", "store the encoded image file in the Datum")
-    parser.add_argument("--backend", "-backend", default="lmdb", help="db backend (lmdb only)")
-    parser.add_argument("--resize_width", "-resize_width", type=int, default=0)
-    parser.add_argument("--resize_height", "-resize_height", type=int, default=0)
-    parser.add_argument("--encode_type", "-encode_type", default="",
+    parser.add_argument("--gray", action="store_true", help="read images as grayscale")
+    parser.add_argument("--shuffle", action="store_true", help="shuffle the order of the images")
+    parser.add_argument("--check_size", action="store_true",
+                        help="check that all records have the same size")
+    parser.add_argument("--encoded", action="store_true",
+                        help="store the encoded image file in the Datum")
+    parser.add_argument("--backend", default="lmdb", help="db backend (lmdb only)")
+    parser.add_argument("--resize_width", type=int, default=0)
+    parser.add_argument("--resize_height", type=int, default=0)
+    parser.add_argument("--encode_type", default="",
                         help="image format of encoded records ('png', 'jpg', ...); implies --encoded")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of --shuffle (default 0: the same order every run, as Caffe's)")

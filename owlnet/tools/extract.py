@@ -17,7 +17,6 @@ in a blob name becomes ``_``):
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 from .. import backend
 from ..data.db import LMDBWriter
 from . import run_command
+from .flags import FlagParser
 from ..errors import ConfigError, DataError, ShapeError
 from ..proto import caffe_pb2
 from ._testnet import add_test_net_arguments, find_blob, open_test_net
@@ -34,8 +34,8 @@ from ._testnet import add_test_net_arguments, find_blob, open_test_net
 FORMATS = ("npy", "txt", "lmdb")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="feature_extractor.py", description=__doc__.splitlines()[0])
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="feature_extractor.py", description=__doc__.splitlines()[0])
     p.add_argument("solver", help="solver prototxt (its first test net is run)")
     p.add_argument("blobs", metavar="BLOB[,BLOB...]", help="blobs (or layers) to extract")
     p.add_argument("out", metavar="OUT", help="output folder")

@@ -8,7 +8,6 @@ per-channel means (the mean over h, w of mean[c]) are printed as Caffe prints th
 """
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import sys
@@ -20,6 +19,7 @@ from ..data.datum import datum_to_array, describe_key, parse_datum
 from ..data.db import LMDBReader
 from ..data.prefetch import default_workers
 from . import run_command
+from .flags import FlagParser
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write, write_mean_binaryproto
 
@@ -27,12 +27,12 @@ PROG = "compute_image_mean"
 _CHUNK = 64   # records summed by one task of the pool
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> FlagParser:
+    parser = FlagParser(
         prog=PROG, description="Compute the per-pixel mean of an LMDB of Caffe Datums.")
     parser.add_argument("db", help="LMDB folder of Datums")
     parser.add_argument("output", nargs="?", help="mean file to write (binaryproto)")
-    parser.add_argument("--backend", "-backend", default="lmdb", help="db backend (lmdb only)")
+    parser.add_argument("--backend", default="lmdb", help="db backend (lmdb only)")
     parser.add_argument("--npy", help="also write the C x H x W mean as a .npy file")
     parser.add_argument("--threads", type=int, default=default_workers(),
                         help="decode threads")

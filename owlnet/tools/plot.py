@@ -3,8 +3,9 @@
 parse-log writes ``LOG.train`` and ``LOG.test`` in OUTDIR (default: beside the log), CSV files
 as Caffe's tools/extra/parse_log.py writes them: one row per displayed iteration (train) or
 per test pass (test), columns ``NumIters, Seconds, LearningRate`` and then each net output by
-name (``loss``, ``accuracy``, ...). Seconds count from the "Solving" line (or the log's first
-line). Unlike Caffe's script, a row's LearningRate is the rate logged for that very iteration
+name (``loss``, ``accuracy``, ...). As in Caffe's script, ``NumIters`` is written as a float
+(``100.0``), a row's Seconds is the time of its first output line, counted from the "Solving"
+line (or the log's first line), and a table without rows writes no file. Unlike Caffe's script, a row's LearningRate is the rate logged for that very iteration
 (Caffe's takes the one logged before the row's outputs, i.e. ``display`` iterations earlier);
 with several test nets the test file gains a ``TestNet`` column.
 
@@ -13,7 +14,6 @@ image (needs matplotlib: ``pip install 'owlnet[plot]'``).
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import csv
 import datetime
@@ -24,6 +24,7 @@ import sys
 
 from ..errors import ConfigError, DataError
 from . import run_command
+from .flags import FlagParser
 
 # glog prefix: severity, mmdd, hh:mm:ss.micros
 _STAMP = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
@@ -98,14 +99,14 @@ def parse_log(path) -> tuple[list[dict], list[dict]]:
             kind, index, name, value = m.groups()
             key = iteration if kind == "Train" else (iteration, test_net)
             rows = train if kind == "Train" else test
-            row = rows.setdefault(key, {"NumIters": iteration})
+            row = rows.setdefault(key, {"NumIters": float(iteration)})
             if test_net and kind == "Test":
                 row["TestNet"] = test_net
             if name in row:         # several values of one output blob
                 name = f"{name}#{index}"
             row[name] = _number(value)
             if seconds is not None:
-                row["Seconds"] = seconds
+                row.setdefault("Seconds", seconds)
     return _with_rates(list(train.values()), rates), _with_rates(list(test.values()), rates)
 
 
@@ -126,8 +127,11 @@ def columns(rows: list[dict]) -> list[str]:
     return names
 
 
-def write_csv(path, rows: list[dict]) -> None:
-    """``rows`` as CSV under the header ``columns(rows)``; a missing value is an empty field."""
+def write_csv(path, rows: list[dict]) -> bool:
+    """``rows`` as CSV under the header ``columns(rows)`` (a missing value is an empty field);
+    no rows write no file, as Caffe's parse_log. Whether a file was written."""
+    if not rows:
+        return False
     names = columns(rows)
     try:
         with open(path, "w", newline="") as fh:
@@ -137,12 +141,13 @@ def write_csv(path, rows: list[dict]) -> None:
                 writer.writerow("" if row.get(n) is None else repr(row[n]) for n in names)
     except OSError as exc:
         raise DataError(f"{path}: cannot write the CSV file: {exc.strerror or exc}") from None
+    return True
 
 
 def parse_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="owlnet parse-log",
-                                description="write a training log's numbers as CSV "
-                                            "(LOG.train, LOG.test), like Caffe's parse_log.py")
+    p = FlagParser(prog="owlnet parse-log",
+                   description="write a training log's numbers as CSV (LOG.train, LOG.test), "
+                               "like Caffe's parse_log.py")
     p.add_argument("log", help="training log (owlnet's or Caffe's)")
     p.add_argument("outdir", nargs="?", help="folder for the CSV files (default: the log's)")
     return run_command("parse-log", p, _write_csvs, argv)
@@ -154,9 +159,11 @@ def _write_csvs(args) -> None:
     if not os.path.isdir(outdir):
         raise ConfigError(f"{outdir}: no such folder for the CSV files")
     base = os.path.join(outdir, os.path.basename(args.log))
-    write_csv(base + ".train", train)
-    write_csv(base + ".test", test)
-    print(f"{base}.train: {len(train)} rows, {base}.test: {len(test)} rows")
+    for path, rows in ((base + ".train", train), (base + ".test", test)):
+        if write_csv(path, rows):
+            print(f"{path}: {len(rows)} rows")
+        else:
+            print(f"Not writing {path}; no lines to write")
 
 
 def _pyplot():
@@ -208,9 +215,9 @@ def plot(train: list[dict], test: list[dict], out, title: str = "") -> None:
 
 
 def plot_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="owlnet plot",
-                                description="plot training outputs, learning rate and test "
-                                            "accuracy of a training log against iteration")
+    p = FlagParser(prog="owlnet plot",
+                   description="plot training outputs, learning rate and test accuracy of a "
+                               "training log against iteration")
     p.add_argument("log", help="training log (owlnet's or Caffe's)")
     p.add_argument("--out", help="image file to write (default: LOG.png; the suffix picks "
                                  "the format)")

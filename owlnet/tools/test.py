@@ -1,7 +1,17 @@
-"""Top-1 and top-5 accuracy of a solver's test net, single or 10-view (`owlnet test`).
+"""Top-1 and top-5 accuracy of a solver's test net, single or 10-view (`owlnet test`); or
+Caffe's ``caffe test`` of a net file.
 
     net_tester.py SOLVER [--snapshot N | --weights W] [--multiview] [--softmax BLOB]
                   [--accuracy LAYER] [--iters K] [--gpu IDX]
+    owlnet test -model M -weights W [-iterations N] [-gpu IDX] [-stage A,B] [-level N]
+
+Caffe's form (``--model``, a net prototxt, not a solver) builds the net in the TEST phase
+with the stages and level given, loads the weights, runs N batches (default 50) and logs
+Caffe's lines: ``Batch i, NAME = value`` for every value of every output blob, then
+``Loss: L`` (the mean over batches of the weighted loss) and ``NAME = mean`` for each output
+value, with ``(* weight = weighted loss)`` for loss outputs.
+
+The solver form:
 
 Runs the solver's TEST net (its first test net) over ``test_iter`` batches (or K) and prints
 top-1 and top-5 accuracy per batch and over all images: an image counts as a top-k hit when
@@ -21,25 +31,31 @@ SoftmaxWithLoss layer's scores. ``--snapshot N`` loads the weights of the N-th s
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import backend
-from . import run_command
+from .. import logging as owl_logging
 from ..errors import ConfigError, DataError, ShapeError
-from ..layer_types.common import softmax
+from ..net import TEST, Net
+from ..numerics import softmax
 from ..views import VIEWS, ten_views
+from . import device, run_command
 from ._testnet import add_test_net_arguments, find_blob, open_test_net
+from .flags import FlagParser
 
 TOP_K = 5
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="net_tester.py", description=__doc__.splitlines()[0])
-    p.add_argument("solver", help="solver prototxt (its first test net is scored)")
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="net_tester.py", description=__doc__.splitlines()[0])
+    p.add_argument("solver", nargs="?", help="solver prototxt (its first test net is scored)")
+    p.add_argument("--model", metavar="NET",
+                   help="Caffe's form: a net prototxt to score (instead of a solver)")
+    p.add_argument("--stage", metavar="A[,B...]", help="with --model: net stages")
+    p.add_argument("--level", type=int, default=0, metavar="N", help="with --model: net level")
     add_test_net_arguments(p, "score")
     p.add_argument("--multiview", action="store_true",
                    help="average the softmax over 10 views (corners, centre, mirrored)")
@@ -215,9 +231,65 @@ class _MultiView:
         return total / VIEWS
 
 
+# -- Caffe's `caffe test` ---------------------------------------------------------------------
+CAFFE_ITERATIONS = 50
+
+
+def caffe_test(net, iterations: int) -> tuple[float, dict]:
+    """Caffe's ``caffe test`` loop over ``net`` (see the module); logs its lines and returns
+    the mean loss and each output blob's mean values."""
+    if iterations <= 0:
+        raise ConfigError(f"the number of iterations must be positive, got {iterations}")
+    owl_logging.info(f"Running for {iterations} iterations.")
+    last = len(net.layers) - 1
+    loss = 0.0
+    sums = {}
+    for i in range(iterations):
+        loss += float(net.forward_range(0, last))
+        for name in net.outputs:
+            values = backend.to_host(net.blobs[name].data).astype(np.float64).ravel()
+            for value in values:
+                owl_logging.info(f"Batch {i}, {name} = {owl_logging.num(value)}")
+            sums[name] = sums[name] + values if name in sums else values
+    loss /= iterations
+    owl_logging.info(f"Loss: {owl_logging.num(loss)}")
+    means = {name: total / iterations for name, total in sums.items()}
+    weights = net.output_loss_weights
+    for name, values in means.items():
+        for value in values:
+            weighted = (f" (* {owl_logging.num(weights[name])} = "
+                        f"{owl_logging.num(weights[name] * value)} loss)"
+                        if weights[name] else "")
+            owl_logging.info(f"{name} = {owl_logging.num(value)}{weighted}")
+    return loss, means
+
+
+def run_caffe_test(args):
+    """``owlnet test -model M -weights W``: Caffe's test of a net file."""
+    if args.solver:
+        raise ConfigError("give a solver (owl.net's form) or --model (Caffe's), not both")
+    for flag, given in (("--snapshot", args.snapshot is not None),
+                        ("--multiview", args.multiview), ("--softmax", args.softmax),
+                        ("--accuracy", args.accuracy)):
+        if given:
+            raise ConfigError(f"{flag} scores a solver's test net; with --model Caffe's test "
+                              "reports the net's outputs")
+    if not args.weights:
+        raise ConfigError("need model weights to score: --weights W.caffemodel")
+    owl_logging.ensure_configured()
+    device.setup_from_args(args, log_cpu=True)
+    stages = tuple(s for s in (args.stage or "").split(",") if s)
+    net = Net(args.model, phase=TEST, level=args.level, stages=stages)
+    for path in args.weights.split(","):
+        net.copy_from(path)
+    return caffe_test(net, args.iters if args.iters is not None else CAFFE_ITERATIONS)
+
+
 # -- command line -----------------------------------------------------------------------------
 def run(args, out=None) -> ScoreResult:
     """Score the parsed command line's net; prints the totals to ``out``."""
+    if args.model:
+        return run_caffe_test(args)
     out = out or sys.stdout
     net, iters = open_test_net(args)
     result = score_net(net, iters, args.multiview, args.softmax, args.accuracy, out)

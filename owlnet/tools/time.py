@@ -1,4 +1,7 @@
-"""`owlnet time MODEL [--iterations N] [--device cpu|gpu] [--batch B] [--phase TRAIN|TEST]`.
+"""`owlnet time MODEL [--iterations N] [--gpu IDX] [--batch B] [--phase TRAIN|TEST]`.
+
+Also Caffe's spelling: ``owlnet time -model M [-iterations N] [-gpu IDX] [-phase P]
+[-stage A,B] [-level N]``.
 
 Per-layer forward and backward timing, as Caffe's ``caffe time``: the net is built (TRAIN
 phase by default), run once or more to warm up, then timed for N iterations of forward over
@@ -13,42 +16,45 @@ random DummyData of shape (batch, C, H, W) and zero labels, for when the source 
 ``--batch B`` sets the first dimension of every input and the batch size of every data layer.
 A net without a loss (a deploy net) is timed with ``force_backward``, so every layer runs
 its backward pass; otherwise backward runs where training would run it.
-On the GPU the device is synchronised before and after each layer's timing.
+On the GPU the device is synchronised before and after each layer's timing; the device is
+chosen by ``--gpu`` / ``--device`` (owlnet.tools.device; one GPU, as Caffe's time).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from .. import backend
 from .. import config
+from .. import layer_types
+from .. import logging as owl_logging
 from ..errors import ConfigError, DataError
-from ..layer_types.base import layer_class
 from ..net import TEST, TRAIN, Net
 from ..proto import caffe_pb2
-from . import run_command
+from . import add_python_layers_flag, device, run_command
+from .flags import FlagParser
 
 _PHASES = {"TRAIN": TRAIN, "TEST": TEST}
 _SOURCE_LAYERS = ("Data", "ImageData")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="owlnet time", description=__doc__.splitlines()[0])
-    p.add_argument("model", help="net prototxt")
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="owlnet time", description=__doc__.splitlines()[0])
+    p.add_argument("model_file", nargs="?", metavar="MODEL", help="net prototxt")
+    p.add_argument("--model", metavar="MODEL", help="net prototxt (Caffe's spelling)")
     p.add_argument("--iterations", type=int, default=50, metavar="N",
                    help="timed iterations (default 50, as Caffe)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
                    help="untimed forward-backward passes first (default 1)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--gpu", type=int, default=0, metavar="IDX", help="GPU to use")
-    p.add_argument("--math", choices=("fp32", "tf32"), default=None,
-                   help="GPU math mode (default fp32, or $OWLNET_MATH)")
+    device.add_device_flags(p)
     p.add_argument("--batch", type=int, metavar="B", help="batch size of every input/data layer")
     p.add_argument("--phase", choices=tuple(_PHASES), default="TRAIN")
+    p.add_argument("--stage", metavar="A[,B...]", help="net stages")
+    p.add_argument("--level", type=int, default=0, metavar="N", help="net level")
     p.add_argument("--weights", metavar="W.caffemodel", help="load these weights first")
     p.add_argument("--data-shape", metavar="C,H,W",
                    help="replace Data/ImageData layers by random inputs of this shape")
+    add_python_layers_flag(p)
     return p
 
 
@@ -96,7 +102,7 @@ def prepare_net_param(param, batch=None, data_shape=None):
     out.CopyFrom(param)
     del out.layer[:]
     out.layer.extend(layers)
-    if not any(lp.loss_weight or layer_class(lp.type, lp.name).is_loss for lp in out.layer):
+    if not any(lp.loss_weight or layer_types.layer_class(lp.type, lp.name).is_loss for lp in out.layer):
         out.force_backward = True
     return out
 
@@ -122,9 +128,9 @@ def _with_batch(lp, batch):
     return copy
 
 
-def _synchroniser(device: str):
+def _synchroniser(gpu):
     """A function that waits for the device to finish its queued work (nothing on the CPU)."""
-    if device == "gpu":
+    if gpu is not None:
         return backend.import_cupy().cuda.Device().synchronize
     return lambda: None
 
@@ -193,28 +199,31 @@ def run(args, out=None) -> int:
         raise ConfigError(f"--warmup must not be negative, got {args.warmup}")
     if args.batch is not None and args.batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {args.batch}")
+    if args.model and args.model_file:
+        raise ConfigError("give the net as MODEL or as --model, not both")
+    model = args.model or args.model_file
+    if not model:
+        raise ConfigError("need a model definition to time: MODEL or --model=M")
     data_shape = _parse_shape(args.data_shape) if args.data_shape else None
-    if args.math:
-        backend.set_math_mode(args.math)
-    if args.device == "gpu":
-        backend.set_device(args.gpu)
-        backend.set_mode_gpu()
-    else:
-        backend.set_mode_cpu()
-    param, _ = config.read_net(args.model)
+    param, _ = config.read_net(model)
     param = prepare_net_param(param, args.batch, data_shape)
+    owl_logging.ensure_configured()
+    gpu = device.setup_from_args(args, log_cpu=True)[0]
+    stages = tuple(s for s in (args.stage or "").split(",") if s)
     try:
-        net = Net(param, phase=_PHASES[args.phase], weights=args.weights)
+        net = Net(param, phase=_PHASES[args.phase], weights=args.weights, level=args.level,
+                  stages=stages)
     except DataError as exc:
         if data_shape is None and any(lp.type in _SOURCE_LAYERS for lp in param.layer):
             raise DataError(f"{exc} (give --data-shape C,H,W to time with random inputs "
                             "instead)") from None
         raise
     _fill_inputs(net)
-    print(f"Timing net '{net.name}' ({args.model}) on {args.device}, phase {args.phase}, "
+    where = "CPU" if gpu is None else f"GPU {gpu}"
+    print(f"Timing net '{net.name}' ({model}) on {where}, phase {args.phase}, "
           f"{args.iterations} iterations", file=out)
     forward, backward, passes = benchmark(net, args.iterations, args.warmup,
-                                          _synchroniser(args.device))
+                                          _synchroniser(gpu))
     report(net, forward, backward, passes, out)
     return 0
 

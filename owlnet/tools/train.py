@@ -1,51 +1,64 @@
-"""`net_trainer.py SOLVER [--snapshot N] [-n N] [--weights W] [--device cpu|gpu]` (`owlnet train`).
+"""`owlnet train` / net_trainer.py: train a solver, with owl.net's and Caffe's command lines.
 
-Trains the solver's net as Caffe's ``caffe train`` does, with owl.net's ``--snapshot N``:
-resume from the N-th snapshot, i.e. iteration N x ``snapshot`` under ``snapshot_prefix``.
-SIGINT and SIGTERM write a snapshot and stop; SIGHUP writes one and goes on (Caffe's
-sigint_effect / sighup_effect, which the flags change). On a terminal a progress bar shows
-iter/s and the time left.
+    net_trainer.py SOLVER [--snapshot N] [-n N] [--weights W] [--device cpu|gpu] [--gpu IDS]
+    owlnet train --solver=S [--weights=W | --snapshot=X.solverstate] [--gpu 0,1|all]
+                 [--sigint_effect=stop] [--sighup_effect=snapshot] [--stage=a,b] [--level=N]
 
-``-n N`` slices every batch over N devices (CPU slices, or GPUs ``--gpu .. --gpu+N-1``); under
-``mpiexec -n P`` each of the P ranks does so too, and the net's batch_size is the global batch
-over all P x N slices (see ``owlnet.parallel``). Only rank 0 logs, tests and snapshots; a rank
-that stops answering for ``--collective-timeout`` seconds ends the whole job with an error
-naming it.
+Trains the solver's net as Caffe's ``caffe train`` does. ``--snapshot`` takes owl.net's N
+(resume from the N-th snapshot, i.e. iteration N x ``snapshot`` under ``snapshot_prefix``) or
+Caffe's .solverstate path. SIGINT and SIGTERM write a snapshot and stop; SIGHUP writes one and
+goes on (Caffe's sigint_effect / sighup_effect, which the flags change). ``--stage`` and
+``--level`` go into the solver's ``train_state`` as in Caffe (``--level`` only when given: Caffe
+always writes its default 0). Caffe's ``--iterations`` is accepted and, as in Caffe, unused by
+train. On a terminal a progress bar shows iter/s and the time left.
+
+The devices follow owlnet.tools.device: ``--gpu`` and the solver file's ``solver_mode: GPU`` /
+``device_id`` as in Caffe, ``--device cpu`` to override a solver file. ``-n N`` slices every
+batch over N devices (CPU slices, N GPUs, or N slices on the one GPU of ``--gpu I``); ``--gpu
+0,1`` gives one slice per GPU. Under ``mpiexec -n P`` each of the P ranks takes its own GPU(s)
+by its rank on the node, and the net's batch_size is the global batch over all slices (see
+``owlnet.parallel``). Only rank 0 logs, tests and snapshots; a rank that stops answering for
+``--collective-timeout`` seconds ends the whole job with an error naming it.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
 import time
 
-from .. import backend, parallel
+from .. import parallel
 from .. import logging as owl_logging
 from ..errors import ConfigError, OwlnetError
 from ..snapshot import find_snapshot
 from ..solver import get_solver
+from ..solver.solver import SolverFiles, read_solver_param
+from . import add_python_layers_flag, apply_common_flags, device
+from .flags import FlagParser
 
 EFFECTS = ("stop", "snapshot", "none")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="net_trainer.py", description=__doc__.splitlines()[0])
-    p.add_argument("solver", help="solver prototxt")
-    p.add_argument("--snapshot", type=int, metavar="N",
-                   help="resume from the N-th snapshot (iteration N x solver.snapshot)")
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="net_trainer.py", description=__doc__.splitlines()[0])
+    p.add_argument("solver_file", nargs="?", metavar="SOLVER", help="solver prototxt")
+    p.add_argument("--solver", metavar="SOLVER", help="solver prototxt (Caffe's spelling)")
+    p.add_argument("--snapshot", metavar="N|X.solverstate",
+                   help="resume from the N-th snapshot (iteration N x solver.snapshot) or "
+                        "from this .solverstate")
     p.add_argument("--resume", metavar="SOLVERSTATE", help="resume from this .solverstate")
-    p.add_argument("-n", "--num-devices", type=int, default=1, metavar="N",
-                   help="devices to slice each batch across (default 1)")
+    p.add_argument("-n", "--num-devices", type=int, metavar="N",
+                   help="slices to divide each batch across (default 1, or one per --gpu)")
     p.add_argument("--weights", metavar="A.caffemodel[,B.caffemodel]",
                    help="initialise from these weights (fine-tuning)")
     p.add_argument("--reinit-mismatched", action="store_true",
                    help="with --weights: keep fresh fillers for layers whose shapes differ")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--gpu", type=int, default=0, metavar="IDX", help="first GPU to use")
-    p.add_argument("--math", choices=("fp32", "tf32"), default=None,
-                   help="GPU math mode (default fp32, or $OWLNET_MATH)")
+    device.add_device_flags(p)
+    p.add_argument("--stage", metavar="A[,B...]", help="net stages added to the train state")
+    p.add_argument("--level", type=int, metavar="N", help="net level of the train state")
+    p.add_argument("--iterations", type=int, metavar="N",
+                   help="accepted for Caffe's command lines; train does not use it")
     p.add_argument("--sigint-effect", choices=EFFECTS, default="stop")
     p.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot")
     p.add_argument("--collective-timeout", type=float, default=parallel.DEFAULT_TIMEOUT,
@@ -60,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-records", action="store_true",
                    help="skip (count and log) data records that cannot be decoded; the same as "
                         "OWLNET_SKIP_BAD_RECORDS=1 (default: stop with an error naming the record)")
+    add_python_layers_flag(p)
     return p
 
 
@@ -129,16 +143,46 @@ class _ClearBarFirst(logging.Filter):
         return True
 
 
-def setup_device(device: str, gpu: int, math: str | None) -> None:
-    if math:
-        backend.set_math_mode(math)
-    if device == "gpu":
-        backend.set_device(gpu)
-        backend.set_mode_gpu()
-        owl_logging.info(f"Using GPU {gpu}, math mode {backend.math_mode()}")
-    else:
-        backend.set_mode_cpu()
-        owl_logging.info("Using CPU")
+def solver_path(args) -> str:
+    """The solver file, given as SOLVER or --solver (one of them)."""
+    if args.solver and args.solver_file:
+        raise ConfigError("give the solver as SOLVER or as --solver, not both")
+    path = args.solver or args.solver_file
+    if not path:
+        raise ConfigError("need a solver definition to train: SOLVER or --solver=S")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: solver prototxt file not found")
+    return path
+
+
+def solver_with_state(path: str, stages: list, level: int | None):
+    """The solver file's parameters with ``stages`` and ``level`` in its train_state, and
+    its relative file names found as the solver would find them from its own folder."""
+    param = read_solver_param(path)
+    files = SolverFiles(param, os.path.dirname(os.path.abspath(path)))
+    for field in ("net", "train_net"):
+        if param.HasField(field):
+            setattr(param, field, files.find(getattr(param, field), f"{field} file"))
+    for i, name in enumerate(param.test_net):
+        param.test_net[i] = files.find(name, "test_net file")
+    for i, entry in enumerate(param.weights):
+        param.weights[i] = ",".join(files.find(p, "weights file") for p in entry.split(","))
+    if param.HasField("snapshot_prefix"):
+        param.snapshot_prefix = files.snapshot_prefix(check_writable=False)
+    if level is not None:
+        param.train_state.level = level
+    param.train_state.stage.extend(stages)
+    return param
+
+
+def resume_file(args, solver) -> str | None:
+    """The .solverstate to resume from: --resume, --snapshot FILE, or --snapshot N's."""
+    snapshot = args.snapshot
+    if snapshot is not None and not snapshot.isdigit():
+        return snapshot
+    if snapshot is not None:
+        return find_snapshot(solver.snapshot_prefix, int(snapshot), solver.param.snapshot)
+    return args.resume
 
 
 def train(args, comm=None) -> int:
@@ -148,21 +192,30 @@ def train(args, comm=None) -> int:
     else:
         owl_logging.ensure_configured()
         owl_logging.logger.setLevel(logging.WARNING)     # rank 0 alone logs progress
-    devices = parallel.device_list(args.num_devices, args.device, args.gpu)
+    path = solver_path(args)
     if args.snapshot is not None and args.resume:
-        raise ConfigError("give --snapshot N or --resume FILE, not both")
+        raise ConfigError("give --snapshot or --resume FILE, not both")
     if args.weights and (args.snapshot is not None or args.resume):
         raise ConfigError("give --weights (fine-tune) or a snapshot to resume, not both")
-    setup_device(args.device, args.gpu, args.math)
+    if args.iterations is not None:
+        owl_logging.warning("--iterations is not used by train (as in Caffe): max_iter in the "
+                            "solver file sets the length of training")
+    stages = [s for s in (args.stage or "").split(",") if s]
+    if stages or args.level is not None:
+        source = param = solver_with_state(path, stages, args.level)
+    else:
+        source, param = path, read_solver_param(path)
+    local = device.local_rank(comm) if comm is not None else None
+    choice = device.choose_devices(args.gpu, args.device, param, args.num_devices, local)
+    device.setup_device(choice.devices, args.math, choice.note)
+    devices = choice.devices
 
     if args.skip_bad_records:
         os.environ["OWLNET_SKIP_BAD_RECORDS"] = "1"   # read by the data layers as they are built
     actions = SignalActions(args.sigint_effect, args.sighup_effect)
-    solver = get_solver(args.solver, action_callback=actions)
+    solver = get_solver(source, action_callback=actions)
     solver.continue_on_snapshot_error = args.continue_on_snapshot_error
-    resume = args.resume
-    if args.snapshot is not None:
-        resume = find_snapshot(solver.snapshot_prefix, args.snapshot, solver.param.snapshot)
+    resume = resume_file(args, solver)
     if args.weights:
         for path in args.weights.split(","):
             owl_logging.info(f"Finetuning from {path}")
@@ -195,6 +248,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     comm = None
     try:
+        apply_common_flags(args)
         comm = parallel.mpi_comm()
         return train(args, comm)
     except OwlnetError as exc:
