@@ -74,16 +74,22 @@ def test_net_names_and_share_with(tiny):
 
 def test_solver_callbacks_run_around_the_gradients(tmp_path):
     net = tmp_path / "net.prototxt"
-    net.write_text('input: "x" input_shape { dim: 2 dim: 3 }\n'
+    net.write_text('input: "x" input_shape { dim: 2 dim: 3 } '
+                   'input: "t" input_shape { dim: 2 dim: 1 }\n'
                    'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
-                   'inner_product_param { num_output: 1 weight_filler { type: "constant" '
-                   'value: 1 } } }\n'
-                   'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "x" '
-                   'top: "loss" }'.replace('bottom: "x" top: "loss"', 'bottom: "y" top: "loss"'))
+                   'inner_product_param { num_output: 1 } }\n'
+                   'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" '
+                   'top: "loss" }')
     solver = caffe.get_solver(f'net: "{net}" base_lr: 0.1 lr_policy: "fixed" display: 0')
-    events = []
-    solver.add_callback(lambda: events.append(("start", solver.iter)),
-                        lambda: events.append(("gradients", solver.iter)))
+    solver.net.blobs["x"].data[...] = np.random.default_rng(6).normal(size=(2, 3))
+    solver.net.blobs["t"].data[...] = 1
+    events, seen = [], []
+    weights = solver.net.params["ip"][0]
+
+    def on_gradients():
+        events.append(("gradients", solver.iter))
+        seen.append((weights.data.copy(), weights.diff.copy()))
+    solver.add_callback(lambda: events.append(("start", solver.iter)), on_gradients)
 
     class Both:
         def on_start(self):
@@ -95,6 +101,9 @@ def test_solver_callbacks_run_around_the_gradients(tmp_path):
     solver.step(2)
     assert events == [("start", 0), ("both-start", 0), ("gradients", 0), ("both-gradients", 0),
                       ("start", 1), ("both-start", 1), ("gradients", 1), ("both-gradients", 1)]
+    (before, gradient), (after, _) = seen       # gradients ready, update not yet applied
+    assert np.abs(gradient).max() > 0
+    np.testing.assert_allclose(after, before - 0.1 * gradient, rtol=1e-6)
 
 
 def test_nccl_is_real_or_reported_missing():
