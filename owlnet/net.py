@@ -135,6 +135,8 @@ class Net:
             except OwlnetError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
             except (ValueError, IndexError, TypeError, ZeroDivisionError, MemoryError) as exc:
+                if lp.type == "Python":
+                    raise   # the user's own error, with its traceback and a note naming the layer
                 raise ShapeError(f"{where}: layer '{lp.name}' ({lp.type}) cannot be set up "
                                  f"for bottoms {[self.blobs[b].shape for b in lp.bottom]}: "
                                  f"{exc}") from None
@@ -459,6 +461,7 @@ class Net:
                 blob.data[...] = backend.to_device(array.reshape(blob.shape))
         return reinitialised
 
+<<<<<<< HEAD
     # -- HDF5 weights (pycaffe's save_hdf5 / load_hdf5; the layout is in owlnet.snapshot) ---
     def save_hdf5(self, path, write_diff: bool = False) -> None:
         """Write the weights as Caffe's HDF5 weights file (Net::ToHDF5), atomically."""
@@ -475,6 +478,76 @@ class Net:
         for layer in self.layers:
             if hasattr(layer, "close"):
                 layer.close()
+=======
+    # -- pycaffe's Python-side extras -------------------------------------------------------
+    @property
+    def _blob_names(self) -> list:
+        return list(self.blobs)
+
+    def share_with(self, other: "Net") -> None:
+        """pycaffe's name for :meth:`share_trained_layers`."""
+        self.share_trained_layers(other)
+
+    def _batch(self, arrays: dict):
+        """``arrays`` ({input name: N examples}) in batches of the net's batch size (the first
+        axis of its first blob); the last batch padded with zeros."""
+        count = len(next(iter(arrays.values())))
+        size = next(iter(self.blobs.values())).shape[0]
+        for start in range(0, count, size):
+            batch = {}
+            for name, array in arrays.items():
+                part = np.asarray(array[start:start + size])
+                if len(part) < size:
+                    padding = np.zeros((size - len(part),) + part.shape[1:], dtype=part.dtype)
+                    part = np.concatenate([part, padding])
+                batch[name] = part
+            yield batch
+
+    def forward_all(self, blobs=None, **kwargs) -> dict:
+        """Forward over any number N of examples given by input name, in batches; the outputs
+        (and the blobs named in ``blobs``) of all N, as arrays of N."""
+        names = list(dict.fromkeys(self.outputs + list(blobs or [])))
+        collected = {name: [] for name in names}
+        count = len(next(iter(kwargs.values()))) if kwargs else None
+        for batch in self._batch(kwargs) if kwargs else [{}]:
+            outputs = self.forward(blobs=blobs, **batch)
+            for name in names:
+                collected[name].append(backend.to_host(outputs[name]).copy())
+        return {name: _stack(parts, count) for name, parts in collected.items()}
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs) -> tuple:
+        """Forward and backward over N examples in batches: inputs and output diffs given by
+        name; returns (outputs and ``blobs``, input diffs and ``diffs``) of all N."""
+        out_names = list(dict.fromkeys(self.outputs + list(blobs or [])))
+        diff_names = list(dict.fromkeys(self.inputs + list(diffs or [])))
+        forward_in = {name: kwargs[name] for name in self.inputs if name in kwargs}
+        backward_in = {name: kwargs[name] for name in self.outputs if name in kwargs}
+        count = len(next(iter(kwargs.values()))) if kwargs else None
+        forward_batches = list(self._batch(forward_in)) if forward_in else []
+        backward_batches = list(self._batch(backward_in)) if backward_in else []
+        rounds = max(len(forward_batches), len(backward_batches), 1)
+        outs = {name: [] for name in out_names}
+        grads = {name: [] for name in diff_names}
+        for k in range(rounds):
+            outputs = self.forward(blobs=blobs, **(forward_batches[k] if k < len(
+                forward_batches) else {}))
+            input_diffs = self.backward(diffs=diffs, **(backward_batches[k] if k < len(
+                backward_batches) else {}))
+            for name in out_names:
+                outs[name].append(backend.to_host(outputs[name]).copy())
+            for name in diff_names:
+                grads[name].append(backend.to_host(input_diffs[name]).copy())
+        return ({name: _stack(parts, count) for name, parts in outs.items()},
+                {name: _stack(parts, count) for name, parts in grads.items()})
+
+
+def _stack(parts: list, count):
+    """Batches joined along the first axis, cut to ``count`` examples (the padding off)."""
+    if parts[0].ndim == 0:
+        return np.asarray(parts)
+    joined = np.concatenate(parts)
+    return joined if count is None else joined[:count]
+>>>>>>> pycaffe
 
 
 def _shapes_match(proto, file_shape, net_shape) -> bool:

@@ -187,6 +187,7 @@ class Solver:
         self.files = SolverFiles(param, source_dir)
         self.action_callback = action_callback
         self.on_iteration: list = []
+        self.callbacks: list = []           # (on_start, on_gradients) pairs: add_callback
         self.parallel = None
         if param.average_loss < 1:
             raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
@@ -270,6 +271,7 @@ class Solver:
                 self.test_all()
                 if self.requested_early_exit and parallel is None:
                     break   # with several ranks, the stop is agreed on after this iteration
+            self._run_callbacks(0)
             display = bool(p.display) and self.iter % p.display == 0
             loss = 0.0
             for k in range(p.iter_size):
@@ -292,6 +294,7 @@ class Solver:
                 timer_start = time.perf_counter()
                 iterations_last = self.iter
                 self._log_outputs()
+            self._run_callbacks(1)
             self.apply_update()
             self.iter += 1
             for callback in self.on_iteration:
@@ -452,6 +455,20 @@ class Solver:
             self.net.restore_data_state(extra["train_data"])
             for net, data_state in zip(self.test_nets, extra["test_data"]):
                 net.restore_data_state(data_state)
+
+    # -- pycaffe's callbacks ----------------------------------------------------------------
+    def add_callback(self, on_start, on_gradients=None) -> None:
+        """pycaffe's ``Solver.add_callback``: ``on_start()`` runs at the start of every
+        iteration (after any test), ``on_gradients()`` once the gradients are computed (and
+        reduced), before the update. An object with ``on_start`` and ``on_gradients_ready``
+        methods (an NCCL) may be given alone."""
+        if on_gradients is None:
+            on_start, on_gradients = on_start.on_start, on_start.on_gradients_ready
+        self.callbacks.append((on_start, on_gradients))
+
+    def _run_callbacks(self, which: int) -> None:
+        for pair in self.callbacks:
+            pair[which]()
 
 
 class SGDSolver(Solver):
