@@ -136,3 +136,5 @@ def test_nd_refusals():
                    'kernel_size: 2 }', [x])
     with pytest.raises(ConfigError, match="MAX and AVE"):
         make_layer(STO, [x])
+    with pytest.raises(ConfigError, match="exactly 1 top"):
+        make_layer('name: "p" type: "Pooling" pooling_param { kernel_size: 2 }', [x], n_tops=2)

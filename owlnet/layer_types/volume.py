@@ -83,6 +83,7 @@ def adopt_nd(layer, bottom, top):
         layer.fail(f"supports 2 spatial axes only; bottom shape {bottom[0].shape} has another "
                    "number (N-d is supported for Convolution and Pooling)", ConfigError)
     layer.__class__ = classes[layer.type]
+    layer.check_counts(bottom, top)
     layer.layer_setup(bottom, top)
 
 
