@@ -313,6 +313,24 @@ def test_generated_module_is_current():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+# Field numbers inside the non-BVLC messages, as SSD's / DeepLab's / ShuffleNet's protos have them.
+NON_BVLC_FIELDS = [
+    ("PermuteParameter", "order", 1), ("NormalizeParameter", "channel_shared", 3),
+    ("NormalizeParameter", "eps", 4), ("PriorBoxParameter", "variance", 6),
+    ("PriorBoxParameter", "img_size", 7), ("PriorBoxParameter", "step", 10),
+    ("PriorBoxParameter", "offset", 13), ("NonMaximumSuppressionParameter", "eta", 3),
+    ("DetectionOutputParameter", "code_type", 6), ("DetectionOutputParameter", "keep_top_k", 7),
+    ("DetectionOutputParameter", "variance_encoded_in_target", 8),
+    ("DetectionOutputParameter", "confidence_threshold", 9), ("InterpParameter", "pad_end", 6),
+    ("UpsampleParameter", "scale", 1), ("ShuffleChannelParameter", "group", 1),
+]
+
+
+@pytest.mark.parametrize("msg,name,number", NON_BVLC_FIELDS)
+def test_non_bvlc_field_numbers(msg, name, number):
+    assert _field(msg, name).number == number
+
+
 def test_file_identity():
     assert FILE.package == "caffe"
     assert FILE.syntax in ("", "proto2")

@@ -99,9 +99,11 @@ class LSTMUnitLayer(Layer):
 class _Recurrent(Layer):
     """Bottom/top layout, parameters and the carried state shared by RNN and LSTM.
 
-    A subclass sets ``states`` (hidden-state blobs carried between steps), ``gate_factor``
-    (rows of the input weights per output: 1 or 4), ``param_names`` and implements
-    ``run(x, cont, static_term, initial)`` and ``run_backward(...)``.
+    A subclass sets ``states`` (hidden states carried between steps: 1 or 2) and
+    ``gate_factor`` (rows of the input weights per output: 1 or 4), and implements
+    ``run(xp, inputs, cont, initial) -> (top 0, final states)`` on the (T, N, rows) input
+    projections (W x_t + b + static term) and ``run_backward(xp, d_top, d_final_states) ->
+    (d_inputs, d_initial_states)``, accumulating the gradients of its own weights.
     """
 
     min_bottoms = 2
