@@ -21,7 +21,8 @@ def randn(*shape):
 @pytest.mark.parametrize("axis", [0, 1, 2, -1])
 def test_reduction(op, axis):
     x = randn(2, 3, 4)
-    text = f'name: "r" type: "Reduction" reduction_param {{ operation: {op} axis: {axis} coeff: -1.5 }}'
+    text = (f'name: "r" type: "Reduction" '
+            f'reduction_param {{ operation: {op} axis: {axis} coeff: -1.5 }}')
     layer, bottom, top = make_layer(text, [x])
     y = forward(layer, bottom, top)[0]
     ax = axis % 3

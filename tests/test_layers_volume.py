@@ -85,7 +85,7 @@ def test_convolution_3d(geo):
                 pos = [o[a] * p["stride"][a] - p["pad"][a] + j[a] * p["dilation"][a]
                        for a in range(3)]
                 if all(0 <= pos[a] < x.shape[2 + a] for a in range(3)):
-                    total += w[m, c, j[0], j[1], j[2]] * x[n, g * per_group + c, pos[0], pos[1], pos[2]]
+                    total += w[(m, c) + j] * x[(n, g * per_group + c) + tuple(pos)]
             expect[(n, m) + o] = total
     np.testing.assert_allclose(y, expect, rtol=1e-10, atol=1e-12)
     check_gradient(layer, bottom, top)
@@ -103,7 +103,8 @@ def _geometry(geo):
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
 def test_pooling_3d(method):
     x = rs.standard_normal((1, 2, 4, 5, 3))
-    text = f'name: "p" type: "Pooling" pooling_param {{ pool: {method} kernel_size: 2 stride: 2 pad: 1 }}'
+    text = (f'name: "p" type: "Pooling" '
+            f'pooling_param {{ pool: {method} kernel_size: 2 stride: 2 pad: 1 }}')
     layer, bottom, top = make_layer(text, [x])
     y = forward(layer, bottom, top)[0]
     size, k, s, pad = x.shape[2:], 2, 2, 1

@@ -97,8 +97,9 @@ _PROD, _SUM, _MAX = 0, 1, 2
 @register("Eltwise")
 class EltwiseLayer(Layer):
     """Element-wise over equal-shaped bottoms: SUM ``sum_i c_i x_i`` (c_i = coeff, default 1),
-    PROD ``prod_i x_i``, MAX ``max_i x_i`` (coeff ignored, as Caffe); MAX routes the gradient to the winning bottom
-    (ties: bottom 1 beats bottom 0, later bottoms win only when strictly greater)."""
+    PROD ``prod_i x_i``, MAX ``max_i x_i`` (coeff accepted and ignored, as Caffe); MAX routes
+    the gradient to the winning bottom (ties: bottom 1 beats bottom 0, later bottoms win only
+    when strictly greater)."""
 
     min_bottoms = 2
     exact_tops = 1

@@ -157,7 +157,8 @@ class _Recurrent(Layer):
         self.steps, self.num = x.shape[:2]
         if self.static_input:
             s = bottom[2]
-            if s.num_axes < 1 or s.shape[0] != self.num or s.count_from(1) != self.blobs[2].shape[1]:
+            width = self.blobs[2].shape[1]
+            if s.num_axes < 1 or s.shape[0] != self.num or s.count_from(1) != width:
                 self.fail(f"x_static '{s.name}' of shape {s.shape} must be (N={self.num}, ...) "
                           f"with {self.blobs[2].shape[1]} values per stream")
         state_shape = (1, self.num, self.hidden)

@@ -129,7 +129,8 @@ class NdConvolutionLayer(Layer):
         self.dilation = _per_axis(self, p.dilation, "dilation", axes, 1)
         if min(self.kernel + self.stride + self.dilation) < 1:
             self.fail("kernel_size, stride and dilation must be positive", ConfigError)
-        self.channels, self.num_output, self.group = bottom[0].shape[self.axis], p.num_output, p.group
+        self.channels = bottom[0].shape[self.axis]
+        self.num_output, self.group = p.num_output, p.group
         if self.num_output < 1 or self.group < 1 or self.channels % self.group \
                 or self.num_output % self.group:
             self.fail(f"num_output {self.num_output} and channels {self.channels} must be "
