@@ -125,3 +125,20 @@ def test_detection_output_empty_and_errors():
         layer.backward(top, [True, False, False], bottom)
     with pytest.raises(Exception, match="conf"):
         make_layer(DETECT.format(keep=-1), [loc, conf[:, :9], prior], phase=TEST)
+
+
+def test_detection_output_per_class_boxes_without_threshold():
+    """share_location false: each class decodes its own offsets; with no confidence_threshold
+    every score (0 included) is a candidate, as SSD."""
+    text = ('name: "d" type: "DetectionOutput" detection_output_param { num_classes: 2 '
+            'share_location: false background_label_id: 0 code_type: CORNER '
+            'variance_encoded_in_target: true nms_param { nms_threshold: 0.5 } }')
+    priors = np.array([[0, 0, .4, .4], [.6, .6, 1, 1]])
+    loc = np.zeros((1, 2, 2, 4))                   # (image, prior, class, coordinate)
+    loc[0, 0, 1] = [.1, .1, .1, .1]                # class 1 shifts prior 0's box
+    loc[0, 0, 0] = [.5, .5, .5, .5]                # background offsets are never used
+    conf = np.array([[[.3, .7], [1.0, 0.0]]]).reshape(1, 4)
+    prior = np.stack([priors.ravel(), np.full(8, 0.1)])[None]
+    layer, bottom, top = make_layer(text, [loc.reshape(1, 16), conf, prior], phase=TEST)
+    y = forward(layer, bottom, top)[0][0, 0]
+    np.testing.assert_allclose(y, [[0, 1, .7, .1, .1, .5, .5], [0, 1, 0, .6, .6, 1, 1]])

@@ -244,10 +244,11 @@ class DetectionOutputLayer(Layer):
     """Bottoms: loc (N, P * L * 4), conf (N, P * classes), priors (1, 2, P * 4), with L = 1
     when share_location else classes, conf already a probability (SSD puts a Softmax before
     it). Per image: decode the boxes against the priors (code_type, variance), run NMS per
-    class except background_label_id over scores > confidence_threshold, then keep the
-    keep_top_k highest-scoring detections over all classes. Top (1, 1, D, 7), rows
-    [image, label, score, xmin, ymin, xmax, ymax] by image, then label, then NMS order; when
-    nothing is detected, one row per image [image, -1, ..., -1]. No backward."""
+    class except background_label_id over scores > confidence_threshold (all scores when it
+    is unset), then keep the keep_top_k highest-scoring detections over all classes (ties in
+    input order). Top (1, 1, D, 7), rows [image, label, score, xmin, ymin, xmax, ymax] by
+    image, then label, then NMS order; when nothing is detected, one row per image
+    [image, -1, ..., -1]. No backward."""
 
     exact_bottoms = 3
     exact_tops = 1
@@ -263,6 +264,8 @@ class DetectionOutputLayer(Layer):
         if nms_param.nms_threshold < 0 or not 0 < nms_param.eta <= 1:
             self.fail("nms_param needs nms_threshold >= 0 and 0 < eta <= 1", ConfigError)
         self.top_k = nms_param.top_k if nms_param.HasField("top_k") else -1
+        self.score_threshold = (p.confidence_threshold if p.HasField("confidence_threshold")
+                                else -math.inf)
 
     def reshape(self, bottom, top):
         loc, conf, prior = bottom
@@ -290,7 +293,7 @@ class DetectionOutputLayer(Layer):
             if label == p.background_label_id:
                 continue
             class_boxes = boxes[0 if self.loc_classes == 1 else label]
-            kept = nms(class_boxes, scores[:, label], p.confidence_threshold,
+            kept = nms(class_boxes, scores[:, label], self.score_threshold,
                        p.nms_param.nms_threshold, p.nms_param.eta, self.top_k)
             if kept:
                 found[label] = kept
