@@ -36,7 +36,7 @@ def test_normalize(across, shared):
 
 # -- PriorBox ---------------------------------------------------------------------------------
 PRIOR = """name: "p" type: "PriorBox" prior_box_param {
-  min_size: 2 max_size: 4 aspect_ratio: 2 aspect_ratio: 2 flip: true clip: false
+  min_size: 2.9 max_size: 4.5 aspect_ratio: 2 aspect_ratio: 2 flip: true clip: false
   variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 }"""
 
 
@@ -44,7 +44,8 @@ def test_prior_box():
     feat, img = np.zeros((1, 1, 2, 3)), np.zeros((1, 3, 8, 12))
     layer, bottom, top = make_layer(PRIOR, [feat, img], phase=TEST)
     y = forward(layer, bottom, top)[0]
-    # ratios 1, 2, 1/2 (the repeated 2 ignored) and one max box: 4 boxes per cell
+    # ratios 1, 2, 1/2 (the repeated 2 ignored) and one max box: 4 boxes per cell; sizes
+    # 2.9 and 4.5 are truncated to 2 and 4 as SSD's Caffe does
     assert y.shape == (1, 2, 2 * 3 * 4 * 4)
     boxes = y[0, 0].reshape(2, 3, 4, 4)
     # cell (0, 0): centre (2, 2) with step 4 in a 12 x 8 image

@@ -95,7 +95,8 @@ class PriorBoxLayer(Layer):
     ((w + offset) * step_w, (h + offset) * step_h) in image pixels (image size from img_size /
     img_h, img_w or bottom 1; step from step / step_h, step_w or image size / map size). Per
     min_size m (in order): a box m x m; when max_size M is given, sqrt(mM) x sqrt(mM); then for
-    every aspect ratio r != 1, m sqrt(r) wide by m / sqrt(r) high. Coordinates are divided by
+    every aspect ratio r != 1, m sqrt(r) wide by m / sqrt(r) high; m and M are truncated to
+    integers first, as SSD's Caffe does (``int min_size_``). Coordinates are divided by
     the image size (clipped to [0, 1] with ``clip``). Top (1, 2, 4 * boxes): channel 0 the
     boxes, channel 1 the variance (one value, or four, default 0.1) for every box."""
 
@@ -151,10 +152,10 @@ class PriorBoxLayer(Layer):
     def _sizes(self):
         """(width, height) of every box of one cell, in order."""
         sizes = []
-        for k, m in enumerate(self.min_sizes):
+        for k, m in enumerate(int(m) for m in self.min_sizes):
             sizes.append((m, m))
             if self.max_sizes:
-                side = math.sqrt(m * self.max_sizes[k])
+                side = math.sqrt(m * int(self.max_sizes[k]))
                 sizes.append((side, side))
             for r in self.ratios[1:]:
                 sizes.append((m * math.sqrt(r), m / math.sqrt(r)))
