@@ -114,8 +114,17 @@ def test_eltwise_bad_input():
         make_layer('name: "e" type: "Eltwise" eltwise_param { coeff: 1 }',
                    [randn(2, 3), randn(2, 3)])
     with pytest.raises(ConfigError, match="coeff"):
-        make_layer('name: "e" type: "Eltwise" eltwise_param { operation: MAX coeff: 1 coeff: 2 }',
+        make_layer('name: "e" type: "Eltwise" eltwise_param { operation: PROD coeff: 1 coeff: 2 }',
                    [randn(2, 3), randn(2, 3)])
+
+
+def test_eltwise_max_ignores_coeff():
+    # Caffe accepts coefficients with MAX and ignores them.
+    a, b = randn(2, 3), randn(2, 3)
+    text = 'name: "e" type: "Eltwise" eltwise_param { operation: MAX coeff: 3 coeff: -2 }'
+    layer, bottom, top = make_layer(text, [a, b])
+    np.testing.assert_array_equal(forward(layer, bottom, top)[0], np.maximum(a, b))
+    check_gradient(layer, bottom, top)
 
 
 # -- Concat / Slice ------------------------------------------------------------------------

@@ -289,6 +289,19 @@ CAFFE_MESSAGES = {
     "SPPParameter", "V1LayerParameter", "V0LayerParameter", "PReLUParameter",
 }
 
+# Non-BVLC messages (SSD, ShuffleNet, darknet2caffe, DeepLab forks) and their LayerParameter
+# field numbers in those forks (interp_param: 2143, as DeepLab's 143 is BVLC's input_param).
+NON_BVLC_MESSAGES = {
+    "UpsampleParameter", "ShuffleChannelParameter", "PermuteParameter", "NormalizeParameter",
+    "PriorBoxParameter", "NonMaximumSuppressionParameter", "ResizeParameter",
+    "SaveOutputParameter", "DetectionOutputParameter", "InterpParameter",
+}
+NON_BVLC_LAYER_PARAM_NUMBERS = {
+    "upsample_param": 149, "shuffle_channel_param": 164, "permute_param": 202,
+    "prior_box_param": 203, "detection_output_param": 204, "norm_param": 206,
+    "interp_param": 2143,
+}
+
 
 def test_generated_module_is_current():
     if importlib.util.find_spec("grpc_tools") is None:
@@ -300,10 +313,28 @@ def test_generated_module_is_current():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+# Field numbers inside the non-BVLC messages, as SSD's / DeepLab's / ShuffleNet's protos have them.
+NON_BVLC_FIELDS = [
+    ("PermuteParameter", "order", 1), ("NormalizeParameter", "channel_shared", 3),
+    ("NormalizeParameter", "eps", 4), ("PriorBoxParameter", "variance", 6),
+    ("PriorBoxParameter", "img_size", 7), ("PriorBoxParameter", "step", 10),
+    ("PriorBoxParameter", "offset", 13), ("NonMaximumSuppressionParameter", "eta", 3),
+    ("DetectionOutputParameter", "code_type", 6), ("DetectionOutputParameter", "keep_top_k", 7),
+    ("DetectionOutputParameter", "variance_encoded_in_target", 8),
+    ("DetectionOutputParameter", "confidence_threshold", 9), ("InterpParameter", "pad_end", 6),
+    ("UpsampleParameter", "scale", 1), ("ShuffleChannelParameter", "group", 1),
+]
+
+
+@pytest.mark.parametrize("msg,name,number", NON_BVLC_FIELDS)
+def test_non_bvlc_field_numbers(msg, name, number):
+    assert _field(msg, name).number == number
+
+
 def test_file_identity():
     assert FILE.package == "caffe"
     assert FILE.syntax in ("", "proto2")
-    assert {m.name for m in FILE.message_type} == CAFFE_MESSAGES
+    assert {m.name for m in FILE.message_type} == CAFFE_MESSAGES | NON_BVLC_MESSAGES
     assert [e.name for e in FILE.enum_type] == ["Phase"]
 
 
@@ -334,13 +365,14 @@ def test_field(msg, name, number, ftype, label, default, packed, type_name):
 
 def test_layer_parameter_type_specific_numbers():
     fields = {f.name: f for f in _message("LayerParameter").field}
-    for name, number in LAYER_PARAM_NUMBERS.items():
+    numbers = {**LAYER_PARAM_NUMBERS, **NON_BVLC_LAYER_PARAM_NUMBERS}
+    for name, number in numbers.items():
         assert fields[name].number == number, name
         assert fields[name].label == OPT, name
     # Nothing beyond the common fields and the type-specific ones.
     common = {"name", "type", "bottom", "top", "phase", "loss_weight", "param",
               "blobs", "propagate_down", "include", "exclude"}
-    assert set(fields) == common | set(LAYER_PARAM_NUMBERS)
+    assert set(fields) == common | set(numbers)
 
 
 def test_field_numbers_unique_per_message():

@@ -98,8 +98,9 @@ _PROD, _SUM, _MAX = 0, 1, 2
 @register("Eltwise")
 class EltwiseLayer(Layer):
     """Element-wise over equal-shaped bottoms: SUM ``sum_i c_i x_i`` (c_i = coeff, default 1),
-    PROD ``prod_i x_i``, MAX ``max_i x_i``; MAX routes the gradient to the winning bottom
-    (ties: bottom 1 beats bottom 0, later bottoms win only when strictly greater)."""
+    PROD ``prod_i x_i``, MAX ``max_i x_i`` (coeff accepted and ignored, as Caffe); MAX routes
+    the gradient to the winning bottom (ties: bottom 1 beats bottom 0, later bottoms win only
+    when strictly greater)."""
 
     min_bottoms = 2
     exact_tops = 1
@@ -108,8 +109,8 @@ class EltwiseLayer(Layer):
         p = self.param.eltwise_param
         self.operation = p.operation
         self.stable_prod_grad = p.stable_prod_grad
-        if p.coeff and self.operation != _SUM:
-            self.fail("coeff is only allowed with operation SUM", ConfigError)
+        if p.coeff and self.operation == _PROD:  # MAX accepts and ignores them, as Caffe
+            self.fail("coeff is not allowed with operation PROD", ConfigError)
         if p.coeff and len(p.coeff) != len(bottom):
             self.fail(f"has {len(p.coeff)} coeff values for {len(bottom)} bottoms "
                       "(give one per bottom)", ConfigError)

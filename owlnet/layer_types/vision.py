@@ -6,6 +6,7 @@ import math
 from .. import backend, kernels
 from ..errors import ConfigError
 from ..proto import caffe_pb2
+from . import stochastic_pooling, volume
 from .base import Layer, register
 
 # Largest im2col buffer (elements) built at once; bigger batches are processed in chunks.
@@ -52,8 +53,7 @@ class _ConvolutionBase(Layer):
         self.axis = bottom[0].canonical_axis(p.axis)
         spatial_axes = bottom[0].num_axes - self.axis - 1
         if spatial_axes != 2:
-            self.fail(f"only 2 spatial axes are supported, bottom shape {bottom[0].shape} with "
-                      f"channel axis {self.axis} has {spatial_axes}", ConfigError)
+            return volume.adopt_nd(self, bottom, top)
         self.kernel = self._pair(p, "kernel_size", "kernel_h", "kernel_w", None)
         self.stride = self._pair(p, "stride", "stride_h", "stride_w", 1)
         self.pad = self._pair(p, "pad", "pad_h", "pad_w", 0)
@@ -295,7 +295,8 @@ class PoolingLayer(Layer):
     and the last window would start at or beyond H + p (each axis checked, as Caffe).
     MAX: max over in-image pixels (first in row-major order on ties); optional top 1 = its
     index h*W + w. AVE: sum of in-image pixels / ((min(hs + kh, H + p) - hs) *
-    (min(ws + kw, W + p) - ws)), hs/ws the unclipped window start.
+    (min(ws + kw, W + p) - ws)), hs/ws the unclipped window start. STOCHASTIC: see
+    stochastic_pooling; other than 2 spatial axes: volume.NdPoolingLayer.
     """
 
     exact_bottoms = 1
@@ -303,10 +304,10 @@ class PoolingLayer(Layer):
     max_tops = 2
 
     def layer_setup(self, bottom, top):
+        if bottom[0].num_axes != 4:
+            return volume.adopt_nd(self, bottom, top)
         p = self.param.pooling_param
         self.method = p.pool
-        if self.method == _POOL.STOCHASTIC:
-            self.fail("STOCHASTIC pooling is not supported", ConfigError)
         if len(top) == 2 and self.method != _POOL.MAX:
             self.fail("only MAX pooling has a second (argmax mask) top", ConfigError)
         self.global_pooling = p.global_pooling
@@ -337,6 +338,8 @@ class PoolingLayer(Layer):
                 self.fail(f"pad {self.pad} must be smaller than kernel {self.kernel}",
                           ConfigError)
         self.ceil_mode = p.round_mode == _POOL.CEIL
+        if self.method == _POOL.STOCHASTIC:
+            stochastic_pooling.check(self)
 
     def _pair(self, p, field):
         """``field`` for both axes, or ``field_h`` and ``field_w`` given together (Caffe)."""
@@ -402,6 +405,8 @@ class PoolingLayer(Layer):
 
     # -- forward / backward ------------------------------------------------------------------
     def forward(self, bottom, top):
+        if self.method == _POOL.STOCHASTIC:
+            return stochastic_pooling.forward(self, bottom, top)
         x = bottom[0].data
         xp = backend.array_module(x)
         kh, kw = self.kernel
@@ -429,6 +434,8 @@ class PoolingLayer(Layer):
             top[1].data[...] = (rows + self.argmax // kw) * x.shape[3] + cols + self.argmax % kw
 
     def backward(self, top, propagate_down, bottom):
+        if self.method == _POOL.STOCHASTIC:
+            return stochastic_pooling.backward(self, top, propagate_down, bottom)
         if not propagate_down[0]:
             return
         dy = top[0].diff
