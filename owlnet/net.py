@@ -461,7 +461,6 @@ class Net:
                 blob.data[...] = backend.to_device(array.reshape(blob.shape))
         return reinitialised
 
-<<<<<<< HEAD
     # -- HDF5 weights (pycaffe's save_hdf5 / load_hdf5; the layout is in owlnet.snapshot) ---
     def save_hdf5(self, path, write_diff: bool = False) -> None:
         """Write the weights as Caffe's HDF5 weights file (Net::ToHDF5), atomically."""
@@ -478,7 +477,6 @@ class Net:
         for layer in self.layers:
             if hasattr(layer, "close"):
                 layer.close()
-=======
     # -- pycaffe's Python-side extras -------------------------------------------------------
     @property
     def _blob_names(self) -> list:
@@ -547,7 +545,6 @@ def _stack(parts: list, count):
         return np.asarray(parts)
     joined = np.concatenate(parts)
     return joined if count is None else joined[:count]
->>>>>>> pycaffe
 
 
 def _shapes_match(proto, file_shape, net_shape) -> bool:
