@@ -91,10 +91,13 @@ class Net:
 
     ``Net(model_file, phase)``, ``Net(model_file, weights, phase)`` or keywords
     ``phase=``, ``weights=``, ``level=``, ``stages=``; ``model_file`` may also be prototxt
-    text or a NetParameter.
+    text or a NetParameter. With ``source`` (the ``config.Source`` that ``config.read_net``
+    returned with it), ``network`` is a NetParameter already read and upgraded, used as it is
+    (so a solver parses each net file once).
     """
 
-    def __init__(self, network, *args, phase=None, weights=None, level=None, stages=()):
+    def __init__(self, network, *args, phase=None, weights=None, level=None, stages=(),
+                 source=None):
         if len(args) == 1:
             phase = args[0]
         elif len(args) == 2:
@@ -103,7 +106,12 @@ class Net:
             raise TypeError("Net(model_file, phase) or Net(model_file, weights, phase)")
         if phase not in (TRAIN, TEST):
             raise ConfigError("Net needs phase=owlnet.TRAIN or owlnet.TEST")
-        param, self.source = config.read_net(network)
+        if source is None:
+            param, self.source = config.read_net(network)
+        elif isinstance(network, caffe_pb2.NetParameter):
+            param, self.source = network, source
+        else:
+            raise TypeError("Net(..., source=) takes the NetParameter that config.read_net read")
         state = config.make_state(param, phase, level, stages)
         param, kept = config.filter_net(param, state, self.source)
         self.phase = phase

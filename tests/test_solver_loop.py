@@ -378,3 +378,23 @@ def test_loss_of_a_top_that_is_not_an_output_counts(log, tmp_path):
 def test_zero_test_iter_tests_nothing(log, net_file, tmp_path):
     solver = get_solver(solver_text(net_file, tmp_path, test_interval=100, test_iter=0))
     assert solver.test(0) == {}
+
+
+def test_each_file_is_parsed_once(log, net_file, tmp_path, monkeypatch):
+    """The solver file and the net file (train net, two test nets, a data-parallel replica)
+    are each parsed once; error messages still name the net file's lines."""
+    from owlnet import config
+    parsed = []
+    real_parse = config.parse_text
+    monkeypatch.setattr(config, "parse_text",
+                        lambda text, message, name="<string>": parsed.append(name)
+                        or real_parse(text, message, name))
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(solver_text(net_file, tmp_path, test_iter="1\ntest_iter: 1",
+                                       test_interval=5))
+    solver = get_solver(str(solver_file))
+    solver.files.build_train_net()
+    assert len(solver.test_nets) == 2
+    assert parsed == [str(solver_file), str(net_file)]
+    assert solver.net.source.name == str(net_file)
+    assert solver.net.source.layer_line(1) == f"{net_file}:7"

@@ -28,34 +28,20 @@ from ..proto import caffe_pb2
 from . import updates
 from .lr_policy import LearningRate
 
-_LEGACY_TYPES = {
-    caffe_pb2.SolverParameter.SGD: "SGD",
-    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
-    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
-    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
-    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
-    caffe_pb2.SolverParameter.ADAM: "Adam",
-}
 ACTIONS = ("none", "stop", "snapshot")
 
 
 def read_solver_param(source) -> caffe_pb2.SolverParameter:
     """A SolverParameter from a path, prototxt text or message (a copy), with the legacy
-    ``solver_type`` turned into ``type``."""
-    param, where = config.read_solver(source)
-    upgrade_solver_type(param, where=where.name)
-    return param
+    ``solver_type`` turned into ``type`` (``config.upgrade_solver_type``)."""
+    return config.read_solver(source)[0]
 
 
-def upgrade_solver_type(param, where: str = "solver") -> None:
-    """Caffe's upgrade: the legacy ``solver_type`` enum becomes the ``type`` string."""
-    if not param.HasField("solver_type"):
-        return
-    if param.HasField("type"):
-        raise ConfigError(f"{where}: the legacy solver_type and the new type cannot both be "
-                          "given; keep type")
-    param.type = _LEGACY_TYPES[param.solver_type]
-    param.ClearField("solver_type")
+def _solver_folder(source) -> str | None:
+    """The folder of a solver file, or None when ``source`` is text or a message."""
+    is_path = isinstance(source, os.PathLike) or (
+        isinstance(source, str) and os.path.isfile(source))
+    return os.path.dirname(os.path.abspath(source)) if is_path else None
 
 
 class SolverFiles:
@@ -66,6 +52,7 @@ class SolverFiles:
     def __init__(self, param, source_dir: str | None = None):
         self.param = param
         self.source_dir = source_dir
+        self._nets: dict = {}         # (field, index) -> (NetParameter, Source, description)
 
     def find(self, path: str, what: str) -> str:
         """``path`` relative to the current directory, else to the solver's folder or a parent."""
@@ -99,24 +86,31 @@ class SolverFiles:
         return prefix
 
     def net_source(self, field: str, index: int | None = None):
-        """What solver field ``field`` names: a prototxt path (found as ``find`` says) or a
-        NetParameter; with the NetParameter itself (for its ``state``) and a description."""
-        value = getattr(self.param, field)
-        if index is not None:
-            value = value[index]
-        if isinstance(value, str):
-            path = self.find(value, f"{field} file")
-            return path, config.read_net(path)[0], f"{field} file: {path}"
-        return value, value, field
+        """What solver field ``field`` names, read once (later calls hand on the same message):
+        the NetParameter (a prototxt path found as ``find`` says, or the message itself), its
+        ``config.Source`` and a description for the log."""
+        key = (field, index)
+        if key not in self._nets:
+            value = getattr(self.param, field)
+            if index is not None:
+                value = value[index]
+            if isinstance(value, str):
+                path = self.find(value, f"{field} file")
+                self._nets[key] = (*config.read_net(path), f"{field} file: {path}")
+            else:
+                self._nets[key] = (*config.read_net(value), field)
+        return self._nets[key]
 
-    def build_net(self, source, net_param, phase, extra_state):
-        """A Net in Caffe's merged NetState: ``phase``, then the net's own ``state``, then
-        the solver's ``train_state``/``test_state`` (later ones win)."""
+    def build_net(self, net_param, source, phase, extra_state):
+        """A Net of ``net_param`` (read from ``source``) in Caffe's merged NetState:
+        ``phase``, then the net's own ``state``, then the solver's ``train_state``/
+        ``test_state`` (later ones win)."""
         state = caffe_pb2.NetState(phase=phase)
         state.MergeFrom(net_param.state)
         if extra_state is not None:
             state.MergeFrom(extra_state)
-        net = Net(source, phase=state.phase, level=state.level, stages=tuple(state.stage))
+        net = Net(net_param, source=source, phase=state.phase, level=state.level,
+                  stages=tuple(state.stage))
         for entry in self.param.weights:
             for path in entry.split(","):
                 net.copy_from(self.find(path, "weights file"))
@@ -130,10 +124,10 @@ class SolverFiles:
             raise ConfigError("the solver must name exactly one train net with one of net, "
                               f"net_param, train_net, train_net_param (it names: "
                               f"{', '.join(fields) or 'none'})")
-        source, net_param, description = self.net_source(fields[0])
+        net_param, source, description = self.net_source(fields[0])
         if log:
             owl_logging.info(f"Creating training net from {description}")
-        return self.build_net(source, net_param, caffe_pb2.TRAIN, p.train_state)
+        return self.build_net(net_param, source, caffe_pb2.TRAIN, p.train_state)
 
     def build_test_nets(self) -> list:
         """The test nets, as Caffe's InitTestNets: test_net(_param) entries, then the generic
@@ -158,10 +152,10 @@ class SolverFiles:
             raise ConfigError(f"{len(sources)} test net(s) need test_interval > 0")
         nets = []
         for i, (field, index) in enumerate(sources):
-            source, net_param, description = self.net_source(field, index)
+            net_param, source, description = self.net_source(field, index)
             owl_logging.info(f"Creating test net (#{i}) specified by {description}")
             extra = p.test_state[i] if p.test_state else None
-            nets.append(self.build_net(source, net_param, caffe_pb2.TEST, extra))
+            nets.append(self.build_net(net_param, source, caffe_pb2.TEST, extra))
         return nets
 
 
@@ -179,10 +173,8 @@ class Solver:
 
     rule_class: type[updates.UpdateRule] = updates.SGD
 
-    def __init__(self, param, action_callback=None):
-        is_path = isinstance(param, os.PathLike) or (
-            isinstance(param, str) and os.path.isfile(param))
-        source_dir = os.path.dirname(os.path.abspath(param)) if is_path else None
+    def __init__(self, param, action_callback=None, source_dir: str | None = None):
+        source_dir = source_dir or _solver_folder(param)
         self.param = param = read_solver_param(param)
         self.files = SolverFiles(param, source_dir)
         self.action_callback = action_callback
@@ -479,11 +471,11 @@ SOLVERS = {cls.rule_class.type: cls for cls in (SGDSolver, NesterovSolver, AdaGr
 
 def get_solver(path_or_param, action_callback=None) -> Solver:
     """The solver its ``type`` (or legacy ``solver_type``) names, from a path, prototxt text or
-    SolverParameter."""
+    SolverParameter (read once: the solver gets the message and the file's folder)."""
     param = read_solver_param(path_or_param)
     try:
         cls = SOLVERS[param.type]
     except KeyError:
         raise ConfigError(f"unknown solver type {param.type!r} (known types: "
                           f"{', '.join(SOLVERS)})") from None
-    return cls(path_or_param, action_callback=action_callback)
+    return cls(param, action_callback=action_callback, source_dir=_solver_folder(path_or_param))
