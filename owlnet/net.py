@@ -19,6 +19,7 @@ from . import backend, config, fileio
 from .blob import Blob
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
 from .layer_types import create_layer
+from .layer_types.base import DataSource
 from .proto import caffe_pb2
 
 TRAIN = caffe_pb2.TRAIN
@@ -131,6 +132,7 @@ class Net:
         self._split_layers = set()
         self.inputs, available = [], OrderedDict()
         self.learnable_params, self.params_lr, self.params_weight_decay = [], [], []
+        self.param_layers = []                  # per learnable param: the owning layer's index
         self.params: OrderedDict[str, list] = OrderedDict()
         self._param_owner = {}                  # param name -> (layer, blob, learnable index)
         self._explicit_mults = []               # per learnable param: mults given explicitly
@@ -220,6 +222,7 @@ class Net:
                 if spec.name:
                     self._param_owner[spec.name] = (lp.name, blob, len(self.learnable_params))
                 self.learnable_params.append(blob)
+                self.param_layers.append(len(self.layers))
                 self.params_lr.append(float(mults["lr_mult"]))
                 self.params_weight_decay.append(float(mults["decay_mult"]))
                 self._explicit_mults.append(given)
@@ -396,15 +399,20 @@ class Net:
                 mine.share_data(theirs)
 
     # -- data positions (for exact resume) --------------------------------------------------
+    def data_sources(self) -> OrderedDict:
+        """The layers that read batches from a source (``DataSource``), by name, in order."""
+        return OrderedDict((name, layer) for name, layer in self.layer_dict.items()
+                           if isinstance(layer, DataSource))
+
     def data_state(self) -> dict:
-        return {name: layer.state() for name, layer in self.layer_dict.items()
-                if hasattr(layer, "state")}
+        """Each data source's position, by layer name (for exact resume)."""
+        return {name: layer.state() for name, layer in self.data_sources().items()}
 
     def restore_data_state(self, states: dict) -> None:
+        sources = self.data_sources()
         for name, state in states.items():
-            layer = self.layer_dict.get(name)
-            if layer is not None and hasattr(layer, "restore_state"):
-                layer.restore_state(state)
+            if name in sources:
+                sources[name].restore_state(state)
 
     # -- weights ----------------------------------------------------------------------------
     def to_proto(self, write_diff: bool = False):

@@ -171,7 +171,7 @@ def test_cli_n2_trains(lmdb_path, tmp_path):
 
 def test_local_reducer_sums_into_slice_zero():
     buffers = [np.arange(6, dtype=np.float32) * (d + 1) for d in range(3)]
-    parallel.LocalReducer().start(buffers, 2, 5)
+    parallel.LocalReducer().start([buffers], 2, 5)
     np.testing.assert_array_equal(buffers[0], [0, 1, 12, 18, 24, 5])
 
 
@@ -355,3 +355,33 @@ def test_nccl_slices_on_two_gpus_equal_one_gpu(lmdb_path, tmp_path, reference):
 
 def test_training_error_is_typed():
     assert issubclass(TrainingError, owlnet.errors.OwlnetError)
+
+
+def test_the_step_executor_is_single_device_unless_attached(lmdb_path, tmp_path):
+    solver = get_solver(str(make_solver(tmp_path, lmdb_path)))
+    assert isinstance(solver.executor, parallel.SingleDevice) and solver.parallel is None
+    assert list(solver.net.data_sources()) == ["data"]
+    slices = parallel.DataParallel(solver, [None] * 2)
+    solver.parallel = slices
+    try:
+        assert solver.executor is slices and slices.slices == 2 and slices.holders == [0]
+        assert slices.nets[1].layer_dict["data"].batch_size == 6
+    finally:
+        slices.close()
+    solver.parallel = None
+    assert isinstance(solver.executor, parallel.SingleDevice)
+
+
+def test_a_source_that_cannot_be_sliced_is_an_error(tmp_path):
+    net = tmp_path / "memory.prototxt"
+    net.write_text('layer { name: "m" type: "MemoryData" top: "data" top: "label" '
+                   'memory_data_param { batch_size: 4 channels: 1 height: 2 width: 2 } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                   'inner_product_param { num_output: 2 } }\n'
+                   'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
+                   'top: "loss" }')
+    solver = get_solver(f'net: "{net}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\n'
+                        'snapshot_after_train: false')
+    assert list(solver.net.data_sources()) == ["m"]
+    with pytest.raises(ConfigError, match=r"layer 'm' \(MemoryData\) cannot be read in shares"):
+        parallel.DataParallel(solver, [None] * 2)

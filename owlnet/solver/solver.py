@@ -11,7 +11,9 @@ One iteration of :meth:`Solver.step`, as Caffe: clear the parameter diffs; test 
 ``test_interval`` iterations (also at 0 when ``test_initialization``); ``iter_size`` times
 forward/backward, averaging the loss; log every ``display`` iterations the loss smoothed over
 the last ``average_loss`` iterations and each train output; apply the update; ``iter += 1``;
-snapshot every ``snapshot`` iterations or when the action callback asks.
+snapshot every ``snapshot`` iterations or when the action callback asks. The device work of
+the iteration goes through the solver's step executor (``owlnet.parallel.executors``): one
+device by default, or the data-parallel one attached as ``solver.parallel``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .. import backend, config, snapshot
 from .. import logging as owl_logging
 from ..errors import ConfigError, SnapshotError, TrainingError
 from ..net import Net
+from ..parallel.executors import SingleDevice
 from ..proto import caffe_pb2
 from . import updates
 from .lr_policy import LearningRate
@@ -165,10 +168,11 @@ class Solver:
     ``action_callback()`` (optional) is asked after each iteration and during testing and
     returns "none", "stop" or "snapshot" (Caffe's SolverAction for SIGINT/SIGHUP).
     ``on_iteration`` is a list of callables, each called with the solver after every
-    iteration (a progress bar, say). ``parallel`` (None, or an ``owlnet.parallel.DataParallel``
-    attached before ``solve``) spreads each batch over devices and ranks: it runs the slices'
-    forward/backward, reduces their gradients before the update, and agrees on the actions;
-    only the primary rank (rank 0) tests and snapshots.
+    iteration (a progress bar, say). ``executor`` runs each iteration's device work
+    (``owlnet.parallel.StepExecutor``); ``parallel`` (None, or a data-parallel executor from
+    ``owlnet.parallel.DataParallel`` attached before ``solve``) spreads each batch over devices
+    and ranks: it runs the slices' forward/backward, reduces their gradients before the update,
+    and agrees on the actions; only the primary rank (rank 0) tests and snapshots.
     """
 
     rule_class: type[updates.UpdateRule] = updates.SGD
@@ -179,7 +183,6 @@ class Solver:
         self.files = SolverFiles(param, source_dir)
         self.action_callback = action_callback
         self.on_iteration: list = []
-        self.parallel = None
         if param.average_loss < 1:
             raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
         if param.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
@@ -191,7 +194,8 @@ class Solver:
         self.net = self.files.build_train_net(log=True)
         self.test_nets = self.files.build_test_nets()
         owl_logging.info("Solver scaffolding done.")
-        self.rule = self.rule_class(param, self.net)
+        self.rule = self.build_rule(self.net)
+        self.parallel = None
         self.lr = LearningRate(param)
         self.iter = 0
         self.smoothed_loss = 0.0
@@ -207,10 +211,24 @@ class Solver:
         """Another train net as the solver file describes it (data-parallel slices use it)."""
         return self.files.build_train_net()
 
+    def build_rule(self, net: Net) -> updates.UpdateRule:
+        """An update rule of this solver's type for ``net`` (with its own history)."""
+        return self.rule_class(self.param, net)
+
+    @property
+    def parallel(self):
+        """The data-parallel executor attached, or None (then one device runs the step)."""
+        return self._parallel
+
+    @parallel.setter
+    def parallel(self, executor) -> None:
+        self._parallel = executor
+        self.executor = executor or SingleDevice(self.net, self.rule)
+
     @property
     def is_primary(self) -> bool:
         """Whether this process tests and snapshots (rank 0 of a distributed run)."""
-        return self.parallel is None or self.parallel.is_primary
+        return self.executor.is_primary
 
     # -- the loop ---------------------------------------------------------------------------
     def solve(self, resume_file=None) -> None:
@@ -221,8 +239,7 @@ class Solver:
         if resume_file:
             owl_logging.info(f"Restoring previous solver status from {resume_file}")
             self.restore(resume_file)
-        if self.parallel is not None:
-            self.parallel.synchronize()
+        self.executor.synchronize()
         start_iter = self.iter
         self.step(self.param.max_iter - self.iter)
         p = self.param
@@ -233,10 +250,7 @@ class Solver:
             owl_logging.info("Optimization stopped early.")
             return
         if p.display and self.iter % p.display == 0:
-            if self.parallel is None:
-                loss = float(self.net.forward_range(0, len(self.net.layers) - 1))
-            else:
-                loss = self.parallel.forward_loss()
+            loss = self.executor.forward_loss()
             self._update_smoothed_loss(loss, start_iter)
             owl_logging.info(f"Iteration {self.iter}, loss = {owl_logging.num(self.smoothed_loss)}")
         if p.test_interval and self.iter % p.test_interval == 0 and self.is_primary:
@@ -252,26 +266,21 @@ class Solver:
         self.smoothed_loss = 0.0
         timer_start = time.perf_counter()
         iterations_last = self.iter
-        parallel = self.parallel
+        executor = self.executor
         while self.iter < stop_iter:
-            self.net.clear_param_diffs()
-            if parallel is not None:
-                parallel.clear_param_diffs()
+            executor.clear_param_diffs()
             if (p.test_interval and self.iter % p.test_interval == 0
-                    and (self.iter > 0 or p.test_initialization) and self.is_primary):
-                self.test_all()
-                if self.requested_early_exit and parallel is None:
-                    break   # with several ranks, the stop is agreed on after this iteration
+                    and (self.iter > 0 or p.test_initialization)):
+                if self.is_primary:
+                    self.test_all()
+                if executor.agree("stop" if self.requested_early_exit else "none") == "stop":
+                    self.requested_early_exit = True
+                    break
             display = bool(p.display) and self.iter % p.display == 0
             loss = 0.0
             for k in range(p.iter_size):
-                if parallel is None:
-                    loss += self.net.forward_backward()
-                else:
-                    loss += parallel.forward_backward(reduce=k == p.iter_size - 1)
-            loss /= p.iter_size
-            if parallel is not None:
-                loss = parallel.reduce(loss)
+                loss += executor.forward_backward(self.iter, reduce=k == p.iter_size - 1)
+            loss = executor.reduce(loss / p.iter_size)
             if not math.isfinite(loss):
                 raise TrainingError(f"iteration {self.iter}: the loss is {loss}; training "
                                     "stopped (no snapshot written of these weights)")
@@ -288,9 +297,7 @@ class Solver:
             self.iter += 1
             for callback in self.on_iteration:
                 callback(self)
-            request = self._requested_action()
-            if parallel is not None:
-                request = parallel.agree("stop" if self.requested_early_exit else request)
+            request = executor.agree(self._requested_action())
             if ((p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot") \
                     and self.is_primary:
                 self._snapshot_during_training()
@@ -303,9 +310,7 @@ class Solver:
         rate = self.lr.rate(self.iter)
         if self.param.display and self.iter % self.param.display == 0:
             owl_logging.info(owl_logging.lr_line(self.iter, rate))
-        self.rule.apply(self.net, rate, self.iter)
-        if self.parallel is not None:
-            self.parallel.apply_update(rate, self.iter)
+        self.executor.update(rate, self.iter)
 
     def _update_smoothed_loss(self, loss: float, start_iter: int) -> None:
         average = self.param.average_loss
