@@ -16,6 +16,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import backend, config, fileio
+from .arena import ParamArena
 from .blob import Blob
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
 from .layer_types import create_layer
@@ -133,6 +134,7 @@ class Net:
         self.inputs, available = [], OrderedDict()
         self.learnable_params, self.params_lr, self.params_weight_decay = [], [], []
         self.param_layers = []                  # per learnable param: the owning layer's index
+        self._param_views = []                  # PERMISSIVE sharers: (blob, index, shape)
         self.params: OrderedDict[str, list] = OrderedDict()
         self._param_owner = {}                  # param name -> (layer, blob, learnable index)
         self._explicit_mults = []               # per learnable param: mults given explicitly
@@ -153,6 +155,8 @@ class Net:
         self.outputs = list(available)
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         self._find_backward_layers()
+        self.arena = ParamArena(self.learnable_params, self.params_lr, self.params_weight_decay,
+                                self.param_layers, self._param_views)
 
     def _add_layer(self, lp, where, available):
         index = len(self.layers)
@@ -233,7 +237,11 @@ class Net:
                 raise ShapeError(f"layer '{lp.name}' shares param '{spec.name}' of shape "
                                  f"{blob.shape} with layer '{owner_layer}', whose shape is "
                                  f"{owner.shape}")
-            layer.blobs[k] = owner if strict else _reshaped_view(owner, blob.shape)
+            if strict:
+                layer.blobs[k] = owner
+            else:
+                layer.blobs[k] = Blob((), name=owner.name)   # bound to the arena below
+                self._param_views.append((layer.blobs[k], index, blob.shape))
             for field, values in (("lr_mult", self.params_lr),
                                   ("decay_mult", self.params_weight_decay)):
                 if field not in given:
@@ -375,13 +383,7 @@ class Net:
 
     # -- learning ---------------------------------------------------------------------------
     def clear_param_diffs(self):
-        for blob in self.learnable_params:
-            blob.diff[...] = 0
-
-    def update(self):
-        """data -= diff for every learnable parameter (in place, so shared arrays follow)."""
-        for blob in self.learnable_params:
-            backend.array_module(blob.data).subtract(blob.data, blob.diff, out=blob.data)
+        self.arena.diff[...] = 0
 
     def share_trained_layers(self, other: "Net"):
         """Use ``other``'s parameter values in this net's layers of the same name."""
@@ -482,10 +484,3 @@ def _shapes_match(proto, file_shape, net_shape) -> bool:
         return False
     return file_shape == (1,) * (4 - len(net_shape)) + tuple(net_shape)
 
-
-def _reshaped_view(owner: Blob, shape) -> Blob:
-    """A Blob of ``shape`` sharing ``owner``'s data and diff (PERMISSIVE parameter sharing)."""
-    view = Blob((), name=owner.name)
-    view._data = owner.data.reshape(shape)
-    view._diff = owner.diff.reshape(shape)
-    return view

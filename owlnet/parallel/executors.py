@@ -165,12 +165,8 @@ class Slices(StepExecutor):
         nets = [self.net] + replicas
         for d, net in enumerate(replicas, start=1):
             holder = nets[self._holder(d)]
-            if holder is net:
-                continue
-            for mine, theirs in zip(net.layers, holder.layers):
-                for k, (blob, source) in enumerate(zip(mine.blobs, theirs.blobs)):
-                    if mine.param_propagate_down[k]:
-                        blob.share_data(source)
+            if holder is not net:
+                net.arena.share_learned_data(holder.arena)
         return replicas
 
     def _shard(self, net, d):
@@ -184,52 +180,26 @@ class Slices(StepExecutor):
                 raise ConfigError(f"{exc} ({where})") from None
 
     def _plan_buckets(self):
-        """Order the learned parameters (lr_mult != 0) by when backward completes them (the
-        layer owning them), one flat gradient buffer per slice in that order, and a bucket
-        per owning layer."""
-        net = self.net
-        params = net.learnable_params
-        order = sorted((i for i in range(len(params)) if net.params_lr[i] != 0),
-                       key=lambda i: -net.param_layers[i])
-        self.segments = []                         # (param index, lo, hi) in buffer order
-        self.buckets = {}                          # layer index -> (lo, hi)
-        offset = 0
-        for i in order:
-            count = params[i].count
-            self.segments.append((i, offset, offset + count))
-            lo, _ = self.buckets.get(net.param_layers[i], (offset, offset))
-            self.buckets[net.param_layers[i]] = (lo, offset + count)
-            offset += count
-        dtype = params[0].data.dtype if params else np.float32
-        self.buffers = []
-        for d in range(len(self.nets)):
-            with self.device_scope(d):
-                self.buffers.append(backend.xp().zeros(offset, dtype=dtype))
+        """Ranges of the parameter arena's diff to reduce after each layer's backward."""
+        self.buckets = self.net.arena.buckets()
+        self.diffs = [[self.nets[d].arena.diff for d in group] for group in self.groups]
 
     # -- running ----------------------------------------------------------------------------
     def synchronize(self) -> None:
-        primary = self.net
-        for layer in primary.layers:
-            for blob in layer.blobs:
-                host = np.ascontiguousarray(backend.to_host(blob.data))
-                self.reducer.broadcast(host)
-                blob.data[...] = backend.to_device(host)
-        for history in self.rule.history:
-            host = np.ascontiguousarray(backend.to_host(history))
+        primary = self.net.arena
+        for buffer in [primary.data] + self.rule.history_buffers:
+            host = np.ascontiguousarray(backend.to_host(buffer))
             self.reducer.broadcast(host)
-            history[...] = backend.to_device(host)
-        states = [source.state() for source in primary.data_sources().values()]
+            buffer[...] = backend.to_device(host)
+        states = [source.state() for source in self.net.data_sources().values()]
         numbers = np.array([[s["batches"], s["seed"]] for s in states], dtype=np.int64)
         self.reducer.broadcast(numbers)
         for d, net in enumerate(self.nets):
             with self.device_scope(d):
                 if d:
-                    for mine, theirs in zip(net.layers, primary.layers):
-                        for blob, source in zip(mine.blobs, theirs.blobs):
-                            if blob.data is not source.data:
-                                blob.data[...] = backend.to_device(backend.to_host(source.data))
-                if d in self.rules and d:
-                    self.rules[d].set_history([backend.to_host(h) for h in self.rule.history])
+                    net.arena.data[...] = backend.to_device(backend.to_host(primary.data))
+                if d and d in self.rules:
+                    self.rules[d].copy_history(self.rule)
                 for source, (batches, seed) in zip(net.data_sources().values(),
                                                    numbers.tolist()):
                     source.restore_state({"batches": batches, "seed": seed})
@@ -250,31 +220,17 @@ class Slices(StepExecutor):
             for d, net in enumerate(self.nets):
                 with self.device_scope(d):
                     net.backward_range(li, li)
-            if reduce and li in self.buckets:
-                lo, hi = self.buckets[li]
-                self._pack(lo, hi)
-                self.reducer.start([[self.buffers[d] for d in group] for group in self.groups],
-                                   lo, hi)
+            if reduce:
+                for lo, hi in self.buckets.get(li, ()):
+                    self.reducer.start(self.diffs, lo, hi)
         return sum(float(loss) for loss in losses)
-
-    def _pack(self, lo, hi):
-        for d, net in enumerate(self.nets):
-            params, buffer = net.learnable_params, self.buffers[d]
-            with self.device_scope(d):
-                for i, start, end in self.segments:
-                    if lo <= start < hi:
-                        buffer[start:end] = params[i].diff.ravel()
 
     def reduce(self, loss):
         self.reducer.wait()
         scale = 1.0 / self.slices
         for d in self.holders:
-            params, buffer = self.nets[d].learnable_params, self.buffers[d]
             with self.device_scope(d):
-                for i, start, end in self.segments:
-                    diff = params[i].diff
-                    diff[...] = buffer[start:end].reshape(diff.shape)
-                    diff *= scale
+                self.nets[d].arena.diff[:self.net.arena.learned_size] *= scale
         return self.reducer.sum_scalar(loss) * scale
 
     def update(self, rate, iteration):
