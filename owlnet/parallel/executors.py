@@ -33,6 +33,7 @@ side stream) it overlaps with the backward of the layers below.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 
 import numpy as np
@@ -42,14 +43,16 @@ from ..errors import ConfigError
 from .reducers import DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer
 
 
-class StepExecutor:
+class StepExecutor(abc.ABC):
     """The device work of one iteration, as the solver calls it.
 
-    ``net`` is the solver's train net (slice 0); ``ranks`` the processes, ``slices`` the
-    slices of every batch over all ranks; ``is_primary`` whether this process tests and
-    snapshots. An iteration: ``clear_param_diffs()``; ``forward_backward(iteration, reduce)``
-    ``iter_size`` times (``reduce`` on the last); ``reduce(loss)``; ``update(rate,
-    iteration)``; ``agree(action)``.
+    ``net`` is the solver's train net (slice 0) and ``rule`` its update rule; ``ranks`` the
+    processes, ``slices`` the slices of every batch over all ranks; ``is_primary`` whether
+    this process tests and snapshots. An iteration: ``clear_param_diffs()``;
+    ``forward_backward(iteration, reduce)`` ``iter_size`` times (``reduce`` on the last);
+    ``reduce(loss)``; ``update(rate, iteration)``; ``agree(action)``. ``synchronize()`` once
+    before training, ``forward_loss()`` for the display after the last iteration, ``close()``
+    at the end.
     """
 
     ranks = 1
@@ -60,37 +63,39 @@ class StepExecutor:
         self.net = net
         self.rule = rule
 
+    @abc.abstractmethod
     def synchronize(self) -> None:
         """Make every slice start from this state of rank 0's train net (weights loaded or
         restored there, update history, data positions)."""
 
+    @abc.abstractmethod
     def clear_param_diffs(self) -> None:
         """Zero the parameter diffs of every slice."""
-        self.net.clear_param_diffs()
 
-    def forward_backward(self, iteration: int, reduce: bool) -> float:
+    @abc.abstractmethod
+    def forward_backward(self, iteration: int, reduce: bool):
         """Forward and backward on this process's slices, adding into the parameter diffs;
         with ``reduce``, start reducing the gradients over all slices as backward completes
-        them. Returns the sum of this process's slices' losses."""
-        return self.net.forward_backward()
+        them. Returns the sum of this process's slices' losses (a float, or a 0-d array on
+        the device: reading it would wait for the device)."""
 
-    def reduce(self, loss: float) -> float:
+    @abc.abstractmethod
+    def reduce(self, loss):
         """Wait for the reductions; the parameter diffs then hold the mean gradient over all
         slices. Returns the mean over all slices of ``loss`` (this process's sum)."""
-        return loss
 
+    @abc.abstractmethod
     def update(self, rate: float, iteration: int) -> None:
         """Apply the update rule to every parameter copy."""
-        self.rule.apply(self.net, rate, iteration)
 
+    @abc.abstractmethod
     def forward_loss(self) -> float:
         """The mean loss over all slices of one forward pass (no backward)."""
-        return float(self.net.forward_range(0, len(self.net.layers) - 1))
 
+    @abc.abstractmethod
     def agree(self, action: str) -> str:
         """The action ("none", "stop", "snapshot") every rank takes: "stop" if any rank asks
         to stop, else "snapshot" if any asks for one."""
-        return action
 
     def close(self) -> None:
         """Release what the executor holds beyond the solver's net (replicas, communicators)."""
@@ -98,6 +103,27 @@ class StepExecutor:
 
 class SingleDevice(StepExecutor):
     """The train net alone on the current device."""
+
+    def synchronize(self):
+        pass
+
+    def clear_param_diffs(self):
+        self.net.clear_param_diffs()
+
+    def forward_backward(self, iteration, reduce):
+        return self.net.forward_backward()
+
+    def reduce(self, loss):
+        return loss
+
+    def update(self, rate, iteration):
+        self.rule.apply(self.net, rate, iteration)
+
+    def forward_loss(self):
+        return float(self.net.forward_range(0, len(self.net.layers) - 1))
+
+    def agree(self, action):
+        return action
 
 
 class Slices(StepExecutor):
