@@ -362,12 +362,13 @@ class Net:
         names = list(self.inputs if end is None else self.bottom_names[end]) + list(diffs or [])
         return {name: self.blobs[name].diff for name in names}
 
-    def forward_backward(self) -> float:
-        """Forward and backward over the whole net; the weighted loss as a float."""
+    def forward_backward(self):
+        """Forward and backward over the whole net; the weighted loss where it was computed
+        (a 0-d array on the device: ``float()`` reads it, waiting for the device)."""
         last = len(self.layers) - 1
         loss = self.forward_range(0, last)
         self.backward_range(last, 0)
-        return float(loss)
+        return loss
 
     def _set_array(self, name, value, which):
         if name not in self.blobs:

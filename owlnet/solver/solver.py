@@ -11,7 +11,11 @@ One iteration of :meth:`Solver.step`, as Caffe: clear the parameter diffs; test 
 ``test_interval`` iterations (also at 0 when ``test_initialization``); ``iter_size`` times
 forward/backward, averaging the loss; log every ``display`` iterations the loss smoothed over
 the last ``average_loss`` iterations and each train output; apply the update; ``iter += 1``;
-snapshot every ``snapshot`` iterations or when the action callback asks. The device work of
+snapshot every ``snapshot`` iterations or when the action callback asks. A loss that is not
+finite stops training with a TrainingError naming its iteration: at once on the CPU; on a GPU
+the losses stay on the device and are read at display, test and snapshot iterations and at
+the end of ``step`` (so the step never waits for the device, and the error may come at the
+next such iteration, naming the earlier one where the loss went bad). The device work of
 the iteration goes through the solver's step executor (``owlnet.parallel.executors``): one
 device by default, or the data-parallel one attached as ``solver.parallel``.
 """
@@ -45,6 +49,45 @@ def _solver_folder(source) -> str | None:
     is_path = isinstance(source, os.PathLike) or (
         isinstance(source, str) and os.path.isfile(source))
     return os.path.dirname(os.path.abspath(source)) if is_path else None
+
+
+class LossCheck:
+    """Stops training at the first iteration whose loss is not finite.
+
+    Host losses are checked as they come (free). With ``defer`` (losses on a device), they
+    are kept as they are and read together by :meth:`check`, which the solver calls where it
+    reads the device anyway; at most ``limit`` are kept between checks.
+    """
+
+    limit = 1000
+
+    def __init__(self, defer: bool):
+        self.defer = defer
+        self.pending: list = []                   # (iteration, loss not read yet)
+
+    def note(self, iteration: int, loss):
+        """Take iteration ``iteration``'s loss; returns it (a float unless deferred)."""
+        if not self.defer:
+            loss = float(loss)
+            self._verify(iteration, loss, iteration)
+            return loss
+        self.pending.append((iteration, loss))
+        if len(self.pending) >= self.limit:
+            self.check(iteration)
+        return loss
+
+    def check(self, now: int) -> None:
+        """Read the pending losses (at iteration ``now``); TrainingError for the first bad one."""
+        pending, self.pending = self.pending, []
+        for iteration, loss in pending:
+            self._verify(iteration, float(loss), now)
+
+    @staticmethod
+    def _verify(iteration: int, loss: float, now: int) -> None:
+        if not math.isfinite(loss):
+            later = f" (found at iteration {now})" if now != iteration else ""
+            raise TrainingError(f"iteration {iteration}: the loss is {loss}; training "
+                                f"stopped{later} (no snapshot written of these weights)")
 
 
 class SolverFiles:
@@ -202,6 +245,7 @@ class Solver:
         self._losses: list[float] = []
         self.requested_early_exit = False
         self.continue_on_snapshot_error = False
+        self.loss_check = LossCheck(defer=backend.mode() == "gpu")
 
     @property
     def type(self) -> str:
@@ -271,6 +315,7 @@ class Solver:
             executor.clear_param_diffs()
             if (p.test_interval and self.iter % p.test_interval == 0
                     and (self.iter > 0 or p.test_initialization)):
+                self.loss_check.check(self.iter)
                 if self.is_primary:
                     self.test_all()
                 if executor.agree("stop" if self.requested_early_exit else "none") == "stop":
@@ -280,12 +325,10 @@ class Solver:
             loss = 0.0
             for k in range(p.iter_size):
                 loss += executor.forward_backward(self.iter, reduce=k == p.iter_size - 1)
-            loss = executor.reduce(loss / p.iter_size)
-            if not math.isfinite(loss):
-                raise TrainingError(f"iteration {self.iter}: the loss is {loss}; training "
-                                    "stopped (no snapshot written of these weights)")
+            loss = self.loss_check.note(self.iter, executor.reduce(loss / p.iter_size))
             self._update_smoothed_loss(loss, start_iter)
             if display:
+                self.loss_check.check(self.iter)
                 lapse = time.perf_counter() - timer_start
                 per_second = (self.iter - iterations_last) / (lapse or 1.0)
                 owl_logging.info(owl_logging.iteration_line(self.iter, per_second, lapse,
@@ -304,6 +347,7 @@ class Solver:
             if request == "stop":
                 self.requested_early_exit = True
                 break
+        self.loss_check.check(self.iter)
 
     def apply_update(self) -> None:
         """Update the train net's parameters from their diffs (clip, regularize, rule)."""
@@ -406,7 +450,9 @@ class Solver:
 
     def _snapshot_during_training(self) -> None:
         """A snapshot the loop asks for; a failed one ends training (SnapshotError), or is
-        logged and training goes on when ``continue_on_snapshot_error`` is set."""
+        logged and training goes on when ``continue_on_snapshot_error`` is set. Never of
+        weights trained from a loss that is not finite."""
+        self.loss_check.check(self.iter)
         try:
             self.snapshot()
         except SnapshotError as exc:
