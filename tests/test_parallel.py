@@ -175,6 +175,29 @@ def test_local_reducer_sums_into_slice_zero():
     np.testing.assert_array_equal(buffers[0], [0, 1, 12, 18, 24, 5])
 
 
+def test_reducer_sums_each_device_group_then_all_reduces_the_holders():
+    """As with two GPUs of two slices each: each group sums into its first buffer (the
+    holder), then the collective sees the holders only."""
+
+    class Recording(parallel.Reducer):
+        def all_reduce(self, holders, lo, hi):
+            self.seen = [h[lo:hi].copy() for h in holders]
+
+    groups = [[np.full(4, 1.0), np.full(4, 2.0)], [np.full(4, 10.0), np.full(4, 20.0)]]
+    reducer = Recording([None, None])
+    reducer.start(groups, 1, 3)
+    np.testing.assert_array_equal(groups[0][0], [1, 3, 3, 1])
+    np.testing.assert_array_equal(groups[1][0], [10, 30, 30, 10])
+    np.testing.assert_array_equal(groups[0][1], [2, 2, 2, 2])            # others untouched
+    assert [list(h) for h in reducer.seen] == [[3, 3], [30, 30]]
+
+
+def test_slices_cannot_mix_cpu_and_gpus(lmdb_path, tmp_path):
+    solver = get_solver(str(make_solver(tmp_path, lmdb_path)))
+    with pytest.raises(ConfigError, match="cannot mix the CPU and GPUs"):
+        parallel.DataParallel(solver, [None, 0])
+
+
 def test_mpi_detection(monkeypatch):
     for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -366,6 +389,10 @@ def test_the_step_executor_is_single_device_unless_attached(lmdb_path, tmp_path)
     try:
         assert solver.executor is slices and slices.slices == 2 and slices.holders == [0]
         assert slices.nets[1].layer_dict["data"].batch_size == 6
+        replica = slices.nets[1]                 # same device: the primary's weights, own diffs
+        assert np.shares_memory(replica.params["conv"][0].data, solver.net.arena.data)
+        assert not np.shares_memory(replica.arena.diff, solver.net.arena.diff)
+        assert np.shares_memory(replica.params["conv"][0].diff, replica.arena.diff)
     finally:
         slices.close()
     solver.parallel = None
