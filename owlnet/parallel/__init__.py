@@ -9,7 +9,8 @@ from .reducers import (DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, R
                        launched_by_mpi, mpi_comm)
 
 
-def DataParallel(solver, devices, comm=None, timeout: float = DEFAULT_TIMEOUT) -> Slices:  # noqa: N802
+def DataParallel(solver, devices, comm=None,  # noqa: N802 (the name the tools call)
+                 timeout: float = DEFAULT_TIMEOUT) -> Slices:
     """The executor running ``solver``'s train net on ``devices`` (one entry per local slice:
     None for the CPU, or a GPU index) in this process and on every rank of ``comm`` (an MPI
     communicator, or None); attach it with ``solver.parallel = ...`` before ``solve``."""

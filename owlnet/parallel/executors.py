@@ -34,13 +34,12 @@ side stream) it overlaps with the backward of the layers below.
 from __future__ import annotations
 
 import abc
-import contextlib
 
 import numpy as np
 
 from .. import backend
 from ..errors import ConfigError
-from .reducers import DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer
+from .reducers import DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, device_scope
 
 
 class StepExecutor(abc.ABC):
@@ -171,10 +170,8 @@ class Slices(StepExecutor):
 
     # -- building ---------------------------------------------------------------------------
     def device_scope(self, d):
-        device = self.devices[d]
-        if device is None:
-            return contextlib.nullcontext()
-        return backend.import_cupy().cuda.Device(device)
+        """The context that computes on local slice ``d``'s device."""
+        return device_scope(self.devices[d])
 
     def _holder(self, d):
         return next(group[0] for group in self.groups if d in group)

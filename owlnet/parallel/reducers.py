@@ -55,6 +55,13 @@ def mpi_comm():
     return MPI.COMM_WORLD
 
 
+def device_scope(device):
+    """The context that computes on ``device`` (None: the CPU; else a GPU index)."""
+    if device is None:
+        return contextlib.nullcontext()
+    return backend.import_cupy().cuda.Device(device)
+
+
 def _wait_polling(test, deadline, on_timeout) -> None:
     """Call ``test()`` until it is true; ``on_timeout()`` (which raises) past ``deadline``."""
     pause = 0.0
@@ -81,19 +88,12 @@ class Reducer:
     def __init__(self, devices=(None,)):
         self.devices = list(devices)
 
-    def device_scope(self, g: int):
-        """The context in which group ``g``'s arrays are computed on."""
-        device = self.devices[g]
-        if device is None:
-            return contextlib.nullcontext()
-        return backend.import_cupy().cuda.Device(device)
-
     def begin(self, iteration: int) -> None:
         self.iteration = iteration
 
     def start(self, groups, lo: int, hi: int) -> None:
         for g, group in enumerate(groups):
-            with self.device_scope(g):
+            with device_scope(self.devices[g]):
                 total = group[0][lo:hi]
                 for other in group[1:]:
                     total += other[lo:hi]
