@@ -205,8 +205,9 @@ class NCCLReducer(Reducer):
     distinct GPUs, the same number on every rank; one per rank is MPI's usual set-up).
 
     Each bucket's all-reduce runs on a side stream of each device, after an event recorded on
-    the compute stream (so it overlaps the backward of lower layers); the compute stream waits
-    for it before the update. ``mpi`` (an :class:`MPIReducer`, or None in one process) carries
+    the compute stream, and the compute stream goes on with the backward of lower layers (other
+    ranges of the gradient buffer) meanwhile; ``wait()`` returns once every all-reduce is done,
+    before the update is queued. ``mpi`` (an :class:`MPIReducer`, or None in one process) carries
     the unique id, the loss, the action flags and the arrival check.
     """
 
@@ -256,9 +257,7 @@ class NCCLReducer(Reducer):
         nccl.groupEnd()
         for device, stream in zip(self.devices, self.streams):
             with self.cupy.cuda.Device(device):
-                event = stream.record()
-                self.cupy.cuda.get_current_stream().wait_event(event)
-                self._done.append(event)
+                self._done.append(stream.record())
 
     def wait(self):
         done = self._done
