@@ -113,6 +113,11 @@ class Blob:
         """Use ``other``'s data array (Caffe's ShareData): both see the same values."""
         self._data = other._data
 
+    def bind(self, data, diff) -> None:
+        """Use the arrays ``data`` and ``diff`` (of this blob's shape; views into a parameter
+        arena) as this blob's data and diff."""
+        self._data, self._diff = data, diff
+
     def share_diff(self, other: "Blob") -> None:
         self._diff = other._diff
 

@@ -5,7 +5,9 @@
 * ``upgrade_net(param)``: V1 ``layers { type: CONVOLUTION }`` nets to current ``layer`` ones,
   deprecated transformation fields of data layers moved to ``transform_param``, and the
   deploy ``input``/``input_dim``/``input_shape`` fields to an ``Input`` layer;
-* ``filter_net(param, state)``: the layers whose include/exclude rules the NetState meets.
+* ``filter_net(param, state)``: the layers whose include/exclude rules the NetState meets;
+* ``read_solver(source)``: a SolverParameter, its legacy ``solver_type`` enum upgraded to the
+  ``type`` string (``upgrade_solver_type``).
 
 A rule is met when every condition it sets holds: its phase equals the state's, the state's
 level lies within [min_level, max_level], every ``stage`` is among the state's stages and no
@@ -124,12 +126,16 @@ def read_net(source):
 
 
 def read_solver(source):
-    """A SolverParameter and its Source from a path, prototxt text or SolverParameter."""
+    """A SolverParameter and its Source from a path, prototxt text or SolverParameter (a copy,
+    upgraded)."""
     if isinstance(source, caffe_pb2.SolverParameter):
         param = caffe_pb2.SolverParameter()
         param.CopyFrom(source)
-        return param, Source("<SolverParameter>")
-    return _read_text_or_path(source, caffe_pb2.SolverParameter, "solver prototxt")
+        src = Source("<SolverParameter>")
+    else:
+        param, src = _read_text_or_path(source, caffe_pb2.SolverParameter, "solver prototxt")
+    upgrade_solver_type(param, src.name)
+    return param, src
 
 
 # -- upgrades ------------------------------------------------------------------------------
@@ -223,6 +229,28 @@ def upgrade_net(param, source: Source | None = None):
     if len(param.input):
         _upgrade_inputs(param, source)
     return param
+
+
+#: Legacy ``solver_type`` enum value -> ``type`` string.
+LEGACY_SOLVER_TYPES = {
+    caffe_pb2.SolverParameter.SGD: "SGD",
+    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
+    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
+    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
+    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
+    caffe_pb2.SolverParameter.ADAM: "Adam",
+}
+
+
+def upgrade_solver_type(param, where: str = "solver") -> None:
+    """Caffe's upgrade: the legacy ``solver_type`` enum becomes the ``type`` string."""
+    if not param.HasField("solver_type"):
+        return
+    if param.HasField("type"):
+        raise ConfigError(f"{where}: the legacy solver_type and the new type cannot both be "
+                          "given; keep type")
+    param.type = LEGACY_SOLVER_TYPES[param.solver_type]
+    param.ClearField("solver_type")
 
 
 def _upgrade_inputs(param, source: Source):

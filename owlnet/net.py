@@ -16,9 +16,11 @@ from collections import OrderedDict
 import numpy as np
 
 from . import backend, config, fileio, snapshot
+from .arena import ParamArena
 from .blob import Blob
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
 from .layer_types import create_layer
+from .layer_types.base import DataSource
 from .proto import caffe_pb2
 
 TRAIN = caffe_pb2.TRAIN
@@ -91,10 +93,13 @@ class Net:
 
     ``Net(model_file, phase)``, ``Net(model_file, weights, phase)`` or keywords
     ``phase=``, ``weights=``, ``level=``, ``stages=``; ``model_file`` may also be prototxt
-    text or a NetParameter.
+    text or a NetParameter. With ``source`` (the ``config.Source`` that ``config.read_net``
+    returned with it), ``network`` is a NetParameter already read and upgraded, used as it is
+    (so a solver parses each net file once).
     """
 
-    def __init__(self, network, *args, phase=None, weights=None, level=None, stages=()):
+    def __init__(self, network, *args, phase=None, weights=None, level=None, stages=(),
+                 source=None):
         if len(args) == 1:
             phase = args[0]
         elif len(args) == 2:
@@ -103,7 +108,12 @@ class Net:
             raise TypeError("Net(model_file, phase) or Net(model_file, weights, phase)")
         if phase not in (TRAIN, TEST):
             raise ConfigError("Net needs phase=owlnet.TRAIN or owlnet.TEST")
-        param, self.source = config.read_net(network)
+        if source is None:
+            param, self.source = config.read_net(network)
+        elif isinstance(network, caffe_pb2.NetParameter):
+            param, self.source = network, source
+        else:
+            raise TypeError("Net(..., source=) takes the NetParameter that config.read_net read")
         state = config.make_state(param, phase, level, stages)
         param, kept = config.filter_net(param, state, self.source)
         self.phase = phase
@@ -123,6 +133,8 @@ class Net:
         self._split_layers = set()
         self.inputs, available = [], OrderedDict()
         self.learnable_params, self.params_lr, self.params_weight_decay = [], [], []
+        self.param_layers = []                  # per learnable param: the owning layer's index
+        self._param_views = []                  # PERMISSIVE sharers: (blob, index, shape)
         self.params: OrderedDict[str, list] = OrderedDict()
         self._param_owner = {}                  # param name -> (layer, blob, learnable index)
         self._explicit_mults = []               # per learnable param: mults given explicitly
@@ -145,6 +157,8 @@ class Net:
         self.outputs = list(available)
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         self._find_backward_layers()
+        self.arena = ParamArena(self.learnable_params, self.params_lr, self.params_weight_decay,
+                                self.param_layers, self._param_views)
 
     def _add_layer(self, lp, where, available):
         index = len(self.layers)
@@ -214,6 +228,7 @@ class Net:
                 if spec.name:
                     self._param_owner[spec.name] = (lp.name, blob, len(self.learnable_params))
                 self.learnable_params.append(blob)
+                self.param_layers.append(len(self.layers))
                 self.params_lr.append(float(mults["lr_mult"]))
                 self.params_weight_decay.append(float(mults["decay_mult"]))
                 self._explicit_mults.append(given)
@@ -224,7 +239,11 @@ class Net:
                 raise ShapeError(f"layer '{lp.name}' shares param '{spec.name}' of shape "
                                  f"{blob.shape} with layer '{owner_layer}', whose shape is "
                                  f"{owner.shape}")
-            layer.blobs[k] = owner if strict else _reshaped_view(owner, blob.shape)
+            if strict:
+                layer.blobs[k] = owner
+            else:
+                layer.blobs[k] = Blob((), name=owner.name)   # bound to the arena below
+                self._param_views.append((layer.blobs[k], index, blob.shape))
             for field, values in (("lr_mult", self.params_lr),
                                   ("decay_mult", self.params_weight_decay)):
                 if field not in given:
@@ -345,12 +364,13 @@ class Net:
         names = list(self.inputs if end is None else self.bottom_names[end]) + list(diffs or [])
         return {name: self.blobs[name].diff for name in names}
 
-    def forward_backward(self) -> float:
-        """Forward and backward over the whole net; the weighted loss as a float."""
+    def forward_backward(self):
+        """Forward and backward over the whole net; the weighted loss where it was computed
+        (a 0-d array on the device: ``float()`` reads it, waiting for the device)."""
         last = len(self.layers) - 1
         loss = self.forward_range(0, last)
         self.backward_range(last, 0)
-        return float(loss)
+        return loss
 
     def _set_array(self, name, value, which):
         if name not in self.blobs:
@@ -366,13 +386,7 @@ class Net:
 
     # -- learning ---------------------------------------------------------------------------
     def clear_param_diffs(self):
-        for blob in self.learnable_params:
-            blob.diff[...] = 0
-
-    def update(self):
-        """data -= diff for every learnable parameter (in place, so shared arrays follow)."""
-        for blob in self.learnable_params:
-            backend.array_module(blob.data).subtract(blob.data, blob.diff, out=blob.data)
+        self.arena.diff[...] = 0
 
     def share_trained_layers(self, other: "Net"):
         """Use ``other``'s parameter values in this net's layers of the same name."""
@@ -390,15 +404,20 @@ class Net:
                 mine.share_data(theirs)
 
     # -- data positions (for exact resume) --------------------------------------------------
+    def data_sources(self) -> OrderedDict:
+        """The layers that read batches from a source (``DataSource``), by name, in order."""
+        return OrderedDict((name, layer) for name, layer in self.layer_dict.items()
+                           if isinstance(layer, DataSource))
+
     def data_state(self) -> dict:
-        return {name: layer.state() for name, layer in self.layer_dict.items()
-                if hasattr(layer, "state")}
+        """Each data source's position, by layer name (for exact resume)."""
+        return {name: layer.state() for name, layer in self.data_sources().items()}
 
     def restore_data_state(self, states: dict) -> None:
+        sources = self.data_sources()
         for name, state in states.items():
-            layer = self.layer_dict.get(name)
-            if layer is not None and hasattr(layer, "restore_state"):
-                layer.restore_state(state)
+            if name in sources:
+                sources[name].restore_state(state)
 
     # -- weights ----------------------------------------------------------------------------
     def to_proto(self, write_diff: bool = False):
@@ -555,10 +574,3 @@ def _shapes_match(proto, file_shape, net_shape) -> bool:
         return False
     return file_shape == (1,) * (4 - len(net_shape)) + tuple(net_shape)
 
-
-def _reshaped_view(owner: Blob, shape) -> Blob:
-    """A Blob of ``shape`` sharing ``owner``'s data and diff (PERMISSIVE parameter sharing)."""
-    view = Blob((), name=owner.name)
-    view._data = owner.data.reshape(shape)
-    view._diff = owner.diff.reshape(shape)
-    return view

@@ -333,15 +333,18 @@ def test_shards_partition_the_global_batch(tmp_path):
     whole, top_w = data_layer(src, 4, transform=crop, seed=3)
     shards = []
     for rank in range(2):
-        layer, top = data_layer(src, 2, transform=crop, seed=3)
-        layer.set_shard(rank, 2)
+        layer, top = data_layer(src, 4, transform=crop, seed=3)
+        layer.shard(rank, 2)                     # reads half of each global batch of 4
+        assert layer.batch_size == 2
         shards.append((layer, top))
     for _ in range(3):
         expect = run_forward(whole, top_w)[0]
         part0, part1 = (run_forward(layer, top)[0] for layer, top in shards)
         assert np.array_equal(expect[0::2], part0) and np.array_equal(expect[1::2], part1)
-    with pytest.raises(ConfigError, match="rank 2"):
-        whole.set_shard(2, 2)
+    with pytest.raises(ConfigError, match="shard index 2"):
+        whole.shard(2, 2)
+    with pytest.raises(ConfigError, match="batch_size 4 is not divisible by the 3 slices"):
+        whole.shard(0, 3)
     whole.close()
     for layer, _ in shards:
         layer.close()

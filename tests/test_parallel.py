@@ -171,8 +171,31 @@ def test_cli_n2_trains(lmdb_path, tmp_path):
 
 def test_local_reducer_sums_into_slice_zero():
     buffers = [np.arange(6, dtype=np.float32) * (d + 1) for d in range(3)]
-    parallel.LocalReducer().start(buffers, 2, 5)
+    parallel.LocalReducer().start([buffers], 2, 5)
     np.testing.assert_array_equal(buffers[0], [0, 1, 12, 18, 24, 5])
+
+
+def test_reducer_sums_each_device_group_then_all_reduces_the_holders():
+    """As with two GPUs of two slices each: each group sums into its first buffer (the
+    holder), then the collective sees the holders only."""
+
+    class Recording(parallel.Reducer):
+        def all_reduce(self, holders, lo, hi):
+            self.seen = [h[lo:hi].copy() for h in holders]
+
+    groups = [[np.full(4, 1.0), np.full(4, 2.0)], [np.full(4, 10.0), np.full(4, 20.0)]]
+    reducer = Recording([None, None])
+    reducer.start(groups, 1, 3)
+    np.testing.assert_array_equal(groups[0][0], [1, 3, 3, 1])
+    np.testing.assert_array_equal(groups[1][0], [10, 30, 30, 10])
+    np.testing.assert_array_equal(groups[0][1], [2, 2, 2, 2])            # others untouched
+    assert [list(h) for h in reducer.seen] == [[3, 3], [30, 30]]
+
+
+def test_slices_cannot_mix_cpu_and_gpus(lmdb_path, tmp_path):
+    solver = get_solver(str(make_solver(tmp_path, lmdb_path)))
+    with pytest.raises(ConfigError, match="cannot mix the CPU and GPUs"):
+        parallel.DataParallel(solver, [None, 0])
 
 
 def test_mpi_detection(monkeypatch):
@@ -355,3 +378,37 @@ def test_nccl_slices_on_two_gpus_equal_one_gpu(lmdb_path, tmp_path, reference):
 
 def test_training_error_is_typed():
     assert issubclass(TrainingError, owlnet.errors.OwlnetError)
+
+
+def test_the_step_executor_is_single_device_unless_attached(lmdb_path, tmp_path):
+    solver = get_solver(str(make_solver(tmp_path, lmdb_path)))
+    assert isinstance(solver.executor, parallel.SingleDevice) and solver.parallel is None
+    assert list(solver.net.data_sources()) == ["data"]
+    slices = parallel.DataParallel(solver, [None] * 2)
+    solver.parallel = slices
+    try:
+        assert solver.executor is slices and slices.slices == 2 and slices.holders == [0]
+        assert slices.nets[1].layer_dict["data"].batch_size == 6
+        replica = slices.nets[1]                 # same device: the primary's weights, own diffs
+        assert np.shares_memory(replica.params["conv"][0].data, solver.net.arena.data)
+        assert not np.shares_memory(replica.arena.diff, solver.net.arena.diff)
+        assert np.shares_memory(replica.params["conv"][0].diff, replica.arena.diff)
+    finally:
+        slices.close()
+    solver.parallel = None
+    assert isinstance(solver.executor, parallel.SingleDevice)
+
+
+def test_a_source_that_cannot_be_sliced_is_an_error(tmp_path):
+    net = tmp_path / "memory.prototxt"
+    net.write_text('layer { name: "m" type: "MemoryData" top: "data" top: "label" '
+                   'memory_data_param { batch_size: 4 channels: 1 height: 2 width: 2 } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                   'inner_product_param { num_output: 2 } }\n'
+                   'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
+                   'top: "loss" }')
+    solver = get_solver(f'net: "{net}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\n'
+                        'snapshot_after_train: false')
+    assert list(solver.net.data_sources()) == ["m"]
+    with pytest.raises(ConfigError, match=r"layer 'm' \(MemoryData\) cannot be read in shares"):
+        parallel.DataParallel(solver, [None] * 2)

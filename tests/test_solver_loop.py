@@ -377,3 +377,61 @@ def test_loss_of_a_top_that_is_not_an_output_counts(log, tmp_path):
 def test_zero_test_iter_tests_nothing(log, net_file, tmp_path):
     solver = get_solver(solver_text(net_file, tmp_path, test_interval=100, test_iter=0))
     assert solver.test(0) == {}
+
+
+def test_each_file_is_parsed_once(log, net_file, tmp_path, monkeypatch):
+    """The solver file and the net file (train net, two test nets, a data-parallel replica)
+    are each parsed once; error messages still name the net file's lines."""
+    from owlnet import config
+    parsed = []
+    real_parse = config.parse_text
+    monkeypatch.setattr(config, "parse_text",
+                        lambda text, message, name="<string>": parsed.append(name)
+                        or real_parse(text, message, name))
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(solver_text(net_file, tmp_path, test_iter="1\ntest_iter: 1",
+                                       test_interval=5))
+    solver = get_solver(str(solver_file))
+    solver.files.build_train_net()
+    assert len(solver.test_nets) == 2
+    assert parsed == [str(solver_file), str(net_file)]
+    assert solver.net.source.name == str(net_file)
+    assert solver.net.source.layer_line(1) == f"{net_file}:7"
+
+
+@pytest.mark.parametrize("display, snapshot, found", [(4, 0, 4), (0, 5, 5), (0, 0, 6)])
+def test_deferred_loss_check_names_the_bad_iteration(log, net_file, tmp_path, display,
+                                                      snapshot, found):
+    """As on a GPU: losses are read at display and snapshot iterations and at the end of
+    step(); the error names the iteration whose loss went bad, and no snapshot of such
+    weights is written."""
+    solver = get_solver(solver_text(net_file, tmp_path, display=display, snapshot=snapshot))
+    solver.loss_check.defer = True
+    seen = []
+    forward_backward = solver.net.forward_backward
+
+    def as_on_a_device():
+        loss = forward_backward()
+        seen.append(loss)
+        return loss                    # not read by the solver until a check
+
+    def poison(s):
+        if s.iter == 2:
+            s.net.params["ip2"][0].data[...] = np.nan
+
+    solver.net.forward_backward = as_on_a_device
+    solver.on_iteration.append(poison)
+    with pytest.raises(TrainingError, match=rf"iteration 2: the loss is nan; training "
+                                            rf"stopped \(found at iteration {found}\)"):
+        solver.step(6)
+    assert len(seen) == found + (display > 0)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("snap")]
+
+
+def test_loss_check_on_the_host_is_immediate():
+    from owlnet.solver.solver import LossCheck
+    check = LossCheck(defer=False)
+    assert check.note(0, np.float32(1.5)) == 1.5 and isinstance(check.note(1, 2), float)
+    with pytest.raises(TrainingError, match=r"^iteration 3: the loss is inf; training stopped "
+                                            r"\(no snapshot"):
+        check.note(3, np.float32(np.inf))

@@ -1,9 +1,11 @@
 """Update rules over several iterations against Caffe's formulas, recomputed here in float64.
 
-A tiny fake net holds two parameters with different lr_mult/decay_mult; each iteration puts a
-known gradient into the diffs and calls the rule's ``apply`` (clip, normalize, regularize,
-compute, net.update()). The reference below is written from the formulas, element-wise math
-on fresh arrays, not from the rule's in-place code.
+A tiny fake net holds four parameters in a parameter arena: two sharing (lr_mult, decay_mult),
+one with other multipliers and one with lr_mult 0; a real net adds parameter sharing (STRICT
+and PERMISSIVE). Each iteration puts a known gradient into the diffs and calls the rule's
+``apply`` (clip, normalize, regularize, compute, w -= step, per arena group). The reference
+below is written from the formulas, per parameter, element-wise math on fresh arrays, not from
+the rule's in-place code.
 """
 from __future__ import annotations
 
@@ -11,20 +13,23 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+import owlnet
 from owlnet import backend
+from owlnet.arena import ParamArena
 from owlnet.blob import Blob
 from owlnet.errors import ConfigError
 from owlnet.proto import caffe_pb2
 from owlnet.solver import updates
 
-SHAPES = [(3, 4), (5,)]
-LR_MULT = [1.0, 2.0]
-DECAY_MULT = [1.0, 0.5]
+SHAPES = [(3, 4), (5,), (2, 3), (4,)]
+LR_MULT = [1.0, 2.0, 1.0, 0.0]
+DECAY_MULT = [1.0, 0.5, 1.0, 1.0]
+OWNER_LAYERS = [0, 1, 2, 1]          # the arena orders by layer: not the parameters' order
 RATES = [0.1, 0.05, 0.02, 0.08]
 
 
 class FakeNet:
-    """Just what an update rule uses: parameters, their multipliers, update()."""
+    """Just what an update rule uses: parameters in an arena, with their multipliers."""
 
     def __init__(self, weights):
         with backend.dtype_scope(np.float64):
@@ -33,14 +38,11 @@ class FakeNet:
             blob.data[...] = w
         self.params_lr = list(LR_MULT)
         self.params_weight_decay = list(DECAY_MULT)
+        self.arena = ParamArena(self.learnable_params, LR_MULT, DECAY_MULT, OWNER_LAYERS)
 
     def clear_param_diffs(self):
         for blob in self.learnable_params:
             blob.diff[...] = 0
-
-    def update(self):
-        for blob in self.learnable_params:
-            blob.data[...] -= blob.diff
 
 
 def solver_param(text):
@@ -66,8 +68,9 @@ def run_rule(rule_class, p, weights, grads):
     return [b.data.copy() for b in net.learnable_params], rule.history
 
 
-def reference(kind, p, weights, grads):
-    """Caffe's update, from the formulas; returns weights and the history sets."""
+def reference(kind, p, weights, grads, lr_mults=LR_MULT, decay_mults=DECAY_MULT):
+    """Caffe's update, from the formulas; returns weights and the history sets. A parameter
+    with lr_mult 0 is left alone, history included (its step is 0 in any rule)."""
     w = [x.copy() for x in weights]
     n = len(w)
     h1 = [np.zeros_like(x) for x in w]
@@ -80,13 +83,15 @@ def reference(kind, p, weights, grads):
             if norm > p.clip_gradients:
                 g = [x * (p.clip_gradients / norm) for x in g]
         for i in range(n):
+            if lr_mults[i] == 0:
+                continue
             gi = g[i] / p.iter_size
-            decay = p.weight_decay * DECAY_MULT[i]
+            decay = p.weight_decay * decay_mults[i]
             if p.regularization_type == "L1":
                 gi = gi + decay * np.sign(w[i])
             else:
                 gi = gi + decay * w[i]
-            r = rate * LR_MULT[i]
+            r = rate * lr_mults[i]
             if kind == "SGD":
                 h1[i] = m * h1[i] + r * gi
                 step = h1[i]
@@ -179,3 +184,66 @@ def test_bad_settings(kind, settings, words):
     weights, _ = problem()
     with pytest.raises(ConfigError, match=words):
         updates.RULES[kind](solver_param(settings), FakeNet(weights))
+
+
+SHARED_NET = """
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 9 } } }
+layer { name: "a" type: "InnerProduct" bottom: "x" top: "a"
+  param { name: "w" lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.5 }
+                        bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "b" type: "InnerProduct" bottom: "a" top: "b"
+  param { name: "w" share_mode: PERMISSIVE } param { lr_mult: 0 decay_mult: 1 }
+  inner_product_param { num_output: 9 bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "d" type: "InnerProduct" bottom: "b" top: "d" param { name: "w" }
+  inner_product_param { num_output: 4 bias_filler { type: "gaussian" std: 0.5 } } }
+"""
+
+
+@pytest.mark.parametrize("kind, settings", [case for case in CASES if "clip" not in case[1]])
+def test_arena_update_of_a_net_with_shared_params_matches_formula(kind, settings):
+    """Shared (STRICT and PERMISSIVE) parameters, lr_mult 0 and three multiplier groups."""
+    p = solver_param(f'type: "{kind}" {settings}')
+    with backend.dtype_scope(np.float64):
+        net = owlnet.Net(SHARED_NET, owlnet.TRAIN)
+    params = net.learnable_params
+    assert [b.shape for b in params] == [(4, 9), (4,), (9,), (4,)]
+    assert net.params_lr == [1.0, 2.0, 0.0, 1.0]
+    assert [(g.lr_mult, g.decay_mult) for g in net.arena.groups] == [(1, 1), (2, 0), (0, 1)]
+    rng = np.random.default_rng(3)
+    weights = [b.data.copy() for b in params]
+    grads = [[rng.standard_normal(b.shape) for b in params] for _ in RATES]
+    rule = updates.RULES[kind](p, net)
+    for it, (g, rate) in enumerate(zip(grads, RATES)):
+        net.clear_param_diffs()
+        for blob, gi in zip(params, g):
+            blob.diff[...] += gi
+        rule.apply(net, rate, it)
+    want_w, h1, h2 = reference(kind, p, weights, grads, net.params_lr, net.params_weight_decay)
+    for blob, want in zip(params, want_w):
+        np.testing.assert_allclose(blob.data, want, rtol=1e-10, atol=1e-12)
+    want_history = h1 + (h2 if kind in ("AdaDelta", "Adam") else [])
+    for got, want in zip(rule.history, want_history):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # The sharers see the owner's values: the same blob (STRICT), a reshaped view (PERMISSIVE).
+    owner = net.params["a"][0]
+    assert net.params["d"][0] is owner
+    np.testing.assert_array_equal(net.params["b"][0].data, owner.data.reshape(9, 4))
+    assert np.shares_memory(net.params["b"][0].data, net.arena.data)
+
+
+def test_arena_layout_groups_and_buckets():
+    weights, _ = problem()
+    net = FakeNet(weights)
+    arena = net.arena
+    # learning groups first, in order of appearance; within a group the last layer first
+    assert [(g.lr_mult, g.decay_mult, g.lo, g.hi) for g in arena.groups] == [
+        (1.0, 1.0, 0, 18), (2.0, 0.5, 18, 23), (0.0, 1.0, 23, 27)]
+    assert arena.segments == [(6, 18), (18, 23), (0, 6), (23, 27)]
+    assert arena.learned_size == 23
+    assert arena.buckets() == {2: [(0, 6)], 0: [(6, 18)], 1: [(18, 23)]}
+    for blob, (lo, hi) in zip(net.learnable_params, arena.segments):
+        assert np.shares_memory(blob.data, arena.data[lo:hi])
+        np.testing.assert_array_equal(blob.data.ravel(), arena.data[lo:hi])
+    net.learnable_params[1].diff[...] = 7
+    assert (arena.diff[18:23] == 7).all() and not arena.diff[:18].any()

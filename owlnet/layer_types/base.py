@@ -11,9 +11,14 @@ through Caffe's cycle:
   where ``propagate_down[j]`` is true (overwriting), and ADD the parameter gradients into
   ``self.blobs[k].diff`` where ``self.param_propagate_down[k]`` is true (accumulating, so
   shared parameters and ``iter_size`` sum their gradients; the solver clears them).
+
+A layer that reads its batches from a source (an LMDB, an image list, arrays) is also a
+:class:`DataSource`: the net saves and restores its position (``state``/``restore_state``)
+for exact resume, and data-parallel training reads each batch in shares (``shard``).
 """
 from __future__ import annotations
 
+import abc
 import difflib
 
 from .. import backend, fillers
@@ -139,3 +144,36 @@ class Layer:
 
     def __repr__(self):
         return f"<{type(self).__name__} '{self.name}'>"
+
+
+class DataSource(abc.ABC):
+    """Mixin of the layers that read batches from a source (Caffe's data layers).
+
+    ``state()`` is where the layer stands (JSON-serialisable; written in owlnet's snapshots)
+    and ``restore_state(state)`` continues from it. ``shard(index, count)`` makes the layer
+    read share ``index`` of ``count`` of every batch: the ``batch_size`` written in the net is
+    the global batch, each share holds ``batch_size / count`` of its examples, and the
+    ``count`` shares of batch ``b`` together are the unsharded batch ``b``. ``close()`` stops
+    background readers.
+    """
+
+    name: str
+    type: str | None
+
+    @abc.abstractmethod
+    def state(self) -> dict:
+        """Where the layer stands in its source."""
+
+    @abc.abstractmethod
+    def restore_state(self, state: dict) -> None:
+        """Continue from ``state()`` of an earlier run (SnapshotError when malformed)."""
+
+    def shard(self, index: int, count: int) -> None:
+        """Read share ``index`` of ``count`` of every batch (ConfigError when impossible);
+        a source that cannot be split refuses any ``count`` above 1."""
+        if count != 1:
+            raise ConfigError(f"layer '{self.name}' ({self.type}) cannot be read in shares "
+                              f"over {count} slices")
+
+    def close(self) -> None:
+        """Stop background readers and close the source (nothing by default)."""

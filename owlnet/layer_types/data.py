@@ -30,7 +30,7 @@ from ..data.prefetch import DEFAULT_DEPTH, Prefetcher
 from ..data.transform import DataTransformer
 from ..errors import ConfigError, DataError, SnapshotError
 from ..proto import caffe_pb2
-from .base import Layer, register
+from .base import DataSource, Layer, register
 
 
 class Batch(NamedTuple):
@@ -51,7 +51,7 @@ def _release(resources: dict) -> None:
         reader.close()
 
 
-class _PrefetchingData(Layer):
+class _PrefetchingData(Layer, DataSource):
     """Shared machinery: seed, shard, transformer, background prefetch, state for resume.
 
     A subclass provides ``open_source()``, ``read_records(stream_positions)`` (in order, on the
@@ -142,12 +142,18 @@ class _PrefetchingData(Layer):
             self.seed = seed
             self.skip = self._draw_skip(int(self.source_param().rand_skip))
 
-    def set_shard(self, rank: int, world: int) -> None:
-        """Read only stream positions ``rank, rank + world, ...`` (rank of ``world`` processes)."""
-        if not 0 <= rank < world:
-            self.fail(f"shard rank {rank} is not in [0, {world})", ConfigError)
+    def shard(self, index: int, count: int) -> None:
+        """Read stream positions ``index, index + count, ...``, ``batch_size / count`` of them
+        per batch (the net's batch_size is the global batch)."""
+        if not 0 <= index < count:
+            self.fail(f"shard index {index} is not in [0, {count})", ConfigError)
+        batch_size = int(self.source_param().batch_size)
+        if batch_size % count:
+            self.fail(f"batch_size {batch_size} is not divisible by the {count} slices; the "
+                      "batch_size in the net is the global batch", ConfigError)
         self._stop_prefetch()
-        self.rank, self.world = int(rank), int(world)
+        self.batch_size = batch_size // count
+        self.rank, self.world = int(index), int(count)
 
     def close(self) -> None:
         """Stop the prefetch threads and close the source."""
@@ -327,7 +333,7 @@ class ImageData(_PrefetchingData):
 
 
 @register("MemoryData")
-class MemoryData(Layer):
+class MemoryData(Layer, DataSource):
     """Serves arrays given by ``set_input_arrays(data, labels)``: top[0] = data[p:p+N], top[1] = labels[p:p+N].
 
     p starts at 0 and advances by N = batch_size modulo the number of examples (a multiple of N).

@@ -11,7 +11,13 @@ One iteration of :meth:`Solver.step`, as Caffe: clear the parameter diffs; test 
 ``test_interval`` iterations (also at 0 when ``test_initialization``); ``iter_size`` times
 forward/backward, averaging the loss; log every ``display`` iterations the loss smoothed over
 the last ``average_loss`` iterations and each train output; apply the update; ``iter += 1``;
-snapshot every ``snapshot`` iterations or when the action callback asks.
+snapshot every ``snapshot`` iterations or when the action callback asks. A loss that is not
+finite stops training with a TrainingError naming its iteration: at once on the CPU; on a GPU
+the losses stay on the device and are read at display, test and snapshot iterations and at
+the end of ``step`` (so the step never waits for the device, and the error may come at the
+next such iteration, naming the earlier one where the loss went bad). The device work of
+the iteration goes through the solver's step executor (``owlnet.parallel.executors``): one
+device by default, or the data-parallel one attached as ``solver.parallel``.
 """
 from __future__ import annotations
 
@@ -24,38 +30,64 @@ from .. import backend, config, fileio, snapshot
 from .. import logging as owl_logging
 from ..errors import ConfigError, SnapshotError, TrainingError
 from ..net import Net
+from ..parallel.executors import SingleDevice
 from ..proto import caffe_pb2
 from . import updates
 from .lr_policy import LearningRate
 
-_LEGACY_TYPES = {
-    caffe_pb2.SolverParameter.SGD: "SGD",
-    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
-    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
-    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
-    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
-    caffe_pb2.SolverParameter.ADAM: "Adam",
-}
 ACTIONS = ("none", "stop", "snapshot")
 
 
 def read_solver_param(source) -> caffe_pb2.SolverParameter:
     """A SolverParameter from a path, prototxt text or message (a copy), with the legacy
-    ``solver_type`` turned into ``type``."""
-    param, where = config.read_solver(source)
-    upgrade_solver_type(param, where=where.name)
-    return param
+    ``solver_type`` turned into ``type`` (``config.upgrade_solver_type``)."""
+    return config.read_solver(source)[0]
 
 
-def upgrade_solver_type(param, where: str = "solver") -> None:
-    """Caffe's upgrade: the legacy ``solver_type`` enum becomes the ``type`` string."""
-    if not param.HasField("solver_type"):
-        return
-    if param.HasField("type"):
-        raise ConfigError(f"{where}: the legacy solver_type and the new type cannot both be "
-                          "given; keep type")
-    param.type = _LEGACY_TYPES[param.solver_type]
-    param.ClearField("solver_type")
+def _solver_folder(source) -> str | None:
+    """The folder of a solver file, or None when ``source`` is text or a message."""
+    is_path = isinstance(source, os.PathLike) or (
+        isinstance(source, str) and os.path.isfile(source))
+    return os.path.dirname(os.path.abspath(source)) if is_path else None
+
+
+class LossCheck:
+    """Stops training at the first iteration whose loss is not finite.
+
+    Host losses are checked as they come (free). With ``defer`` (losses on a device), they
+    are kept as they are and read together by :meth:`check`, which the solver calls where it
+    reads the device anyway; at most ``limit`` are kept between checks.
+    """
+
+    limit = 1000
+
+    def __init__(self, defer: bool):
+        self.defer = defer
+        self.pending: list = []                   # (iteration, loss not read yet)
+
+    def note(self, iteration: int, loss):
+        """Take iteration ``iteration``'s loss; returns it (a float unless deferred)."""
+        if not self.defer:
+            loss = float(loss)
+            self._verify(iteration, loss, iteration)
+            return loss
+        self.pending.append((iteration, loss))
+        if len(self.pending) >= self.limit:
+            self.check(iteration)
+        return loss
+
+    def check(self, now: int) -> None:
+        """Read the pending losses (at iteration ``now``); TrainingError for the first bad one."""
+        pending, self.pending = self.pending, []
+        for iteration, loss in pending:
+            self._verify(iteration, float(loss), now)
+
+    @staticmethod
+    def _verify(iteration: int, loss: float, now: int) -> None:
+        if not math.isfinite(loss):
+            later = f" (found at iteration {now})" if now != iteration else ""
+            raise TrainingError(f"iteration {iteration}: the loss is {loss}; training "
+                                f"stopped{later} (no snapshot written of these weights)")
 
 
 class SolverFiles:
@@ -66,6 +98,7 @@ class SolverFiles:
     def __init__(self, param, source_dir: str | None = None):
         self.param = param
         self.source_dir = source_dir
+        self._nets: dict = {}         # (field, index) -> (NetParameter, Source, description)
 
     def find(self, path: str, what: str) -> str:
         """``path`` relative to the current directory, else to the solver's folder or a parent."""
@@ -99,24 +132,31 @@ class SolverFiles:
         return prefix
 
     def net_source(self, field: str, index: int | None = None):
-        """What solver field ``field`` names: a prototxt path (found as ``find`` says) or a
-        NetParameter; with the NetParameter itself (for its ``state``) and a description."""
-        value = getattr(self.param, field)
-        if index is not None:
-            value = value[index]
-        if isinstance(value, str):
-            path = self.find(value, f"{field} file")
-            return path, config.read_net(path)[0], f"{field} file: {path}"
-        return value, value, field
+        """What solver field ``field`` names, read once (later calls hand on the same message):
+        the NetParameter (a prototxt path found as ``find`` says, or the message itself), its
+        ``config.Source`` and a description for the log."""
+        key = (field, index)
+        if key not in self._nets:
+            value = getattr(self.param, field)
+            if index is not None:
+                value = value[index]
+            if isinstance(value, str):
+                path = self.find(value, f"{field} file")
+                self._nets[key] = (*config.read_net(path), f"{field} file: {path}")
+            else:
+                self._nets[key] = (*config.read_net(value), field)
+        return self._nets[key]
 
-    def build_net(self, source, net_param, phase, extra_state):
-        """A Net in Caffe's merged NetState: ``phase``, then the net's own ``state``, then
-        the solver's ``train_state``/``test_state`` (later ones win)."""
+    def build_net(self, net_param, source, phase, extra_state):
+        """A Net of ``net_param`` (read from ``source``) in Caffe's merged NetState:
+        ``phase``, then the net's own ``state``, then the solver's ``train_state``/
+        ``test_state`` (later ones win)."""
         state = caffe_pb2.NetState(phase=phase)
         state.MergeFrom(net_param.state)
         if extra_state is not None:
             state.MergeFrom(extra_state)
-        net = Net(source, phase=state.phase, level=state.level, stages=tuple(state.stage))
+        net = Net(net_param, source=source, phase=state.phase, level=state.level,
+                  stages=tuple(state.stage))
         for entry in self.param.weights:
             for path in entry.split(","):
                 net.copy_from(self.find(path, "weights file"))
@@ -130,10 +170,10 @@ class SolverFiles:
             raise ConfigError("the solver must name exactly one train net with one of net, "
                               f"net_param, train_net, train_net_param (it names: "
                               f"{', '.join(fields) or 'none'})")
-        source, net_param, description = self.net_source(fields[0])
+        net_param, source, description = self.net_source(fields[0])
         if log:
             owl_logging.info(f"Creating training net from {description}")
-        return self.build_net(source, net_param, caffe_pb2.TRAIN, p.train_state)
+        return self.build_net(net_param, source, caffe_pb2.TRAIN, p.train_state)
 
     def build_test_nets(self) -> list:
         """The test nets, as Caffe's InitTestNets: test_net(_param) entries, then the generic
@@ -158,10 +198,10 @@ class SolverFiles:
             raise ConfigError(f"{len(sources)} test net(s) need test_interval > 0")
         nets = []
         for i, (field, index) in enumerate(sources):
-            source, net_param, description = self.net_source(field, index)
+            net_param, source, description = self.net_source(field, index)
             owl_logging.info(f"Creating test net (#{i}) specified by {description}")
             extra = p.test_state[i] if p.test_state else None
-            nets.append(self.build_net(source, net_param, caffe_pb2.TEST, extra))
+            nets.append(self.build_net(net_param, source, caffe_pb2.TEST, extra))
         return nets
 
 
@@ -171,24 +211,22 @@ class Solver:
     ``action_callback()`` (optional) is asked after each iteration and during testing and
     returns "none", "stop" or "snapshot" (Caffe's SolverAction for SIGINT/SIGHUP).
     ``on_iteration`` is a list of callables, each called with the solver after every
-    iteration (a progress bar, say). ``parallel`` (None, or an ``owlnet.parallel.DataParallel``
-    attached before ``solve``) spreads each batch over devices and ranks: it runs the slices'
-    forward/backward, reduces their gradients before the update, and agrees on the actions;
-    only the primary rank (rank 0) tests and snapshots.
+    iteration (a progress bar, say). ``executor`` runs each iteration's device work
+    (``owlnet.parallel.StepExecutor``); ``parallel`` (None, or a data-parallel executor from
+    ``owlnet.parallel.DataParallel`` attached before ``solve``) spreads each batch over devices
+    and ranks: it runs the slices' forward/backward, reduces their gradients before the update,
+    and agrees on the actions; only the primary rank (rank 0) tests and snapshots.
     """
 
     rule_class: type[updates.UpdateRule] = updates.SGD
 
-    def __init__(self, param, action_callback=None):
-        is_path = isinstance(param, os.PathLike) or (
-            isinstance(param, str) and os.path.isfile(param))
-        source_dir = os.path.dirname(os.path.abspath(param)) if is_path else None
+    def __init__(self, param, action_callback=None, source_dir: str | None = None):
+        source_dir = source_dir or _solver_folder(param)
         self.param = param = read_solver_param(param)
         self.files = SolverFiles(param, source_dir)
         self.action_callback = action_callback
         self.on_iteration: list = []
         self.callbacks: list = []           # (on_start, on_gradients) pairs: add_callback
-        self.parallel = None
         if param.average_loss < 1:
             raise ConfigError(f"average_loss must be at least 1, got {param.average_loss}")
         if param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
@@ -200,13 +238,15 @@ class Solver:
         self.net = self.files.build_train_net(log=True)
         self.test_nets = self.files.build_test_nets()
         owl_logging.info("Solver scaffolding done.")
-        self.rule = self.rule_class(param, self.net)
+        self.rule = self.build_rule(self.net)
+        self.parallel = None
         self.lr = LearningRate(param)
         self.iter = 0
         self.smoothed_loss = 0.0
         self._losses: list[float] = []
         self.requested_early_exit = False
         self.continue_on_snapshot_error = False
+        self.loss_check = LossCheck(defer=backend.mode() == "gpu")
 
     @property
     def type(self) -> str:
@@ -216,10 +256,24 @@ class Solver:
         """Another train net as the solver file describes it (data-parallel slices use it)."""
         return self.files.build_train_net()
 
+    def build_rule(self, net: Net) -> updates.UpdateRule:
+        """An update rule of this solver's type for ``net`` (with its own history)."""
+        return self.rule_class(self.param, net)
+
+    @property
+    def parallel(self):
+        """The data-parallel executor attached, or None (then one device runs the step)."""
+        return self._parallel
+
+    @parallel.setter
+    def parallel(self, executor) -> None:
+        self._parallel = executor
+        self.executor = executor or SingleDevice(self.net, self.rule)
+
     @property
     def is_primary(self) -> bool:
         """Whether this process tests and snapshots (rank 0 of a distributed run)."""
-        return self.parallel is None or self.parallel.is_primary
+        return self.executor.is_primary
 
     # -- the loop ---------------------------------------------------------------------------
     def solve(self, resume_file=None) -> None:
@@ -230,8 +284,7 @@ class Solver:
         if resume_file:
             owl_logging.info(f"Restoring previous solver status from {resume_file}")
             self.restore(resume_file)
-        if self.parallel is not None:
-            self.parallel.synchronize()
+        self.executor.synchronize()
         start_iter = self.iter
         self.step(self.param.max_iter - self.iter)
         p = self.param
@@ -242,10 +295,7 @@ class Solver:
             owl_logging.info("Optimization stopped early.")
             return
         if p.display and self.iter % p.display == 0:
-            if self.parallel is None:
-                loss = float(self.net.forward_range(0, len(self.net.layers) - 1))
-            else:
-                loss = self.parallel.forward_loss()
+            loss = self.executor.forward_loss()
             self._update_smoothed_loss(loss, start_iter)
             owl_logging.info(f"Iteration {self.iter}, loss = {owl_logging.num(self.smoothed_loss)}")
         if p.test_interval and self.iter % p.test_interval == 0 and self.is_primary:
@@ -261,32 +311,26 @@ class Solver:
         self.smoothed_loss = 0.0
         timer_start = time.perf_counter()
         iterations_last = self.iter
-        parallel = self.parallel
+        executor = self.executor
         while self.iter < stop_iter:
-            self.net.clear_param_diffs()
-            if parallel is not None:
-                parallel.clear_param_diffs()
+            executor.clear_param_diffs()
             if (p.test_interval and self.iter % p.test_interval == 0
-                    and (self.iter > 0 or p.test_initialization) and self.is_primary):
-                self.test_all()
-                if self.requested_early_exit and parallel is None:
-                    break   # with several ranks, the stop is agreed on after this iteration
+                    and (self.iter > 0 or p.test_initialization)):
+                self.loss_check.check(self.iter)
+                if self.is_primary:
+                    self.test_all()
+                if executor.agree("stop" if self.requested_early_exit else "none") == "stop":
+                    self.requested_early_exit = True
+                    break
             self._run_callbacks(0)
             display = bool(p.display) and self.iter % p.display == 0
             loss = 0.0
             for k in range(p.iter_size):
-                if parallel is None:
-                    loss += self.net.forward_backward()
-                else:
-                    loss += parallel.forward_backward(reduce=k == p.iter_size - 1)
-            loss /= p.iter_size
-            if parallel is not None:
-                loss = parallel.reduce(loss)
-            if not math.isfinite(loss):
-                raise TrainingError(f"iteration {self.iter}: the loss is {loss}; training "
-                                    "stopped (no snapshot written of these weights)")
+                loss += executor.forward_backward(self.iter, reduce=k == p.iter_size - 1)
+            loss = self.loss_check.note(self.iter, executor.reduce(loss / p.iter_size))
             self._update_smoothed_loss(loss, start_iter)
             if display:
+                self.loss_check.check(self.iter)
                 lapse = time.perf_counter() - timer_start
                 per_second = (self.iter - iterations_last) / (lapse or 1.0)
                 owl_logging.info(owl_logging.iteration_line(self.iter, per_second, lapse,
@@ -299,24 +343,21 @@ class Solver:
             self.iter += 1
             for callback in self.on_iteration:
                 callback(self)
-            request = self._requested_action()
-            if parallel is not None:
-                request = parallel.agree("stop" if self.requested_early_exit else request)
+            request = executor.agree(self._requested_action())
             if ((p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot") \
                     and self.is_primary:
                 self._snapshot_during_training()
             if request == "stop":
                 self.requested_early_exit = True
                 break
+        self.loss_check.check(self.iter)
 
     def apply_update(self) -> None:
         """Update the train net's parameters from their diffs (clip, regularize, rule)."""
         rate = self.lr.rate(self.iter)
         if self.param.display and self.iter % self.param.display == 0:
             owl_logging.info(owl_logging.lr_line(self.iter, rate))
-        self.rule.apply(self.net, rate, self.iter)
-        if self.parallel is not None:
-            self.parallel.apply_update(rate, self.iter)
+        self.executor.update(rate, self.iter)
 
     def _update_smoothed_loss(self, loss: float, start_iter: int) -> None:
         average = self.param.average_loss
@@ -417,7 +458,9 @@ class Solver:
 
     def _snapshot_during_training(self) -> None:
         """A snapshot the loop asks for; a failed one ends training (SnapshotError), or is
-        logged and training goes on when ``continue_on_snapshot_error`` is set."""
+        logged and training goes on when ``continue_on_snapshot_error`` is set. Never of
+        weights trained from a loss that is not finite."""
+        self.loss_check.check(self.iter)
         try:
             self.snapshot()
         except SnapshotError as exc:
@@ -501,11 +544,11 @@ SOLVERS = {cls.rule_class.type: cls for cls in (SGDSolver, NesterovSolver, AdaGr
 
 def get_solver(path_or_param, action_callback=None) -> Solver:
     """The solver its ``type`` (or legacy ``solver_type``) names, from a path, prototxt text or
-    SolverParameter."""
+    SolverParameter (read once: the solver gets the message and the file's folder)."""
     param = read_solver_param(path_or_param)
     try:
         cls = SOLVERS[param.type]
     except KeyError:
         raise ConfigError(f"unknown solver type {param.type!r} (known types: "
                           f"{', '.join(SOLVERS)})") from None
-    return cls(path_or_param, action_callback=action_callback)
+    return cls(param, action_callback=action_callback, source_dir=_solver_folder(path_or_param))

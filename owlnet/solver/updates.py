@@ -1,17 +1,22 @@
 """Caffe's parameter update rules, one class each, written against the array module.
 
-:meth:`UpdateRule.apply` follows Caffe's ``ApplyUpdate`` order:
+The rules work on the net's parameter arena (``owlnet.arena``): all learnable parameters'
+data and diffs are two flat buffers, grouped by (lr_mult, decay_mult), and the history is
+buffers of the same layout. :meth:`UpdateRule.apply` follows Caffe's ``ApplyUpdate`` with a
+few whole-buffer operations per group instead of a loop over parameters:
 
 1. clip: when ``clip_gradients >= 0`` and the global L2 norm ``||g||`` of all parameter diffs
    exceeds it, every diff is scaled by ``clip_gradients / ||g||``;
-2. per parameter ``i``: normalize ``g /= iter_size`` (when ``iter_size > 1``);
-3. regularize with ``d = weight_decay * decay_mult_i`` (skipped when 0):
+2. per group of multipliers ``lr_mult``, ``decay_mult`` (groups with lr_mult 0 are skipped:
+   their step is 0): normalize ``g /= iter_size`` (when ``iter_size > 1``);
+3. regularize with ``d = weight_decay * decay_mult`` (skipped when 0):
    L2 ``g += d * w``, L1 ``g += d * sign(w)``;
-4. compute the update value into the diff, with ``r = rate * lr_mult_i`` (see each class);
-5. ``net.update()``: ``w -= diff`` for every learnable parameter.
+4. compute the update value into the diff, with ``r = rate * lr_mult`` (see each class);
+5. ``w -= diff``.
 
-History arrays live beside the parameters (same device and dtype), in Caffe's SolverState
-order: one per parameter, and for AdaDelta and Adam a second set of N after the first N.
+History arrays live beside the parameters (same device and dtype). ``history`` lists them in
+Caffe's SolverState order, views into the history buffers: one per parameter, and for
+AdaDelta and Adam a second set of N after the first N.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ class UpdateRule:
     """Clip, normalize, regularize; subclasses compute the update value (``compute``)."""
 
     type = ""
-    #: How many history arrays each parameter has (Caffe's history is sets of N, in order).
+    #: How many history buffers the rule keeps (Caffe's history is sets of N, in order).
     history_sets = 1
 
     def __init__(self, solver_param, net):
@@ -41,56 +46,67 @@ class UpdateRule:
             raise ConfigError(f"unknown regularization_type {self.regularization!r} "
                               "(known types: L1, L2)")
         self.check_param()
-        params = net.learnable_params
-        self.history = [backend.array_module(p.data).zeros_like(p.data)
-                        for _ in range(self.history_sets) for p in params]
+        arena = net.arena
+        self.history_buffers = [backend.array_module(arena.data).zeros_like(arena.data)
+                                for _ in range(self.history_sets)]
+        self.history = [view for buffer in self.history_buffers for view in arena.views(buffer)]
 
     def check_param(self) -> None:
         """Raise ConfigError for settings this rule cannot use (Caffe's constructor checks)."""
 
     # -- the update ----------------------------------------------------------------------
     def apply(self, net, rate: float, iteration: int) -> None:
-        """One update of every learnable parameter of ``net`` at learning rate ``rate``."""
-        params = net.learnable_params
-        self.clip(params)
-        for i, blob in enumerate(params):
+        """One update of every learnable parameter of ``net`` (the net this rule was made
+        for) at learning rate ``rate``."""
+        arena = net.arena
+        self.clip(arena.diff)
+        xp = backend.array_module(arena.data)
+        for group in arena.learned:
+            lo, hi = group.lo, group.hi
+            diff, data = arena.diff[lo:hi], arena.data[lo:hi]
             if self.iter_size != 1:
-                blob.diff *= 1.0 / self.iter_size
-            self.regularize(blob, self.weight_decay * net.params_weight_decay[i])
-            self.compute(i, blob.diff, rate * net.params_lr[i], iteration)
-        net.update()
+                diff *= 1.0 / self.iter_size
+            self.regularize(diff, data, self.weight_decay * group.decay_mult)
+            self.compute([h[lo:hi] for h in self.history_buffers], diff,
+                         rate * group.lr_mult, iteration)
+            xp.subtract(data, diff, out=data)
 
-    def clip(self, params) -> None:
-        if self.clip_gradients < 0 or not params:
+    def clip(self, diff) -> None:
+        """Scale ``diff`` (all the parameters' diffs) down to the L2 norm ``clip_gradients``."""
+        if self.clip_gradients < 0 or not diff.size:
             return
-        xp = backend.array_module(params[0].diff)
-        sumsq = sum(xp.vdot(p.diff.ravel(), p.diff.ravel()) for p in params)
-        norm = float(xp.sqrt(sumsq))
+        xp = backend.array_module(diff)
+        norm = float(xp.sqrt(xp.vdot(diff, diff)))
         if norm > self.clip_gradients:
             scale = self.clip_gradients / norm
             owl_logging.info(f"Gradient clipping: scaling down gradients (L2 norm "
                              f"{owl_logging.num(norm)} > {owl_logging.num(self.clip_gradients)}) "
                              f"by scale factor {owl_logging.num(scale)}")
-            for p in params:
-                p.diff *= scale
+            diff *= scale
 
-    def regularize(self, blob, local_decay: float) -> None:
+    def regularize(self, diff, data, local_decay: float) -> None:
         if not local_decay:
             return
         if self.regularization == "L2":
-            blob.diff += local_decay * blob.data
+            diff += local_decay * data
         else:
-            blob.diff += local_decay * backend.array_module(blob.data).sign(blob.data)
+            diff += local_decay * backend.array_module(data).sign(data)
 
-    def compute(self, i: int, diff, local_rate: float, iteration: int) -> None:
-        """Turn the gradient ``diff`` of parameter ``i`` into the step to subtract (in place)."""
+    def compute(self, history, diff, local_rate: float, iteration: int) -> None:
+        """Turn the gradient ``diff`` of one group into the step to subtract (in place);
+        ``history``: the group's range of each history buffer."""
         raise NotImplementedError
 
     # -- history <-> SolverState -----------------------------------------------------------
     def set_history(self, arrays) -> None:
         """Take history arrays (host arrays in SolverState order, shapes already checked)."""
-        self.history = [backend.array_module(old).asarray(new, dtype=old.dtype)
-                        for old, new in zip(self.history, arrays)]
+        for view, array in zip(self.history, arrays):
+            view[...] = backend.array_module(view).asarray(array, dtype=view.dtype)
+
+    def copy_history(self, other: "UpdateRule") -> None:
+        """Take ``other``'s history (a rule of the same net, on any device)."""
+        for mine, theirs in zip(self.history_buffers, other.history_buffers):
+            mine[...] = backend.to_device(backend.to_host(theirs))
 
 
 class SGD(UpdateRule):
@@ -98,8 +114,8 @@ class SGD(UpdateRule):
 
     type = "SGD"
 
-    def compute(self, i, diff, local_rate, iteration):
-        h = self.history[i]
+    def compute(self, history, diff, local_rate, iteration):
+        h, = history
         diff *= local_rate
         h *= self.momentum
         h += diff
@@ -111,8 +127,8 @@ class Nesterov(UpdateRule):
 
     type = "Nesterov"
 
-    def compute(self, i, diff, local_rate, iteration):
-        h = self.history[i]
+    def compute(self, history, diff, local_rate, iteration):
+        h, = history
         previous = h * self.momentum
         diff *= local_rate
         h *= self.momentum
@@ -130,8 +146,8 @@ class AdaGrad(UpdateRule):
         if self.momentum != 0:
             raise ConfigError("momentum cannot be used with AdaGrad (set momentum: 0)")
 
-    def compute(self, i, diff, local_rate, iteration):
-        h = self.history[i]
+    def compute(self, history, diff, local_rate, iteration):
+        h, = history
         h += diff * diff
         denominator = backend.array_module(h).sqrt(h)
         denominator += self.delta
@@ -150,8 +166,8 @@ class RMSProp(UpdateRule):
         if not 0 <= self.param.rms_decay < 1:
             raise ConfigError(f"rms_decay must lie in [0, 1), got {self.param.rms_decay:g}")
 
-    def compute(self, i, diff, local_rate, iteration):
-        h = self.history[i]
+    def compute(self, history, diff, local_rate, iteration):
+        h, = history
         decay = self.param.rms_decay
         h *= decay
         h += (1.0 - decay) * (diff * diff)
@@ -171,11 +187,10 @@ class AdaDelta(UpdateRule):
     type = "AdaDelta"
     history_sets = 2
 
-    def compute(self, i, diff, local_rate, iteration):
+    def compute(self, history, diff, local_rate, iteration):
         xp = backend.array_module(diff)
         m = self.momentum
-        h = self.history[i]
-        h_update = self.history[i + len(self.history) // 2]
+        h, h_update = history
         h *= m
         h += (1.0 - m) * (diff * diff)
         ratio = h_update + self.delta
@@ -197,11 +212,10 @@ class Adam(UpdateRule):
     type = "Adam"
     history_sets = 2
 
-    def compute(self, i, diff, local_rate, iteration):
+    def compute(self, history, diff, local_rate, iteration):
         xp = backend.array_module(diff)
         b1, b2 = self.momentum, self.param.momentum2
-        m = self.history[i]
-        v = self.history[i + len(self.history) // 2]
+        m, v = history
         t = iteration + 1
         correction = (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
         m *= b1
