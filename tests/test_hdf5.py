@@ -114,16 +114,18 @@ def test_hdf5_data_shards_together_make_the_whole_batch(caffe_sample_data):
     shards = []
     for rank in range(3):
         layer, top = hdf5_data_layer(caffe_sample_data, 6, tops=("data",), extra="shuffle: true")
-        layer.batch_size //= 3
-        layer.set_shard(rank, 3)
+        layer.shard(rank, 3)
+        layer.reshape([], top)
         shards.append((layer, top))
     for _ in range(5):
         whole = forward(whole_layer, whole_top)[0]
         parts = [forward(layer, top)[0] for layer, top in shards]
         for rank, part in enumerate(parts):
             np.testing.assert_array_equal(part, whole[rank::3])
-    with pytest.raises(ConfigError, match="shard rank 3"):
-        shards[0][0].set_shard(3, 3)
+    with pytest.raises(ConfigError, match="shard index 3"):
+        shards[0][0].shard(3, 3)
+    with pytest.raises(ConfigError, match="not divisible by the 4 slices"):
+        shards[0][0].shard(0, 4)
 
 
 def test_hdf5_data_converts_integer_and_double_datasets(tmp_path, monkeypatch):

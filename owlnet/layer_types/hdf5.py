@@ -14,7 +14,7 @@ from .. import backend
 from .. import logging as owl_logging
 from ..errors import ConfigError, DataError, ShapeError, SnapshotError
 from ..fileio import import_h5py, read_hdf5_array
-from .base import Layer, register
+from .base import DataSource, Layer, register
 
 #: How many files HDF5Data keeps in memory (the one being read and the one before it).
 FILES_KEPT = 2
@@ -42,7 +42,7 @@ def read_file_list(source: str, where: str) -> list[tuple[str, int]]:
 
 
 @register("HDF5Data")
-class HDF5Data(Layer):
+class HDF5Data(Layer, DataSource):
     """Rows of HDF5 datasets, one top per dataset of the same name: top[j][i] = float(D_j[row]).
 
     ``hdf5_data_param.source`` lists the files; every file holds a dataset per top, all with
@@ -228,11 +228,17 @@ class HDF5Data(Layer):
             self.seed = seed
             self._orders.clear()
 
-    def set_shard(self, rank: int, world: int) -> None:
-        """Read only stream positions ``rank, rank + world, ...`` (rank of ``world`` processes)."""
-        if not 0 <= rank < world:
-            self.fail(f"shard rank {rank} is not in [0, {world})", ConfigError)
-        self.rank, self.world = int(rank), int(world)
+    def shard(self, index: int, count: int) -> None:
+        """Read stream positions ``index, index + count, ...``, ``batch_size / count`` of them
+        per batch (the net's batch_size is the global batch), as the Data layers do."""
+        if not 0 <= index < count:
+            self.fail(f"shard index {index} is not in [0, {count})", ConfigError)
+        batch_size = int(self.param.hdf5_data_param.batch_size)
+        if batch_size % count:
+            self.fail(f"batch_size {batch_size} is not divisible by the {count} slices; the "
+                      "batch_size in the net is the global batch", ConfigError)
+        self.batch_size = batch_size // count
+        self.rank, self.world = int(index), int(count)
 
     def close(self) -> None:
         """Drop the files held in memory (no file stays open between batches)."""

@@ -23,7 +23,7 @@ import numpy as np
 from .. import backend
 from ..data.transform import DataTransformer
 from ..errors import ConfigError, DataError, SnapshotError
-from .base import Layer, register
+from .base import DataSource, Layer, register
 
 
 def _round(value):
@@ -117,7 +117,7 @@ def _warp_window(image, box, crop_size, context_pad, square, mirror):
 
 
 @register("WindowData")
-class WindowDataLayer(Layer):
+class WindowDataLayer(Layer, DataSource):
     """Tops: data (batch, C, crop, crop) and label (batch). Each batch holds
     batch - int(batch * fg_fraction) background windows, then int(batch * fg_fraction)
     foreground ones, each drawn uniformly with replacement, mirrored with probability 1/2 when
