@@ -13,6 +13,7 @@ from .errors import (ConfigError, DataError, OwlnetError, ShapeError, SnapshotEr
                      TrainingError)
 from .layer_types import known_types as layer_type_list
 from .net import TEST, TRAIN, Net
+from .onnx_export import export_onnx
 from .solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver,
                      SGDSolver, Solver, get_solver)
 
@@ -21,5 +22,6 @@ __all__ = [
     "set_random_seed", "layer_type_list", "OwlnetError", "ConfigError", "ShapeError",
     "DataError", "SnapshotError", "TrainingError", "Solver", "SGDSolver", "NesterovSolver",
     "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "get_solver",
+    "export_onnx",
 ]
 __version__ = "0.1.0"

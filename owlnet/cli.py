@@ -15,6 +15,7 @@ COMMANDS = {
     "time": ("time", "per-layer forward/backward timing, like `caffe time`"),
     "plot": ("plot", "plot loss, learning rate and test accuracy from a training log"),
     "parse-log": ("plot", "write a training log's numbers as CSV, like Caffe's parse_log"),
+    "export-onnx": ("export_onnx", "write a deploy net and its weights as an ONNX model"),
 }
 
 
