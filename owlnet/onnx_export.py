@@ -29,6 +29,7 @@ import numpy as np
 
 from . import backend
 from .errors import ConfigError
+from .fileio import atomic_write
 from .proto import caffe_pb2
 
 DEFAULT_OPSET = 17
@@ -62,12 +63,14 @@ def _pair(message, field, h_field, w_field, default):
 
 
 class _Graph:
-    """ONNX nodes and initializers under construction, with unique value and node names."""
+    """An ONNX model under construction: nodes, initializers (written straight into the
+    model, the weights copied once) and unique value and node names."""
 
     def __init__(self, onnx, opset, reserved):
         self.onnx = onnx
         self.opset = opset
-        self.nodes, self.initializers = [], []
+        self.model = onnx.ModelProto()
+        self.nodes = []
         self._values = set(reserved)
         self._node_names = set()
 
@@ -81,8 +84,10 @@ class _Graph:
 
     def constant(self, hint, array, dtype=np.float32):
         name = self._unique(hint, self._values)
-        self.initializers.append(
-            self.onnx.numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        array = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+        self.model.graph.initializer.add(
+            name=name, dims=array.shape, raw_data=array.tobytes(),
+            data_type=self.onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
         return name
 
     def op(self, op_type, inputs, hint, n_outputs=1, **attrs):
@@ -513,7 +518,8 @@ def export_onnx(net, path=None, opset: int = DEFAULT_OPSET, batch="dynamic", out
     return the ModelProto (``path`` None: return it only).
 
     ``batch``: "dynamic" (the first axis of every input is "N") or a fixed size, for which
-    the net's inputs are reshaped for the export and reshaped back after it. ``outputs``:
+    the net's inputs are reshaped for the export and back after it (blobs whose shape
+    changes come back zeroed, as any reshape leaves them). ``outputs``:
     the blobs to make graph outputs (default the net's outputs); each holds the blob's value
     after a forward, as ``net.blobs[name].data`` does.
     """
@@ -542,10 +548,10 @@ def export_onnx(net, path=None, opset: int = DEFAULT_OPSET, batch="dynamic", out
             for name, shape in saved.items():
                 net.blobs[name].reshape(shape)
             net.reshape()
-    onnx.checker.check_model(model, full_check=True)
+    payload = model.SerializeToString()
+    onnx.checker.check_model(payload, full_check=True)
     if path is not None:
-        from .fileio import atomic_write
-        atomic_write(path, model.SerializeToString())
+        atomic_write(path, payload)
     return model
 
 
@@ -560,7 +566,7 @@ def _build_model(onnx, net, opset, dynamic, outputs):
             for name in lp.top:
                 values[name] = name
                 shape = list(net.blobs[name].shape)
-                if dynamic:
+                if dynamic and shape:
                     shape[0] = "N"
                 graph_inputs.append(helper.make_tensor_value_info(
                     name, onnx.TensorProto.FLOAT, shape))
@@ -586,14 +592,17 @@ def _build_model(onnx, net, opset, dynamic, outputs):
                 graph.nodes.append(helper.make_node("Identity", [renames.get(value, value)],
                                                     [name], name=f"{name}/Identity"))
         shape = list(net.blobs[name].shape)
-        if dynamic:
+        if dynamic and shape:
             shape[0] = None
         graph_outputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
     graph.rename(renames)
 
-    body = helper.make_graph(graph.nodes, net.name or "owlnet", graph_inputs, graph_outputs,
-                             graph.initializers)
-    opset_id = helper.make_opsetid("", opset)
-    model = helper.make_model(body, opset_imports=[opset_id], producer_name="owlnet")
-    model.ir_version = helper.find_min_ir_version_for([opset_id])
+    model = graph.model
+    model.graph.name = net.name or "owlnet"
+    model.graph.node.extend(graph.nodes)
+    model.graph.input.extend(graph_inputs)
+    model.graph.output.extend(graph_outputs)
+    model.opset_import.add(domain="", version=opset)
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    model.producer_name = "owlnet"
     return model
