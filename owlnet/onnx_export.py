@@ -33,7 +33,7 @@ from .fileio import atomic_write
 from .proto import caffe_pb2
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 13          # Softmax along one axis; Unsqueeze, Split and Clip take inputs
+MIN_OPSET = 13          # Softmax along one given axis; Unsqueeze takes its axes as an input
 
 _POOL = caffe_pb2.PoolingParameter
 _LRN = caffe_pb2.LRNParameter
@@ -90,12 +90,12 @@ class _Graph:
             data_type=self.onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
         return name
 
-    def op(self, op_type, inputs, hint, n_outputs=1, **attrs):
-        outputs = [self._unique(hint if n_outputs == 1 else f"{hint}_{i}", self._values)
-                   for i in range(n_outputs)]
+    def op(self, op_type, inputs, hint, **attrs):
+        """Add one node; returns the name of its (single) output."""
+        output = self._unique(hint, self._values)
         self.nodes.append(self.onnx.helper.make_node(
-            op_type, list(inputs), outputs, name=self._unique(hint, self._node_names), **attrs))
-        return outputs[0] if n_outputs == 1 else outputs
+            op_type, list(inputs), [output], name=self._unique(hint, self._node_names), **attrs))
+        return output
 
     def rename(self, renames):
         for node in self.nodes:
@@ -129,11 +129,11 @@ class _LayerExport:
         array = backend.to_host(self.layer.blobs[k].data)
         return self.constant(array if shape is None else array.reshape(shape), f"blob{k}")
 
-    def axis(self, axis, shape=None):
-        """``axis`` of the first bottom (or ``shape``) counted from 0."""
-        n = len(self.bottom_shapes[0] if shape is None else shape)
+    def axis(self, axis):
+        """``axis`` of the first bottom counted from 0."""
+        n = len(self.bottom_shapes[0])
         if not -n <= axis < n:
-            self.fail(f"axis {axis} out of range for shape {shape or self.bottom_shapes[0]}")
+            self.fail(f"axis {axis} out of range for shape {self.bottom_shapes[0]}")
         return axis % n
 
     def not_on_batch(self, axis, what):

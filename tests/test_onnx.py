@@ -267,7 +267,7 @@ MISC_NET = _input("data", 2, 4, 6, 6) + _input("gain", 2, 4) + "".join([
     _layer("crop", "Crop", "data small", "crop_param { axis: 2 offset: 1 offset: 2 }"),
     _layer("leaky", "ReLU", "copy0", "relu_param { negative_slope: 0.1 }"),
     _layer("relu", "ReLU", "copy1", tops="copy1"),
-    _layer("prelu", "PReLU", "data", "prelu_param { filler { type: 'uniform' min: -1 } }"),
+    _layer("prelu", "PReLU", "data"),
     _layer("prelu_shared", "PReLU", "data", "prelu_param { channel_shared: true }"),
     _layer("elu", "ELU", "data", "elu_param { alpha: 0.7 }"),
     _layer("sigmoid", "Sigmoid", "data"),
