@@ -110,7 +110,7 @@ def prepare_zoo_net(path: Path, rng):
     factor = np.float32(3 / np.abs(net.blobs[scores].data).max())
     for blob in net.params[classifier]:
         blob.data[...] *= factor
-    net.forward()
+    net.forward(start=classifier)
     return net, scores
 
 
