@@ -84,7 +84,7 @@ class _Graph:
 
     def constant(self, hint, array, dtype=np.float32):
         name = self._unique(hint, self._values)
-        array = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+        array = np.asarray(array, dtype=np.dtype(dtype).newbyteorder("<"))   # tobytes: C order
         self.model.graph.initializer.add(
             name=name, dims=array.shape, raw_data=array.tobytes(),
             data_type=self.onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
@@ -107,11 +107,13 @@ class _Graph:
 class _LayerExport:
     """One layer being exported: its proto, weights, bottoms as graph values, blob shapes."""
 
-    def __init__(self, graph, layer, where, inputs, bottom_shapes, top_shapes, dynamic):
+    def __init__(self, graph, layer, where, inputs, bottoms, tops, dynamic):
         self.graph, self.layer, self.where = graph, layer, where
         self.param = layer.param
         self.inputs = inputs
-        self.bottom_shapes, self.top_shapes = bottom_shapes, top_shapes
+        self.bottoms, self.tops = bottoms, tops          # the net's Blobs
+        self.bottom_shapes = [b.shape for b in bottoms]
+        self.top_shapes = [t.shape for t in tops]
         self.dynamic = dynamic
 
     def fail(self, reason):
@@ -149,11 +151,12 @@ class _LayerExport:
             target[0] = 0 if keeps_batch else -1
         return self.op("Reshape", [value, self.constant(target, "shape", np.int64)])
 
-    def reduce(self, op_type, value, axes):
-        """ReduceMean/ReduceMax over ``axes`` keeping dims (axes an input from opset 18)."""
-        if self.graph.opset >= 18:
-            return self.op(op_type, [value, self.constant(axes, "axes", np.int64)], keepdims=1)
-        return self.op(op_type, [value], axes=list(axes), keepdims=1)
+    def reduce(self, op_type, value, axes, keepdims=1):
+        """A Reduce* node over ``axes`` (an input from opset 18, from 13 for ReduceSum)."""
+        if self.graph.opset >= (13 if op_type == "ReduceSum" else 18):
+            return self.op(op_type, [value, self.constant(axes, "axes", np.int64)],
+                           keepdims=keepdims)
+        return self.op(op_type, [value], axes=list(axes), keepdims=keepdims)
 
 
 # -- vision ---------------------------------------------------------------------------------
@@ -485,6 +488,98 @@ def _swish(e):
     return [e.op("Mul", [x, gate])]
 
 
+# -- layer types beyond BVLC Caffe's (forks' layers that published nets use) --------------
+
+def _relu6(e):
+    return [e.op("Clip", [e.inputs[0], e.constant(0.0, "min"), e.constant(6.0, "max")])]
+
+
+def _permute(e):
+    n = len(e.bottom_shapes[0])
+    order = list(e.param.permute_param.order)
+    order += [a for a in range(n) if a not in order]
+    if order[0] != 0:
+        e.not_on_batch(0, "moving the batch axis")
+    return [e.op("Transpose", e.inputs, perm=order)]
+
+
+def _shuffle_channel(e):
+    group = e.param.shuffle_channel_param.group
+    grid_shape = [0, group, e.bottom_shapes[0][1] // group, -1]
+    grid = e.op("Reshape", [e.inputs[0], e.constant(grid_shape, "grid", np.int64)])
+    swapped = e.op("Transpose", [grid], perm=[0, 2, 1, 3])
+    return [e.reshape(swapped, e.top_shapes[0], keeps_batch=True)]
+
+
+def _upsample(e):
+    scale = float(e.param.upsample_param.scale)       # source pixel: floor(o / scale)
+    return [e.op("Resize", [e.inputs[0], "", e.constant([1, 1, scale, scale], "scales")],
+                 mode="nearest", coordinate_transformation_mode="asymmetric",
+                 nearest_mode="floor")]
+
+
+def _interp(e):
+    p = e.param.interp_param
+    x, shape = e.inputs[0], e.bottom_shapes[0]
+    size_in = [s + p.pad_beg + p.pad_end for s in shape[2:]]
+    if p.pad_beg or p.pad_end:
+        x = e.op("Slice", [x, e.constant([-p.pad_beg] * 2, "starts", np.int64),
+                           e.constant([s - p.pad_end for s in shape[2:]], "ends", np.int64),
+                           e.constant([2, 3], "axes", np.int64)])
+    # With aligned corners the source row is o * (in - 1) / (out - 1), whatever the scale;
+    # the scales only set the output size, floor(in * scale): half a pixel over keeps it exact.
+    scales = [1, 1] + [(o + 0.5) / i for i, o in zip(size_in, e.top_shapes[0][2:])]
+    return [e.op("Resize", [x, "", e.constant(scales, "scales")], mode="linear",
+                 coordinate_transformation_mode="align_corners")]
+
+
+_REDUCE_OPS = {"SUM": "ReduceSum", "ASUM": "ReduceL1", "SUMSQ": "ReduceSumSquare",
+               "MEAN": "ReduceMean"}
+
+
+def _reduction(e):
+    p = e.param.reduction_param
+    axis = e.axis(p.axis)
+    rows = e.op("Reshape", [e.inputs[0], e.constant([0] * axis + [-1], "shape", np.int64)])
+    operation = type(p).ReductionOp.Name(p.operation)
+    total = e.reduce(_REDUCE_OPS[operation], rows, [axis], keepdims=0)
+    return [_affine(e, total, p.coeff, 0.0)]
+
+
+def _tile(e):
+    p = e.param.tile_param
+    repeats = [1] * len(e.bottom_shapes[0])
+    repeats[e.axis(p.axis)] = p.tiles
+    return [e.op("Tile", [e.inputs[0], e.constant(repeats, "repeats", np.int64)])]
+
+
+def _parameter(e):
+    return [e.weight(0)]
+
+
+def _embed(e):
+    indices = e.op("Cast", e.inputs, to=e.graph.onnx.TensorProto.INT64)
+    rows = e.op("Gather", [e.weight(0), indices], axis=0)
+    return [e.op("Add", [rows, e.weight(1)]) if e.param.embed_param.bias_term else rows]
+
+
+def _normalize(e):
+    p = e.param.norm_param
+    ndim = len(e.bottom_shapes[0])
+    x = e.inputs[0]
+    sums = e.reduce("ReduceSumSquare", x, list(range(1, ndim)) if p.across_spatial else [1])
+    norm = e.op("Sqrt", [e.op("Add", [sums, e.constant(p.eps, "eps")])])
+    scale = e.layer.blobs[0]
+    shape = (1,) if scale.count == 1 else _channel_shape(e.bottom_shapes[0], scale.count)
+    return [e.op("Mul", [e.op("Div", [x, norm]), e.weight(0, shape)])]
+
+
+def _prior_box(e):
+    """The boxes depend only on the shapes, which the export fixes: a constant."""
+    e.layer.forward(e.bottoms, e.tops)
+    return [e.constant(backend.to_host(e.tops[0].data), "boxes")]
+
+
 _CONVERTERS = {
     "Convolution": _convolution, "Deconvolution": _convolution, "Pooling": _pooling,
     "LRN": _lrn, "InnerProduct": _inner_product, "Eltwise": _eltwise, "Concat": _concat,
@@ -495,6 +590,10 @@ _CONVERTERS = {
     "TanH": _simple("Tanh"), "AbsVal": _simple("Abs"), "BNLL": _simple("Softplus"),
     "Power": _power, "Exp": _exp, "Log": _log, "Dropout": _alias, "Threshold": _threshold,
     "Clip": _clip, "Swish": _swish,
+    "ReLU6": _relu6, "Permute": _permute, "ShuffleChannel": _shuffle_channel,
+    "Upsample": _upsample, "Interp": _interp, "Reduction": _reduction, "Tile": _tile,
+    "Parameter": _parameter, "Embed": _embed, "Normalize": _normalize,
+    "PriorBox": _prior_box,
 }
 
 
@@ -572,8 +671,8 @@ def _build_model(onnx, net, opset, dynamic, outputs):
                     name, onnx.TensorProto.FLOAT, shape))
             continue
         export = _LayerExport(graph, layer, where, [values[b] for b in lp.bottom],
-                              [net.blobs[b].shape for b in lp.bottom],
-                              [net.blobs[t].shape for t in lp.top], dynamic)
+                              [net.blobs[b] for b in lp.bottom],
+                              [net.blobs[t] for t in lp.top], dynamic)
         convert = _CONVERTERS.get(lp.type)
         if convert is None:
             export.fail(f"no ONNX form (exportable types: Input, "

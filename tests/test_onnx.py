@@ -144,9 +144,9 @@ def build(tmp_path, text, name="net.prototxt"):
     return owlnet.Net(str(path), owlnet.TEST), path
 
 
-def randomise(net, rng, scale=1.0):
+def randomise(net, rng, scale=1.0, **inputs):
     """Seeded random parameters (He scaling; BatchNorm's statistics left to the test) and
-    inputs in [-scale, scale], then a forward."""
+    inputs in [-scale, scale] (or as given by name), then a forward."""
     for name, blobs in net.params.items():
         if net.layer_dict[name].param.type == "BatchNorm":
             continue
@@ -154,7 +154,8 @@ def randomise(net, rng, scale=1.0):
             fan_in = blob.count // blob.shape[0] if blob.shape else 1
             blob.data[...] = rng.normal(0, np.sqrt(2 / fan_in), blob.shape)
     for name in net.inputs:
-        net.blobs[name].data[...] = rng.uniform(-scale, scale, net.blobs[name].shape)
+        net.blobs[name].data[...] = inputs[name] if name in inputs else \
+            rng.uniform(-scale, scale, net.blobs[name].shape)
     net.forward()
 
 
@@ -441,3 +442,40 @@ def test_export_onnx_command(tmp_path, capsys):
     assert cli.main(["export-onnx", str(deploy), str(weights), str(out), "--output", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("owlnet export-onnx: error:") and "no blob 'nope'" in err
+
+
+# -- layer types beyond BVLC Caffe's (where this tree has them) ----------------------------
+
+FORK_TYPES = {"ReLU6", "Permute", "ShuffleChannel", "Upsample", "Interp", "Reduction", "Tile",
+              "Parameter", "Embed", "Normalize", "PriorBox"}
+
+FORK_NET = _input("data", 2, 6, 5, 4) + _input("words", 2, 3) + "".join([
+    _layer("relu6", "ReLU6", "data"),
+    _layer("permuted", "Permute", "data", "permute_param { order: 0 order: 2 order: 3 }"),
+    _layer("shuffled", "ShuffleChannel", "data", "shuffle_channel_param { group: 3 }"),
+    _layer("nearest", "Upsample", "data", "upsample_param { scale: 3 }"),
+    _layer("zoomed", "Interp", "data", "interp_param { zoom_factor: 3 }"),
+    _layer("sized", "Interp", "data", "interp_param { height: 7 width: 1 pad_beg: -1 }"),
+    _layer("sum", "Reduction", "data", "reduction_param { axis: 2 coeff: -0.5 }"),
+    _layer("asum", "Reduction", "data", "reduction_param { operation: ASUM axis: 1 }"),
+    _layer("sumsq", "Reduction", "data", "reduction_param { operation: SUMSQ axis: 3 }"),
+    _layer("mean", "Reduction", "data", "reduction_param { operation: MEAN axis: 0 coeff: 2 }"),
+    _layer("tiled", "Tile", "data", "tile_param { axis: 2 tiles: 3 }"),
+    _layer("param", "Parameter", "", "parameter_param { shape { dim: 2 dim: 3 } }"),
+    _layer("embedded", "Embed", "words", "embed_param { num_output: 4 input_dim: 5 }"),
+    _layer("l2", "Normalize", "data", "norm_param { across_spatial: false }"),
+    _layer("l2_all", "Normalize", "data", "norm_param { channel_shared: true }"),
+    _layer("priors", "PriorBox", "data nearest", "prior_box_param { min_size: 4 max_size: 9 "
+           "aspect_ratio: 2 flip: true clip: true variance: 0.1 variance: 0.1 variance: 0.2 "
+           "variance: 0.2 }"),
+])
+
+
+@pytest.mark.skipif(not FORK_TYPES <= set(owlnet.layer_type_list()),
+                    reason="this tree lacks the forks' layer types")
+@pytest.mark.parametrize("opset", [MIN_OPSET, 18])
+def test_forks_layer_types(tmp_path, opset):
+    net, _ = build(tmp_path, FORK_NET)
+    rng = np.random.default_rng(9)
+    randomise(net, rng, words=rng.integers(0, 5, (2, 3)))
+    check_every_blob(net, tmp_path / "forks.onnx", strict=net.blobs, opset=opset)
