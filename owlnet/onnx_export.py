@@ -574,6 +574,17 @@ def _normalize(e):
     return [e.op("Mul", [e.op("Div", [x, norm]), e.weight(0, shape)])]
 
 
+def _spp(e):
+    """Each pyramid level is the SPP layer's own Pooling layer, exported as Pooling is;
+    the levels are flattened and joined (one level: its pooled blob as it is)."""
+    pooled = [_pooling(_LayerExport(e.graph, layer, e.where, e.inputs, [level_bottom],
+                                    [level_top], e.dynamic))[0]
+              for level_bottom, layer, level_top in e.layer.levels]
+    if len(pooled) == 1:
+        return pooled
+    return [e.op("Concat", [e.op("Flatten", [p], axis=1) for p in pooled], axis=1)]
+
+
 def _prior_box(e):
     """The boxes depend only on the shapes, which the export fixes: a constant."""
     e.layer.forward(e.bottoms, e.tops)
@@ -593,7 +604,7 @@ _CONVERTERS = {
     "ReLU6": _relu6, "Permute": _permute, "ShuffleChannel": _shuffle_channel,
     "Upsample": _upsample, "Interp": _interp, "Reduction": _reduction, "Tile": _tile,
     "Parameter": _parameter, "Embed": _embed, "Normalize": _normalize,
-    "PriorBox": _prior_box,
+    "PriorBox": _prior_box, "SPP": _spp,
 }
 
 

@@ -447,9 +447,10 @@ def test_export_onnx_command(tmp_path, capsys):
 # -- layer types beyond BVLC Caffe's (where this tree has them) ----------------------------
 
 FORK_TYPES = {"ReLU6", "Permute", "ShuffleChannel", "Upsample", "Interp", "Reduction", "Tile",
-              "Parameter", "Embed", "Normalize", "PriorBox"}
+              "Parameter", "Embed", "Normalize", "PriorBox", "SPP"}
 
-FORK_NET = _input("data", 2, 6, 5, 4) + _input("words", 2, 3) + "".join([
+FORK_NET = (_input("data", 2, 6, 5, 4) + _input("words", 2, 3) + _input("image", 2, 2, 9, 7)
+            + "".join([
     _layer("relu6", "ReLU6", "data"),
     _layer("permuted", "Permute", "data", "permute_param { order: 0 order: 2 order: 3 }"),
     _layer("shuffled", "ShuffleChannel", "data", "shuffle_channel_param { group: 3 }"),
@@ -468,7 +469,10 @@ FORK_NET = _input("data", 2, 6, 5, 4) + _input("words", 2, 3) + "".join([
     _layer("priors", "PriorBox", "data nearest", "prior_box_param { min_size: 4 max_size: 9 "
            "aspect_ratio: 2 flip: true clip: true variance: 0.1 variance: 0.1 variance: 0.2 "
            "variance: 0.2 }"),
-])
+    _layer("spp_max", "SPP", "image", "spp_param { pyramid_height: 3 }"),
+    _layer("spp_ave", "SPP", "image", "spp_param { pyramid_height: 3 pool: AVE }"),
+    _layer("spp_one", "SPP", "image", "spp_param { pyramid_height: 1 }"),
+]))
 
 
 @pytest.mark.skipif(not FORK_TYPES <= set(owlnet.layer_type_list()),
