@@ -19,6 +19,8 @@ and its file:line. Where Caffe and ONNX differ, the graph does Caffe's arithmeti
   makes new values, and each graph output carries its blob's name.
 * batch="dynamic": every input's first axis is the symbolic "N"; reshapes keep axis 0 (0)
   or infer it (-1), and a layer that would mix the batch with other axes is refused.
+* Forks' layers, where the tree has them: PriorBox becomes a constant (its boxes depend only
+  on the shapes, which the export fixes); SPP is its levels' Pooling layers, joined.
 """
 from __future__ import annotations
 
@@ -319,7 +321,6 @@ def _argmax(e):
         e.fail("top_k > 1: ONNX TopK orders equal values differently from Caffe")
     if p.HasField("axis"):
         axis = e.axis(p.axis)
-        e.not_on_batch(axis, "an arg-max")
         if p.out_max_val:
             return [e.reduce("ReduceMax", e.inputs[0], [axis])]
         index = e.op("ArgMax", e.inputs, axis=axis, keepdims=1, select_last_index=1)
