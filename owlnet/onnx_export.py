@@ -14,7 +14,9 @@ and its file:line. Where Caffe and ONNX differ, the graph does Caffe's arithmeti
 * LRN ACROSS_CHANNELS is ONNX's LRN with bias = k (ONNX also divides alpha by the size);
   WITHIN_CHANNEL is x * (1 + alpha * mean of x^2 over the n x n window, zero-padded)^-beta.
 * BatchNorm: mean = blob0 / s and var = blob1 / s with s = blob2, the moving-average factor
-  (both 0 when s = 0), folded into y = x * a + b with a = 1 / sqrt(var + eps), b = -mean * a.
+  (both 0 when s = 0), folded into y = x * a + b with a = 1 / sqrt(var + eps), b = -mean * a
+  (with use_global_stats: false, the batch's own mean and variance, as Caffe).
+* Pooling's MAX mask top (h * W + w of each maximum) is ONNX's MaxPool index mod H * W.
 * Caffe reuses a blob name for in-place layers; ONNX values are written once, so each layer
   makes new values, and each graph output carries its blob's name.
 * batch="dynamic": every input's first axis is the symbolic "N"; reshapes keep axis 0 (0)
@@ -92,12 +94,13 @@ class _Graph:
             data_type=self.onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
         return name
 
-    def op(self, op_type, inputs, hint, **attrs):
-        """Add one node; returns the name of its (single) output."""
-        output = self._unique(hint, self._values)
+    def op(self, op_type, inputs, hint, n_outputs=1, **attrs):
+        """Add one node; returns the name of its output (a list when it has several)."""
+        outputs = [self._unique(hint if i == 0 else f"{hint}_{i}", self._values)
+                   for i in range(n_outputs)]
         self.nodes.append(self.onnx.helper.make_node(
-            op_type, list(inputs), [output], name=self._unique(hint, self._node_names), **attrs))
-        return output
+            op_type, list(inputs), outputs, name=self._unique(hint, self._node_names), **attrs))
+        return outputs[0] if n_outputs == 1 else outputs
 
     def rename(self, renames):
         for node in self.nodes:
@@ -122,8 +125,8 @@ class _LayerExport:
         raise ConfigError(f"{self.where}: layer '{self.param.name}' ({self.param.type}) cannot "
                           f"be exported to ONNX: {reason}")
 
-    def op(self, op_type, inputs, **attrs):
-        return self.graph.op(op_type, inputs, f"{self.param.name}/{op_type}", **attrs)
+    def op(self, op_type, inputs, n_outputs=1, **attrs):
+        return self.graph.op(op_type, inputs, f"{self.param.name}/{op_type}", n_outputs, **attrs)
 
     def constant(self, array, what, dtype=np.float32):
         return self.graph.constant(f"{self.param.name}/{what}", array, dtype)
@@ -179,8 +182,6 @@ def _convolution(e):
 def _pooling(e):
     p = e.param.pooling_param
     x, in_size, out_size = e.inputs[0], e.bottom_shapes[0][2:], e.top_shapes[0][2:]
-    if len(e.top_shapes) > 1:
-        e.fail("the second (argmax mask) top has no ONNX form")
     if p.pool not in (_POOL.MAX, _POOL.AVE):
         e.fail(f"{_POOL.PoolMethod.Name(p.pool)} pooling has no ONNX form")
     average = p.pool == _POOL.AVE
@@ -197,8 +198,13 @@ def _pooling(e):
                    "Caffe pools an empty window there")
     end_pad = [max(0, starts[a] + kernel[a] - in_size[a]) for a in range(2)]
     attrs = dict(kernel_shape=list(kernel), strides=list(stride), pads=list(pad) + end_pad)
-    if not average:
+    if not average and len(e.top_shapes) == 1:
         return [e.op("MaxPool", [x], **attrs)]
+    if not average:       # the mask: ONNX's index over (N, C, H, W) less the image's start
+        pooled, index = e.op("MaxPool", [x], n_outputs=2, **attrs)
+        area = e.constant(in_size[0] * in_size[1], "image_area", np.int64)
+        mask = e.op("Cast", [e.op("Mod", [index, area])], to=e.graph.onnx.TensorProto.FLOAT)
+        return [pooled, mask]
     mean = e.op("AveragePool", [x], count_include_pad=1, **attrs)
     sides = []
     for a in range(2):
@@ -349,11 +355,19 @@ def _channel_shape(shape, count):
     return (count,) + (1,) * (len(shape) - 2) if len(shape) > 1 else (count,)
 
 
+def _centred(e, x, axes):
+    """x minus its mean over ``axes``, and the (biased) variance over them."""
+    centred = e.op("Sub", [x, e.reduce("ReduceMean", x, axes)])
+    return centred, e.reduce("ReduceMean", e.op("Mul", [centred, centred]), axes)
+
+
 def _batch_norm(e):
     p = e.param.batch_norm_param
-    if p.HasField("use_global_stats") and not p.use_global_stats:
-        e.fail("use_global_stats: false normalises by each batch's statistics; the export "
-               "uses the stored ones (remove the setting)")
+    if p.HasField("use_global_stats") and not p.use_global_stats:   # this batch's statistics
+        axes = [0] + list(range(2, len(e.bottom_shapes[0])))
+        centred, var = _centred(e, e.inputs[0], axes)
+        std = e.op("Sqrt", [e.op("Add", [var, e.constant(p.eps, "eps")])])
+        return [e.op("Div", [centred, std])]
     mean, var, factor = (backend.to_host(b.data).astype(np.float64) for b in e.layer.blobs)
     inv_factor = 0.0 if factor[0] == 0 else 1.0 / factor[0]
     scale = 1.0 / np.sqrt(var * inv_factor + p.eps)
@@ -405,12 +419,11 @@ def _mvn(e):
     axes = list(range(1 if p.across_channels else 2, ndim))
     if ndim < 2 or not axes:
         e.fail(f"a bottom of shape {e.bottom_shapes[0]} leaves nothing to normalise over")
-    x = e.inputs[0]
-    centred = e.op("Sub", [x, e.reduce("ReduceMean", x, axes)])
+    centred, var = _centred(e, e.inputs[0], axes)
     if not p.normalize_variance:
         return [centred]
-    std = e.op("Sqrt", [e.reduce("ReduceMean", e.op("Mul", [centred, centred]), axes)])
-    return [e.op("Div", [centred, e.op("Add", [std, e.constant(p.eps, "eps")])])]
+    std = e.op("Add", [e.op("Sqrt", [var]), e.constant(p.eps, "eps")])
+    return [e.op("Div", [centred, std])]
 
 
 # -- neuron ---------------------------------------------------------------------------------

@@ -191,6 +191,8 @@ POOLING_NET = _input("data", 2, 3, 6, 5) + "".join([
                       "pad_w: 0"),
     _pool("max_rows_padded", "pool: MAX kernel_h: 3 kernel_w: 1 stride_h: 1 stride_w: 3 "
                              "pad_h: 1 pad_w: 0"),
+    _layer("max_masked", "Pooling", "data", "pooling_param { pool: MAX kernel_size: 3 "
+           "stride: 2 pad: 1 }", tops="max_masked max_mask"),
     _pool("max_global", "pool: MAX global_pooling: true"),
     _pool("ave_global", "pool: AVE global_pooling: true"),
 ])
@@ -265,6 +267,7 @@ def test_lrn_with_k_and_within_channel(tmp_path):
 MISC_NET = _input("data", 2, 4, 6, 6) + _input("gain", 2, 4) + "".join([
     _layer("bn", "BatchNorm", "data", "batch_norm_param { eps: 0.001 }"),
     _layer("bn_scale", "Scale", "bn", "scale_param { bias_term: true }", tops="bn"),
+    _layer("bn_batch", "BatchNorm", "data", "batch_norm_param { use_global_stats: false }"),
     _layer("bias", "Bias", "data"),
     _layer("gained", "Scale", "data gain", "scale_param { axis: 0 bias_term: true }"),
     _layer("sum", "Eltwise", "data bias bn", "eltwise_param { coeff: 1 coeff: -0.5 coeff: 2 }"),
