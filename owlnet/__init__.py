@@ -22,6 +22,7 @@ from .nccl import (NCCL, has_nccl, set_multiprocess, set_solver_count, set_solve
                    solver_count, solver_rank)
 from .net import TEST, TRAIN, Net
 from .net_spec import NetSpec, layers, params, to_proto
+from .onnx_export import export_onnx
 from .solver import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver, RMSPropSolver,
                      SGDSolver, Solver, get_solver)
 
@@ -33,5 +34,6 @@ __all__ = [
     "Layer", "refuse_python_layers", "Classifier", "Detector", "NetSpec", "layers", "params",
     "to_proto", "NCCL", "has_nccl", "set_solver_count", "set_solver_rank", "solver_count",
     "solver_rank", "set_multiprocess", "io", "proto",
+    "export_onnx",
 ]
 __version__ = "0.1.0"

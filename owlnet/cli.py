@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from .tools import classify, convert, device, extract, mean, plot, test, time, train
+from .tools import (classify, convert, device, export_onnx, extract, mean, plot, test, time,
+                    train)
 
 #: subcommand -> (its main(argv), one-line description)
 COMMANDS = {
@@ -22,6 +23,7 @@ COMMANDS = {
     "device_query": (device.query_main, "GPU diagnostic information, like `caffe device_query`"),
     "plot": (plot.plot_main, "plot loss, learning rate and test accuracy from a training log"),
     "parse-log": (plot.parse_main, "write a training log's numbers as CSV, like Caffe's parse_log"),
+    "export-onnx": (export_onnx.main, "write a deploy net and its weights as an ONNX model"),
 }
 
 

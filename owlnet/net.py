@@ -139,6 +139,7 @@ class Net:
         self._param_owner = {}                  # param name -> (layer, blob, learnable index)
         self._explicit_mults = []               # per learnable param: mults given explicitly
         self.blob_loss_weights: OrderedDict[str, float] = OrderedDict()
+        self.layer_locations = []               # per layer: "file:line" of its definition
         file_names = {lp.name for lp in param.layer}
         for lp, origin in zip(layer_params, origins):
             where = self.source.layer_line(origin) if origin is not None else self.source.name
@@ -152,6 +153,7 @@ class Net:
                 raise ShapeError(f"{where}: layer '{lp.name}' ({lp.type}) cannot be set up "
                                  f"for bottoms {[self.blobs[b].shape for b in lp.bottom]}: "
                                  f"{exc}") from None
+            self.layer_locations.append(where)
             if lp.type == "Split" and lp.name not in file_names:
                 self._split_layers.add(len(self.layers) - 1)
         self.outputs = list(available)
