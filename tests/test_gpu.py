@@ -242,9 +242,11 @@ def test_cudnn_convolution_matches_float64(math_mode, rtol):
         f32 = [cupy.asarray(a, dtype=cupy.float32) for a in (x, w, dy)]
         y_gpu, dx_gpu = cupy.empty(y.shape, cupy.float32), cupy.empty(x.shape, cupy.float32)
         dw_gpu = cupy.empty(w.shape, cupy.float32)
-        assert gpu_kernels.conv_forward(f32[0], f32[1], y_gpu, pad, stride, dilation)
-        assert gpu_kernels.conv_backward_data(f32[2], f32[1], dx_gpu, pad, stride, dilation)
-        assert gpu_kernels.conv_backward_filter(f32[0], f32[2], dw_gpu, pad, stride, dilation)
+        assert gpu_kernels.plan("fprop", x.shape, w.shape, y.shape, pad, stride, dilation, 2,
+                                "default", "float32").algorithm == "cudnn"
+        gpu_kernels.conv_forward(f32[0], f32[1], y_gpu, pad, stride, dilation, 2)
+        gpu_kernels.conv_backward_data(f32[2], f32[1], dx_gpu, pad, stride, dilation, 2)
+        gpu_kernels.conv_backward_filter(f32[0], f32[2], dw_gpu, pad, stride, dilation, 2)
     finally:
         backend.set_math_mode(old)
     for got, want in ((y_gpu, y), (dx_gpu, dx), (dw_gpu, dw)):
@@ -252,11 +254,11 @@ def test_cudnn_convolution_matches_float64(math_mode, rtol):
                                    atol=rtol * np.abs(want).max())
 
 
-def test_cudnn_declines_float64():
+def test_float64_takes_im2col():
     from owlnet.kernels import gpu as gpu_kernels
-    cupy = backend.import_cupy()
-    x, w = cupy.zeros((1, 2, 4, 4)), cupy.zeros((3, 2, 3, 3))
-    assert not gpu_kernels.conv_forward(x, w, cupy.zeros((1, 3, 2, 2)), (0, 0), (1, 1), (1, 1))
+    found = gpu_kernels.plan("fprop", (1, 2, 4, 4), (3, 2, 3, 3), (1, 3, 2, 2), (0, 0), (1, 1),
+                             (1, 1), 1, "default", "float64")
+    assert found.algorithm == "im2col"
 
 
 LENET_TRAIN = """

@@ -1,0 +1,152 @@
+"""Run and compile owlnet's CUDA kernel bodies without a GPU.
+
+* :func:`c_kernel` builds one ``cuda_sources.Elementwise`` entry with the system C compiler,
+  its body inside ``for (i = begin; i < end; ++i) { ... }`` with ``typedef float T;`` (or
+  double), and returns a callable with CuPy's calling convention (inputs, then outputs).
+  Non-raw arrays hold the elements ``begin .. end - 1`` only, so a slice of a huge launch
+  (AlexNet conv1 at batch 128) can be checked without computing all of it.
+* :func:`cuda_program` is the CUDA source CuPy generates for such a kernel (one thread per
+  index, grid-stride loop), which tests hand to NVRTC.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from owlnet.kernels import cuda_sources
+
+_C_TYPES = {"int32": ("int", ctypes.c_int32, np.int32), "int64": ("long long", ctypes.c_int64, np.int64),
+            "uint32": ("unsigned int", ctypes.c_uint32, np.uint32),
+            "uint64": ("unsigned long long", ctypes.c_uint64, np.uint64),
+            "float32": ("float", ctypes.c_float, np.float32),
+            "float64": ("double", ctypes.c_double, np.float64),
+            "uint8": ("unsigned char", None, np.uint8)}
+_T_NAMES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_BUILD_DIR = Path(tempfile.mkdtemp(prefix="owlnet-c-harness-"))
+
+
+def params(text):
+    """``"raw T x, int32 n"`` -> ``[(raw, type, name), ...]``."""
+    out = []
+    for item in text.split(","):
+        words = item.split()
+        if not words:
+            continue
+        raw = words[0] == "raw"
+        if raw:
+            words = words[1:]
+        out.append((raw, words[0], words[1]))
+    return out
+
+
+def _c_type(type_name, t_name):
+    return t_name if type_name == "T" else _C_TYPES[type_name][0]
+
+
+def c_source(source: cuda_sources.Elementwise, t_name: str = "float") -> str:
+    """The C translation unit of one kernel: ``void owl_run(begin, end, params...)``."""
+    args, macros = [], []
+    for raw, type_name, name in params(source.in_params) + params(source.out_params):
+        c_type = _c_type(type_name, t_name)
+        if raw:
+            args.append(f"{c_type}* {name}")
+        elif name in _array_names(source):
+            args.append(f"{c_type}* {name}_window")
+            macros.append(f"#define {name} ({name}_window[i - begin])")
+        else:
+            args.append(f"{c_type} {name}")
+    return "\n".join([
+        f"typedef {t_name} T;",
+        "#include <math.h>",
+        cuda_sources.FUNCTION_PREFIX, source.preamble,
+        f"void owl_run(long long begin, long long end, {', '.join(args)}) {{",
+        *macros,
+        "    for (long long i = begin; i < end; ++i) {",
+        source.body,
+        "    }",
+        "}"])
+
+
+def _array_names(source):
+    """Non-raw parameters that are arrays: every one typed T, and those named in ``arrays``."""
+    return {name for raw, type_name, name in params(source.in_params) + params(source.out_params)
+            if not raw and type_name == "T"} | set(source.arrays)
+
+
+@functools.cache
+def _compiled(source: cuda_sources.Elementwise, t_name: str):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler")
+    text = c_source(source, t_name)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    c_file = _BUILD_DIR / f"{source.name}_{digest}.c"
+    library = c_file.with_suffix(".so")
+    c_file.write_text(text)
+    subprocess.run([compiler, "-O2", "-std=c99", "-Wall", "-Werror", "-Wno-unused-variable",
+                    "-shared", "-fPIC", "-o", str(library), str(c_file), "-lm"],
+                   check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(library)).owl_run
+
+
+def c_kernel(source: cuda_sources.Elementwise, dtype=np.float32):
+    """A callable ``kernel(*inputs, *outputs, begin=0, end=None)`` running the C build."""
+    t_name = _T_NAMES[np.dtype(dtype)]
+    function = _compiled(source, t_name)
+    specs = params(source.in_params) + params(source.out_params)
+    arrays = _array_names(source)
+
+    def run(*values, begin=0, end=None):
+        if len(values) != len(specs):
+            raise TypeError(f"{source.name} takes {len(specs)} arguments, got {len(values)}")
+        if end is None:
+            end = begin + next(np.asarray(v).size for (raw, _, name), v in zip(specs, values)
+                               if not raw and name in arrays)
+        c_args = [ctypes.c_longlong(begin), ctypes.c_longlong(end)]
+        for (raw, type_name, name), value in zip(specs, values):
+            if raw or name in arrays:
+                want = np.dtype(dtype) if type_name == "T" else np.dtype(_C_TYPES[type_name][2])
+                if not (isinstance(value, np.ndarray) and value.dtype == want
+                        and value.flags.c_contiguous):
+                    raise TypeError(f"{source.name}: {name} must be a C-contiguous {want} array")
+                if not raw and value.size != end - begin:
+                    raise ValueError(f"{source.name}: {name} holds {value.size} elements for "
+                                     f"indices {begin}..{end - 1}")
+                c_args.append(ctypes.c_void_p(value.ctypes.data))
+            else:
+                c_args.append(_C_TYPES[type_name][1](value))
+        function(*c_args)
+
+    return run
+
+
+def cuda_program(source: cuda_sources.Elementwise, t_name: str = "float") -> str:
+    """The CUDA translation unit CuPy builds for this kernel, written out by hand."""
+    args, bindings = [], []
+    arrays = _array_names(source)
+    for raw, type_name, name in params(source.in_params) + params(source.out_params):
+        c_type = _c_type(type_name, t_name)
+        if raw:
+            args.append(f"{c_type}* {name}")
+        elif name in arrays:
+            args.append(f"{c_type}* _raw_{name}")
+            bindings.append(f"{c_type}& {name} = _raw_{name}[i];")
+        else:
+            args.append(f"{c_type} {name}")
+    return "\n".join([
+        f"typedef {t_name} T;",
+        cuda_sources.FUNCTION_PREFIX, source.preamble,
+        f'extern "C" __global__ void {source.name}({", ".join(args)}, long long _size) {{',
+        "    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < _size;",
+        "         i += (long long)blockDim.x * gridDim.x) {",
+        *("        " + b for b in bindings),
+        source.body,
+        "    }",
+        "}"])
