@@ -1,12 +1,19 @@
-"""The array module (NumPy on the CPU, CuPy on the GPU), the device, the dtype and the RNG.
+"""The array module (NumPy on the CPU, CuPy on the GPU), the device, the dtype, the RNG, the
+blob size limit, and where blob arrays live (the device scope).
 
 Layers never import numpy or cupy for their math: they take ``xp = array_module(blob)``
 so one code path serves both devices. Only ``owlnet.kernels`` holds per-device code.
+
+Device scope: a blob's ``data``/``diff`` are host NumPy arrays (pycaffe's view) except inside
+``device_arrays()``, where they are the arrays the engine computes on (CuPy in GPU mode).
+The net, the solver and the trainers run inside it; user code runs outside. On the CPU both
+are the same NumPy arrays. The scope is per thread.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import numpy as np
 
@@ -17,6 +24,23 @@ _state = {
     "math": os.environ.get("OWLNET_MATH", "fp32"),
 }
 _rng = np.random.default_rng(0)
+_scope = threading.local()
+
+#: Largest number of elements in one blob (2^31: 8 GiB of float32); the environment variable
+#: OWLNET_MAX_BLOB_ELEMENTS overrides it. Files declaring bigger blobs are refused with it too.
+MAX_BLOB_ELEMENTS = 2 ** 31
+
+
+def max_blob_elements() -> int:
+    """The blob size limit: $OWLNET_MAX_BLOB_ELEMENTS when set, else MAX_BLOB_ELEMENTS."""
+    value = os.environ.get("OWLNET_MAX_BLOB_ELEMENTS")
+    if not value:
+        return MAX_BLOB_ELEMENTS
+    try:
+        return int(value)
+    except ValueError:
+        from .errors import ConfigError
+        raise ConfigError(f"OWLNET_MAX_BLOB_ELEMENTS={value!r} is not an integer") from None
 
 
 def mode() -> str:
@@ -78,12 +102,29 @@ def array_module(array):
 
 
 def to_host(array) -> np.ndarray:
-    return array if isinstance(array, np.ndarray) else array.get()
+    return array if type(array) is np.ndarray else array.get()
+
+
+@contextlib.contextmanager
+def device_arrays():
+    """Inside (this thread): blob ``data``/``diff`` are the engine's device arrays and
+    :func:`to_device` gives device arrays. Nests; also usable as a decorator."""
+    _scope.depth = getattr(_scope, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _scope.depth -= 1
+
+
+def in_device_scope() -> bool:
+    """True inside :func:`device_arrays` in GPU mode: blob arrays are device arrays here."""
+    return _state["mode"] == "gpu" and getattr(_scope, "depth", 0) > 0
 
 
 def to_device(array):
-    """Move a host array to the current mode's device (no copy on the CPU)."""
-    if _state["mode"] == "gpu":
+    """A host array as the kind of array ``blob.data`` gives here: a device copy inside
+    :func:`device_arrays` in GPU mode, else the NumPy array itself (no copy on the CPU)."""
+    if in_device_scope():
         return import_cupy().asarray(array)
     return np.asarray(array)
 

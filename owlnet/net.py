@@ -114,6 +114,7 @@ class Net:
             self.copy_from(weights)
 
     # -- construction ----------------------------------------------------------------------
+    @backend.device_arrays()
     def _build(self, param, origins):
         layer_params, origins = insert_splits(list(param.layer), origins)
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
@@ -299,11 +300,13 @@ class Net:
                               f"{', '.join(self._layer_names)})") from None
 
     # -- running ----------------------------------------------------------------------------
+    @backend.device_arrays()
     def reshape(self):
         """Propagate input shapes through every layer (call after reshaping an input blob)."""
         for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
             layer.reshape(bottoms, tops)
 
+    @backend.device_arrays()
     def forward_range(self, start: int, end: int):
         """Run layers start..end (inclusive); the weighted loss as a 0-d array on the device."""
         loss = 0.0
@@ -315,6 +318,7 @@ class Net:
                 loss = loss + weight * tops[j].data.sum()
         return loss
 
+    @backend.device_arrays()
     def backward_range(self, start: int, end: int) -> None:
         """Back-propagate through layers start down to end (inclusive)."""
         for li in range(start, end - 1, -1):
@@ -363,10 +367,12 @@ class Net:
         getattr(blob, which)[...] = backend.to_device(value)
 
     # -- learning ---------------------------------------------------------------------------
+    @backend.device_arrays()
     def clear_param_diffs(self):
         for blob in self.learnable_params:
             blob.diff[...] = 0
 
+    @backend.device_arrays()
     def update(self):
         """data -= diff for every learnable parameter (in place, so shared arrays follow)."""
         for blob in self.learnable_params:
@@ -469,7 +475,4 @@ def _shapes_match(proto, file_shape, net_shape) -> bool:
 
 def _reshaped_view(owner: Blob, shape) -> Blob:
     """A Blob of ``shape`` sharing ``owner``'s data and diff (PERMISSIVE parameter sharing)."""
-    view = Blob((), name=owner.name)
-    view._data = owner.data.reshape(shape)
-    view._diff = owner.diff.reshape(shape)
-    return view
+    return owner.view(shape)

@@ -48,9 +48,12 @@ class DeviceArray(np.ndarray):
     def data(self):
         return _Memory(self)
 
-    def get(self):
+    def get(self, out=None):
         transfers["to_host"] += 1
-        return np.array(self.view(np.ndarray))
+        if out is None:
+            return np.array(self.view(np.ndarray))
+        out[...] = self.view(np.ndarray)
+        return out
 
     def set(self, host):
         transfers["to_device"] += 1

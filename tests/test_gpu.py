@@ -148,22 +148,23 @@ def _run_layer(device, text, arrays, n_tops, phase, propagate, backward, top_dif
     if device == "gpu":
         backend.set_mode_gpu()
     try:
-        arrays = [backend.to_device(a) for a in arrays]
-        layer, bottom, top = make_layer(f'name: "layer" {text}', arrays, n_tops, phase,
-                                        dtype=np.float32)
-        backend.set_random_seed(11)
-        layer.forward(bottom, top)
-        outputs = [backend.to_host(t.data).copy() for t in top]
-        grads = []
-        if backward:
-            diffs = top_diffs([t.shape for t in top])
-            for t, d in zip(top, diffs):
-                t.diff[...] = backend.to_device(d)
-            for p in layer.blobs:
-                p.diff[...] = 0
-            layer.backward(top, propagate, bottom)
-            grads = [backend.to_host(b.diff).copy() for b, p in zip(bottom, propagate) if p]
-            grads += [backend.to_host(p.diff).copy() for p in layer.blobs]
+        with backend.device_arrays():      # where the net runs layers: device arrays
+            arrays = [backend.to_device(a) for a in arrays]
+            layer, bottom, top = make_layer(f'name: "layer" {text}', arrays, n_tops, phase,
+                                            dtype=np.float32)
+            backend.set_random_seed(11)
+            layer.forward(bottom, top)
+            outputs = [backend.to_host(t.data).copy() for t in top]
+            grads = []
+            if backward:
+                diffs = top_diffs([t.shape for t in top])
+                for t, d in zip(top, diffs):
+                    t.diff[...] = backend.to_device(d)
+                for p in layer.blobs:
+                    p.diff[...] = 0
+                layer.backward(top, propagate, bottom)
+                grads = [backend.to_host(b.diff).copy() for b, p in zip(bottom, propagate) if p]
+                grads += [backend.to_host(p.diff).copy() for p in layer.blobs]
         return outputs, grads
     finally:
         backend.set_mode_cpu()

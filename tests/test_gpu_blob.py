@@ -1,0 +1,168 @@
+"""Blob's host/device synchronisation (Caffe's SyncedMemory, pycaffe's NumPy face), checked on
+the CPU with tests/fakecupy.py standing in for CuPy and counting every transfer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fakecupy
+from owlnet import backend
+from owlnet.blob import Blob
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """GPU mode on the fake device; CPU mode again afterwards."""
+    with fakecupy.installed() as cupy:
+        backend.set_mode_gpu()
+        try:
+            yield cupy
+        finally:
+            backend.set_mode_cpu()
+
+
+def test_host_writes_reach_the_device_once(fake_gpu):
+    blob = Blob((2, 3), dtype=np.float32, name="b")
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    blob.data[...] = values                     # pycaffe's idiom: a host write
+    assert type(blob.data) is np.ndarray
+    assert fake_gpu.transfers["to_device"] == 0
+    with backend.device_arrays():
+        on_device = blob.data
+        assert isinstance(on_device, fakecupy.DeviceArray)
+        np.testing.assert_array_equal(on_device.get(), values)
+        assert fake_gpu.transfers["to_device"] == 1
+        blob.data                               # already there: no second copy
+        assert fake_gpu.transfers["to_device"] == 1
+        on_device *= 2                          # the engine writes on the device
+    fake_gpu.transfers.clear()
+    host = blob.data                            # pycaffe reads: one copy back
+    assert type(host) is np.ndarray and fake_gpu.transfers["to_host"] == 1
+    np.testing.assert_array_equal(host, values * 2)
+
+
+def test_read_only_host_view_keeps_the_device_copy(fake_gpu):
+    blob = Blob((4,), dtype=np.float32)
+    with backend.device_arrays():
+        blob.diff[...] = 5
+    first, second = blob.read_diff(), blob.read_diff()
+    assert fake_gpu.transfers["to_host"] == 1
+    assert not first.flags.writeable and float(second[0]) == 5
+    with pytest.raises(ValueError):
+        first[0] = 1
+    with backend.device_arrays():
+        blob.diff                               # still valid on the device: no upload
+    assert fake_gpu.transfers["to_device"] == 0
+
+
+def test_cpu_mode_makes_no_copies():
+    blob = Blob((3,), dtype=np.float32)
+    outside = blob.data
+    with backend.device_arrays():
+        inside = blob.data
+        assert backend.to_device(outside) is outside
+    assert inside is outside and blob.device_data is outside and type(outside) is np.ndarray
+
+
+def test_device_scope_is_per_thread(fake_gpu):
+    import threading
+    blob = Blob((2,), dtype=np.float32)
+    seen = []
+    with backend.device_arrays():
+        worker = threading.Thread(target=lambda: seen.append(type(blob.data)))
+        worker.start()
+        worker.join()
+        assert isinstance(blob.data, fakecupy.DeviceArray)
+    assert seen == [np.ndarray]
+
+
+def test_to_device_follows_the_scope(fake_gpu):
+    """``blob.data[...] = backend.to_device(x)`` works in and out of the scope (CuPy refuses
+    a host array written into a device array, and the fake does too)."""
+    blob = Blob((2, 2), dtype=np.float32)
+    x = np.ones((2, 2), np.float32)
+    blob.data[...] = backend.to_device(x)
+    with backend.device_arrays():
+        blob.data[...] = backend.to_device(2 * x)
+        with pytest.raises(TypeError, match="non-scalar numpy.ndarray"):
+            blob.data[...] = 3 * x
+    np.testing.assert_array_equal(blob.data, 2 * x)
+
+
+def test_bind_to_a_flat_device_buffer(fake_gpu):
+    """Parameters as views of one flat buffer: values kept, writes on either side seen."""
+    a, b = Blob((2, 3), dtype=np.float32), Blob((4,), dtype=np.float32)
+    a.data[...] = 1
+    b.data[...] = 2
+    flat = fake_gpu.zeros(10, dtype=np.float32)
+    a.bind(data=flat[:6])
+    b.bind(data=flat[6:])
+    np.testing.assert_array_equal(flat.get(), [1] * 6 + [2] * 4)
+    flat *= 10                                  # a fused update on the whole buffer
+    np.testing.assert_array_equal(a.data, np.full((2, 3), 10))
+    b.data[...] = 7                             # a pycaffe write lands in the buffer
+    with backend.device_arrays():
+        b.data
+    np.testing.assert_array_equal(flat.get()[6:], [7] * 4)
+    with pytest.raises(Exception, match="C-contiguous array of 4 elements"):
+        b.bind(data=flat[:3])
+
+
+def test_shared_and_reshaped_views_follow_a_bind():
+    owner = Blob((2, 3), dtype=np.float32)
+    view = owner.view((3, 2))
+    sharer = Blob((2, 3), dtype=np.float32)
+    sharer.share_data(owner)
+    buffer = np.arange(6, dtype=np.float32)
+    owner.bind(data=buffer, keep_values=False)
+    np.testing.assert_array_equal(view.data, buffer.reshape(3, 2))
+    np.testing.assert_array_equal(sharer.data, buffer.reshape(2, 3))
+    assert np.shares_memory(view.diff, owner.diff)
+
+
+NET = """
+name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 5 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 }
+                              bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }
+"""
+
+
+def _tiny_net(tmp_path):
+    from owlnet.net import Net
+    path = tmp_path / "tiny.prototxt"
+    path.write_text(NET)
+    backend.set_random_seed(3)
+    return Net(str(path), phase=1)
+
+
+def test_pycaffe_forward_returns_numpy_and_sees_host_writes(fake_gpu, tmp_path):
+    """Defect 4: in GPU mode ``net.blobs[...].data[...] = x`` then ``net.forward()`` gives
+    NumPy arrays equal to the CPU net's; the next host write is seen by the next forward."""
+    net = _tiny_net(tmp_path)
+    backend.set_mode_cpu()
+    reference = _tiny_net(tmp_path)
+    backend.set_mode_gpu()
+    rng = np.random.default_rng(0)
+    # Uploads: the input; from the second forward on also the output, which the caller got
+    # for writing through ``.data`` (pycaffe's mutable_cpu_data semantics). One download.
+    for uploads in (1, 2):
+        x = rng.standard_normal((4, 5)).astype(np.float32)
+        net.blobs["data"].data[...] = x
+        fake_gpu.transfers.clear()
+        out = net.forward()["ip"]
+        assert fake_gpu.transfers == {"to_device": uploads, "to_host": 1}
+        reference.blobs["data"].data[...] = x
+        want = reference.forward()["ip"]
+        assert type(out) is np.ndarray
+        np.testing.assert_allclose(out, want, rtol=1e-6)
+    params = net.params["ip"][0]
+    assert isinstance(params.device_data, fakecupy.DeviceArray)
+
+
+def test_blob_module_does_not_import_fileio():
+    import owlnet.blob as blob_module
+    source = open(blob_module.__file__).read()
+    assert "fileio" not in source and "share_diff" not in source
