@@ -55,6 +55,7 @@ def set_mode_gpu() -> None:
     import_cupy()
     _state["mode"] = "gpu"
     import_cupy().cuda.Device(_state["device"]).use()
+    _apply_math_mode()
 
 
 def set_device(index: int) -> None:
@@ -77,6 +78,24 @@ def set_math_mode(name: str) -> None:
     if name not in ("fp32", "tf32"):
         raise ConfigError(f"math mode must be 'fp32' or 'tf32', not {name!r}")
     _state["math"] = name
+    if _state["mode"] == "gpu":
+        _apply_math_mode()
+
+
+def _apply_math_mode() -> None:
+    """Make every CuPy matrix product of float32 follow the math mode: cuBLAS compute type
+    32F_FAST_TF32 for "tf32", plain 32F for "fp32" (CuPy reads $CUPY_TF32 only once, at its
+    first product; setting the compute type works at any time). cuDNN graphs follow the mode
+    in kernels.gpu."""
+    import importlib  # noqa: PLC0415
+    linalg = importlib.import_module("cupy._core._routines_linalg")
+    tf32 = _state["math"] == "tf32"
+    linalg.set_compute_type(np.float32,
+                            linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32)
+    if not tf32 and os.environ.get("NVIDIA_TF32_OVERRIDE", "") not in ("", "0"):
+        from . import logging as owl_logging  # noqa: PLC0415
+        owl_logging.logger.warning("NVIDIA_TF32_OVERRIDE is set: the driver may use TF32 "
+                                   "even in the strict fp32 math mode; unset it for fp32")
 
 
 def import_cupy():

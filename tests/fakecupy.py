@@ -174,17 +174,29 @@ for _name, _value in dict(asarray=asarray, asnumpy=asnumpy, get_array_module=get
     setattr(module, _name, _value)
 module.__getattr__ = lambda name: getattr(np, name)
 
+# cupy._core._routines_linalg: the cuBLAS compute type per dtype (CuPy's names and values).
+linalg = types.ModuleType("cupy._core._routines_linalg")
+linalg.COMPUTE_TYPE_DEFAULT, linalg.COMPUTE_TYPE_FP32, linalg.COMPUTE_TYPE_TF32 = 1, 4, 6
+linalg.compute_types = {}
+linalg.set_compute_type = lambda dtype, kind: linalg.compute_types.__setitem__(np.dtype(dtype),
+                                                                                kind)
+core = types.ModuleType("cupy._core")
+core._routines_linalg = linalg
+_MODULES = {"cupy": module, "cupy._core": core, "cupy._core._routines_linalg": linalg}
+
 
 @contextlib.contextmanager
 def installed():
     """``import cupy`` gives this module inside the block; transfers start from zero."""
-    saved = sys.modules.get("cupy")
-    sys.modules["cupy"] = module
+    saved = {name: sys.modules.get(name) for name in _MODULES}
+    sys.modules.update(_MODULES)
     transfers.clear()
+    linalg.compute_types.clear()
     try:
         yield module
     finally:
-        if saved is None:
-            sys.modules.pop("cupy", None)
-        else:
-            sys.modules["cupy"] = saved
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous

@@ -166,3 +166,26 @@ def test_blob_module_does_not_import_fileio():
     import owlnet.blob as blob_module
     source = open(blob_module.__file__).read()
     assert "fileio" not in source and "share_diff" not in source
+
+
+def test_math_mode_sets_the_cublas_compute_type(fake_gpu):
+    """Defect 5: the math mode reaches every CuPy matrix product (cuBLAS compute type for
+    float32), set on entering GPU mode and on every change; strict fp32 is the default."""
+    import fakecupy as fake
+    assert backend.math_mode() == "fp32"
+    assert fake.linalg.compute_types[np.dtype(np.float32)] == fake.linalg.COMPUTE_TYPE_FP32
+    try:
+        backend.set_math_mode("tf32")
+        assert fake.linalg.compute_types[np.dtype(np.float32)] == fake.linalg.COMPUTE_TYPE_TF32
+    finally:
+        backend.set_math_mode("fp32")
+    assert fake.linalg.compute_types[np.dtype(np.float32)] == fake.linalg.COMPUTE_TYPE_FP32
+
+
+def test_cupy_has_the_compute_type_switch():
+    """The CuPy we install exposes the switch backend uses (needs no device to look)."""
+    pytest.importorskip("cupy")
+    import importlib
+    linalg = importlib.import_module("cupy._core._routines_linalg")
+    assert callable(linalg.set_compute_type)
+    assert linalg.COMPUTE_TYPE_TF32 != linalg.COMPUTE_TYPE_FP32
