@@ -75,9 +75,8 @@ def c_source(source: cuda_sources.Elementwise, t_name: str = "float") -> str:
 
 
 def _array_names(source):
-    """Non-raw parameters that are arrays: every one typed T, and those named in ``arrays``."""
-    return {name for raw, type_name, name in params(source.in_params) + params(source.out_params)
-            if not raw and type_name == "T"} | set(source.arrays)
+    """Non-raw parameters passed arrays (the registry's ``arrays``); the others are scalars."""
+    return set(source.arrays)
 
 
 @functools.cache
@@ -97,7 +96,8 @@ def _compiled(source: cuda_sources.Elementwise, t_name: str):
 
 
 def c_kernel(source: cuda_sources.Elementwise, dtype=np.float32):
-    """A callable ``kernel(*inputs, *outputs, begin=0, end=None)`` running the C build."""
+    """A callable ``kernel(*inputs, *outputs, begin=0, end=None)`` running the C build;
+    ``end`` defaults to ``begin`` + the size of the non-raw arrays (required when all are raw)."""
     t_name = _T_NAMES[np.dtype(dtype)]
     function = _compiled(source, t_name)
     specs = params(source.in_params) + params(source.out_params)
@@ -120,6 +120,8 @@ def c_kernel(source: cuda_sources.Elementwise, dtype=np.float32):
                     raise ValueError(f"{source.name}: {name} holds {value.size} elements for "
                                      f"indices {begin}..{end - 1}")
                 c_args.append(ctypes.c_void_p(value.ctypes.data))
+            elif type_name == "T":
+                c_args.append((ctypes.c_float if t_name == "float" else ctypes.c_double)(value))
             else:
                 c_args.append(_C_TYPES[type_name][1](value))
         function(*c_args)

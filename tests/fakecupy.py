@@ -137,12 +137,15 @@ class ElementwiseKernel:
             raise AssertionError(f"kernel {name!r} is not a registry entry")
         self.source = matches[0]
 
-    def __call__(self, *args):
+    def __call__(self, *args, size=None):
         specs = cuda_harness.params(self.source.in_params) + cuda_harness.params(
             self.source.out_params)
-        dtype = next(a.dtype for (raw, t, _), a in zip(specs, args) if t == "T")
+        dtype = next(a.dtype for (raw, t, _), a in zip(specs, args)
+                     if t == "T" and isinstance(a, np.ndarray))
         host = [a.view(np.ndarray) if isinstance(a, DeviceArray) else a for a in args]
-        cuda_harness.c_kernel(self.source, dtype)(*host)
+        if any(isinstance(a, np.ndarray) and not isinstance(a, DeviceArray) for a in args):
+            raise TypeError(f"{self.source.name}: a host array given to a device kernel")
+        cuda_harness.c_kernel(self.source, dtype)(*host, end=size)
         return args[-1]
 
 

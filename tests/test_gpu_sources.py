@@ -46,7 +46,8 @@ def test_nvrtc_compiles_for_sm90(source, t_name):
 def test_nvrtc_rejects_a_broken_body():
     """The compile test can fail: a body with an undeclared name does not compile."""
     nvrtc = _nvrtc()
-    broken = cuda_sources.Elementwise("broken", "raw T a", "T b", "b = a[i] + undeclared;")
+    broken = cuda_sources.Elementwise("broken", "raw T a", "T b", "b = a[i] + undeclared;",
+                                      arrays=("b",))
     program = nvrtc.createProgram(cuda_harness.cuda_program(broken), "broken.cu", [], [])
     with pytest.raises(Exception):
         nvrtc.compileProgram(program, ["--gpu-architecture=sm_90"])
@@ -124,7 +125,7 @@ def test_harness_catches_a_wrong_body():
     """An injected bug (stride ignored on the x axis) makes the comparison fail."""
     wrong = cuda_sources.Elementwise(
         "owlnet_im2col_wrong", cuda_sources.IM2COL.in_params, cuda_sources.IM2COL.out_params,
-        cuda_sources.IM2COL.body.replace("x * sw - pw", "x - pw"))
+        cuda_sources.IM2COL.body.replace("x * sw - pw", "x - pw"), arrays=("col",))
     shape, kernel, pad, stride, dilation = GEOMETRIES["stride2_pad1"]
     out_size = _out_size(shape, kernel, pad, stride, dilation)
     images = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
@@ -132,3 +133,30 @@ def test_harness_catches_a_wrong_body():
     got = np.empty(want.shape, np.float32)
     cuda_harness.c_kernel(wrong)(images, *shape, *kernel, *out_size, *stride, *pad, *dilation, got)
     assert not np.array_equal(got, want)
+
+
+# Where each registry kernel's body is run on the CPU and compared with the NumPy path. A new
+# kernel fails the test below until it is added here with its check.
+NUMERIC_CHECKS = {
+    "owlnet_im2col": "test_gpu_sources.py::test_column_bodies_match_numpy",
+    "owlnet_col2im": "test_gpu_sources.py::test_column_bodies_match_numpy",
+    "owlnet_max_pool_forward": "test_gpu_kernels.py::test_pooling_matches_the_cpu_layer",
+    "owlnet_max_pool_backward": "test_gpu_kernels.py::test_pooling_matches_the_cpu_layer",
+    "owlnet_ave_pool_forward": "test_gpu_kernels.py::test_pooling_matches_the_cpu_layer",
+    "owlnet_ave_pool_backward": "test_gpu_kernels.py::test_pooling_matches_the_cpu_layer",
+    "owlnet_softmax": "test_gpu_kernels.py::test_softmax_matches_the_cpu_layer",
+    "owlnet_softmax_loss": "test_gpu_kernels.py::test_softmax_loss_matches_the_cpu_layer",
+    "owlnet_softmax_loss_backward": "test_gpu_kernels.py::test_softmax_loss_matches_the_cpu_layer",
+    "owlnet_dropout_forward": "test_gpu_kernels.py::test_dropout_mask_is_the_numpy_mask",
+    "owlnet_dropout_backward": "test_gpu_kernels.py::test_dropout_mask_is_the_numpy_mask",
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_kernel_builds_as_plain_c_and_has_a_numeric_check(dtype):
+    assert set(NUMERIC_CHECKS) == {s.name for s in cuda_sources.ALL}
+    for where in set(NUMERIC_CHECKS.values()):
+        file, test = where.split("::")
+        assert f"def {test}(" in (ROOT / "tests" / file).read_text(), where
+    for source in cuda_sources.ALL:
+        cuda_harness.c_kernel(source, dtype)         # -Wall -Werror, C99

@@ -27,7 +27,7 @@ import os
 
 from .. import backend
 from .. import logging as owl_logging
-from . import cuda_sources
+from . import counter_random, cuda_sources
 
 #: Bytes of the shared per-device workspace (cuDNN scratch, im2col columns), at most.
 WORKSPACE_LIMIT = int(os.environ.get("OWLNET_GPU_WORKSPACE_MB", "512")) << 20
@@ -361,3 +361,90 @@ def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="defaul
     (not added) into ``dw``."""
     _run("wgrad", "backward_filter", (x, dy, dw), x.shape, dw.shape, dy.shape, pad, stride,
          dilation, group, engine)
+
+
+# -- fused layer kernels -----------------------------------------------------------------------
+def _contiguous(array):
+    return backend.import_cupy().ascontiguousarray(array)
+
+
+def _pool_geometry(x_shape, y_shape, kernel, stride, pad):
+    return (*x_shape[2:], *y_shape[2:], *kernel, *stride, *pad)
+
+
+def max_pool_forward(x, y, argmax, kernel, stride, pad):
+    """Caffe's MAX pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW): each window's
+    largest in-image value, and in ``argmax`` (int32, y's shape) its index h*W + w in the
+    plane (the first in row-major order on ties)."""
+    geometry = _pool_geometry(x.shape, y.shape, kernel, stride, pad)
+    elementwise(cuda_sources.MAX_POOL_FORWARD)(_contiguous(x), *geometry, y, argmax)
+
+
+def max_pool_backward(dy, argmax, dx, kernel, stride, pad):
+    """``dx`` (written, not added) = the sum of ``dy`` over the outputs whose maximum each
+    input pixel was (``argmax`` from :func:`max_pool_forward`)."""
+    geometry = _pool_geometry(dx.shape, dy.shape, kernel, stride, pad)
+    elementwise(cuda_sources.MAX_POOL_BACKWARD)(_contiguous(dy), _contiguous(argmax), *geometry,
+                                                dx)
+
+
+def ave_pool_forward(x, y, kernel, stride, pad):
+    """Caffe's AVE pooling: the in-image sum of each window over the area of the window
+    clipped to the padded image."""
+    geometry = _pool_geometry(x.shape, y.shape, kernel, stride, pad)
+    elementwise(cuda_sources.AVE_POOL_FORWARD)(_contiguous(x), *geometry, y)
+
+
+def ave_pool_backward(dy, dx, kernel, stride, pad):
+    """``dx`` (written) = each pixel's share of the gradient of every window containing it."""
+    geometry = _pool_geometry(dx.shape, dy.shape, kernel, stride, pad)
+    elementwise(cuda_sources.AVE_POOL_BACKWARD)(_contiguous(dy), *geometry, dx)
+
+
+def _softmax_layout(shape, axis):
+    """(outer, channels, inner) of an array softmaxed along ``axis``."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+def softmax_forward(x, y, axis):
+    """``y = exp(x - max) / sum exp(x - max)`` along ``axis``; ``y`` C-contiguous."""
+    outer, channels, inner = _softmax_layout(x.shape, axis)
+    elementwise(cuda_sources.SOFTMAX)(_contiguous(x), channels, inner, y, size=outer * inner)
+
+
+def softmax_loss_forward(x, labels, prob, axis, ignore_label=None):
+    """Softmax of ``x`` along ``axis`` into ``prob`` and the summed loss
+    ``sum -log(max(prob[label], FLT_MIN))`` over positions whose label is not ``ignore_label``;
+    returns (loss sum, counted positions) as 0-d device arrays (no host sync)."""
+    cupy = backend.import_cupy()
+    softmax_forward(x, prob, axis)
+    outer, channels, inner = _softmax_layout(x.shape, axis)
+    loss = cupy.empty(outer * inner, dtype=prob.dtype)
+    counted = cupy.empty(outer * inner, dtype=prob.dtype)
+    elementwise(cuda_sources.SOFTMAX_LOSS)(prob, _contiguous(labels).astype(prob.dtype, copy=False),
+                                           channels, inner, int(ignore_label is not None),
+                                           int(ignore_label or 0), loss, counted)
+    return loss.sum(), counted.sum()
+
+
+def softmax_loss_backward(prob, labels, dx, axis, scale, ignore_label=None):
+    """``dx`` (written) = ``scale * (prob - onehot(label))``, zero at ignored positions;
+    ``scale`` a number (loss weight / normaliser)."""
+    _, channels, inner = _softmax_layout(prob.shape, axis)
+    elementwise(cuda_sources.SOFTMAX_LOSS_BACKWARD)(
+        prob, _contiguous(labels).astype(prob.dtype, copy=False), channels, inner,
+        int(ignore_label is not None), int(ignore_label or 0), prob.dtype.type(scale), dx)
+
+
+def dropout_forward(x, y, keep, ratio, key):
+    """Caffe's dropout with counter-based bits (``counter_random``; ``key`` from
+    ``counter_random.draw_key(seed, iteration, layer)``): ``keep`` (uint8, x's shape) marks the
+    kept elements, ``y = x * keep / (1 - ratio)``. The mask equals
+    ``counter_random.dropout_keep(key, x.shape, ratio)`` bit for bit."""
+    elementwise(cuda_sources.DROPOUT_FORWARD)(x, key, counter_random.threshold(ratio),
+                                              x.dtype.type(1.0 / (1.0 - ratio)), y, keep)
+
+
+def dropout_backward(dy, keep, dx, ratio):
+    """``dx = dy * keep / (1 - ratio)`` (written)."""
+    elementwise(cuda_sources.DROPOUT_BACKWARD)(dy, keep, dy.dtype.type(1.0 / (1.0 - ratio)), dx)
