@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +30,8 @@ _C_TYPES = {"int32": ("int", ctypes.c_int32, np.int32), "int64": ("long long", c
             "float64": ("double", ctypes.c_double, np.float64),
             "uint8": ("unsigned char", None, np.uint8)}
 _T_NAMES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-_BUILD_DIR = Path(tempfile.mkdtemp(prefix="owlnet-c-harness-"))
+# Builds are cached by the hash of their source, across runs (a changed body is a new file).
+_BUILD_DIR = Path(tempfile.gettempdir()) / f"owlnet-c-harness-{os.getuid()}"
 
 
 def params(text):
@@ -86,12 +88,19 @@ def _compiled(source: cuda_sources.Elementwise, t_name: str):
         raise RuntimeError("no C compiler")
     text = c_source(source, t_name)
     digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-    c_file = _BUILD_DIR / f"{source.name}_{digest}.c"
-    library = c_file.with_suffix(".so")
-    c_file.write_text(text)
-    subprocess.run([compiler, "-O2", "-std=c99", "-Wall", "-Werror", "-Wno-unused-variable",
-                    "-shared", "-fPIC", "-o", str(library), str(c_file), "-lm"],
-                   check=True, capture_output=True, text=True)
+    _BUILD_DIR.mkdir(exist_ok=True)
+    library = _BUILD_DIR / f"{source.name}_{digest}.so"
+    if not library.exists():
+        c_file = _BUILD_DIR / f"{source.name}_{digest}.{os.getpid()}.c"
+        c_file.write_text(text)
+        partial = c_file.with_suffix(".so")
+        done = subprocess.run([compiler, "-O2", "-std=c99", "-Wall", "-Werror", "-shared",
+                               "-fPIC", "-o", str(partial), str(c_file), "-lm"],
+                              capture_output=True, text=True)
+        c_file.unlink()
+        if done.returncode:
+            raise RuntimeError(f"{source.name} does not build as C:\n{done.stderr}")
+        os.replace(partial, library)
     return ctypes.CDLL(str(library)).owl_run
 
 
