@@ -322,3 +322,44 @@ def test_lenet_train_steps_match_cpu():
     for name, blobs in cpu_weights.items():
         for k, want in enumerate(blobs):
             _assert_close(gpu_weights[name][k], want, f"{name} param {k}")
+
+
+def test_pycaffe_forward_returns_numpy_and_sees_host_writes(tmp_path):
+    """Defect 4 on the device: host NumPy in and out, whatever the mode."""
+    from owlnet.net import Net
+    path = tmp_path / "tiny.prototxt"
+    path.write_text('name: "tiny" layer { name: "data" type: "Input" top: "data" input_param '
+                    '{ shape { dim: 4 dim: 5 } } } layer { name: "ip" type: "InnerProduct" '
+                    'bottom: "data" top: "ip" inner_product_param { num_output: 3 '
+                    'weight_filler { type: "gaussian" } } }')
+    backend.set_mode_gpu()
+    try:
+        net = Net(str(path), phase=1)
+        w = net.params["ip"][0].data
+        for seed in (0, 1):
+            x = np.random.default_rng(seed).standard_normal((4, 5)).astype(np.float32)
+            net.blobs["data"].data[...] = x
+            out = net.forward()["ip"]
+            assert type(out) is np.ndarray
+            np.testing.assert_allclose(out, x @ w.T, rtol=1e-5, atol=1e-5)
+    finally:
+        backend.set_mode_cpu()
+
+
+@pytest.mark.parametrize("math_mode", ["fp32", "tf32"])
+def test_math_mode_reaches_cupy_matmul(math_mode):
+    """Defect 5: strict fp32 products are exact to float32 rounding; tf32 ones are not."""
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((512, 512)).astype(np.float32)
+    b = rng.standard_normal((512, 512)).astype(np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    backend.set_math_mode(math_mode)
+    backend.set_mode_gpu()
+    try:
+        cupy = backend.import_cupy()
+        got = cupy.asnumpy(cupy.asarray(a) @ cupy.asarray(b))
+    finally:
+        backend.set_mode_cpu()
+        backend.set_math_mode("fp32")
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert (error < 1e-5) if math_mode == "fp32" else (error > 3e-5), error
