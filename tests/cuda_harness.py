@@ -52,18 +52,27 @@ def _c_type(type_name, t_name):
     return t_name if type_name == "T" else _C_TYPES[type_name][0]
 
 
-def c_source(source: cuda_sources.Elementwise, t_name: str = "float") -> str:
-    """The C translation unit of one kernel: ``void owl_run(begin, end, params...)``."""
-    args, macros = [], []
+def _signature(source, t_name, pointer, binding):
+    """(arguments, bindings) of a kernel: raw arrays as pointers, non-raw arrays as a pointer
+    named ``pointer`` plus ``binding`` (the name as element i), scalars by value."""
+    args, bindings = [], []
+    arrays = _array_names(source)
     for raw, type_name, name in params(source.in_params) + params(source.out_params):
         c_type = _c_type(type_name, t_name)
         if raw:
             args.append(f"{c_type}* {name}")
-        elif name in _array_names(source):
-            args.append(f"{c_type}* {name}_window")
-            macros.append(f"#define {name} ({name}_window[i - begin])")
+        elif name in arrays:
+            args.append(f"{c_type}* {pointer.format(name=name)}")
+            bindings.append(binding.format(name=name, c_type=c_type))
         else:
             args.append(f"{c_type} {name}")
+    return args, bindings
+
+
+def c_source(source: cuda_sources.Elementwise, t_name: str = "float") -> str:
+    """The C translation unit of one kernel: ``void owl_run(begin, end, params...)``."""
+    args, macros = _signature(source, t_name, "{name}_window",
+                              "#define {name} ({name}_window[i - begin])")
     return "\n".join([
         f"typedef {t_name} T;",
         "#include <math.h>",
@@ -140,17 +149,8 @@ def c_kernel(source: cuda_sources.Elementwise, dtype=np.float32):
 
 def cuda_program(source: cuda_sources.Elementwise, t_name: str = "float") -> str:
     """The CUDA translation unit CuPy builds for this kernel, written out by hand."""
-    args, bindings = [], []
-    arrays = _array_names(source)
-    for raw, type_name, name in params(source.in_params) + params(source.out_params):
-        c_type = _c_type(type_name, t_name)
-        if raw:
-            args.append(f"{c_type}* {name}")
-        elif name in arrays:
-            args.append(f"{c_type}* _raw_{name}")
-            bindings.append(f"{c_type}& {name} = _raw_{name}[i];")
-        else:
-            args.append(f"{c_type} {name}")
+    args, bindings = _signature(source, t_name, "_raw_{name}",
+                                "{c_type}& {name} = _raw_{name}[i];")
     return "\n".join([
         f"typedef {t_name} T;",
         cuda_sources.FUNCTION_PREFIX, source.preamble,
