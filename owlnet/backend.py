@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 
 import numpy as np
@@ -114,10 +115,11 @@ def xp():
 
 
 def array_module(array):
-    """numpy or cupy, whichever owns ``array``."""
-    if isinstance(array, np.ndarray):
+    """numpy or cupy, whichever owns ``array`` (numpy whenever CuPy was never imported)."""
+    cupy = sys.modules.get("cupy")
+    if type(array) is np.ndarray or cupy is None:
         return np
-    return import_cupy().get_array_module(array)
+    return cupy.get_array_module(array)
 
 
 def to_host(array) -> np.ndarray:

@@ -119,6 +119,15 @@ def _creator(name):
     return create
 
 
+def _like(name):
+    """``zeros_like`` and kin, built from the shape (NumPy's own copies a host array in)."""
+    def create(array, dtype=None, **kwargs):
+        return getattr(np, name)(array.shape, dtype=dtype or array.dtype, **kwargs) \
+            .view(DeviceArray)
+    create.__name__ = f"{name}_like"
+    return create
+
+
 def ndarray(shape, dtype=float, memptr=None):
     """CuPy's constructor: an array over ``memptr`` (a ``.data`` of another array)."""
     if memptr is None:
@@ -168,9 +177,10 @@ cuda = types.SimpleNamespace(Device=_Device, get_current_stream=lambda: _Stream(
                              runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
 
 module = types.ModuleType("cupy")
-for _name in ("zeros", "empty", "ones", "full", "arange", "zeros_like", "empty_like",
-              "ones_like", "full_like", "ascontiguousarray", "array"):
+for _name in ("zeros", "empty", "ones", "full", "arange", "ascontiguousarray", "array"):
     setattr(module, _name, _creator(_name))
+for _name in ("zeros", "empty", "ones"):
+    setattr(module, f"{_name}_like", _like(_name))
 for _name, _value in dict(asarray=asarray, asnumpy=asnumpy, get_array_module=get_array_module,
                           ndarray=ndarray, ElementwiseKernel=ElementwiseKernel, cuda=cuda,
                           DeviceArray=DeviceArray, transfers=transfers).items():

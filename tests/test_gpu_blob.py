@@ -189,3 +189,62 @@ def test_cupy_has_the_compute_type_switch():
     linalg = importlib.import_module("cupy._core._routines_linalg")
     assert callable(linalg.set_compute_type)
     assert linalg.COMPUTE_TYPE_TF32 != linalg.COMPUTE_TYPE_FP32
+
+
+def test_lenet_steps_on_the_fake_device_match_cpu():
+    """A whole training step on the GPU code path (every layer on device arrays, convolution
+    by kernels.gpu's im2col with the real kernel bodies, no cuDNN) equals the CPU's; with the
+    solver in the device scope no array crosses to the host between steps."""
+    import inspect
+    import sys
+    from owlnet.kernels import cpu as cpu_kernels
+    if "group" not in inspect.signature(cpu_kernels.conv_forward).parameters:
+        pytest.skip("the layers still call the old convolution contract (issue 12)")
+    from google.protobuf import text_format
+    from test_gpu import LENET_TRAIN
+    from owlnet.proto import caffe_pb2
+    from owlnet.solver import get_solver
+    rng = np.random.default_rng(5)
+    images = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, 8).astype(np.float32)
+
+    def run(device):
+        backend.set_random_seed(0)
+        param = caffe_pb2.SolverParameter(base_lr=0.01, momentum=0.9, weight_decay=5e-4,
+                                          lr_policy="fixed", max_iter=3, display=0,
+                                          snapshot_after_train=False, type="SGD")
+        text_format.Parse(LENET_TRAIN, param.net_param)
+        with backend.device_arrays():
+            solver = get_solver(param)
+            solver.net.blobs["data"].data[...] = backend.to_device(images)
+            solver.net.blobs["label"].data[...] = backend.to_device(labels)
+            losses, moved = [], []
+            for _ in range(3):
+                before = sum(fakecupy.transfers.values())
+                solver.step(1)
+                moved.append(sum(fakecupy.transfers.values()) - before)
+                losses.append(float(solver.net.blobs["loss"].data))
+        weights = [b.read_data().copy() for blobs in solver.net.params.values() for b in blobs]
+        return losses, weights, moved
+
+    cpu = run("cpu")
+    with fakecupy.installed():
+        saved = sys.modules.get("cudnn")
+        sys.modules["cudnn"] = None
+        from owlnet.kernels import gpu
+        state = dict(gpu._cudnn_state)
+        gpu._cudnn_state.update(module=None, failed=False)
+        backend.set_mode_gpu()
+        try:
+            device = run("gpu")
+        finally:
+            backend.set_mode_cpu()
+            gpu._cudnn_state.update(state)
+            if saved is None:
+                sys.modules.pop("cudnn", None)
+            else:
+                sys.modules["cudnn"] = saved
+    np.testing.assert_allclose(device[0], cpu[0], rtol=1e-5)
+    for got, want in zip(device[1], cpu[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert device[2][1:] == [0, 0]
