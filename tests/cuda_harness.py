@@ -5,8 +5,8 @@
   double), and returns a callable with CuPy's calling convention (inputs, then outputs).
   Non-raw arrays hold the elements ``begin .. end - 1`` only, so a slice of a huge launch
   (AlexNet conv1 at batch 128) can be checked without computing all of it.
-* :func:`cuda_program` is the CUDA source CuPy generates for such a kernel (one thread per
-  index, grid-stride loop), which tests hand to NVRTC.
+* :func:`cupy_program` is the CUDA source CuPy itself generates for such a kernel, with the
+  options CuPy compiles it with, which tests hand to NVRTC.
 """
 from __future__ import annotations
 
@@ -147,17 +147,36 @@ def c_kernel(source: cuda_sources.Elementwise, dtype=np.float32):
     return run
 
 
-def cuda_program(source: cuda_sources.Elementwise, t_name: str = "float") -> str:
-    """The CUDA translation unit CuPy builds for this kernel, written out by hand."""
-    args, bindings = _signature(source, t_name, "_raw_{name}",
-                                "{c_type}& {name} = _raw_{name}[i];")
-    return "\n".join([
-        f"typedef {t_name} T;",
-        cuda_sources.FUNCTION_PREFIX, source.preamble,
-        f'extern "C" __global__ void {source.name}({", ".join(args)}, long long _size) {{',
-        "    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < _size;",
-        "         i += (long long)blockDim.x * gridDim.x) {",
-        *("        " + b for b in bindings),
-        source.body,
-        "    }",
-        "}"])
+def cupy_program(source: cuda_sources.Elementwise, dtype=np.float32, raw_ndim: int = 1,
+                 index_32_bits: bool = True):
+    """The CUDA source CuPy generates for this kernel (its own code generator, no device
+    needed) and the NVRTC options CuPy compiles it with, for sm_90: ``(source, options)``.
+    ``raw_ndim`` is the number of axes of the raw arrays passed; non-raw arrays are contiguous
+    (CuPy collapses them to one axis). Uses CuPy internals: raises AttributeError or TypeError
+    when a CuPy version lacks them."""
+    import cupy
+    from cupy._core import _carray, _kernel, core
+    kernel = cupy.ElementwiseKernel(source.in_params, source.out_params, source.body,
+                                    source.name, preamble=cuda_sources.FUNCTION_PREFIX +
+                                    source.preamble)
+    dtype = np.dtype(dtype)
+    array_kind, indexer_kind, scalar_kind = 1, 2, 3       # CuPy's _ArgKind values
+    infos = []
+    for param in kernel.params:
+        if param.name == "_ind":
+            infos.append(_kernel._ArgInfo(indexer_kind, _carray.Indexer, None, 1, True,
+                                          index_32_bits))
+            continue
+        param_dtype = dtype if param.dtype is None else np.dtype(param.dtype)
+        if param.raw or param.name in source.arrays:
+            infos.append(_kernel._ArgInfo(array_kind, cupy.ndarray, param_dtype,
+                                          raw_ndim if param.raw else 1, True, index_32_bits))
+        else:
+            infos.append(_kernel._ArgInfo(scalar_kind, param_dtype.type, param_dtype, 0, True,
+                                          index_32_bits))
+    code = _kernel._get_elementwise_kernel_code(
+        tuple(infos), _kernel._TypeMap((("T", dtype),)), kernel.params, kernel.operation,
+        kernel.name, kernel.preamble)
+    options = ["--gpu-architecture=sm_90", f"-I{core._get_header_dir_path()}",
+               *core._get_cccl_include_options(), "-ftz=true", "--std=c++17"]
+    return "#include <cupy/carray.cuh>\n" + code, options

@@ -3,8 +3,9 @@
 Each entry is an elementwise kernel in CuPy's ``ElementwiseKernel`` form: typed parameter
 lists and a body run once per index ``i`` (``0 <= i < size of the non-raw arrays``, or the
 ``size`` given to the launch when every array is raw).
-Bodies are plain C (no CuPy helpers, no C++): ``raw`` parameters are pointers indexed
-explicitly, non-raw parameters name the element at ``i``, ``T`` is the float type. That keeps
+Bodies are plain C (no CuPy helpers, no C++): ``raw`` parameters are indexed explicitly
+with a flat index (``x[k]``; CuPy passes them as CArray objects, so no pointer arithmetic),
+non-raw parameters name the element at ``i``, ``T`` is the float type. That keeps
 every body checkable without a GPU, two ways (tests/test_gpu_sources.py):
 
 * NVRTC compiles each one for sm_90 inside the source CuPy would generate for it;
@@ -113,13 +114,13 @@ MAX_POOL_FORWARD = Elementwise(
     const int x1 = x0 + kw < w ? x0 + kw : w;
     y0 = y0 > 0 ? y0 : 0;
     x0 = x0 > 0 ? x0 : 0;
-    const T* image = x + plane * h * w;
+    const long long base = plane * h * w;
     int best_at = y0 * w + x0;
-    T best = image[best_at];
+    T best = x[base + best_at];
     for (int yy = y0; yy < y1; ++yy) {
         for (int xx = x0; xx < x1; ++xx) {
-            if (image[yy * w + xx] > best) {
-                best = image[yy * w + xx];
+            if (x[base + yy * w + xx] > best) {
+                best = x[base + yy * w + xx];
                 best_at = yy * w + xx;
             }
         }
@@ -165,10 +166,10 @@ AVE_POOL_FORWARD = Elementwise(
     x0 = x0 > 0 ? x0 : 0;
     y1 = y1 < h ? y1 : h;
     x1 = x1 < w ? x1 : w;
-    const T* image = x + plane * h * w;
+    const long long base = plane * h * w;
     T total = (T)0;
     for (int yy = y0; yy < y1; ++yy) {
-        for (int xx = x0; xx < x1; ++xx) total += image[yy * w + xx];
+        for (int xx = x0; xx < x1; ++xx) total += x[base + yy * w + xx];
     }
     y = total / (T)area;
 """, arrays=("y",))
