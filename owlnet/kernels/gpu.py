@@ -165,9 +165,11 @@ class ColumnPlan:
             dcols = _scratch((g.group, weights.shape[2], dy_groups.shape[2]), dy.dtype)
             for k in range(g.group):
                 cupy.matmul(weights[k].T, dy_groups[k], out=dcols[k])
+            target = dx[part] if dx.flags.c_contiguous else None
             images = col2im(dcols.reshape(-1, dcols.shape[2]), (n,) + g.x_shape[1:], g.kernel,
-                            g.pad, g.stride, g.dilation, g.out_size)
-            dx[part] = images
+                            g.pad, g.stride, g.dilation, g.out_size, out=target)
+            if target is None:
+                dx[part] = images
 
     def backward_filter(self, x, dy, dw):
         cupy = backend.import_cupy()
@@ -441,7 +443,9 @@ def dropout_forward(x, y, keep, ratio, key):
     ``counter_random.draw_key(seed, iteration, layer)``): ``keep`` (uint8, x's shape) marks the
     kept elements, ``y = x * keep / (1 - ratio)``. The mask equals
     ``counter_random.dropout_keep(key, x.shape, ratio)`` bit for bit."""
-    elementwise(cuda_sources.DROPOUT_FORWARD)(x, key, counter_random.threshold(ratio),
+    cupy = backend.import_cupy()
+    elementwise(cuda_sources.DROPOUT_FORWARD)(x, cupy.uint32(key),
+                                              cupy.uint32(counter_random.threshold(ratio)),
                                               x.dtype.type(1.0 / (1.0 - ratio)), y, keep)
 
 
