@@ -235,8 +235,9 @@ def test_engine_caffe_never_touches_cudnn(device):
     rng = np.random.default_rng(2)
     x, w = _conv_case(rng, 1, 2, 5, 5, 3, 1, (3, 3))
     y, dy, dx, dw = _reference(x, w, (1, 1), (1, 1), (1, 1), 1, rng)
-    got = _run_gpu(device.cupy, x, w, dy, (1, 1), (1, 1), (1, 1), 1, np.float32, "caffe")
-    np.testing.assert_allclose(got[0], y, rtol=1e-4, atol=1e-4)
+    for engine in ("caffe", "CAFFE", 1):          # Caffe's enum name or number
+        got = _run_gpu(device.cupy, x, w, dy, (1, 1), (1, 1), (1, 1), 1, np.float32, engine)
+        np.testing.assert_allclose(got[0], y, rtol=1e-4, atol=1e-4)
     assert fake.graphs == [] and fake.handles == 0
 
 

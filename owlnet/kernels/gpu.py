@@ -40,9 +40,8 @@ _ALIGNMENT = 16
 def elementwise(source: cuda_sources.Elementwise):
     """The ``cupy.ElementwiseKernel`` for a registry entry (compiled on first launch)."""
     cupy = backend.import_cupy()
-    preamble = cuda_sources.FUNCTION_PREFIX + source.preamble if source.preamble else ""
     return cupy.ElementwiseKernel(source.in_params, source.out_params, source.body, source.name,
-                                  preamble=preamble)
+                                  preamble=cuda_sources.FUNCTION_PREFIX + source.preamble)
 
 
 def im2col(images, kernel, pad, stride, dilation, out_size, out=None):
@@ -245,14 +244,16 @@ class CudnnPlan:
         if self.workspace_size > WORKSPACE_LIMIT:
             raise RuntimeError(f"the plan needs {self.workspace_size} bytes of workspace, over "
                                f"the limit of {WORKSPACE_LIMIT} (OWLNET_GPU_WORKSPACE_MB)")
-        self.graph, self.tensors, self.handle = graph, tensors, handle
+        self.graph, self.tensors, self.cudnn = graph, tensors, cudnn
         # For a call whose arrays are not 16-byte aligned and contiguous (a batch slice).
         self.fallback = ColumnPlan(geometry, 4)
 
     def run(self, *arrays):
-        """Execute on raw device pointers (capturable in a CUDA graph, unlike DLPack)."""
+        """Execute on raw device pointers (capturable in a CUDA graph, unlike DLPack), on the
+        current CuPy stream."""
+        handle = _handle(self.cudnn, backend.import_cupy())
         pointers = {t: a.data.ptr for t, a in zip(self.tensors, arrays)}
-        self.graph.execute(pointers, workspace(self.workspace_size).data.ptr, handle=self.handle)
+        self.graph.execute(pointers, workspace(self.workspace_size).data.ptr, handle=handle)
 
 
 _plans: dict = {}           # plan key -> CudnnPlan | ColumnPlan
@@ -306,16 +307,22 @@ def _aligned(arrays):
     return all(a.flags.c_contiguous and a.data.ptr % _ALIGNMENT == 0 for a in arrays)
 
 
+#: Caffe's ConvolutionParameter.Engine values, by number and by name.
+_ENGINES = {0: "default", 1: "caffe", 2: "cudnn", "default": "default", "caffe": "caffe",
+            "cudnn": "cudnn"}
+
+
 def plan(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group, engine, dtype):
-    """The cached plan (``CudnnPlan`` or ``ColumnPlan``) for one convolution."""
+    """The cached plan (``CudnnPlan`` or ``ColumnPlan``) for one convolution; ``engine`` is
+    Caffe's: "default" | "caffe" | "cudnn" (or the enum's number, any case)."""
     cupy = backend.import_cupy()
     dtype = cupy.dtype(dtype)
+    engine = _ENGINES[engine.lower() if isinstance(engine, str) else int(engine)]
     geometry = ConvGeometry(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group,
                             (engine, backend.math_mode(), dtype.str, cupy.cuda.Device().id))
     found = _plans.get(geometry.key)
     if found is not None:
         return found
-    found = None
     if engine != "caffe" and dtype == cupy.float32:
         cudnn = cudnn_module()
         handle = _handle(cudnn, cupy) if cudnn is not None else None
