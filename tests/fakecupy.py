@@ -7,8 +7,8 @@ a device array raises TypeError, and so does ``device[...] = host_array`` ("non-
 numpy.ndarray cannot be used for fill"). ``ElementwiseKernel`` runs the kernel body through
 the C harness (tests/cuda_harness.py), so kernels.gpu executes owlnet's real kernel bodies.
 
-Use :func:`installed` (a context manager): it puts the module in ``sys.modules['cupy']`` and
-restores what was there.
+Use :func:`installed` (a context manager) to put the module in ``sys.modules['cupy']`` and
+restore what was there, or :func:`fake_gpu` to also run owlnet in GPU mode on it.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class DeviceArray(np.ndarray):
         flat = list(args) + list(kwargs.values())
         flat += [v for a in args if isinstance(a, (list, tuple)) for v in a]
         _refuse_mixing(flat, func.__name__)
-        return super().__array_function__(func, types_, args, kwargs)
+        return _wrap(super().__array_function__(func, types_, args, kwargs))
 
     def __float__(self):
         return float(self.view(np.ndarray))
@@ -213,3 +213,34 @@ def installed():
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = previous
+
+
+def _clear_gpu_caches():
+    """kernels.gpu keeps kernels, plans, handles and workspaces per process: a fake's must not
+    outlive the fake (nor a real device's leak into it)."""
+    from owlnet.kernels import gpu
+    for cache in (gpu._plans, gpu._handles, gpu._workspaces):
+        cache.clear()
+    gpu._cudnn_state.update(module=None, failed=False)
+    gpu.elementwise.cache_clear()
+
+
+@contextlib.contextmanager
+def fake_gpu(cudnn=None):
+    """owlnet in GPU mode on the fake device, ``import cudnn`` giving ``cudnn`` (None: not
+    installed); kernels.gpu's caches emptied on entry and exit, CPU mode again afterwards."""
+    from owlnet import backend
+    saved = sys.modules.get("cudnn")
+    with installed():
+        sys.modules["cudnn"] = cudnn
+        _clear_gpu_caches()
+        backend.set_mode_gpu()
+        try:
+            yield module
+        finally:
+            backend.set_mode_cpu()
+            _clear_gpu_caches()
+            if saved is None:
+                sys.modules.pop("cudnn", None)
+            else:
+                sys.modules["cudnn"] = saved

@@ -11,14 +11,10 @@ from owlnet.blob import Blob
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
+def fake_gpu():
     """GPU mode on the fake device; CPU mode again afterwards."""
-    with fakecupy.installed() as cupy:
-        backend.set_mode_gpu()
-        try:
-            yield cupy
-        finally:
-            backend.set_mode_cpu()
+    with fakecupy.fake_gpu() as cupy:
+        yield cupy
 
 
 def test_host_writes_reach_the_device_once(fake_gpu):
@@ -196,7 +192,6 @@ def test_lenet_steps_on_the_fake_device_match_cpu():
     by kernels.gpu's im2col with the real kernel bodies, no cuDNN) equals the CPU's; with the
     solver in the device scope no array crosses to the host between steps."""
     import inspect
-    import sys
     from owlnet.kernels import cpu as cpu_kernels
     if "group" not in inspect.signature(cpu_kernels.conv_forward).parameters:
         pytest.skip("the layers still call the old convolution contract (issue 12)")
@@ -228,22 +223,8 @@ def test_lenet_steps_on_the_fake_device_match_cpu():
         return losses, weights, moved
 
     cpu = run("cpu")
-    with fakecupy.installed():
-        saved = sys.modules.get("cudnn")
-        sys.modules["cudnn"] = None
-        from owlnet.kernels import gpu
-        state = dict(gpu._cudnn_state)
-        gpu._cudnn_state.update(module=None, failed=False)
-        backend.set_mode_gpu()
-        try:
-            device = run("gpu")
-        finally:
-            backend.set_mode_cpu()
-            gpu._cudnn_state.update(state)
-            if saved is None:
-                sys.modules.pop("cudnn", None)
-            else:
-                sys.modules["cudnn"] = saved
+    with fakecupy.fake_gpu():
+        device = run("gpu")
     np.testing.assert_allclose(device[0], cpu[0], rtol=1e-5)
     for got, want in zip(device[1], cpu[1]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

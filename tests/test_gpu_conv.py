@@ -5,6 +5,7 @@ fallbacks (missing library, failing graph: one log line each) and the im2col num
 from __future__ import annotations
 
 import logging
+import sys
 import types
 
 import numpy as np
@@ -98,19 +99,11 @@ class FakeGraph:
 
 
 @pytest.fixture
-def device(monkeypatch):
-    """Fake CuPy installed, kernels.gpu's caches cleared, a given fake cuDNN (or none)."""
-    with fakecupy.installed() as cupy:
-        monkeypatch.setattr(gpu, "_plans", {})
-        monkeypatch.setattr(gpu, "_handles", {})
-        monkeypatch.setattr(gpu, "_workspaces", {})
-        monkeypatch.setattr(gpu, "_cudnn_state", {"module": None, "failed": False})
-
+def device():
+    """The fake device (GPU mode), no cuDNN until ``use_cudnn`` installs a fake one."""
+    with fakecupy.fake_gpu() as cupy:
         def use_cudnn(module):
-            if module is None:
-                monkeypatch.setitem(__import__("sys").modules, "cudnn", None)
-            else:
-                monkeypatch.setitem(__import__("sys").modules, "cudnn", module)
+            sys.modules["cudnn"] = module        # fake_gpu restores the real entry
             return module
         yield types.SimpleNamespace(cupy=cupy, use_cudnn=use_cudnn)
 

@@ -19,7 +19,7 @@ def cupy(request):
         from owlnet import backend
         yield backend.import_cupy()
         return
-    with fakecupy.installed() as module:
+    with fakecupy.fake_gpu() as module:
         yield module
 
 
