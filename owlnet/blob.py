@@ -81,8 +81,10 @@ class SyncedArray:
         """Use ``array`` (a device array in GPU mode, else NumPy) as the device copy from now
         on, first copying the current values into it if ``keep_values``."""
         if keep_values:
-            array[...] = self.device()
+            array[...] = self.device().reshape(array.shape)
         if backend.mode() == "gpu" and type(array) is not np.ndarray:
+            if self._host is not None and self._host.shape != array.shape:
+                self._host = None                   # reallocated on the next download
             self._device, self.head = array, DEVICE
         else:
             self._host, self._device, self.head = array, None, HOST
@@ -210,19 +212,26 @@ class Blob:
                              f"{tuple(value.shape)} to a blob of shape {self.shape}")
         target[...] = value
 
-    def bind(self, data=None, diff=None, keep_values: bool = True) -> None:
+    def bind(self, data=None, diff=None, keep_values: bool = False) -> None:
         """Keep data and/or diff in the given engine arrays from now on (device arrays in GPU
-        mode, NumPy on the CPU; e.g. views into a flat parameter buffer), C-contiguous and of
-        this blob's element count. ``keep_values`` copies the current values in first. Blobs
-        sharing this one's data or diff follow."""
-        for synced, array, which in ((self._data, data, "data"), (self._diff, diff, "diff")):
-            if array is None:
-                continue
-            if array.size != self.count or not array.flags.c_contiguous:
-                raise ShapeError(f"blob '{self.name}': cannot bind {which} to an array of shape "
-                                 f"{tuple(array.shape)} (a C-contiguous array of {self.count} "
-                                 "elements is needed)")
-            synced.rebind(array.reshape(synced.shape), keep_values)
+        mode, NumPy on the CPU; e.g. views into a flat parameter arena), C-contiguous, their
+        values as they are (``keep_values`` copies the blob's current values in first). The
+        blob takes their shape; a blob of another element count gets both arrays. Blobs
+        sharing this one's data follow."""
+        given = [a for a in (data, diff) if a is not None]
+        shape = tuple(given[0].shape) if given else self._shape
+        for array in given:
+            if tuple(array.shape) != shape or not array.flags.c_contiguous:
+                raise ShapeError(f"blob '{self.name}': cannot bind to arrays of shapes "
+                                 f"{[tuple(a.shape) for a in given]}: data and diff need one "
+                                 "shape and C-contiguous arrays")
+        if len(given) == 1 and math.prod(shape) != self.count:
+            raise ShapeError(f"blob '{self.name}': binding only one of data and diff needs "
+                             f"{self.count} elements, the array given has {math.prod(shape)}")
+        for synced, array in ((self._data, data), (self._diff, diff)):
+            if array is not None:
+                synced.rebind(array, keep_values)
+        self._shape = shape
 
     def share_data(self, other: "Blob") -> None:
         """Use ``other``'s data (Caffe's ShareData): both see the same values."""
@@ -240,3 +249,16 @@ class Blob:
 
     def __repr__(self):
         return f"Blob({self.name!r}, shape={self.shape})"
+
+
+def device_current(blobs) -> None:
+    """Make the device copies of these blobs' data and diff the current ones (uploading what
+    was written on the host) before code writes their device arrays directly, not through
+    the blobs (an arena's flat buffers: clearing diffs, an update, a reduction). Without it a
+    pending host write would later overwrite that work, or a synced host copy would stay
+    stale. Nothing to do on the CPU."""
+    if backend.mode() != "gpu":
+        return
+    for blob in blobs:
+        blob._data.device()
+        blob._diff.device()

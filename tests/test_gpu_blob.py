@@ -91,8 +91,8 @@ def test_bind_to_a_flat_device_buffer(fake_gpu):
     a.data[...] = 1
     b.data[...] = 2
     flat = fake_gpu.zeros(10, dtype=np.float32)
-    a.bind(data=flat[:6])
-    b.bind(data=flat[6:])
+    a.bind(data=flat[:6].reshape(2, 3), keep_values=True)
+    b.bind(flat[6:], keep_values=True)
     np.testing.assert_array_equal(flat.get(), [1] * 6 + [2] * 4)
     flat *= 10                                  # a fused update on the whole buffer
     np.testing.assert_array_equal(a.data, np.full((2, 3), 10))
@@ -100,8 +100,17 @@ def test_bind_to_a_flat_device_buffer(fake_gpu):
     with backend.device_arrays():
         b.data
     np.testing.assert_array_equal(flat.get()[6:], [7] * 4)
-    with pytest.raises(Exception, match="C-contiguous array of 4 elements"):
+    with pytest.raises(Exception, match="needs 4 elements"):
         b.bind(data=flat[:3])
+    with pytest.raises(Exception, match="C-contiguous"):
+        b.bind(flat[:8].reshape(2, 4)[:, :2], flat[:4].reshape(2, 2))
+
+
+def test_bind_gives_a_placeholder_blob_its_shape():
+    """The arena binds PERMISSIVE sharers, created as Blob(()), to views of another shape."""
+    blob = Blob((), dtype=np.float32)
+    blob.bind(np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32))
+    assert blob.shape == (3, 2) and blob.count == 6 and float(blob.data.sum()) == 6
 
 
 def test_shared_and_reshaped_views_follow_a_bind():
@@ -110,7 +119,7 @@ def test_shared_and_reshaped_views_follow_a_bind():
     sharer = Blob((2, 3), dtype=np.float32)
     sharer.share_data(owner)
     buffer = np.arange(6, dtype=np.float32)
-    owner.bind(data=buffer, keep_values=False)
+    owner.bind(buffer.reshape(2, 3), np.zeros((2, 3), np.float32))      # the arena's call
     np.testing.assert_array_equal(view.data, buffer.reshape(3, 2))
     np.testing.assert_array_equal(sharer.data, buffer.reshape(2, 3))
     assert np.shares_memory(view.diff, owner.diff)
@@ -229,3 +238,19 @@ def test_lenet_steps_on_the_fake_device_match_cpu():
     for got, want in zip(device[1], cpu[1]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert device[2][1:] == [0, 0]
+
+
+def test_direct_buffer_writes_after_device_current(fake_gpu):
+    """An arena writes its flat buffers without the blobs: device_current() first uploads a
+    pending host write and makes later host reads download the buffer's values."""
+    from owlnet.blob import device_current
+    a = Blob((2, 2), dtype=np.float32)
+    flat = fake_gpu.zeros(8, dtype=np.float32)
+    a.bind(flat[:4].reshape(2, 2), flat[4:].reshape(2, 2))
+    a.data[...] = 3                       # pycaffe write, still on the host
+    a.read_diff()                         # diff synced to the host
+    device_current([a])
+    flat[:4] += 1                         # "update": data = data + 1, on the buffer
+    flat[4:] = 5                          # "reduction" writes the diff
+    np.testing.assert_array_equal(a.data, np.full((2, 2), 4))
+    np.testing.assert_array_equal(a.read_diff(), np.full((2, 2), 5))
