@@ -20,7 +20,6 @@ Needs a CUDA device with CuPy, PyTorch and (for owlnet's cuDNN path) nvidia-cudn
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -244,20 +243,25 @@ def timed_ms(step, iterations, sync):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.math == "tf32":
-        os.environ["CUPY_TF32"] = "1"        # read by CuPy when it is imported
     sys.path.insert(0, str(ROOT))
-    import cupy
-    import numpy as np
     import torch
 
     from owlnet import backend
-    backend.set_math_mode(args.math)
+    backend.set_math_mode(args.math)      # cuBLAS compute type and cuDNN plans follow it
     backend.set_mode_gpu()
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = args.math == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = args.math == "tf32"
-    device = torch.device("cuda", backend.device())
+    with backend.device_arrays():       # blob arrays are CuPy arrays in here
+        compare(args, torch.device("cuda", backend.device()))
+    return 0
+
+
+def compare(args, device):
+    """Time owlnet and PyTorch side by side and print the table."""
+    import cupy
+    import numpy as np
+    import torch
 
     param = train_net_param(args.model, args.batch)
     rng = np.random.default_rng(0)
@@ -294,7 +298,6 @@ def main(argv=None) -> int:
     torch_bytes = torch.cuda.max_memory_allocated(device)
     print(f"peak memory: owlnet {owl_bytes / 2**20:.0f} MiB (CuPy pool), "
           f"PyTorch {torch_bytes / 2**20:.0f} MiB (max_memory_allocated)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,24 +13,9 @@ import os
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from .backend import MAX_BLOB_ELEMENTS, max_blob_elements  # noqa: F401 (the limit's home)
 from .errors import ConfigError, SnapshotError
 from .proto import caffe_pb2
-
-#: Largest element count of one blob, read from a file or allocated by a net (2^31: 8 GiB of
-#: float32); the environment variable OWLNET_MAX_BLOB_ELEMENTS overrides it.
-MAX_BLOB_ELEMENTS = 2 ** 31
-
-
-def max_blob_elements() -> int:
-    """The blob size limit: $OWLNET_MAX_BLOB_ELEMENTS when set, else MAX_BLOB_ELEMENTS."""
-    value = os.environ.get("OWLNET_MAX_BLOB_ELEMENTS")
-    if not value:
-        return MAX_BLOB_ELEMENTS
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"OWLNET_MAX_BLOB_ELEMENTS={value!r} is not an integer") from None
-
 
 def blob_shape(proto) -> tuple:
     """The shape a BlobProto declares (legacy 4-d fields when ``shape`` is absent)."""

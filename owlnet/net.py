@@ -17,7 +17,7 @@ import numpy as np
 
 from . import backend, config, fileio, snapshot
 from .arena import ParamArena
-from .blob import Blob
+from .blob import Blob, device_current
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
 from .layer_types import create_layer
 from .layer_types.base import DataSource
@@ -124,6 +124,7 @@ class Net:
             self.copy_from(weights)
 
     # -- construction ----------------------------------------------------------------------
+    @backend.device_arrays()
     def _build(self, param, origins):
         layer_params, origins = insert_splits(list(param.layer), origins)
         self.blobs: OrderedDict[str, Blob] = OrderedDict()
@@ -322,11 +323,13 @@ class Net:
                               f"{', '.join(self._layer_names)})") from None
 
     # -- running ----------------------------------------------------------------------------
+    @backend.device_arrays()
     def reshape(self):
         """Propagate input shapes through every layer (call after reshaping an input blob)."""
         for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
             layer.reshape(bottoms, tops)
 
+    @backend.device_arrays()
     def forward_range(self, start: int, end: int):
         """Run layers start..end (inclusive); the weighted loss as a 0-d array on the device."""
         loss = 0.0
@@ -338,6 +341,7 @@ class Net:
                 loss = loss + weight * tops[j].data.sum()
         return loss
 
+    @backend.device_arrays()
     def backward_range(self, start: int, end: int) -> None:
         """Back-propagate through layers start down to end (inclusive)."""
         for li in range(start, end - 1, -1):
@@ -387,7 +391,9 @@ class Net:
         getattr(blob, which)[...] = backend.to_device(value)
 
     # -- learning ---------------------------------------------------------------------------
+    @backend.device_arrays()
     def clear_param_diffs(self):
+        device_current(self.learnable_params)
         self.arena.diff[...] = 0
 
     def share_trained_layers(self, other: "Net"):

@@ -1,18 +1,22 @@
 """GPU (CuPy) against CPU (NumPy): every layer's forward and backward, the column kernels, the
 cuDNN convolution graphs and a LeNet training step agree within float32 tolerance.
 
-Every test needs a CUDA device (``gpu`` mark; conftest skips them without one).
+Tests marked ``gpu`` need a CUDA device (conftest skips them without one). Every layer case
+also runs on the fake device (tests/fakecupy.py: NumPy storage with CuPy's strictness, the
+real kernel bodies through the C harness), so the GPU path of each layer is exercised on
+every machine.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import fakecupy
 from gradcheck import TEST, TRAIN, make_layer
 from owlnet import backend
 from owlnet.kernels import cpu as cpu_kernels
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 GAUSS = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.3 }'
 
@@ -148,22 +152,23 @@ def _run_layer(device, text, arrays, n_tops, phase, propagate, backward, top_dif
     if device == "gpu":
         backend.set_mode_gpu()
     try:
-        arrays = [backend.to_device(a) for a in arrays]
-        layer, bottom, top = make_layer(f'name: "layer" {text}', arrays, n_tops, phase,
-                                        dtype=np.float32)
-        backend.set_random_seed(11)
-        layer.forward(bottom, top)
-        outputs = [backend.to_host(t.data).copy() for t in top]
-        grads = []
-        if backward:
-            diffs = top_diffs([t.shape for t in top])
-            for t, d in zip(top, diffs):
-                t.diff[...] = backend.to_device(d)
-            for p in layer.blobs:
-                p.diff[...] = 0
-            layer.backward(top, propagate, bottom)
-            grads = [backend.to_host(b.diff).copy() for b, p in zip(bottom, propagate) if p]
-            grads += [backend.to_host(p.diff).copy() for p in layer.blobs]
+        with backend.device_arrays():      # where the net runs layers: device arrays
+            arrays = [backend.to_device(a) for a in arrays]
+            layer, bottom, top = make_layer(f'name: "layer" {text}', arrays, n_tops, phase,
+                                            dtype=np.float32)
+            backend.set_random_seed(11)
+            layer.forward(bottom, top)
+            outputs = [backend.to_host(t.data).copy() for t in top]
+            grads = []
+            if backward:
+                diffs = top_diffs([t.shape for t in top])
+                for t, d in zip(top, diffs):
+                    t.diff[...] = backend.to_device(d)
+                for p in layer.blobs:
+                    p.diff[...] = 0
+                layer.backward(top, propagate, bottom)
+                grads = [backend.to_host(b.diff).copy() for b, p in zip(bottom, propagate) if p]
+                grads += [backend.to_host(p.diff).copy() for p in layer.blobs]
         return outputs, grads
     finally:
         backend.set_mode_cpu()
@@ -174,8 +179,17 @@ def _assert_close(gpu, cpu, what):
     np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
 
 
+def _new_convolution_contract():
+    """The layers pass ``group`` to the kernels' convolution (issue 12's contract)."""
+    import inspect
+    return "group" in inspect.signature(cpu_kernels.conv_forward).parameters
+
+
+@pytest.mark.parametrize("where", ["fake", pytest.param("device", marks=gpu)])
 @pytest.mark.parametrize("text, specs, n_tops, phase, propagate, backward", CASES)
-def test_layer_matches_cpu(text, specs, n_tops, phase, propagate, backward):
+def test_layer_matches_cpu(where, text, specs, n_tops, phase, propagate, backward):
+    if where == "fake" and "Convolution" in text and not _new_convolution_contract():
+        pytest.skip("the layers still call the old convolution contract (issue 12)")
     arrays = _bottom_arrays(specs, np.random.default_rng(3))
 
     def top_diffs(shapes):
@@ -183,7 +197,11 @@ def test_layer_matches_cpu(text, specs, n_tops, phase, propagate, backward):
         return [rng.standard_normal(s).astype(np.float32) for s in shapes]
 
     cpu = _run_layer("cpu", text, arrays, n_tops, phase, propagate, backward, top_diffs)
-    gpu = _run_layer("gpu", text, arrays, n_tops, phase, propagate, backward, top_diffs)
+    if where == "fake":
+        with fakecupy.fake_gpu():
+            gpu = _run_layer("gpu", text, arrays, n_tops, phase, propagate, backward, top_diffs)
+    else:
+        gpu = _run_layer("gpu", text, arrays, n_tops, phase, propagate, backward, top_diffs)
     for k, (g, c) in enumerate(zip(gpu[0], cpu[0])):
         _assert_close(g, c, f"top {k}")
     assert len(gpu[1]) == len(cpu[1])
@@ -191,6 +209,7 @@ def test_layer_matches_cpu(text, specs, n_tops, phase, propagate, backward):
         _assert_close(g, c, f"gradient {k} (propagated bottoms, then parameters)")
 
 
+@gpu
 @pytest.mark.parametrize("geometry", [
     ((3, 2), (1, 2), (2, 1), (2, 1)),
     ((3, 3), (0, 0), (1, 1), (1, 1)),
@@ -214,6 +233,7 @@ def test_column_kernels_match_cpu(geometry):
     np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=1e-5, atol=1e-5)
 
 
+@gpu
 @pytest.mark.parametrize("math_mode, rtol", [("fp32", 1e-5), ("tf32", 5e-3)])
 def test_cudnn_convolution_matches_float64(math_mode, rtol):
     """The three cuDNN graphs against a float64 im2col reference (grouped, strided, dilated)."""
@@ -242,9 +262,11 @@ def test_cudnn_convolution_matches_float64(math_mode, rtol):
         f32 = [cupy.asarray(a, dtype=cupy.float32) for a in (x, w, dy)]
         y_gpu, dx_gpu = cupy.empty(y.shape, cupy.float32), cupy.empty(x.shape, cupy.float32)
         dw_gpu = cupy.empty(w.shape, cupy.float32)
-        assert gpu_kernels.conv_forward(f32[0], f32[1], y_gpu, pad, stride, dilation)
-        assert gpu_kernels.conv_backward_data(f32[2], f32[1], dx_gpu, pad, stride, dilation)
-        assert gpu_kernels.conv_backward_filter(f32[0], f32[2], dw_gpu, pad, stride, dilation)
+        assert gpu_kernels.plan("fprop", x.shape, w.shape, y.shape, pad, stride, dilation, 2,
+                                "default", "float32").algorithm == "cudnn"
+        gpu_kernels.conv_forward(f32[0], f32[1], y_gpu, pad, stride, dilation, 2)
+        gpu_kernels.conv_backward_data(f32[2], f32[1], dx_gpu, pad, stride, dilation, 2)
+        gpu_kernels.conv_backward_filter(f32[0], f32[2], dw_gpu, pad, stride, dilation, 2)
     finally:
         backend.set_math_mode(old)
     for got, want in ((y_gpu, y), (dx_gpu, dx), (dw_gpu, dw)):
@@ -252,11 +274,12 @@ def test_cudnn_convolution_matches_float64(math_mode, rtol):
                                    atol=rtol * np.abs(want).max())
 
 
-def test_cudnn_declines_float64():
+@gpu
+def test_float64_takes_im2col():
     from owlnet.kernels import gpu as gpu_kernels
-    cupy = backend.import_cupy()
-    x, w = cupy.zeros((1, 2, 4, 4)), cupy.zeros((3, 2, 3, 3))
-    assert not gpu_kernels.conv_forward(x, w, cupy.zeros((1, 3, 2, 2)), (0, 0), (1, 1), (1, 1))
+    found = gpu_kernels.plan("fprop", (1, 2, 4, 4), (3, 2, 3, 3), (1, 3, 2, 2), (0, 0), (1, 1),
+                             (1, 1), 1, "default", "float64")
+    assert found.algorithm == "im2col"
 
 
 LENET_TRAIN = """
@@ -309,6 +332,7 @@ def _lenet_steps(device, images, labels, steps=3):
         backend.set_mode_cpu()
 
 
+@gpu
 def test_lenet_train_steps_match_cpu():
     rng = np.random.default_rng(5)
     images = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
@@ -319,3 +343,46 @@ def test_lenet_train_steps_match_cpu():
     for name, blobs in cpu_weights.items():
         for k, want in enumerate(blobs):
             _assert_close(gpu_weights[name][k], want, f"{name} param {k}")
+
+
+@gpu
+def test_pycaffe_forward_returns_numpy_and_sees_host_writes(tmp_path):
+    """Defect 4 on the device: host NumPy in and out, whatever the mode."""
+    from owlnet.net import Net
+    path = tmp_path / "tiny.prototxt"
+    path.write_text('name: "tiny" layer { name: "data" type: "Input" top: "data" input_param '
+                    '{ shape { dim: 4 dim: 5 } } } layer { name: "ip" type: "InnerProduct" '
+                    'bottom: "data" top: "ip" inner_product_param { num_output: 3 '
+                    'weight_filler { type: "gaussian" } } }')
+    backend.set_mode_gpu()
+    try:
+        net = Net(str(path), phase=1)
+        w = net.params["ip"][0].data
+        for seed in (0, 1):
+            x = np.random.default_rng(seed).standard_normal((4, 5)).astype(np.float32)
+            net.blobs["data"].data[...] = x
+            out = net.forward()["ip"]
+            assert type(out) is np.ndarray
+            np.testing.assert_allclose(out, x @ w.T, rtol=1e-5, atol=1e-5)
+    finally:
+        backend.set_mode_cpu()
+
+
+@gpu
+@pytest.mark.parametrize("math_mode", ["fp32", "tf32"])
+def test_math_mode_reaches_cupy_matmul(math_mode):
+    """Defect 5: strict fp32 products are exact to float32 rounding; tf32 ones are not."""
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((512, 512)).astype(np.float32)
+    b = rng.standard_normal((512, 512)).astype(np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    backend.set_math_mode(math_mode)
+    backend.set_mode_gpu()
+    try:
+        cupy = backend.import_cupy()
+        got = cupy.asnumpy(cupy.asarray(a) @ cupy.asarray(b))
+    finally:
+        backend.set_mode_cpu()
+        backend.set_math_mode("fp32")
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert (error < 1e-5) if math_mode == "fp32" else (error > 3e-5), error

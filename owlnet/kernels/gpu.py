@@ -1,136 +1,223 @@
-"""CuPy kernels: im2col / col2im with the column layout of ``kernels.cpu``, and convolution
-through cuDNN graphs (NVIDIA's ``nvidia-cudnn-frontend``, ``import cudnn``).
+"""CuPy kernels: convolution (cuDNN frontend graphs, or im2col + cuBLAS), im2col / col2im
+with the column layout of ``kernels.cpu``, and the fused kernels of ``cuda_sources``.
 
 Importing this module needs neither CuPy nor cuDNN: both are imported on first use.
 
-Convolution: ``conv_forward``, ``conv_backward_data`` and ``conv_backward_filter`` run one
-cuDNN graph each, built once per (shapes, padding, stride, dilation, math mode, device) and
-cached. Arrays must be C-contiguous float32. Groups follow from the shapes (input channels /
-the weight's second axis). In the strict "fp32" math mode the plans that use tensor cores
-(TF32) are deselected; "tf32" keeps them. Each returns False, having done nothing, when it
-cannot serve the arrays (the cuDNN frontend is not installed, the dtype is not float32, or
-cuDNN has no plan for the shapes); the caller then uses im2col and a matrix product. Missing
-cuDNN is logged once.
+Convolution: ``conv_forward``, ``conv_backward_data`` and ``conv_backward_filter`` overwrite
+their output and always succeed. Each call finds its plan, chosen once per (kind, shapes,
+group, padding, stride, dilation, engine, math mode, dtype, device) and cached:
+
+* a cuDNN graph (NVIDIA's ``nvidia-cudnn-frontend``, ``import cudnn``) when the engine is not
+  "caffe", the arrays are C-contiguous float32 and the graph builds. cuDNN always gets the
+  whole batch (its tensors are declared 16-byte aligned: a batch slice need not be). In the
+  strict "fp32" math mode the plans that use tensor cores (TF32) are deselected.
+* otherwise im2col + one cuBLAS product per group, over batch chunks whose column matrix fits
+  the workspace.
+
+When cuDNN cannot be used at all (the frontend or libcudnn missing, no handle) one warning says
+so and every convolution takes im2col; a graph that fails to validate, is unsupported or does
+not build is logged once for its shape, which then takes im2col. cuDNN plans and im2col's
+column matrices share one workspace per device, grown on demand up to ``WORKSPACE_LIMIT``.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 from .. import backend
 from .. import logging as owl_logging
+from . import counter_random, cuda_sources
+
+#: Bytes of the shared per-device workspace (cuDNN scratch, im2col columns), at most.
+WORKSPACE_LIMIT = int(os.environ.get("OWLNET_GPU_WORKSPACE_MB", "512")) << 20
+#: cuDNN declares every tensor this aligned; other pointers go to im2col.
+_ALIGNMENT = 16
 
 
-# -- im2col / col2im -------------------------------------------------------------------------
-# Both kernels take the geometry as int32 scalars; indices into the arrays are 64-bit.
-
-_GEOMETRY_ARGS = ("int32 n, int32 c, int32 h, int32 w, int32 kh, int32 kw, int32 oh, int32 ow, "
-                  "int32 sh, int32 sw, int32 ph, int32 pw, int32 dh, int32 dw")
-
-# One thread per column entry: row (ch, ki, kj), column (img, y, x) of the output grid.
-_IM2COL_BODY = """
-    const long long columns = (long long)n * oh * ow;
-    const long long row = i / columns;
-    const long long column = i - row * columns;
-    const int kj = row % kw;
-    const int ki = (row / kw) % kh;
-    const long long ch = row / ((long long)kw * kh);
-    const int x = column % ow;
-    const int y = (column / ow) % oh;
-    const long long img = column / ((long long)ow * oh);
-    const int in_y = y * sh - ph + ki * dh;
-    const int in_x = x * sw - pw + kj * dw;
-    if (in_y >= 0 && in_y < h && in_x >= 0 && in_x < w) {
-        col = images[((img * c + ch) * h + in_y) * w + in_x];
-    } else {
-        col = (T)0;
-    }
-"""
-
-# One thread per image pixel (gather, no atomics): the sum of every column entry read from it.
-_COL2IM_BODY = """
-    const int x = i % w;
-    const int y = (i / w) % h;
-    const long long plane = i / ((long long)w * h);
-    const long long ch = plane % c;
-    const long long img = plane / c;
-    const long long columns = (long long)n * oh * ow;
-    T total = (T)0;
-    for (int ki = 0; ki < kh; ++ki) {
-        const int from_y = y + ph - ki * dh;
-        if (from_y < 0 || from_y % sh != 0 || from_y / sh >= oh) continue;
-        for (int kj = 0; kj < kw; ++kj) {
-            const int from_x = x + pw - kj * dw;
-            if (from_x < 0 || from_x % sw != 0 || from_x / sw >= ow) continue;
-            const long long row = (ch * kh + ki) * kw + kj;
-            const long long column = (img * oh + from_y / sh) * ow + from_x / sw;
-            total += cols[row * columns + column];
-        }
-    }
-    image = total;
-"""
-
-
+# -- kernels from the registry --------------------------------------------------------------
 @functools.cache
-def _column_kernels():
+def elementwise(source: cuda_sources.Elementwise):
+    """The ``cupy.ElementwiseKernel`` for a registry entry (compiled on first launch)."""
     cupy = backend.import_cupy()
-    im2col_kernel = cupy.ElementwiseKernel(f"raw T images, {_GEOMETRY_ARGS}", "T col",
-                                           _IM2COL_BODY, "owlnet_im2col")
-    col2im_kernel = cupy.ElementwiseKernel(f"raw T cols, {_GEOMETRY_ARGS}", "T image",
-                                           _COL2IM_BODY, "owlnet_col2im")
-    return im2col_kernel, col2im_kernel
+    return cupy.ElementwiseKernel(source.in_params, source.out_params, source.body, source.name,
+                                  preamble=cuda_sources.FUNCTION_PREFIX + source.preamble)
 
 
-def im2col(images, kernel, pad, stride, dilation, out_size):
-    """``(N, C, H, W)`` images -> ``(C*kh*kw, N*OH*OW)`` patch matrix (``kernels.cpu`` layout)."""
+def im2col(images, kernel, pad, stride, dilation, out_size, out=None):
+    """``(N, C, H, W)`` images -> ``(C*kh*kw, N*OH*OW)`` patch matrix (``kernels.cpu`` layout),
+    written into ``out`` when given."""
     cupy = backend.import_cupy()
     images = cupy.ascontiguousarray(images)
     n, c, h, w = images.shape
     oh, ow = out_size
-    cols = cupy.empty((c * kernel[0] * kernel[1], n * oh * ow), dtype=images.dtype)
-    _column_kernels()[0](images, n, c, h, w, *kernel, oh, ow, *stride, *pad, *dilation, cols)
-    return cols
+    if out is None:
+        out = cupy.empty((c * kernel[0] * kernel[1], n * oh * ow), dtype=images.dtype)
+    elementwise(cuda_sources.IM2COL)(images, n, c, h, w, *kernel, oh, ow, *stride, *pad,
+                                     *dilation, out)
+    return out
 
 
-def col2im(cols, image_shape, kernel, pad, stride, dilation, out_size):
-    """Adjoint of :func:`im2col`: sum the ``(C*kh*kw, N*OH*OW)`` matrix back onto images."""
+def col2im(cols, image_shape, kernel, pad, stride, dilation, out_size, out=None):
+    """Adjoint of :func:`im2col`: sum the ``(C*kh*kw, N*OH*OW)`` matrix back onto images,
+    written into ``out`` (shape ``image_shape``, C-contiguous) when given."""
     cupy = backend.import_cupy()
     cols = cupy.ascontiguousarray(cols)
     n, c, h, w = image_shape
     oh, ow = out_size
-    images = cupy.empty(tuple(image_shape), dtype=cols.dtype)
-    _column_kernels()[1](cols, n, c, h, w, *kernel, oh, ow, *stride, *pad, *dilation, images)
-    return images
+    if out is None:
+        out = cupy.empty(tuple(image_shape), dtype=cols.dtype)
+    elementwise(cuda_sources.COL2IM)(cols, n, c, h, w, *kernel, oh, ow, *stride, *pad,
+                                     *dilation, out)
+    return out
 
 
-# -- cuDNN convolution ---------------------------------------------------------------------
-_graphs: dict = {}      # key -> _Plan, or None when cuDNN has no plan for that key
-_handles: dict = {}     # device id -> [cudnn handle, stream pointer last set on it]
+# -- the shared workspace ----------------------------------------------------------------------
+_workspaces: dict = {}      # device id -> uint8 device array
 
 
-@functools.cache
-def _cudnn():
-    """The ``cudnn`` module, or None (logged once) when the frontend is not installed."""
-    try:
-        import cudnn  # noqa: PLC0415
-    except ImportError as exc:
-        owl_logging.warning(f"cuDNN frontend not available ({exc}); convolution uses im2col and "
-                            "cuBLAS (pip install nvidia-cudnn-frontend for the cuDNN path)")
-        return None
-    return cudnn
-
-
-def _handle(cudnn, cupy):
-    """This device's cuDNN handle, bound to the current CuPy stream."""
+def workspace(nbytes: int):
+    """This device's workspace, at least ``nbytes`` long (grown, never shrunk)."""
+    cupy = backend.import_cupy()
     device = cupy.cuda.Device().id
-    entry = _handles.get(device)
-    if entry is None:
-        entry = _handles[device] = [cudnn.create_handle(), None]
-    stream = cupy.cuda.get_current_stream().ptr
-    if entry[1] != stream:
-        cudnn.set_stream(handle=entry[0], stream=stream)
-        entry[1] = stream
-    return entry[0]
+    buffer = _workspaces.get(device)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _workspaces[device] = None     # free the old one before allocating
+        buffer = _workspaces[device] = cupy.empty(max(int(nbytes), _ALIGNMENT), dtype=cupy.uint8)
+    return buffer
+
+
+def _scratch(shape, dtype):
+    """A C-contiguous array of ``shape`` laid over the start of the workspace."""
+    cupy = backend.import_cupy()
+    nbytes = math.prod(shape) * cupy.dtype(dtype).itemsize
+    return cupy.ndarray(shape, dtype=dtype, memptr=workspace(nbytes).data)
+
+
+# -- plans -------------------------------------------------------------------------------------
+class ConvGeometry:
+    """Shapes and settings of one convolution call, as a hashable plan key."""
+
+    __slots__ = ("kind", "x_shape", "w_shape", "y_shape", "pad", "stride", "dilation", "group",
+                 "key")
+
+    def __init__(self, kind, x_shape, w_shape, y_shape, pad, stride, dilation, group, extra):
+        self.kind = kind
+        self.x_shape, self.w_shape, self.y_shape = tuple(x_shape), tuple(w_shape), tuple(y_shape)
+        self.pad, self.stride, self.dilation = tuple(pad), tuple(stride), tuple(dilation)
+        self.group = int(group)
+        if self.x_shape[1] != self.w_shape[1] * self.group or self.w_shape[0] % self.group:
+            raise ValueError(f"convolution shapes do not fit group {group}: input "
+                             f"{self.x_shape}, weights {self.w_shape}")
+        self.key = (kind, self.x_shape, self.w_shape, self.y_shape, self.pad, self.stride,
+                    self.dilation, self.group) + tuple(extra)
+
+    @property
+    def kernel(self):
+        return self.w_shape[2:]
+
+    @property
+    def out_size(self):
+        return self.y_shape[2:]
+
+
+class ColumnPlan:
+    """im2col + one matrix product per group, over batch ``chunks`` (slices of the batch)."""
+
+    algorithm = "im2col"
+
+    def __init__(self, geometry: ConvGeometry, itemsize: int):
+        g = geometry
+        n = g.x_shape[0]
+        rows = g.x_shape[1] * g.kernel[0] * g.kernel[1]
+        per_image = rows * g.out_size[0] * g.out_size[1] * itemsize
+        step = max(1, min(n, WORKSPACE_LIMIT // max(1, per_image)))
+        self.geometry = g
+        self.chunks = [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+    def _columns(self, x_part, dtype):
+        g = self.geometry
+        n = x_part.shape[0]
+        cols = _scratch((g.x_shape[1] * g.kernel[0] * g.kernel[1], n * math.prod(g.out_size)),
+                        dtype)
+        return im2col(x_part, g.kernel, g.pad, g.stride, g.dilation, g.out_size, out=cols)
+
+    def forward(self, x, w, y):
+        cupy = backend.import_cupy()
+        g = self.geometry
+        weights = w.reshape(g.group, g.w_shape[0] // g.group, -1)
+        for part in self.chunks:
+            n = x[part].shape[0]
+            cols = self._columns(x[part], x.dtype).reshape(g.group, weights.shape[2], -1)
+            products = cupy.empty((g.group, weights.shape[1], cols.shape[2]), dtype=y.dtype)
+            for k in range(g.group):
+                cupy.matmul(weights[k], cols[k], out=products[k])
+            y[part] = products.reshape(g.w_shape[0], n, *g.out_size).transpose(1, 0, 2, 3)
+
+    def backward_data(self, dy, w, dx):
+        cupy = backend.import_cupy()
+        g = self.geometry
+        weights = w.reshape(g.group, g.w_shape[0] // g.group, -1)
+        for part in self.chunks:
+            n = dy[part].shape[0]
+            dy_groups = _positions(cupy, dy[part], g.group)
+            dcols = _scratch((g.group, weights.shape[2], dy_groups.shape[2]), dy.dtype)
+            for k in range(g.group):
+                cupy.matmul(weights[k].T, dy_groups[k], out=dcols[k])
+            target = dx[part] if dx.flags.c_contiguous else None
+            images = col2im(dcols.reshape(-1, dcols.shape[2]), (n,) + g.x_shape[1:], g.kernel,
+                            g.pad, g.stride, g.dilation, g.out_size, out=target)
+            if target is None:
+                dx[part] = images
+
+    def backward_filter(self, x, dy, dw):
+        cupy = backend.import_cupy()
+        g = self.geometry
+        grad = dw.reshape(g.group, g.w_shape[0] // g.group, -1)
+        partial = cupy.empty_like(grad) if len(self.chunks) > 1 else None
+        for index, part in enumerate(self.chunks):
+            dy_groups = _positions(cupy, dy[part], g.group)
+            cols = self._columns(x[part], x.dtype).reshape(g.group, grad.shape[2], -1)
+            target = grad if index == 0 else partial
+            for k in range(g.group):
+                cupy.matmul(dy_groups[k], cols[k].T, out=target[k])
+            if index:
+                grad += partial
+
+
+def _positions(cupy, images, group):
+    """``(n, M, OH, OW)`` -> ``(group, M/group, n*OH*OW)`` in im2col's column order (a copy)."""
+    n, m = images.shape[:2]
+    return cupy.ascontiguousarray(images.transpose(1, 0, 2, 3)).reshape(group, m // group, -1)
+
+
+def define_graph(cudnn, handle, geometry: ConvGeometry):
+    """The frontend graph of one convolution (not yet validated) and its tensors in call
+    order: (x, w, y) for "fprop", (dy, w, dx) for "dgrad", (x, dy, dw) for "wgrad"."""
+    g = geometry
+    f32 = cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=f32, intermediate_data_type=f32, compute_data_type=f32,
+                          handle=handle)
+
+    def tensor(name, shape):
+        return graph.tensor(name=name, dim=list(shape), stride=_strides(shape), data_type=f32)
+
+    settings = dict(padding=list(g.pad), stride=list(g.stride), dilation=list(g.dilation))
+    if g.kind == "fprop":
+        x, w = tensor("x", g.x_shape), tensor("w", g.w_shape)
+        out, out_shape = graph.conv_fprop(image=x, weight=w, **settings), g.y_shape
+        tensors = (x, w, out)
+    elif g.kind == "dgrad":
+        dy, w = tensor("dy", g.y_shape), tensor("w", g.w_shape)
+        out, out_shape = graph.conv_dgrad(loss=dy, filter=w, **settings), g.x_shape
+        tensors = (dy, w, out)
+    else:
+        x, dy = tensor("x", g.x_shape), tensor("dy", g.y_shape)
+        out, out_shape = graph.conv_wgrad(image=x, loss=dy, **settings), g.w_shape
+        tensors = (x, dy, out)
+    out.set_output(True).set_dim(list(out_shape)).set_stride(_strides(out_shape))
+    out.set_data_type(f32)
+    return graph, tensors
 
 
 def _strides(shape):
@@ -138,96 +225,237 @@ def _strides(shape):
     return [math.prod(shape[k + 1:]) for k in range(len(shape))]
 
 
-class _Plan:
-    """A built cuDNN graph, its tensors in call order and its workspace."""
+class CudnnPlan:
+    """A built cuDNN graph and its tensors in call order (x/dy/w first, the output last)."""
 
-    __slots__ = ("graph", "tensors", "workspace")
+    algorithm = "cudnn"
 
-    def __init__(self, graph, tensors, workspace):
-        self.graph, self.tensors, self.workspace = graph, tensors, workspace
+    def __init__(self, cudnn, handle, geometry: ConvGeometry, strict_fp32: bool):
+        graph, tensors = define_graph(cudnn, handle, geometry)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        if strict_fp32:
+            # Only effective between create_execution_plans and check_support/build_plans.
+            graph.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE])
+        graph.check_support()
+        graph.build_plans()
+        self.workspace_size = int(graph.get_workspace_size())
+        if self.workspace_size > WORKSPACE_LIMIT:
+            raise RuntimeError(f"the plan needs {self.workspace_size} bytes of workspace, over "
+                               f"the limit of {WORKSPACE_LIMIT} (OWLNET_GPU_WORKSPACE_MB)")
+        self.graph, self.tensors, self.cudnn = graph, tensors, cudnn
+        # For a call whose arrays are not 16-byte aligned and contiguous (a batch slice).
+        self.fallback = ColumnPlan(geometry, 4)
 
-    def run(self, handle, *arrays):
+    def run(self, *arrays):
+        """Execute on raw device pointers (capturable in a CUDA graph, unlike DLPack), on the
+        current CuPy stream."""
+        handle = _handle(self.cudnn, backend.import_cupy())
         pointers = {t: a.data.ptr for t, a in zip(self.tensors, arrays)}
-        self.graph.execute(pointers, self.workspace.data.ptr, handle=handle)
+        self.graph.execute(pointers, workspace(self.workspace_size).data.ptr, handle=handle)
 
 
-def _build(cudnn, cupy, handle, kind, x_shape, w_shape, y_shape, pad, stride, dilation):
-    """Build the ``kind`` ("fprop" | "dgrad" | "wgrad") graph; tensors in run() order."""
-    f32 = cudnn.data_type.FLOAT
-    g = cudnn.pygraph(io_data_type=f32, intermediate_data_type=f32, compute_data_type=f32,
-                      handle=handle)
-
-    def tensor(name, shape):
-        return g.tensor(name=name, dim=list(shape), stride=_strides(shape), data_type=f32)
-
-    geometry = dict(padding=list(pad), stride=list(stride), dilation=list(dilation))
-    if kind == "fprop":
-        x, w = tensor("x", x_shape), tensor("w", w_shape)
-        out = g.conv_fprop(image=x, weight=w, **geometry)
-        out.set_output(True).set_dim(list(y_shape)).set_stride(_strides(y_shape))
-        tensors = (x, w, out)
-    elif kind == "dgrad":
-        dy, w = tensor("dy", y_shape), tensor("w", w_shape)
-        out = g.conv_dgrad(loss=dy, filter=w, **geometry)
-        out.set_output(True).set_dim(list(x_shape)).set_stride(_strides(x_shape))
-        tensors = (dy, w, out)
-    else:
-        x, dy = tensor("x", x_shape), tensor("dy", y_shape)
-        out = g.conv_wgrad(image=x, loss=dy, **geometry)
-        out.set_output(True).set_dim(list(w_shape)).set_stride(_strides(w_shape))
-        tensors = (x, dy, out)
-    out.set_data_type(f32)
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    if backend.math_mode() == "fp32":
-        # Strict float32: drop the TF32 tensor-core plans (only effective at this point).
-        g.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE])
-    g.check_support()
-    g.build_plans()
-    workspace = cupy.empty(max(int(g.get_workspace_size()), 1), dtype=cupy.uint8)
-    return _Plan(g, tensors, workspace)
+_plans: dict = {}           # plan key -> CudnnPlan | ColumnPlan
+_handles: dict = {}         # device id -> [cudnn handle, stream pointer last set on it]
+_cudnn_state = {"module": None, "failed": False}
 
 
-def _run(kind, x_shape, w_shape, y_shape, pad, stride, dilation, arrays) -> bool:
-    """Run the cached graph for this convolution on ``arrays``; False if it cannot."""
-    if any(a.dtype.name != "float32" or not a.flags.c_contiguous for a in arrays):
-        return False
-    cudnn = _cudnn()
-    if cudnn is None:
-        return False
-    cupy = backend.import_cupy()
-    handle = _handle(cudnn, cupy)
-    key = (kind, tuple(x_shape), tuple(w_shape), tuple(y_shape), tuple(pad), tuple(stride),
-           tuple(dilation), backend.math_mode(), cupy.cuda.Device().id)
-    if key not in _graphs:
+def _warn(message):
+    owl_logging.logger.warning(message)
+
+
+def cudnn_module():
+    """The ``cudnn`` module with a handle for this device, or None (said once) when cuDNN
+    cannot be used: frontend not installed, libcudnn not found, no handle."""
+    if _cudnn_state["failed"]:
+        return None
+    if _cudnn_state["module"] is None:
         try:
-            _graphs[key] = _build(cudnn, cupy, handle, kind, x_shape, w_shape, y_shape, pad,
-                                  stride, dilation)
-        except cudnn.cudnnGraphNotSupportedError as exc:
-            owl_logging.warning(f"cuDNN has no {kind} plan for input {tuple(x_shape)}, weights "
-                                f"{tuple(w_shape)} ({exc}); using im2col for it")
-            _graphs[key] = None
-    plan = _graphs[key]
-    if plan is None:
-        return False
-    plan.run(handle, *arrays)
-    return True
+            import cudnn  # noqa: PLC0415
+        except Exception as exc:  # ImportError; RuntimeError when libcudnn lacks a symbol
+            return _cudnn_unusable(f"the cuDNN frontend does not import ({exc})")
+        _cudnn_state["module"] = cudnn
+    return _cudnn_state["module"]
 
 
-def conv_forward(x, w, y, pad, stride, dilation) -> bool:
+def _cudnn_unusable(reason):
+    _cudnn_state["failed"] = True
+    _warn(f"cuDNN is not usable: {reason}; convolution runs as im2col + cuBLAS "
+          "(pip install 'owlnet[gpu]' brings nvidia-cudnn-frontend and nvidia-cudnn-cu13)")
+    return None
+
+
+def _handle(cudnn, cupy):
+    """This device's cuDNN handle bound to the current CuPy stream, or None (said once)."""
+    device = cupy.cuda.Device().id
+    entry = _handles.get(device)
+    if entry is None:
+        try:
+            entry = [cudnn.create_handle(), None]
+        except Exception as exc:  # "Unable to find symbol cudnnCreate": no libcudnn
+            return _cudnn_unusable(f"cudnn.create_handle() failed ({exc})")
+        _handles[device] = entry
+    stream = cupy.cuda.get_current_stream().ptr
+    if entry[1] != stream:
+        cudnn.set_stream(handle=entry[0], stream=stream)
+        entry[1] = stream
+    return entry[0]
+
+
+def _aligned(arrays):
+    return all(a.flags.c_contiguous and a.data.ptr % _ALIGNMENT == 0 for a in arrays)
+
+
+#: Caffe's ConvolutionParameter.Engine values, by number and by name.
+_ENGINES = {0: "default", 1: "caffe", 2: "cudnn", "default": "default", "caffe": "caffe",
+            "cudnn": "cudnn"}
+
+
+def plan(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group, engine, dtype):
+    """The cached plan (``CudnnPlan`` or ``ColumnPlan``) for one convolution; ``engine`` is
+    Caffe's: "default" | "caffe" | "cudnn" (or the enum's number, any case)."""
+    cupy = backend.import_cupy()
+    dtype = cupy.dtype(dtype)
+    engine = _ENGINES[engine.lower() if isinstance(engine, str) else int(engine)]
+    geometry = ConvGeometry(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group,
+                            (engine, backend.math_mode(), dtype.str, cupy.cuda.Device().id))
+    found = _plans.get(geometry.key)
+    if found is not None:
+        return found
+    if engine != "caffe" and dtype == cupy.float32:
+        cudnn = cudnn_module()
+        handle = _handle(cudnn, cupy) if cudnn is not None else None
+        if handle is not None:
+            try:
+                found = CudnnPlan(cudnn, handle, geometry, backend.math_mode() == "fp32")
+            except Exception as exc:  # validate / check_support / build_plans / workspace
+                _warn(f"cuDNN has no {kind} graph for input {geometry.x_shape}, weights "
+                      f"{geometry.w_shape}, group {geometry.group} ({exc}); this shape runs "
+                      "as im2col + cuBLAS")
+    if found is None:
+        found = ColumnPlan(geometry, dtype.itemsize)
+    _plans[geometry.key] = found
+    return found
+
+
+def _run(kind, method, arrays, x_shape, w_shape, y_shape, pad, stride, dilation, group,
+         engine):
+    found = plan(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group, engine,
+                 arrays[-1].dtype)
+    if found.algorithm == "cudnn":
+        if _aligned(arrays):
+            found.run(*arrays)
+            return
+        found = found.fallback
+    getattr(found, method)(*arrays)
+
+
+def conv_forward(x, w, y, pad, stride, dilation, group, engine="default"):
     """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
-    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``, all C-contiguous. False: not done."""
-    return _run("fprop", x.shape, w.shape, y.shape, pad, stride, dilation, (x, w, y))
+    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``."""
+    _run("fprop", "forward", (x, w, y), x.shape, w.shape, y.shape, pad, stride, dilation, group,
+         engine)
 
 
-def conv_backward_data(dy, w, dx, pad, stride, dilation) -> bool:
-    """``dx`` = gradient of ``conv(x, w)`` with respect to x for output gradient ``dy``,
-    written (not added) into ``dx``. False: not done."""
-    return _run("dgrad", dx.shape, w.shape, dy.shape, pad, stride, dilation, (dy, w, dx))
+def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"):
+    """The gradient of ``conv(x, w)`` with respect to x for output gradient ``dy``, written
+    (not added) into ``dx``."""
+    _run("dgrad", "backward_data", (dy, w, dx), dx.shape, w.shape, dy.shape, pad, stride,
+         dilation, group, engine)
 
 
-def conv_backward_filter(x, dy, dw, pad, stride, dilation) -> bool:
-    """``dw`` = gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``,
-    written (not added) into ``dw`` (the caller accumulates). False: not done."""
-    return _run("wgrad", x.shape, dw.shape, dy.shape, pad, stride, dilation, (x, dy, dw))
+def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="default"):
+    """The gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``, written
+    (not added) into ``dw``."""
+    _run("wgrad", "backward_filter", (x, dy, dw), x.shape, dw.shape, dy.shape, pad, stride,
+         dilation, group, engine)
+
+
+# -- fused layer kernels -----------------------------------------------------------------------
+def _contiguous(array):
+    return backend.import_cupy().ascontiguousarray(array)
+
+
+def _pool_geometry(x_shape, y_shape, kernel, stride, pad):
+    return (*x_shape[2:], *y_shape[2:], *kernel, *stride, *pad)
+
+
+def max_pool_forward(x, y, argmax, kernel, stride, pad):
+    """Caffe's MAX pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW): each window's
+    largest in-image value, and in ``argmax`` (int32, y's shape) its index h*W + w in the
+    plane (the first in row-major order on ties)."""
+    geometry = _pool_geometry(x.shape, y.shape, kernel, stride, pad)
+    elementwise(cuda_sources.MAX_POOL_FORWARD)(_contiguous(x), *geometry, y, argmax)
+
+
+def max_pool_backward(dy, argmax, dx, kernel, stride, pad):
+    """``dx`` (written, not added) = the sum of ``dy`` over the outputs whose maximum each
+    input pixel was (``argmax`` from :func:`max_pool_forward`)."""
+    geometry = _pool_geometry(dx.shape, dy.shape, kernel, stride, pad)
+    elementwise(cuda_sources.MAX_POOL_BACKWARD)(_contiguous(dy), _contiguous(argmax), *geometry,
+                                                dx)
+
+
+def ave_pool_forward(x, y, kernel, stride, pad):
+    """Caffe's AVE pooling: the in-image sum of each window over the area of the window
+    clipped to the padded image."""
+    geometry = _pool_geometry(x.shape, y.shape, kernel, stride, pad)
+    elementwise(cuda_sources.AVE_POOL_FORWARD)(_contiguous(x), *geometry, y)
+
+
+def ave_pool_backward(dy, dx, kernel, stride, pad):
+    """``dx`` (written) = each pixel's share of the gradient of every window containing it."""
+    geometry = _pool_geometry(dx.shape, dy.shape, kernel, stride, pad)
+    elementwise(cuda_sources.AVE_POOL_BACKWARD)(_contiguous(dy), *geometry, dx)
+
+
+def _softmax_layout(shape, axis):
+    """(outer, channels, inner) of an array softmaxed along ``axis``."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+def softmax_forward(x, y, axis):
+    """``y = exp(x - max) / sum exp(x - max)`` along ``axis``; ``y`` C-contiguous."""
+    outer, channels, inner = _softmax_layout(x.shape, axis)
+    elementwise(cuda_sources.SOFTMAX)(_contiguous(x), channels, inner, y, size=outer * inner)
+
+
+def softmax_loss_forward(x, labels, prob, axis, ignore_label=None):
+    """Softmax of ``x`` along ``axis`` into ``prob`` and the summed loss
+    ``sum -log(max(prob[label], FLT_MIN))`` over positions whose label is not ``ignore_label``;
+    returns (loss sum, counted positions) as 0-d device arrays (no host sync)."""
+    cupy = backend.import_cupy()
+    softmax_forward(x, prob, axis)
+    outer, channels, inner = _softmax_layout(x.shape, axis)
+    loss = cupy.empty(outer * inner, dtype=prob.dtype)
+    counted = cupy.empty(outer * inner, dtype=prob.dtype)
+    elementwise(cuda_sources.SOFTMAX_LOSS)(prob, _contiguous(labels).astype(prob.dtype, copy=False),
+                                           channels, inner, int(ignore_label is not None),
+                                           int(ignore_label or 0), loss, counted)
+    return loss.sum(), counted.sum()
+
+
+def softmax_loss_backward(prob, labels, dx, axis, scale, ignore_label=None):
+    """``dx`` (written) = ``scale * (prob - onehot(label))``, zero at ignored positions;
+    ``scale`` a number (loss weight / normaliser)."""
+    _, channels, inner = _softmax_layout(prob.shape, axis)
+    elementwise(cuda_sources.SOFTMAX_LOSS_BACKWARD)(
+        prob, _contiguous(labels).astype(prob.dtype, copy=False), channels, inner,
+        int(ignore_label is not None), int(ignore_label or 0), prob.dtype.type(scale), dx)
+
+
+def dropout_forward(x, y, keep, ratio, key):
+    """Caffe's dropout with counter-based bits (``counter_random``; ``key`` from
+    ``counter_random.draw_key(seed, iteration, layer)``): ``keep`` (uint8, x's shape) marks the
+    kept elements, ``y = x * keep / (1 - ratio)``. The mask equals
+    ``counter_random.dropout_keep(key, x.shape, ratio)`` bit for bit."""
+    cupy = backend.import_cupy()
+    elementwise(cuda_sources.DROPOUT_FORWARD)(x, cupy.uint32(key),
+                                              cupy.uint32(counter_random.threshold(ratio)),
+                                              x.dtype.type(1.0 / (1.0 - ratio)), y, keep)
+
+
+def dropout_backward(dy, keep, dx, ratio):
+    """``dx = dy * keep / (1 - ratio)`` (written)."""
+    elementwise(cuda_sources.DROPOUT_BACKWARD)(dy, keep, dy.dtype.type(1.0 / (1.0 - ratio)), dx)

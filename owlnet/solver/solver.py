@@ -276,6 +276,7 @@ class Solver:
         return self.executor.is_primary
 
     # -- the loop ---------------------------------------------------------------------------
+    @backend.device_arrays()
     def solve(self, resume_file=None) -> None:
         """Train to ``max_iter`` (from ``resume_file`` when given), as Caffe's Solve."""
         owl_logging.info(f"Solving {self.net.name}")
@@ -302,6 +303,7 @@ class Solver:
             self.test_all()
         owl_logging.info("Optimization Done.")
 
+    @backend.device_arrays()
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (fewer if the action callback says stop)."""
         p = self.param
@@ -397,6 +399,7 @@ class Solver:
             results.append(self.test(i))
         return results
 
+    @backend.device_arrays()
     def test(self, test_net_id: int = 0) -> dict:
         """Run test net ``test_net_id`` for its ``test_iter`` batches with the train net's
         weights; log and return the mean of each output ({name: float, or array when the

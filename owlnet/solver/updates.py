@@ -21,6 +21,7 @@ AdaDelta and Adam a second set of N after the first N.
 from __future__ import annotations
 
 from .. import backend
+from ..blob import device_current
 from .. import logging as owl_logging
 from ..errors import ConfigError
 
@@ -59,6 +60,7 @@ class UpdateRule:
         """One update of every learnable parameter of ``net`` (the net this rule was made
         for) at learning rate ``rate``."""
         arena = net.arena
+        device_current(net.learnable_params)       # the arena's device buffers hold the values
         self.clip(arena.diff)
         xp = backend.array_module(arena.data)
         for group in arena.learned:
