@@ -34,6 +34,19 @@ def fresh_owlnet_logger():
     logger.propagate = saved[2]
 
 
+@pytest.fixture(autouse=True)
+def restored_owlnet_environment():
+    """Tools set OWLNET_* variables for their process (--skip-bad-records,
+    --no-python-layers); a test calling a tool's main() must not leave them to the next."""
+    import os
+    saved = {k: v for k, v in os.environ.items() if k.startswith("OWLNET_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("OWLNET_")]:
+        if key not in saved:
+            del os.environ[key]
+    os.environ.update(saved)
+
+
 def _has_gpu():
     try:
         import cupy
