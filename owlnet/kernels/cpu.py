@@ -1,17 +1,28 @@
-"""NumPy kernels: im2col / col2im and convolution through them.
+"""NumPy kernels: convolution (each shape served by its own algorithm), im2col / col2im.
+
+Convolution entry points (the same signatures and contracts as ``kernels.gpu``'s):
+``conv_forward(x, w, y, ...)`` writes ``y = conv(x, w)`` (no bias), ``conv_backward_data(dy, w,
+dx, ...)`` writes ``dx``, ``conv_backward_filter(x, dy, dw, ...)`` writes ``dw``, with x
+``(N, C, H, W)``, w ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; each overwrites its
+output and always succeeds. ``engine`` (the prototxt's engine name) does not change anything
+on the CPU. The algorithm follows from the shapes:
+
+* depthwise (one input channel per group): a direct sum over the kh*kw kernel offsets, each
+  one vectorised multiply-add over the whole batch; no column matrix, no loop over groups;
+* pointwise (1x1, stride 1, no pad, one group): one matrix product per image on the NCHW
+  layout, with no column matrix;
+* anything else: im2col and a matrix product per group, over batch chunks whose column
+  matrix stays under ``_COLUMN_BUFFER_LIMIT`` elements.
 
 Column layout of ``im2col`` (shared with any other device's module): images of shape
 ``(N, C, H, W)`` become a matrix of shape ``(C * kh * kw, N * OH * OW)``; row ``(c, i, j)``
 (row-major) holds input channel ``c`` at kernel offset ``(i, j)`` and column ``(n, oh, ow)``
 (row-major) the output position, so the input pixel read is
 ``(oh * sh - ph + i * dh, ow * sw - pw + j * dw)``, zero outside the image. ``col2im`` is its
-adjoint: it adds every column entry back onto the pixel it was read from.
-
-``conv_forward``, ``conv_backward_data`` and ``conv_backward_filter`` have the signatures and
-contracts of the GPU module's (arrays in, result written into the last array, True returned).
-Inside, when output rows are short they order the columns ``(oh, ow, n)`` instead, batch
-innermost: every copy then moves runs of ``OW * N`` contiguous values rather than ``OW``,
-which is what makes im2col and col2im cheap for the small late layers of a CNN.
+adjoint: it adds every column entry back onto the pixel it was read from. Inside the
+convolution, when output rows are short the columns are ordered ``(oh, ow, n)`` instead,
+batch innermost: every copy then moves runs of ``OW * N`` contiguous values rather than
+``OW``, which is what makes im2col and col2im cheap for the small late layers of a CNN.
 """
 from __future__ import annotations
 
@@ -20,6 +31,9 @@ from numpy.lib.stride_tricks import as_strided
 
 # Output rows narrower than this use the batch-innermost column order (see the module doc).
 _SHORT_ROW = 16
+
+# Largest im2col buffer (elements) built at once; bigger batches are processed in chunks.
+_COLUMN_BUFFER_LIMIT = 1 << 25
 
 
 def _zero_padded(images, pad):
@@ -95,12 +109,113 @@ def col2im(cols, image_shape, kernel, pad, stride, dilation, out_size):
     return _uncolumns(cols, image_shape, kernel, pad, stride, dilation, out_size, False)
 
 
-# -- convolution -------------------------------------------------------------------------------
+# -- convolution: the choice ---------------------------------------------------------------
+def _algorithm(x_shape, w_shape, pad, stride, group):
+    """"depthwise", "pointwise" or "im2col" for this convolution (see the module doc)."""
+    if w_shape[1] == 1 and group == x_shape[1] and group > 1:
+        return "depthwise"
+    if group == 1 and w_shape[2:] == (1, 1) and tuple(stride) == (1, 1) and not any(pad):
+        return "pointwise"
+    return "im2col"
+
+
+def conv_forward(x, w, y, pad, stride, dilation, group, engine="default"):
+    """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
+    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``."""
+    run = _FORWARD[_algorithm(x.shape, w.shape, pad, stride, group)]
+    run(x, w, y, pad, stride, dilation, group)
+
+
+def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"):
+    """Gradient of ``conv(x, w)`` with respect to x for output gradient ``dy``, written (not
+    added) into ``dx``."""
+    run = _BACKWARD_DATA[_algorithm(dx.shape, w.shape, pad, stride, group)]
+    run(dy, w, dx, pad, stride, dilation, group)
+
+
+def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="default"):
+    """Gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``, written (not
+    added) into ``dw``."""
+    run = _BACKWARD_FILTER[_algorithm(x.shape, dw.shape, pad, stride, group)]
+    run(x, dy, dw, pad, stride, dilation, group)
+
+
+# -- pointwise: one matrix product per image -----------------------------------------------
+def _pointwise_forward(x, w, y, pad, stride, dilation, group):
+    np.matmul(w.reshape(w.shape[0], -1), x.reshape(x.shape[0], x.shape[1], -1),
+              out=y.reshape(y.shape[0], y.shape[1], -1))
+
+
+def _pointwise_backward_data(dy, w, dx, pad, stride, dilation, group):
+    np.matmul(w.reshape(w.shape[0], -1).T, dy.reshape(dy.shape[0], dy.shape[1], -1),
+              out=dx.reshape(dx.shape[0], dx.shape[1], -1))
+
+
+def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
+    dw2 = dw.reshape(dw.shape[0], -1)
+    x3, dy3 = x.reshape(x.shape[0], x.shape[1], -1), dy.reshape(dy.shape[0], dy.shape[1], -1)
+    np.matmul(dy3[0], x3[0].T, out=dw2)
+    for n in range(1, x.shape[0]):
+        dw2 += dy3[n] @ x3[n].T
+
+
+# -- depthwise: a multiply-add per kernel offset -----------------------------------------
+# Channel c of x feeds outputs c*k .. c*k + k - 1 (k = M / C): y and w are viewed with that
+# multiplier as an axis of its own, ``(N, C, k, OH, OW)`` and ``(C, k, kh, kw)``.
+
+def _depthwise_forward(x, w, y, pad, stride, dilation, group):
+    n, c = x.shape[:2]
+    padded = _zero_padded(x, pad)[:, :, None]
+    weights = w.reshape(c, -1, *w.shape[2:])
+    y5 = y.reshape(n, c, weights.shape[1], *y.shape[2:])
+    term = np.empty_like(y5)
+    for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, y.shape[2:]):
+        tap = weights[:, :, i, j, None, None]
+        if i == 0 and j == 0:
+            np.multiply(padded[..., rows, columns], tap, out=y5)
+        else:
+            y5 += np.multiply(padded[..., rows, columns], tap, out=term)
+
+
+def _depthwise_backward_data(dy, w, dx, pad, stride, dilation, group):
+    n, c, h, wd = dx.shape
+    ph, pw = pad
+    weights = w.reshape(c, -1, *w.shape[2:])
+    dy5 = dy.reshape(n, c, weights.shape[1], *dy.shape[2:])
+    padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dx.dtype) if ph or pw else dx
+    if padded is dx:
+        dx[...] = 0
+    term = np.empty_like(dy5)
+    for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, dy.shape[2:]):
+        np.multiply(dy5, weights[:, :, i, j, None, None], out=term)
+        padded[:, :, rows, columns] += term[:, :, 0] if weights.shape[1] == 1 else term.sum(2)
+    if padded is not dx:
+        dx[...] = padded[:, :, ph:ph + h, pw:pw + wd]
+
+
+def _depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
+    n, c = x.shape[:2]
+    padded = _zero_padded(x, pad)
+    weights = dw.reshape(c, -1, *dw.shape[2:])
+    dy5 = dy.reshape(n, c, weights.shape[1], *dy.shape[2:])
+    for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation, dy.shape[2:]):
+        weights[:, :, i, j] = np.einsum("ncmhw,nchw->cm", dy5, padded[:, :, rows, columns])
+
+
+# -- im2col + GEMM -------------------------------------------------------------------------
+def _batch_parts(x_shape, w_shape, y_shape):
+    """Slices of the batch whose column matrices stay under ``_COLUMN_BUFFER_LIMIT``."""
+    per_image = x_shape[1] * w_shape[2] * w_shape[3] * y_shape[2] * y_shape[3]
+    step = max(1, _COLUMN_BUFFER_LIMIT // max(1, per_image))
+    n = x_shape[0]
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
 def _positions(images, group, batch_last):
     """``(N, M, OH, OW)`` -> ``(group, M/group, positions)`` in the column order (a copy)."""
-    n, m = images.shape[:2]
     order = (1, 2, 3, 0) if batch_last else (1, 0, 2, 3)
-    return np.ascontiguousarray(images.transpose(order)).reshape(group, m // group, -1)
+    return np.ascontiguousarray(images.transpose(order)).reshape(group, images.shape[1] // group,
+                                                                 -1)
 
 
 def _to_images(matrix, out, batch_last):
@@ -121,41 +236,60 @@ def _group_matmul(a, b, out):
 
 
 def _geometry(x_shape, w_shape, y_shape):
-    group = x_shape[1] // w_shape[1]
-    return group, tuple(w_shape[2:]), tuple(y_shape[2:]), y_shape[3] < _SHORT_ROW
+    return tuple(w_shape[2:]), tuple(y_shape[2:]), y_shape[3] < _SHORT_ROW
 
 
-def conv_forward(x, w, y, pad, stride, dilation) -> bool:
-    """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
-    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``."""
-    group, kernel, out_size, batch_last = _geometry(x.shape, w.shape, y.shape)
+def _im2col_forward(x, w, y, pad, stride, dilation, group):
+    for part in _batch_parts(x.shape, w.shape, y.shape):
+        _im2col_forward_part(x[part], w, y[part], pad, stride, dilation, group)
+
+
+def _im2col_backward_data(dy, w, dx, pad, stride, dilation, group):
+    for part in _batch_parts(dx.shape, w.shape, dy.shape):
+        _im2col_backward_data_part(dy[part], w, dx[part], pad, stride, dilation, group)
+
+
+def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
+    parts = _batch_parts(x.shape, dw.shape, dy.shape)
+    _im2col_backward_filter_part(x[parts[0]], dy[parts[0]], dw, pad, stride, dilation, group)
+    if len(parts) > 1:
+        chunk = np.empty_like(dw)
+        for part in parts[1:]:
+            _im2col_backward_filter_part(x[part], dy[part], chunk, pad, stride, dilation, group)
+            dw += chunk
+
+
+def _im2col_forward_part(x, w, y, pad, stride, dilation, group):
+    kernel, out_size, batch_last = _geometry(x.shape, w.shape, y.shape)
     cols = _columns(x, kernel, pad, stride, dilation, out_size, batch_last)
     weights = w.reshape(group, w.shape[0] // group, -1)
     products = np.empty((group, weights.shape[1], cols.shape[1]), dtype=y.dtype)
     _group_matmul(weights, cols.reshape(group, -1, cols.shape[1]), products)
     _to_images(products.reshape(w.shape[0], -1), y, batch_last)
-    return True
 
 
-def conv_backward_data(dy, w, dx, pad, stride, dilation) -> bool:
-    """Gradient of ``conv(x, w)`` with respect to x for output gradient ``dy``, written (not
-    added) into ``dx``."""
-    group, kernel, out_size, batch_last = _geometry(dx.shape, w.shape, dy.shape)
+def _im2col_backward_data_part(dy, w, dx, pad, stride, dilation, group):
+    kernel, out_size, batch_last = _geometry(dx.shape, w.shape, dy.shape)
     weights = w.reshape(group, w.shape[0] // group, -1)
     dy_groups = _positions(dy, group, batch_last)
     dcols = np.empty((group, weights.shape[2], dy_groups.shape[2]), dtype=dx.dtype)
     _group_matmul(weights.transpose(0, 2, 1), dy_groups, dcols)
     dx[...] = _uncolumns(dcols.reshape(-1, dcols.shape[2]), dx.shape, kernel, pad, stride,
                          dilation, out_size, batch_last)
-    return True
 
 
-def conv_backward_filter(x, dy, dw, pad, stride, dilation) -> bool:
-    """Gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``, written (not
-    added) into ``dw``."""
-    group, kernel, out_size, batch_last = _geometry(x.shape, dw.shape, dy.shape)
+def _im2col_backward_filter_part(x, dy, dw, pad, stride, dilation, group):
+    kernel, out_size, batch_last = _geometry(x.shape, dw.shape, dy.shape)
     cols = _columns(x, kernel, pad, stride, dilation, out_size, batch_last)
     cols = cols.reshape(group, -1, cols.shape[1])
     _group_matmul(_positions(dy, group, batch_last), cols.transpose(0, 2, 1),
                   dw.reshape(group, dw.shape[0] // group, -1))
-    return True
+
+
+# Each algorithm's three kernels, all with the entry points' arguments (less ``engine``).
+_FORWARD = {"depthwise": _depthwise_forward, "pointwise": _pointwise_forward,
+            "im2col": _im2col_forward}
+_BACKWARD_DATA = {"depthwise": _depthwise_backward_data, "pointwise": _pointwise_backward_data,
+                  "im2col": _im2col_backward_data}
+_BACKWARD_FILTER = {"depthwise": _depthwise_backward_filter,
+                    "pointwise": _pointwise_backward_filter, "im2col": _im2col_backward_filter}
