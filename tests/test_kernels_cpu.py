@@ -36,6 +36,8 @@ CASES = [
     ((2, 6, 7, 8), (6, 1, 3, 3), (1, 1), (1, 1), (1, 1), 6, "depthwise"),
     ((2, 4, 9, 7), (4, 1, 3, 3), (1, 0), (2, 2), (1, 1), 4, "depthwise"),
     ((1, 3, 8, 8), (6, 1, 3, 2), (2, 1), (1, 2), (2, 1), 3, "depthwise"),   # multiplier 2
+    ((2, 3, 4, 40), (3, 1, 3, 3), (1, 1), (1, 1), (1, 1), 3, "depthwise"),  # long output rows
+    ((1, 2, 5, 70), (4, 1, 3, 3), (0, 1), (1, 2), (1, 1), 2, "depthwise"),
     ((3, 5, 4, 6), (7, 5, 1, 1), (0, 0), (1, 1), (1, 1), 1, "pointwise"),
     ((2, 4, 6, 5), (6, 2, 3, 3), (1, 1), (2, 1), (1, 1), 2, "im2col"),
     ((2, 3, 20, 18), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, "im2col"),    # long output rows
@@ -48,6 +50,12 @@ def _arrays(x_shape, w_shape, pad, stride, dilation, group, dtype=np.float64):
     w = RNG.standard_normal(w_shape).astype(dtype)
     y = reference_conv(x, w, pad, stride, dilation, group)
     return x, w, y
+
+
+def test_cases_cover_both_depthwise_layouts():
+    layouts = {cpu._depthwise_layout(reference_conv(np.zeros(x), np.zeros(w), *rest[:4]).shape)
+               for x, w, *rest in CASES if rest[-1] == "depthwise"}
+    assert layouts == {True, False}
 
 
 @pytest.mark.parametrize("x_shape, w_shape, pad, stride, dilation, group, algorithm", CASES)

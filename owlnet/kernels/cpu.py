@@ -32,6 +32,9 @@ from numpy.lib.stride_tricks import as_strided
 # Output rows narrower than this use the batch-innermost column order (see the module doc).
 _SHORT_ROW = 16
 
+# Depthwise output rows narrower than this use the spatial-first frame (see below).
+_DEPTHWISE_SHORT_ROW = 32
+
 # Largest im2col buffer (elements) built at once; bigger batches are processed in chunks.
 _COLUMN_BUFFER_LIMIT = 1 << 25
 
@@ -141,65 +144,132 @@ def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="defaul
 
 
 # -- pointwise: one matrix product per image -----------------------------------------------
+# A 2-d product per image: NumPy's stacked matmul does not always reach BLAS (measured 8x
+# slower for a 1024x1024 weight on 7x7 images).
+
+def _images_as_matrices(images):
+    return images.reshape(images.shape[0], images.shape[1], -1)
+
+
 def _pointwise_forward(x, w, y, pad, stride, dilation, group):
-    np.matmul(w.reshape(w.shape[0], -1), x.reshape(x.shape[0], x.shape[1], -1),
-              out=y.reshape(y.shape[0], y.shape[1], -1))
+    weights, x3, y3 = w.reshape(w.shape[0], -1), _images_as_matrices(x), _images_as_matrices(y)
+    for n in range(x.shape[0]):
+        np.matmul(weights, x3[n], out=y3[n])
 
 
 def _pointwise_backward_data(dy, w, dx, pad, stride, dilation, group):
-    np.matmul(w.reshape(w.shape[0], -1).T, dy.reshape(dy.shape[0], dy.shape[1], -1),
-              out=dx.reshape(dx.shape[0], dx.shape[1], -1))
+    weights_t = w.reshape(w.shape[0], -1).T
+    dy3, dx3 = _images_as_matrices(dy), _images_as_matrices(dx)
+    for n in range(dy.shape[0]):
+        np.matmul(weights_t, dy3[n], out=dx3[n])
 
 
 def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
     dw2 = dw.reshape(dw.shape[0], -1)
-    x3, dy3 = x.reshape(x.shape[0], x.shape[1], -1), dy.reshape(dy.shape[0], dy.shape[1], -1)
+    x3, dy3 = _images_as_matrices(x), _images_as_matrices(dy)
     np.matmul(dy3[0], x3[0].T, out=dw2)
     for n in range(1, x.shape[0]):
         dw2 += dy3[n] @ x3[n].T
 
 
 # -- depthwise: a multiply-add per kernel offset -----------------------------------------
-# Channel c of x feeds outputs c*k .. c*k + k - 1 (k = M / C): y and w are viewed with that
-# multiplier as an axis of its own, ``(N, C, k, OH, OW)`` and ``(C, k, kh, kw)``.
+# Channel c of x feeds outputs c*k .. c*k + k - 1 (k = M / C), so the kernels give that
+# multiplier an axis of its own. Arrays are laid out as a "frame": (N, C, k, H, W), or, when
+# output rows are short, spatial axes first, (H, W, N, C, k), so that every multiply-add runs
+# over N*C*k contiguous values instead of a row of a few pixels.
+
+def _depthwise_layout(y_shape):
+    """True: spatial axes first (see above)."""
+    return y_shape[3] < _DEPTHWISE_SHORT_ROW
+
+
+def _frame(images, pad, spatial_first, fill=True):
+    """``(N, C, H, W)`` images zero-padded as a frame with a multiplier axis of 1; a view where
+    nothing is to be copied. ``fill=False`` leaves the interior unwritten (zeros)."""
+    n, c, h, w = images.shape
+    ph, pw = pad
+    if not spatial_first:
+        if not fill:
+            return np.zeros((n, c, 1, h + 2 * ph, w + 2 * pw), dtype=images.dtype)
+        return _zero_padded(images, pad)[:, :, None]
+    frame = np.zeros((h + 2 * ph, w + 2 * pw, n, c, 1), dtype=images.dtype)
+    if fill:
+        frame[ph:ph + h, pw:pw + w, :, :, 0] = images.transpose(2, 3, 0, 1)
+    return frame
+
+
+def _frame_images(frame, spatial_first):
+    """Inverse of :func:`_frame` without the pad: an ``(N, C*k, H, W)``-ordered view."""
+    if spatial_first:
+        frame = frame.transpose(2, 3, 4, 0, 1)
+    n, c, k = frame.shape[:3]
+    return frame.reshape(n, c * k, *frame.shape[3:])
+
+
+def _frame_view(images, k, spatial_first):
+    """``(N, C*k, H, W)`` images as an ``(N, C, k, H, W)`` view, or a spatial-first copy."""
+    n, m = images.shape[:2]
+    framed = images.reshape(n, m // k, k, *images.shape[2:])
+    return np.ascontiguousarray(framed.transpose(3, 4, 0, 1, 2)) if spatial_first else framed
+
+
+def _window(rows, columns, spatial_first):
+    return (rows, columns) if spatial_first else (Ellipsis, rows, columns)
+
+
+def _tap(taps, i, j, spatial_first):
+    """Weights of kernel offset (i, j), ``(C, k)``, shaped to broadcast over a frame."""
+    return taps[:, :, i, j] if spatial_first else taps[:, :, i, j, None, None]
+
 
 def _depthwise_forward(x, w, y, pad, stride, dilation, group):
     n, c = x.shape[:2]
-    padded = _zero_padded(x, pad)[:, :, None]
-    weights = w.reshape(c, -1, *w.shape[2:])
-    y5 = y.reshape(n, c, weights.shape[1], *y.shape[2:])
-    term = np.empty_like(y5)
+    first = _depthwise_layout(y.shape)
+    taps = w.reshape(c, -1, *w.shape[2:])
+    k = taps.shape[1]
+    padded = _frame(x, pad, first)
+    if first:
+        out = np.empty(y.shape[2:] + (n, c, k), dtype=y.dtype)
+    else:
+        out = y.reshape(n, c, k, *y.shape[2:])
+    term = np.empty_like(out)
     for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, y.shape[2:]):
-        tap = weights[:, :, i, j, None, None]
+        window = padded[_window(rows, columns, first)]
         if i == 0 and j == 0:
-            np.multiply(padded[..., rows, columns], tap, out=y5)
+            np.multiply(window, _tap(taps, i, j, first), out=out)
         else:
-            y5 += np.multiply(padded[..., rows, columns], tap, out=term)
+            out += np.multiply(window, _tap(taps, i, j, first), out=term)
+    if first:
+        y[...] = _frame_images(out, first)
 
 
 def _depthwise_backward_data(dy, w, dx, pad, stride, dilation, group):
-    n, c, h, wd = dx.shape
+    c, h, wd = dx.shape[1:]
     ph, pw = pad
-    weights = w.reshape(c, -1, *w.shape[2:])
-    dy5 = dy.reshape(n, c, weights.shape[1], *dy.shape[2:])
-    padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dx.dtype) if ph or pw else dx
-    if padded is dx:
-        dx[...] = 0
-    term = np.empty_like(dy5)
+    first = _depthwise_layout(dy.shape)
+    taps = w.reshape(c, -1, *w.shape[2:])
+    k = taps.shape[1]
+    grads = _frame_view(dy, k, first)
+    padded = _frame(dx, pad, first, fill=False)
+    k_axis = -1 if first else 2
+    term = np.empty_like(grads)
     for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, dy.shape[2:]):
-        np.multiply(dy5, weights[:, :, i, j, None, None], out=term)
-        padded[:, :, rows, columns] += term[:, :, 0] if weights.shape[1] == 1 else term.sum(2)
-    if padded is not dx:
-        dx[...] = padded[:, :, ph:ph + h, pw:pw + wd]
+        np.multiply(grads, _tap(taps, i, j, first), out=term)
+        padded[_window(rows, columns, first)] += term.sum(axis=k_axis, keepdims=True) \
+            if k > 1 else term
+    inner = padded[ph:ph + h, pw:pw + wd] if first else padded[..., ph:ph + h, pw:pw + wd]
+    dx[...] = _frame_images(inner, first)
 
 
 def _depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
-    n, c = x.shape[:2]
-    padded = _zero_padded(x, pad)
-    weights = dw.reshape(c, -1, *dw.shape[2:])
-    dy5 = dy.reshape(n, c, weights.shape[1], *dy.shape[2:])
+    c = x.shape[1]
+    first = _depthwise_layout(dy.shape)
+    taps = dw.reshape(c, -1, *dw.shape[2:])
+    grads = _frame_view(dy, taps.shape[1], first)
+    padded = _frame(x, pad, first)
+    spec = "hwnck,hwncl->ck" if first else "nckhw,nclhw->ck"
     for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation, dy.shape[2:]):
-        weights[:, :, i, j] = np.einsum("ncmhw,nchw->cm", dy5, padded[:, :, rows, columns])
+        taps[:, :, i, j] = np.einsum(spec, grads, padded[_window(rows, columns, first)])
 
 
 # -- im2col + GEMM -------------------------------------------------------------------------

@@ -28,8 +28,10 @@ class _Neuron(Layer):
         top[0].reshape_like(bottom[0])
 
     def _remember_input(self, bottom, top):
-        """Call in forward before writing the top, when backward reads the input."""
-        self._saved_input = bottom[0].data.copy() if top[0] is bottom[0] else None
+        """Call in forward before writing the top, when backward reads the input (a copy only
+        when running in place in a layer that runs backward)."""
+        in_place = top[0] is bottom[0] and self.runs_backward
+        self._saved_input = bottom[0].data.copy() if in_place else None
 
     def _input(self, bottom):
         """The input of the last forward (a copy when the layer ran in place)."""

@@ -313,6 +313,11 @@ class PoolingLayer(Layer):
         frame = self._padded(xp, x, -xp.inf)
         best = top[0].data
         best[...] = frame[self._window(0, 0)]
+        if not (self.runs_backward or len(top) == 2):
+            # Nothing reads the argmax: the maximum alone, one pass per window offset.
+            for offset in range(1, kh * kw):
+                xp.maximum(best, frame[self._window(*divmod(offset, kw))], out=best)
+            return
         self.argmax = xp.zeros(best.shape, dtype=xp.uint8 if kh * kw <= 256 else xp.int32)
         for offset in range(1, kh * kw):
             window = frame[self._window(*divmod(offset, kw))]
