@@ -1,4 +1,4 @@
-"""The nets of the CPU benchmarks: Caffe zoo / project nets by path, and three families written
+"""The nets of the CPU benchmarks, and what the two CPU benchmark scripts share: Caffe zoo / project nets by path, and three families written
 here as deploy prototxt (MobileNet v1-style depthwise-separable, MobileNet v2-style inverted
 residual depthwise, SqueezeNet v1.1-style fire modules).
 
@@ -8,6 +8,10 @@ the final Softmax, as the training benchmarks use it.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -202,3 +206,40 @@ def train_text(name, batch, drop_dropout=False):
         del net.layer[:]
         net.layer.extend(kept)
     return text_format.MessageToString(net)
+
+
+# -- shared by bench/cpu_vs_opencv.py and bench/cpu_vs_torch.py -------------------------------
+def randomize(net, rng):
+    """Random weights for every layer of an owlnet Net (He-scaled Gaussians, small biases,
+    Scale factors around 1, BatchNorm statistics with unit-ish variance), so that zoo deploy
+    files without fillers give non-trivial outputs."""
+    for layer in net.layers:
+        blobs = layer.blobs
+        if layer.type == "BatchNorm":
+            blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].shape)
+            blobs[1].data[...] = rng.uniform(0.5, 1.5, blobs[1].shape)
+            blobs[2].data[...] = 1
+            continue
+        for i, blob in enumerate(blobs):
+            if layer.type == "Scale" and i == 0:
+                blob.data[...] = rng.uniform(0.5, 1.5, blob.shape)
+            elif blob.data.ndim > 1:
+                fan_in = blob.count // blob.shape[0]
+                blob.data[...] = rng.normal(0, (2.0 / fan_in) ** 0.5, blob.shape)
+            else:
+                blob.data[...] = rng.normal(0, 0.01, blob.shape)
+
+
+def run_worker(script, engine, folder, threads, owlnet_root, *extra):
+    """Run ``script --worker engine`` in a fresh process limited to ``threads`` threads, with
+    ``owlnet_root``'s owlnet first on the path; its last stdout line, parsed as JSON."""
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(owlnet_root), env.get("PYTHONPATH", "")])
+    command = [sys.executable, str(script), "--worker", engine, "--net-dir", str(folder),
+               "--threads", str(threads), *map(str, extra)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"{engine} on {Path(folder).name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

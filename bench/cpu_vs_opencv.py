@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path[:0] = [str(HERE)]
+import cpu_nets  # noqa: E402
 NETS = ("alexnet", "googlenet", "cifar10_full", "resnet56", "mobilenet_v1", "mobilenet_v2",
         "squeezenet")
 ENGINES = ("owlnet", "opencv")
@@ -73,49 +74,17 @@ def worker(args):
     print(json.dumps({"ms": 1e3 * statistics.median(times), "version": version}))
 
 
-def run_worker(engine, folder, args):
-    env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[name] = str(args.threads)
-    owlnet_root = args.owlnet_root or str(ROOT)
-    env["PYTHONPATH"] = os.pathsep.join([owlnet_root, env.get("PYTHONPATH", "")])
-    command = [sys.executable, __file__, "--worker", engine, "--net-dir", str(folder),
-               "--threads", str(args.threads), "--iters", str(args.iters),
-               "--warmup", str(args.warmup)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    if done.returncode:
-        raise SystemExit(f"{engine} on {folder.name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # -- the files both engines read --------------------------------------------------------------
 def prepare(name, folder, batch, seed):
     """Deploy prototxt, random weights (.caffemodel, written by owlnet) and an input batch."""
     import numpy as np  # noqa: PLC0415
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(HERE))
-    import cpu_nets  # noqa: PLC0415
     import owlnet  # noqa: PLC0415
     folder.mkdir(parents=True, exist_ok=True)
     text = cpu_nets.deploy_text(name, batch)
     (folder / "deploy.prototxt").write_text(text)
     rng = np.random.default_rng(seed)
     net = owlnet.Net(text, owlnet.TEST)
-    for layer in net.layers:
-        blobs = layer.blobs
-        if layer.type == "BatchNorm":
-            blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].shape)
-            blobs[1].data[...] = rng.uniform(0.5, 1.5, blobs[1].shape)
-            blobs[2].data[...] = 1
-            continue
-        for i, blob in enumerate(blobs):
-            if layer.type == "Scale" and i == 0:
-                blob.data[...] = rng.uniform(0.5, 1.5, blob.shape)
-            elif blob.data.ndim > 1:
-                fan_in = blob.count // blob.shape[0]
-                blob.data[...] = rng.normal(0, (2.0 / fan_in) ** 0.5, blob.shape)
-            else:
-                blob.data[...] = rng.normal(0, 0.01, blob.shape)
+    cpu_nets.randomize(net, rng)
     net.save(str(folder / "weights.caffemodel"))
     # The outputs compared: the last layer's input (the class scores before Softmax, which
     # random weights can saturate), named as its producing layer, which OpenCV needs.
@@ -145,6 +114,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    sys.path.insert(1, str(ROOT))       # this checkout's owlnet writes the files
 
     import numpy as np  # noqa: PLC0415
     load = os.getloadavg()[0]
@@ -163,7 +133,9 @@ def main(argv=None):
             for name in args.nets:
                 order = ENGINES if (r + args.nets.index(name)) % 2 == 0 else ENGINES[::-1]
                 for engine in order:
-                    result = run_worker(engine, folders[name], args)
+                    result = cpu_nets.run_worker(
+                        __file__, engine, folders[name], args.threads,
+                        args.owlnet_root or ROOT, "--iters", args.iters, "--warmup", args.warmup)
                     versions[engine] = result["version"]
                     key = (name, engine)
                     best[key] = min(best.get(key, float("inf")), result["ms"])
