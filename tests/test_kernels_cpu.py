@@ -53,8 +53,8 @@ def _arrays(x_shape, w_shape, pad, stride, dilation, group, dtype=np.float64):
 
 
 def test_cases_cover_both_depthwise_layouts():
-    layouts = {cpu._depthwise_layout(reference_conv(np.zeros(x), np.zeros(w), *rest[:4]).shape)
-               for x, w, *rest in CASES if rest[-1] == "depthwise"}
+    layouts = {cpu._depthwise_layout(reference_conv(np.zeros(x), np.zeros(w), *rest[:4]).shape,
+                                     rest[1]) for x, w, *rest in CASES if rest[-1] == "depthwise"}
     assert layouts == {True, False}
 
 
