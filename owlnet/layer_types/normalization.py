@@ -96,16 +96,19 @@ class BatchNormLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        dy3 = self._by_channel(top[0].diff)
+        dy3, dx3 = self._by_channel(top[0].diff), self._by_channel(bottom[0].diff)
+        xp = backend.array_module(dy3)
         inv_std = self._inv_std[:, None]
         if self.use_global_stats:
-            dx3 = dy3 * inv_std
-        else:
-            y3 = self._normalized
-            mean_dy = dy3.mean(axis=(0, 2))[:, None]
-            mean_dy_y = (dy3 * y3).mean(axis=(0, 2))[:, None]
-            dx3 = (dy3 - mean_dy - y3 * mean_dy_y) * inv_std
-        self._by_channel(bottom[0].diff)[...] = dx3
+            xp.multiply(dy3, inv_std, out=dx3)
+            return
+        y3 = self._normalized
+        mean_dy = dy3.mean(axis=(0, 2))[:, None]
+        mean_dy_y = (dy3 * y3).mean(axis=(0, 2))[:, None]
+        # Written into dx in place (dx may be dy: both means are taken first).
+        xp.subtract(dy3, mean_dy, out=dx3)
+        dx3 -= y3 * mean_dy_y
+        dx3 *= inv_std
 
 
 class _Broadcast(Layer):
