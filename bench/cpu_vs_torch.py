@@ -1,8 +1,8 @@
 """CPU training: owlnet (NumPy) against PyTorch on the same nets, weights and batch.
 
 One training step is ``Solver.step(1)`` in owlnet (forward, backward, SGD with momentum 0.9,
-weight decay 5e-4, each parameter's lr_mult / decay_mult) on the net's TRAIN prototxt with its
-data layer replaced by in-memory inputs; in PyTorch the same layers (bench/caffe_to_torch.py
+weight decay 5e-4, learning rate 1e-4 (random data must not diverge), each parameter's lr_mult
+and decay_mult) on the net's TRAIN prototxt with its data layer replaced by in-memory inputs; in PyTorch the same layers (bench/caffe_to_torch.py
 builds them from the owlnet net), ``zero_grad``, forward, ``backward`` and ``torch.optim.SGD``
 with the same per-parameter rates.
 
@@ -39,7 +39,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE)]
 import cpu_nets  # noqa: E402
 
-BASE_LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+BASE_LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4
 BATCH = {"lenet": 64, "cifar10_quick": 32, "resnet20": 32, "squeezenet": 4, "alexnet": 4,
          "mobilenet_v1": 4, "mobilenet_v2": 4}
 CLASSES = {"lenet": 10, "cifar10_quick": 10, "resnet20": 10}
