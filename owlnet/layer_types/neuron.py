@@ -1,7 +1,8 @@
 """Element-wise ("neuron") layers: one bottom, one top of the same shape.
 
 Each may run in place (top is the bottom Blob) unless its docstring says otherwise. A layer
-whose backward needs the input keeps a copy of it during an in-place forward; the others
+whose backward needs the input keeps a copy of it during an in-place forward, unless the Net
+marks the layer as never running backward (``runs_backward``, as in a deploy net); the others
 rebuild what they need from the output.
 """
 from __future__ import annotations
