@@ -197,7 +197,8 @@ class ScaleLayer(_Broadcast):
             else:
                 scale.diff[...] += grad
         if propagate_down[0]:
-            bottom[0].diff.reshape(outer, dim, inner)[...] = dy3 * scale.data.reshape(1, dim, 1)
+            backend.array_module(dy3).multiply(dy3, scale.data.reshape(1, dim, 1),
+                                               out=bottom[0].diff.reshape(outer, dim, inner))
 
 
 @register("Bias")
