@@ -1,248 +1,212 @@
-"""LeNet training speed on the CPU: owlnet (NumPy) against PyTorch, same threads, one process.
+"""CPU training: owlnet (NumPy) against PyTorch on the same nets, weights and batch.
 
-One training iteration is LeNet's TRAIN net at batch 64 (conv20 5x5 -> max pool 2 -> conv50 5x5
--> max pool 2 -> ip500 -> ReLU -> ip10 -> SoftmaxWithLoss): clear the gradients, forward,
-backward, and an SGD step with momentum 0.9, weight decay 5e-4 and Caffe's lr_mult 2 on biases.
-Both frameworks start from the same weights and see the same batch. Before timing, the script
-checks that they agree: the loss, every gradient, and the weights after three SGD steps.
+One training step is ``Solver.step(1)`` in owlnet (forward, backward, SGD with momentum 0.9,
+weight decay 5e-4, learning rate 1e-4 (random data must not diverge), each parameter's lr_mult
+and decay_mult) on the net's TRAIN prototxt with its data layer replaced by in-memory inputs; in PyTorch the same layers (bench/caffe_to_torch.py
+builds them from the owlnet net), ``zero_grad``, forward, ``backward`` and ``torch.optim.SGD``
+with the same per-parameter rates.
 
-Timing runs owlnet and torch in alternating blocks of iterations in this one process, so that
-other load on the machine slows both alike; each cell is the median over all timed iterations,
-and the ratio is owlnet / torch. Three phases are timed: forward alone (autograd recording in
-torch, as a training forward), forward + backward, and the full iteration.
+Nets: LeNet, cifar10_quick, ResNet-20 (BatchNorm+Scale residual), BVLC AlexNet, and the
+SqueezeNet-style and MobileNet v1 / v2-style nets of bench/cpu_nets.py. Before timing, each
+net is checked: both engines run one forward/backward in float64 without Dropout from the same
+weights, and the loss (within 1e-9) and every parameter gradient (within 1e-7 of the blob's
+largest) must agree. In float32 a single ReLU input within rounding of 0 can open in one engine
+and not the other, which BatchNorm's backward then spreads over a whole channel.
 
-PyTorch is used here only, never by owlnet (``pip install torch threadpoolctl``). For numbers
-that mean something, run with OpenBLAS's own processor detection::
+Timing: for a few rounds, each engine runs in a fresh process of its own (the order alternating
+between rounds), runs ``--warmup`` steps and times ``--iters`` more; the process's figure is
+its median and each engine keeps its best over the rounds (the machine is shared: other work
+slows single runs by up to 2x). Both use ``--threads`` threads.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/cpu_vs_torch.py
+PyTorch is used here only, never by owlnet (``pip install torch==2.13.0``).
+
+    python bench/cpu_vs_torch.py [--nets lenet resnet20 ...] [--rounds 3] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE)]
+import cpu_nets  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
-
-import owlnet  # noqa: E402
-from owlnet.proto import caffe_pb2  # noqa: E402
-from owlnet.solver import updates  # noqa: E402
-
-BATCH = 64
-BASE_LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
-
-LENET_TRAIN = f"""
-name: "LeNet"
-layer {{ name: "data" type: "Input" top: "data" top: "label"
-  input_param {{ shape {{ dim: {BATCH} dim: 1 dim: 28 dim: 28 }} shape {{ dim: {BATCH} }} }} }}
-layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
-  convolution_param {{ num_output: 20 kernel_size: 5 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
-  pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
-layer {{ name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
-  param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
-  convolution_param {{ num_output: 50 kernel_size: 5 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
-  pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
-layer {{ name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
-  param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
-  inner_product_param {{ num_output: 500 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }}
-layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
-  param {{ lr_mult: 1 }} param {{ lr_mult: 2 }}
-  inner_product_param {{ num_output: 10 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
-"""
-LAYERS = ("conv1", "conv2", "ip1", "ip2")
+BASE_LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4
+BATCH = {"lenet": 64, "cifar10_quick": 32, "resnet20": 32, "squeezenet": 4, "alexnet": 4,
+         "mobilenet_v1": 4, "mobilenet_v2": 4}
+CLASSES = {"lenet": 10, "cifar10_quick": 10, "resnet20": 10}
+NETS = tuple(BATCH)
+ENGINES = ("owlnet", "torch")
 
 
-# -- the two trainers ------------------------------------------------------------------------
-class OwlnetLeNet:
-    def __init__(self, images, labels):
-        self.net = owlnet.Net(LENET_TRAIN, owlnet.TRAIN)
-        self.net.blobs["data"].data[...] = images
-        self.net.blobs["label"].data[...] = labels
-        solver = caffe_pb2.SolverParameter(base_lr=BASE_LR, momentum=MOMENTUM,
-                                           weight_decay=WEIGHT_DECAY)
-        self.rule = updates.SGD(solver, self.net)
-        self.last = len(self.net.layers) - 1
-
-    def forward(self):
-        return self.net.forward_range(0, self.last)
-
-    def forward_backward(self):
-        self.net.clear_param_diffs()
-        return self.net.forward_backward()
-
-    def iteration(self):
-        loss = self.forward_backward()
-        self.rule.apply(self.net, BASE_LR, 0)
-        return loss
-
-    def arrays(self, which):
-        return {f"{name}.{i}": getattr(blob, which)
-                for name in LAYERS for i, blob in enumerate(self.net.params[name])}
+# -- one engine in its own process ------------------------------------------------------------
+def _owlnet_solver(text, weights):
+    import owlnet  # noqa: PLC0415
+    from google.protobuf import text_format  # noqa: PLC0415
+    from owlnet.proto import caffe_pb2  # noqa: PLC0415
+    param = caffe_pb2.SolverParameter(base_lr=BASE_LR, momentum=MOMENTUM,
+                                      weight_decay=WEIGHT_DECAY, lr_policy="fixed",
+                                      max_iter=10 ** 9, display=0, snapshot=0,
+                                      snapshot_after_train=False, random_seed=1, type="SGD")
+    text_format.Parse(text, param.net_param)
+    solver = owlnet.SGDSolver(param)
+    solver.net.copy_from(weights)
+    return solver
 
 
-class TorchLeNet:
-    def __init__(self, images, labels, weights):
-        self.model = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 20, 5), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(20, 50, 5), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-            torch.nn.Linear(800, 500), torch.nn.ReLU(), torch.nn.Linear(500, 10))
-        modules = [m for m in self.model if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-        self.named = {}
-        with torch.no_grad():
-            for name, module in zip(LAYERS, modules):
-                module.weight.copy_(torch.from_numpy(weights[f"{name}.0"]))
-                module.bias.copy_(torch.from_numpy(weights[f"{name}.1"]))
-                self.named[f"{name}.0"], self.named[f"{name}.1"] = module.weight, module.bias
-        weights_group = [p for key, p in self.named.items() if key.endswith(".0")]
-        biases_group = [p for key, p in self.named.items() if key.endswith(".1")]
-        # Caffe's lr_mult 2 on biases; weight decay on both, as Caffe's decay_mult 1.
-        self.optimizer = torch.optim.SGD(
-            [{"params": weights_group, "lr": BASE_LR}, {"params": biases_group, "lr": 2 * BASE_LR}],
-            lr=BASE_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        self.images = torch.from_numpy(images)
-        self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.criterion = torch.nn.CrossEntropyLoss()
+def worker(args):
+    import numpy as np  # noqa: PLC0415  (after the thread variables are set)
+    import owlnet  # noqa: PLC0415
+    folder = Path(args.net_dir)
+    data, label = np.load(folder / "data.npy"), np.load(folder / "label.npy")
+    weights = str(folder / "weights.caffemodel")
+    if args.check:
+        # The same math in float64 in both engines: no float32 rounding decides a ReLU.
+        with owlnet.backend.dtype_scope(np.float64):
+            net = owlnet.Net((folder / "check.prototxt").read_text(), weights, owlnet.TRAIN)
+        net.blobs["data"].data[...] = data
+        net.blobs["label"].data[...] = label
+    if args.worker == "owlnet":
+        version = owlnet.__file__
+        if args.check:
+            net.clear_param_diffs()
+            loss = net.forward_backward()
+            grads = [b.diff for b in net.learnable_params]
+        else:
+            solver = _owlnet_solver((folder / "train.prototxt").read_text(), weights)
+            solver.net.blobs["data"].data[...] = data
+            solver.net.blobs["label"].data[...] = label
 
-    def forward(self):
-        return self.criterion(self.model(self.images), self.labels)
-
-    def forward_backward(self):
-        self.optimizer.zero_grad()
-        loss = self.forward()
-        loss.backward()
-        return loss
-
-    def iteration(self):
-        loss = self.forward_backward()
-        self.optimizer.step()
-        return loss
-
-    def arrays(self, which):
-        return {key: (p.detach() if which == "data" else p.grad).numpy()
-                for key, p in self.named.items()}
-
-
-# -- checks and timing -----------------------------------------------------------------------
-def max_relative_error(a, b):
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12))
-
-
-def check_agreement(owl, tch):
-    """Loss, gradients and weights after 3 SGD steps agree to float32 precision."""
-    loss_owl = float(owl.forward_backward())
-    loss_torch = tch.forward_backward().item()
-    grad_errors = [max_relative_error(g, tch.arrays("grad")[k])
-                   for k, g in owl.arrays("diff").items()]
-    owl.rule.apply(owl.net, BASE_LR, 0)
-    tch.optimizer.step()
-    for _ in range(2):
-        owl.iteration()
-        tch.iteration()
-    weight_errors = [max_relative_error(w, tch.arrays("data")[k])
-                     for k, w in owl.arrays("data").items()]
-    loss_error = abs(loss_owl - loss_torch) / abs(loss_torch)
-    print(f"correctness: loss owlnet {loss_owl:.7f}  torch {loss_torch:.7f}  "
-          f"(relative difference {loss_error:.1e}); max relative gradient difference "
-          f"{max(grad_errors):.1e}; weights after 3 SGD steps {max(weight_errors):.1e}")
-    ok = loss_error < 1e-5 and max(grad_errors) < 1e-4 and max(weight_errors) < 1e-5
-    if not ok:
-        sys.exit("owlnet and torch disagree: the timings below would compare different work")
-
-
-def timed(step, iterations):
+            def step():
+                solver.step(1)
+    else:
+        import torch  # noqa: PLC0415
+        import caffe_to_torch  # noqa: PLC0415
+        torch.set_num_threads(args.threads)
+        version = torch.__version__
+        if not args.check:
+            net = owlnet.Net((folder / "train.prototxt").read_text(), weights, owlnet.TRAIN)
+        twin = caffe_to_torch.TorchTwin(net, BASE_LR, MOMENTUM, WEIGHT_DECAY)
+        twin.set_inputs(data=net.blobs["data"].data, label=net.blobs["label"].data)
+        step = twin.step
+        if args.check:
+            loss = twin.forward_backward().item()
+            found = twin.gradients()
+            grads = [found.get(i, np.zeros(b.shape)) for i, b in enumerate(net.learnable_params)]
+    if args.check:
+        np.savez(folder / f"check_{args.worker}.npz", *grads, loss=loss)
+        print(json.dumps({"version": version}))
+        return
+    for _ in range(args.warmup):
+        step()
     times = []
-    for _ in range(iterations):
+    for _ in range(args.iters):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return times
+    print(json.dumps({"ms": 1e3 * statistics.median(times), "version": version}))
 
 
-def compare(owl, tch, phase, rounds, block):
-    """Median ms per call of ``phase`` for both, alternating blocks of ``block`` calls."""
-    owl_step, torch_step = getattr(owl, phase), getattr(tch, phase)
-    timed(owl_step, block)                              # warm-up
-    timed(torch_step, block)
-    owl_times, torch_times, round_ratios = [], [], []
-    for _ in range(rounds):
-        o, t = timed(owl_step, block), timed(torch_step, block)
-        owl_times += o
-        torch_times += t
-        round_ratios.append(statistics.median(o) / statistics.median(t))
-    owl_ms = 1e3 * statistics.median(owl_times)
-    torch_ms = 1e3 * statistics.median(torch_times)
-    return owl_ms, torch_ms, min(round_ratios), max(round_ratios)
+# -- the files both engines read --------------------------------------------------------------
+def prepare(name, folder, seed):
+    """TRAIN prototxt (and one without Dropout for the check), random weights, one batch."""
+    import numpy as np  # noqa: PLC0415
+    import owlnet  # noqa: PLC0415
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = BATCH[name]
+    text = cpu_nets.train_text(name, batch)
+    (folder / "train.prototxt").write_text(text)
+    (folder / "check.prototxt").write_text(cpu_nets.train_text(name, batch, drop_dropout=True))
+    rng = np.random.default_rng(seed)
+    net = owlnet.Net(text, owlnet.TRAIN)
+    cpu_nets.randomize(net, rng)
+    net.save(str(folder / "weights.caffemodel"))
+    data = net.blobs["data"]
+    np.save(folder / "data.npy", rng.standard_normal(data.shape).astype(np.float32))
+    classes = CLASSES.get(name, 1000)
+    np.save(folder / "label.npy", rng.integers(0, classes, batch).astype(np.float32))
 
 
-def blas_description():
-    libs = [f"{i['internal_api']} {i.get('version')} ({i.get('architecture')}, "
-            f"{i['num_threads']} threads, {Path(i['filepath']).name})"
-            for i in threadpool_info()]
-    return "; ".join(libs)
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def check(folder):
+    """Relative loss difference and the largest difference of a gradient blob relative to its
+    largest value, both engines in float64. A blob whose gradient is zero in exact arithmetic
+    (a bias followed only by convolution and BatchNorm) holds rounding noise in both engines,
+    so the scale is at least 1e-6 of the net's largest gradient."""
+    import numpy as np  # noqa: PLC0415
+    owl, ref = (np.load(folder / f"check_{e}.npz") for e in ENGINES)
+    loss_error = abs(float(owl["loss"]) - float(ref["loss"])) / abs(float(ref["loss"]))
+    keys = [key for key in owl.files if key != "loss"]
+    floor = 1e-6 * max(float(np.max(np.abs(ref[key]))) for key in keys)
+    grad_error = max(float(np.max(np.abs(owl[key] - ref[key])))
+                     / max(float(np.max(np.abs(ref[key]))), floor) for key in keys)
+    return loss_error, grad_error
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=10, help="alternating blocks per cell")
-    parser.add_argument("--block", type=int, default=10, help="iterations per block")
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--owlnet-root", help="directory whose owlnet package is timed")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--net-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    print(f"machine: {os.cpu_count()} cores, {cpu_model()}; Python {platform.python_version()}, "
-          f"numpy {np.__version__}, torch {torch.__version__}")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"date {time.strftime('%Y-%m-%d %H:%M')}, load average {load:.1f} (other work on the "
-          "cores slows both frameworks; the ratio is the figure to read)")
-    print(f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
-          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
-    print(f"thread pools: {blas_description()}")
-
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((BATCH, 1, 28, 28)).astype(np.float32)
-    labels = rng.integers(0, 10, BATCH).astype(np.float32)
-    owlnet.set_random_seed(1701)
-    reference = OwlnetLeNet(images, labels)
-    check_agreement(reference, TorchLeNet(images, labels, reference.arrays("data")))
-
-    owlnet.set_random_seed(1701)
-    owl = OwlnetLeNet(images, labels)
-    tch = TorchLeNet(images, labels, owl.arrays("data"))
-    phases = (("forward", "fprop"), ("forward_backward", "fprop+bprop"),
-              ("iteration", "train iteration"))
-    print(f"\nLeNet batch {BATCH}, median ms per call over {args.rounds} alternating blocks of "
-          f"{args.block} (ratio range: per-block medians)")
-    print(f"{'threads':>7}  {'phase':<16} {'owlnet ms':>10} {'torch ms':>10} {'ratio':>7}  "
-          f"{'range':>11}")
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        with threadpool_limits(limits=threads):
-            for method, label in phases:
-                owl_ms, torch_ms, low, high = compare(owl, tch, method, args.rounds, args.block)
-                print(f"{threads:>7}  {label:<16} {owl_ms:>10.2f} {torch_ms:>10.2f} "
-                      f"{owl_ms / torch_ms:>6.2f}x  {low:.2f}-{high:.2f}", flush=True)
+    if args.worker:
+        return worker(args)
+    sys.path.insert(1, str(ROOT))       # this checkout's owlnet writes the files
+    import numpy as np  # noqa: PLC0415
+    root = args.owlnet_root or ROOT
+    print(f"date {time.strftime('%Y-%m-%d %H:%M')} UTC; {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} (shared machine: other work slows both engines; best of "
+          f"{args.rounds} rounds kept); Python {platform.python_version()}, numpy "
+          f"{np.__version__}; {args.threads} threads, median of {args.iters} steps after "
+          f"{args.warmup} per process")
+    best, checks, versions = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="owlnet_bench_") as tmp:
+        folders = {name: Path(tmp) / name for name in args.nets}
+        for seed, name in enumerate(args.nets):
+            prepare(name, folders[name], seed)
+            for engine in ENGINES:
+                cpu_nets.run_worker(__file__, engine, folders[name], args.threads, root,
+                                    "--check")
+            checks[name] = check(folders[name])
+            loss_error, grad_error = checks[name]
+            print(f"{name}: loss differs by {loss_error:.1e} (relative), gradients by "
+                  f"{grad_error:.1e} (largest, relative to each blob's largest; float64)", flush=True)
+            if loss_error > 1e-9 or grad_error > 1e-7:
+                sys.exit(f"{name}: owlnet and torch disagree; the timings would compare "
+                         "different work")
+        for r in range(args.rounds):
+            for i, name in enumerate(args.nets):
+                order = ENGINES if (r + i) % 2 == 0 else ENGINES[::-1]
+                for engine in order:
+                    result = cpu_nets.run_worker(__file__, engine, folders[name], args.threads,
+                                                 root, "--iters", args.iters,
+                                                 "--warmup", args.warmup)
+                    versions[engine] = result["version"]
+                    best[(name, engine)] = min(best.get((name, engine), float("inf")),
+                                               result["ms"])
+            print(f"round {r + 1} done", flush=True)
+    print(f"torch {versions['torch']}; owlnet from {versions['owlnet']}")
+    print(f"\n{'net':<14} {'batch':>5} {'owlnet ms':>10} {'torch ms':>10} {'ratio':>7}")
+    ratios = []
+    for name in args.nets:
+        owl, ref = best[(name, "owlnet")], best[(name, "torch")]
+        ratios.append(owl / ref)
+        print(f"{name:<14} {BATCH[name]:>5} {owl:>10.2f} {ref:>10.2f} {owl / ref:>6.2f}x")
+    print(f"{'median ratio':<14} {'':>5} {'':>10} {'':>10} {statistics.median(ratios):>6.2f}x  "
+          f"(worst {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -297,6 +297,8 @@ class Net:
                 self._bottom_need_backward[li] = [
                     need or layer.allow_force_backward(i)
                     for i, need in enumerate(self._bottom_need_backward[li])]
+        for layer, need in zip(self.layers, self._layer_need_backward):
+            layer.runs_backward = need
 
     # -- pycaffe-shaped views ---------------------------------------------------------------
     @property

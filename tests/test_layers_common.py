@@ -354,3 +354,20 @@ def test_softmax_large_inputs_stay_finite():
     y = forward(layer, bottom, top)[0]
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y[0, :2], [1 / (1 + np.e), np.e / (1 + np.e)])
+
+
+def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch):
+    import owlnet.layer_types.common as common
+    x = np.random.default_rng(5).standard_normal((3, 7))
+    layer, bottom, top = make_layer("""name: "ip" type: "InnerProduct" inner_product_param {
+        num_output: 10 weight_filler { type: "gaussian" } }""", [x])
+    forward(layer, bottom, top)
+    top[0].diff[...] = np.random.default_rng(6).standard_normal(top[0].shape)
+    layer.blobs[0].diff[...] = 1.0
+    layer.backward(top, [False], bottom)
+    whole = layer.blobs[0].diff.copy()
+    monkeypatch.setattr(common, "_PRODUCT_BLOCK_ELEMENTS", 3 * 7)     # 3 rows a block: 4 blocks
+    layer.blobs[0].diff[...] = 1.0
+    layer.backward(top, [False], bottom)
+    np.testing.assert_allclose(layer.blobs[0].diff, whole, rtol=1e-13)
+    np.testing.assert_allclose(whole, 1.0 + top[0].diff.T @ x, rtol=1e-13)

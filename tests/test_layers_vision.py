@@ -166,23 +166,6 @@ def test_convolution_float32_and_no_bias():
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_convolution_chunked_batch_matches(monkeypatch):
-    x = randn(5, 2, 4, 4)
-    layer, bottom, top = make_layer(conv_text("Convolution", 3, "kernel_size: 3 pad: 1"), [x])
-    (full,) = forward(layer, bottom, top)
-    top[0].diff[...] = randn(*top[0].shape)
-    layer.backward(top, [True], bottom)
-    grads = (bottom[0].diff.copy(), layer.blobs[0].diff.copy())
-    monkeypatch.setattr(owlnet.layer_types.vision, "_COLUMN_BUFFER_LIMIT", 2 * 18 * 16)
-    assert len(layer.chunks(18 * 16)) == 3
-    (chunked,) = forward(layer, bottom, top)
-    np.testing.assert_allclose(chunked, full, atol=1e-12)
-    layer.blobs[0].diff[...] = 0
-    layer.backward(top, [True], bottom)
-    np.testing.assert_allclose(bottom[0].diff, grads[0], atol=1e-12)
-    np.testing.assert_allclose(layer.blobs[0].diff, grads[1], atol=1e-12)
-
-
 def test_convolution_accumulates_param_grads_and_respects_propagate_flags():
     layer, bottom, top = make_layer(conv_text("Convolution", 2, "kernel_size: 2"),
                                     [randn(1, 2, 3, 4)])

@@ -1,14 +1,17 @@
-"""Per-device helper functions behind one name set: ``kernels.get(xp).im2col(...)``.
+"""Per-device kernels behind one name set: ``kernels.get(xp).conv_forward(...)``.
 
-``cpu`` serves NumPy arrays; a ``gpu`` module with the same function names serves CuPy.
+``cpu`` serves NumPy arrays; ``gpu``, with the same function names, serves CuPy arrays. Each
+module chooses and runs its own algorithm for a call; layers only call the entry point.
+``gpu`` is imported on first use (it imports CuPy only when a kernel runs).
 """
 from __future__ import annotations
 
-import importlib
-
-_MODULE_FOR = {"numpy": "cpu", "cupy": "gpu"}
+from . import cpu
 
 
 def get(xp):
     """The kernel module for the array module ``xp`` (numpy or cupy)."""
-    return importlib.import_module(f".{_MODULE_FOR[xp.__name__]}", __name__)
+    if xp.__name__ == "numpy":
+        return cpu
+    from . import gpu  # noqa: PLC0415  (not needed, nor imported, on CPU-only installs)
+    return gpu

@@ -76,6 +76,9 @@ class Layer:
     is_loss = False
     # Data/input layers: their tops need no backward.
     is_data = False
+    # The Net sets this False on a layer that never runs backward (no loss depends on it and
+    # no force_backward): its forward may then skip keeping what only backward reads.
+    runs_backward = True
 
     def __init__(self, layer_param, phase):
         self.param = layer_param

@@ -1,7 +1,8 @@
 """Element-wise ("neuron") layers: one bottom, one top of the same shape.
 
 Each may run in place (top is the bottom Blob) unless its docstring says otherwise. A layer
-whose backward needs the input keeps a copy of it during an in-place forward; the others
+whose backward needs the input keeps a copy of it during an in-place forward, unless the Net
+marks the layer as never running backward (``runs_backward``, as in a deploy net); the others
 rebuild what they need from the output.
 """
 from __future__ import annotations
@@ -28,8 +29,10 @@ class _Neuron(Layer):
         top[0].reshape_like(bottom[0])
 
     def _remember_input(self, bottom, top):
-        """Call in forward before writing the top, when backward reads the input."""
-        self._saved_input = bottom[0].data.copy() if top[0] is bottom[0] else None
+        """Call in forward before writing the top, when backward reads the input (a copy only
+        when running in place in a layer that runs backward)."""
+        in_place = top[0] is bottom[0] and self.runs_backward
+        self._saved_input = bottom[0].data.copy() if in_place else None
 
     def _input(self, bottom):
         """The input of the last forward (a copy when the layer ran in place)."""

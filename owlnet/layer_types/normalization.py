@@ -66,44 +66,49 @@ class BatchNormLayer(Layer):
 
     def forward(self, bottom, top):
         x3 = self._by_channel(bottom[0].data)
+        y3 = self._by_channel(top[0].data)
         xp = backend.array_module(x3)
         mean_blob, var_blob, count_blob = (b.data for b in self.blobs)
         if self.use_global_stats:
             has_stats = count_blob != 0
             inv_count = has_stats / xp.where(has_stats, count_blob, 1)
             mean, var = mean_blob * inv_count, var_blob * inv_count
-            centered = x3 - mean[:, None]
-        else:
-            mean = x3.mean(axis=(0, 2))
-            centered = x3 - mean[:, None]
-            var = (centered * centered).mean(axis=(0, 2))
-            m = x3.size // self.channels
-            maf = self.moving_average_fraction
-            count_blob *= maf
-            count_blob += 1
-            mean_blob *= maf
-            mean_blob += mean
-            var_blob *= maf
-            var_blob += (m / (m - 1) if m > 1 else 1.0) * var
+            self._inv_std = 1 / xp.sqrt(var + self.eps)
+            xp.subtract(x3, mean[:, None], out=y3)          # two passes over the top, no copy
+            y3 *= self._inv_std[:, None]
+            return
+        mean = x3.mean(axis=(0, 2))
+        centered = x3 - mean[:, None]
+        var = (centered * centered).mean(axis=(0, 2))
+        m = x3.size // self.channels
+        maf = self.moving_average_fraction
+        count_blob *= maf
+        count_blob += 1
+        mean_blob *= maf
+        mean_blob += mean
+        var_blob *= maf
+        var_blob += (m / (m - 1) if m > 1 else 1.0) * var
         self._inv_std = 1 / xp.sqrt(var + self.eps)
-        y3 = self._by_channel(top[0].data)
         xp.multiply(centered, self._inv_std[:, None], out=y3)
         # Kept apart from the top, which a following in-place layer (Scale, ReLU) overwrites.
-        self._normalized = None if self.use_global_stats else y3.copy()
+        self._normalized = y3.copy() if self.runs_backward else None
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        dy3 = self._by_channel(top[0].diff)
+        dy3, dx3 = self._by_channel(top[0].diff), self._by_channel(bottom[0].diff)
+        xp = backend.array_module(dy3)
         inv_std = self._inv_std[:, None]
         if self.use_global_stats:
-            dx3 = dy3 * inv_std
-        else:
-            y3 = self._normalized
-            mean_dy = dy3.mean(axis=(0, 2))[:, None]
-            mean_dy_y = (dy3 * y3).mean(axis=(0, 2))[:, None]
-            dx3 = (dy3 - mean_dy - y3 * mean_dy_y) * inv_std
-        self._by_channel(bottom[0].diff)[...] = dx3
+            xp.multiply(dy3, inv_std, out=dx3)
+            return
+        y3 = self._normalized
+        mean_dy = dy3.mean(axis=(0, 2))[:, None]
+        mean_dy_y = (dy3 * y3).mean(axis=(0, 2))[:, None]
+        # Written into dx in place (dx may be dy: both means are taken first).
+        xp.subtract(dy3, mean_dy, out=dx3)
+        dx3 -= y3 * mean_dy_y
+        dx3 *= inv_std
 
 
 class _Broadcast(Layer):
@@ -167,7 +172,8 @@ class ScaleLayer(_Broadcast):
         x = bottom[0].data
         xp = backend.array_module(x)
         learns_scale = len(bottom) > 1 or self.param_propagate_down[0]
-        self._saved_input = x.copy() if top[0] is bottom[0] and learns_scale else None
+        keep = top[0] is bottom[0] and learns_scale and self.runs_backward
+        self._saved_input = x.copy() if keep else None
         y3 = top[0].data.reshape(outer, dim, inner)
         xp.multiply(x.reshape(outer, dim, inner), self._scale(bottom).data.reshape(1, dim, 1),
                     out=y3)
@@ -191,7 +197,8 @@ class ScaleLayer(_Broadcast):
             else:
                 scale.diff[...] += grad
         if propagate_down[0]:
-            bottom[0].diff.reshape(outer, dim, inner)[...] = dy3 * scale.data.reshape(1, dim, 1)
+            backend.array_module(dy3).multiply(dy3, scale.data.reshape(1, dim, 1),
+                                               out=bottom[0].diff.reshape(outer, dim, inner))
 
 
 @register("Bias")

@@ -9,41 +9,19 @@ from ..proto import caffe_pb2
 from . import stochastic_pooling, volume
 from .base import Layer, register
 
-# Largest im2col buffer (elements) built at once; bigger batches are processed in chunks.
-_COLUMN_BUFFER_LIMIT = 1 << 25
-
 _POOL = caffe_pb2.PoolingParameter
 _LRN = caffe_pb2.LRNParameter
-
-
-def _to_groups(images, group):
-    """``(N, C, H, W)`` -> ``(group, C/group, N*H*W)``: channels as rows, pixels as columns."""
-    n, c = images.shape[:2]
-    return images.reshape(n, c, -1).transpose(1, 0, 2).reshape(group, c // group, -1)
-
-
-def _group_matmul(a, b):
-    """``a[g] @ b[g]`` for every group, as 2-d products (NumPy's stacked matmul does not use
-    BLAS when an operand is a transposed view)."""
-    xp = backend.array_module(a)
-    out = xp.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype)
-    for g in range(a.shape[0]):
-        xp.matmul(a[g], b[g], out=out[g])
-    return out
-
-
-def _from_groups(mat, n, spatial):
-    """Inverse of :func:`_to_groups`: ``(group, C/group, N*H*W)`` -> ``(N, C, H, W)`` view."""
-    return mat.reshape(-1, n, *spatial).transpose(1, 0, 2, 3)
+_CONV_ENGINE = caffe_pb2.ConvolutionParameter.Engine
 
 
 class _ConvolutionBase(Layer):
-    """Parameters, weights and the im2col plumbing shared by Convolution and Deconvolution.
+    """Parameters and weights shared by Convolution and Deconvolution. Both run through the
+    device's three convolution kernels (``kernels.get(xp).conv_forward``, ``conv_backward_data``,
+    ``conv_backward_filter``), which choose their algorithm; Deconvolution is the transposed
+    convolution, so its forward is the kernels' backward-data and its backward-data their
+    forward."""
 
-    The "column side" is the blob with the smaller spatial size in the equivalent
-    convolution: the top of a Convolution, the bottom of a Deconvolution.
-    """
-
+    transposed = False      # True: Deconvolution
     min_bottoms = 1
     min_tops = 1
     equal_bottom_top = True
@@ -62,10 +40,10 @@ class _ConvolutionBase(Layer):
                              ("dilation", self.dilation)):
             if min(values) < 1:
                 self.fail(f"{name} must be positive, got {values}", ConfigError)
-        self.is_1x1 = self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0)
         self.channels = bottom[0].shape[self.axis]
         self.num_output = p.num_output
         self.group = p.group
+        self.engine = _CONV_ENGINE.Name(p.engine).lower()
         if self.num_output < 1:
             self.fail("num_output must be positive", ConfigError)
         if self.group < 1:
@@ -102,10 +80,6 @@ class _ConvolutionBase(Layer):
         self.fail(f"{field} takes 1 or 2 values for 2 spatial axes, got {len(values)}",
                   ConfigError)
 
-    @property
-    def geometry(self):
-        return self.kernel, self.pad, self.stride, self.dilation
-
     def extent(self, axis):
         """Input span of one dilated kernel window along spatial ``axis``."""
         return self.dilation[axis] * (self.kernel[axis] - 1) + 1
@@ -129,37 +103,15 @@ class _ConvolutionBase(Layer):
         for t in top:
             t.reshape(shape[:self.axis] + (self.num_output,) + self.out_size)
 
-    # -- column plumbing -----------------------------------------------------------------
-    def chunks(self, columns_per_image):
-        """Slices of the batch whose im2col buffers stay under the size limit."""
-        step = max(1, _COLUMN_BUFFER_LIMIT // max(1, columns_per_image))
-        return [slice(start, min(start + step, self.num)) for start in range(0, self.num, step)]
-
-    def to_columns(self, images, column_size):
-        """Image-side array ``(n, C, H, W)`` -> grouped columns ``(group, C/group*kh*kw, n*S)``."""
-        if self.is_1x1:
-            return _to_groups(images, self.group)
-        k = kernels.get(backend.array_module(images))
-        cols = k.im2col(images, *self.geometry, column_size)
-        return cols.reshape(self.group, -1, cols.shape[-1])
-
-    def from_columns(self, cols, n, image_size, column_size):
-        """Adjoint of :meth:`to_columns`: grouped columns -> ``(n, C, H, W)`` images."""
-        if self.is_1x1:
-            return _from_groups(cols, n, image_size)
-        k = kernels.get(backend.array_module(cols))
-        rows = cols.shape[0] * cols.shape[1]
-        channels = rows // (self.kernel[0] * self.kernel[1])
-        return k.col2im(cols.reshape(rows, -1), (n, channels) + image_size, *self.geometry,
-                        column_size)
-
     def images(self, blob_array):
         """A blob's array as ``(num, C, H, W)`` (leading axes before ``axis`` flattened)."""
         return blob_array.reshape((self.num, -1) + blob_array.shape[self.axis + 1:])
 
-    def weight_matrix(self):
-        w = self.blobs[0].data
-        return w.reshape(self.group, w.shape[0] // self.group, -1)
+    def convolve(self, name, *arrays):
+        """Run kernel ``name`` ("conv_forward" | "conv_backward_data" | "conv_backward_filter")
+        of the arrays' device on ``arrays`` with this layer's geometry."""
+        k = kernels.get(backend.array_module(arrays[0]))
+        getattr(k, name)(*arrays, self.pad, self.stride, self.dilation, self.group, self.engine)
 
     def add_bias(self, top_images):
         if self.bias_term:
@@ -169,8 +121,27 @@ class _ConvolutionBase(Layer):
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff += self.images(top_blob.diff).sum(axis=(0, 2, 3))
 
-    def accumulate_weight(self, grad):
-        self.blobs[0].diff += grad.reshape(self.blobs[0].shape)
+    def forward(self, bottom, top):
+        role = "conv_backward_data" if self.transposed else "conv_forward"
+        for b, t in zip(bottom, top):
+            y = self.images(t.data)
+            self.convolve(role, self.images(b.data), self.blobs[0].data, y)
+            self.add_bias(y)
+
+    def backward(self, top, propagate_down, bottom):
+        w = self.blobs[0].data
+        grad = backend.array_module(w).empty_like(w) if self.param_propagate_down[0] else None
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            self.accumulate_bias(t)
+            x, dy = self.images(b.data), self.images(t.diff)
+            if grad is not None:
+                # The equivalent convolution of a Deconvolution reads the top.
+                self.convolve("conv_backward_filter", *((dy, x) if self.transposed else (x, dy)),
+                              grad)
+                self.blobs[0].diff += grad
+            if propagate_down[i]:
+                role = "conv_forward" if self.transposed else "conv_backward_data"
+                self.convolve(role, dy, w, self.images(b.diff))
 
 
 @register("Convolution")
@@ -187,51 +158,6 @@ class ConvolutionLayer(_ConvolutionBase):
         return tuple((in_size[a] + 2 * self.pad[a] - self.extent(a)) // self.stride[a] + 1
                      for a in range(2))
 
-    # Each chunk goes to the device's convolution kernel (kernels.cpu: im2col in its best
-    # column order; kernels.gpu: cuDNN), or to the im2col path here when that declines.
-    def forward(self, bottom, top):
-        w = self.blobs[0].data
-        k = kernels.get(backend.array_module(w))
-        per_image = self.channels * self.kernel[0] * self.kernel[1] * math.prod(self.out_size)
-        for b, t in zip(bottom, top):
-            x, y = self.images(b.data), self.images(t.data)
-            for part in self.chunks(per_image):
-                if not k.conv_forward(x[part], w, y[part], self.pad, self.stride,
-                                      self.dilation):
-                    cols = self.to_columns(x[part], self.out_size)
-                    products = _group_matmul(self.weight_matrix(), cols)
-                    y[part] = _from_groups(products, x[part].shape[0], self.out_size)
-            self.add_bias(y)
-
-    def backward(self, top, propagate_down, bottom):
-        w = self.blobs[0].data
-        xp = backend.array_module(w)
-        k = kernels.get(xp)
-        want_weights = self.param_propagate_down[0]
-        per_image = self.channels * self.kernel[0] * self.kernel[1] * math.prod(self.out_size)
-        grad = xp.empty_like(w) if want_weights else None
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            self.accumulate_bias(t)
-            if not (want_weights or propagate_down[i]):
-                continue
-            x, dy = self.images(b.data), self.images(t.diff)
-            dx = self.images(b.diff)
-            for part in self.chunks(per_image):
-                if want_weights:
-                    if not k.conv_backward_filter(x[part], dy[part], grad, self.pad, self.stride,
-                                                  self.dilation):
-                        cols = self.to_columns(x[part], self.out_size)
-                        products = _group_matmul(_to_groups(dy[part], self.group),
-                                                 cols.transpose(0, 2, 1))
-                        grad[...] = products.reshape(grad.shape)
-                    self.accumulate_weight(grad)
-                if propagate_down[i] and not k.conv_backward_data(
-                        dy[part], w, dx[part], self.pad, self.stride, self.dilation):
-                    dcols = _group_matmul(self.weight_matrix().transpose(0, 2, 1),
-                                          _to_groups(dy[part], self.group))
-                    dx[part] = self.from_columns(dcols, dy[part].shape[0], self.in_size,
-                                                 self.out_size)
-
 
 @register("Deconvolution")
 class DeconvolutionLayer(_ConvolutionBase):
@@ -240,42 +166,14 @@ class DeconvolutionLayer(_ConvolutionBase):
     OH = sh*(H - 1) + dh*(kh - 1) + 1 - 2ph, likewise OW. W: (C, M/group, kh, kw) as in Caffe.
     """
 
+    transposed = True
+
     def weight_shape(self):
         return (self.channels, self.num_output // self.group) + self.kernel
 
     def output_size(self, in_size):
         return tuple(self.stride[a] * (in_size[a] - 1) + self.extent(a) - 2 * self.pad[a]
                      for a in range(2))
-
-    def forward(self, bottom, top):
-        weights = self.weight_matrix()
-        per_image = self.num_output * self.kernel[0] * self.kernel[1] * math.prod(self.in_size)
-        for b, t in zip(bottom, top):
-            x, y = self.images(b.data), self.images(t.data)
-            for part in self.chunks(per_image):
-                n = x[part].shape[0]
-                cols = _group_matmul(weights.transpose(0, 2, 1), _to_groups(x[part], self.group))
-                y[part] = self.from_columns(cols, n, self.out_size, self.in_size)
-            self.add_bias(y)
-
-    def backward(self, top, propagate_down, bottom):
-        weights = self.weight_matrix()
-        want_weights = self.param_propagate_down[0]
-        per_image = self.num_output * self.kernel[0] * self.kernel[1] * math.prod(self.in_size)
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            self.accumulate_bias(t)
-            if not (want_weights or propagate_down[i]):
-                continue
-            x, dy = self.images(b.data), self.images(t.diff)
-            dx = self.images(b.diff)
-            for part in self.chunks(per_image):
-                cols = self.to_columns(dy[part], self.in_size)
-                if want_weights:
-                    x_groups = _to_groups(x[part], self.group)
-                    self.accumulate_weight(_group_matmul(x_groups, cols.transpose(0, 2, 1)))
-                if propagate_down[i]:
-                    products = _group_matmul(weights, cols)
-                    dx[part] = _from_groups(products, dy[part].shape[0], self.in_size)
 
 
 def _pooled_size(size, kernel, pad, stride, ceil_mode, padded):
@@ -420,6 +318,11 @@ class PoolingLayer(Layer):
         frame = self._padded(xp, x, -xp.inf)
         best = top[0].data
         best[...] = frame[self._window(0, 0)]
+        if not (self.runs_backward or len(top) == 2):
+            # Nothing reads the argmax: the maximum alone, one pass per window offset.
+            for offset in range(1, kh * kw):
+                xp.maximum(best, frame[self._window(*divmod(offset, kw))], out=best)
+            return
         self.argmax = xp.zeros(best.shape, dtype=xp.uint8 if kh * kw <= 256 else xp.int32)
         for offset in range(1, kh * kw):
             window = frame[self._window(*divmod(offset, kw))]

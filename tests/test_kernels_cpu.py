@@ -1,0 +1,125 @@
+"""The NumPy convolution kernels: every algorithm against a loop reference, the two backward
+kernels as exact adjoints of the forward one, and batch chunking of the im2col buffers."""
+import numpy as np
+import pytest
+
+from owlnet import kernels
+from owlnet.kernels import cpu
+
+RNG = np.random.default_rng(99)
+
+
+def reference_conv(x, w, pad, stride, dilation, group):
+    """y[n, m, r, q] = sum over c in m's group, i, j of w[m, c, i, j] * x[n, c, r*s - p + i*d,
+    q*s - p + j*d], zero outside; a loop over output positions, float64."""
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    oh = (h + 2 * pad[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * pad[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = np.zeros((n, m, oh, ow))
+    mg = m // group
+    for out in range(m):
+        channels = slice(out // mg * cg, out // mg * cg + cg)
+        for r in range(oh):
+            for q in range(ow):
+                for i in range(kh):
+                    for j in range(kw):
+                        hh = r * stride[0] - pad[0] + i * dilation[0]
+                        ww = q * stride[1] - pad[1] + j * dilation[1]
+                        if 0 <= hh < h and 0 <= ww < wd:
+                            y[:, out, r, q] += x[:, channels, hh, ww] @ w[out, :, i, j]
+    return y
+
+
+# (x shape, w shape, pad, stride, dilation, group, algorithm the kernels must pick)
+CASES = [
+    ((2, 6, 7, 8), (6, 1, 3, 3), (1, 1), (1, 1), (1, 1), 6, "depthwise"),
+    ((2, 4, 9, 7), (4, 1, 3, 3), (1, 0), (2, 2), (1, 1), 4, "depthwise"),
+    ((1, 3, 8, 8), (6, 1, 3, 2), (2, 1), (1, 2), (2, 1), 3, "depthwise"),   # multiplier 2
+    ((2, 3, 4, 40), (3, 1, 3, 3), (1, 1), (1, 1), (1, 1), 3, "depthwise"),  # long output rows
+    ((1, 2, 5, 70), (4, 1, 3, 3), (0, 1), (1, 2), (1, 1), 2, "depthwise"),
+    ((3, 5, 4, 6), (7, 5, 1, 1), (0, 0), (1, 1), (1, 1), 1, "pointwise"),
+    ((2, 4, 6, 5), (6, 2, 3, 3), (1, 1), (2, 1), (1, 1), 2, "im2col"),
+    ((2, 3, 20, 18), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, "im2col"),    # long output rows
+    ((2, 4, 5, 5), (4, 4, 1, 1), (0, 0), (2, 2), (1, 1), 1, "im2col"),      # strided 1x1
+]
+
+
+def _arrays(x_shape, w_shape, pad, stride, dilation, group, dtype=np.float64):
+    x = RNG.standard_normal(x_shape).astype(dtype)
+    w = RNG.standard_normal(w_shape).astype(dtype)
+    y = reference_conv(x, w, pad, stride, dilation, group)
+    return x, w, y
+
+
+def test_cases_cover_both_depthwise_layouts():
+    layouts = {cpu._depthwise_layout(reference_conv(np.zeros(x), np.zeros(w), *rest[:4]).shape,
+                                     rest[1]) for x, w, *rest in CASES if rest[-1] == "depthwise"}
+    assert layouts == {True, False}
+
+
+@pytest.mark.parametrize("x_shape, w_shape, pad, stride, dilation, group, algorithm", CASES)
+def test_forward_matches_loops_and_backward_is_its_adjoint(x_shape, w_shape, pad, stride,
+                                                          dilation, group, algorithm):
+    assert cpu._algorithm(x_shape, w_shape, pad, stride, group) == algorithm
+    x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group)
+    y = np.full(expected.shape, np.nan)
+    cpu.conv_forward(x, w, y, pad, stride, dilation, group)
+    np.testing.assert_allclose(y, expected, atol=1e-12)
+    # <conv(x, w), dy> = <x, conv_backward_data(dy, w)> = <w, conv_backward_filter(x, dy)>
+    dy = RNG.standard_normal(y.shape)
+    dx, dw = np.full(x.shape, np.nan), np.full(w.shape, np.nan)
+    cpu.conv_backward_data(dy, w, dx, pad, stride, dilation, group)
+    cpu.conv_backward_filter(x, dy, dw, pad, stride, dilation, group)
+    inner = np.sum(y * dy)
+    assert np.sum(x * dx) == pytest.approx(inner, rel=1e-12)
+    assert np.sum(w * dw) == pytest.approx(inner, rel=1e-12)
+    # Each gradient element on its own: the directional derivative along a unit vector.
+    probe = (0,) * x.ndim
+    bump = np.zeros_like(x)
+    bump[probe] = 1
+    assert dx[probe] == pytest.approx(np.sum(reference_conv(bump, w, pad, stride, dilation,
+                                                            group) * dy), abs=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, pad, stride, dilation, group, algorithm", CASES)
+def test_float32_stays_float32(x_shape, w_shape, pad, stride, dilation, group, algorithm):
+    x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group, np.float32)
+    y = np.empty(expected.shape, np.float32)
+    cpu.conv_forward(x, w, y, pad, stride, dilation, group, engine="caffe")
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    dx, dw = np.empty_like(x), np.empty_like(w)
+    cpu.conv_backward_data(y, w, dx, pad, stride, dilation, group)
+    cpu.conv_backward_filter(x, y, dw, pad, stride, dilation, group)
+    assert dx.dtype == dw.dtype == np.float32
+
+
+def test_chunked_batch_matches(monkeypatch):
+    pad, stride, dilation, group = (1, 1), (1, 1), (1, 1), 1
+    x, w, _ = _arrays((5, 2, 4, 4), (3, 2, 3, 3), pad, stride, dilation, group)
+    dy = RNG.standard_normal((5, 3, 4, 4))
+    results = []
+    for limit in (cpu._COLUMN_BUFFER_LIMIT, 2 * 18 * 16):
+        monkeypatch.setattr(cpu, "_COLUMN_BUFFER_LIMIT", limit)
+        y, dx, dw = np.empty(dy.shape), np.empty_like(x), np.empty_like(w)
+        cpu.conv_forward(x, w, y, pad, stride, dilation, group)
+        cpu.conv_backward_data(dy, w, dx, pad, stride, dilation, group)
+        cpu.conv_backward_filter(x, dy, dw, pad, stride, dilation, group)
+        results.append((y, dx, dw))
+    assert len(cpu._batch_parts(x.shape, w.shape, dy.shape)) == 3
+    for whole, chunked in zip(*results):
+        np.testing.assert_allclose(chunked, whole, atol=1e-12)
+
+
+def test_dispatch_by_array_module():
+    assert kernels.get(np) is cpu
+
+
+def test_kernels_import_leaves_gpu_module_unloaded():
+    import subprocess
+    import sys
+    code = ("import sys, numpy, owlnet.kernels as k; k.get(numpy); "
+            "print('owlnet.kernels.gpu' in sys.modules, 'cupy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.split() == ["False", "False"], done.stderr
