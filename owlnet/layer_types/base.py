@@ -23,7 +23,7 @@ import difflib
 
 from .. import backend, fillers
 from ..blob import Blob
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, SnapshotError
 
 _REGISTRY: dict[str, type] = {}
 
@@ -180,3 +180,32 @@ class DataSource(abc.ABC):
 
     def close(self) -> None:
         """Stop background readers and close the source (nothing by default)."""
+
+
+class SeededSource(DataSource):
+    """A DataSource whose place is (batches consumed, seed): the batch ``b`` it serves is a
+    function of ``b``, the seed and the shard alone, so those two numbers are its whole
+    state. Subclasses set ``batches_consumed`` and ``seed`` and implement ``resume``."""
+
+    batches_consumed: int
+    seed: int
+
+    def state(self) -> dict:
+        """Where the consumer is: batches used so far and the layer's seed (JSON-serialisable)."""
+        return {"batches": self.batches_consumed, "seed": self.seed}
+
+    def restore_state(self, state: dict) -> None:
+        """Continue from ``state()`` of an earlier run: the same batches in the same order."""
+        try:
+            batches, seed = int(state["batches"]), int(state["seed"])
+        except (KeyError, TypeError, ValueError):
+            raise SnapshotError(f"layer '{self.name}' ({self.type}): data state {state!r} needs "
+                                "integer 'batches' and 'seed'") from None
+        if batches < 0:
+            raise SnapshotError(f"layer '{self.name}' ({self.type}): data state has negative "
+                                f"'batches' {batches}")
+        self.resume(batches, seed)
+
+    @abc.abstractmethod
+    def resume(self, batches: int, seed: int) -> None:
+        """Serve batch ``batches`` next, drawing with ``seed`` (both already checked)."""

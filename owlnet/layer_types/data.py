@@ -30,7 +30,7 @@ from ..data.prefetch import DEFAULT_DEPTH, Prefetcher
 from ..data.transform import DataTransformer
 from ..errors import ConfigError, DataError, SnapshotError
 from ..proto import caffe_pb2
-from .base import DataSource, Layer, register
+from .base import DataSource, Layer, SeededSource, register
 
 
 class Batch(NamedTuple):
@@ -51,7 +51,7 @@ def _release(resources: dict) -> None:
         reader.close()
 
 
-class _PrefetchingData(Layer, DataSource):
+class _PrefetchingData(Layer, SeededSource):
     """Shared machinery: seed, shard, transformer, background prefetch, state for resume.
 
     A subclass provides ``open_source()``, ``read_records(stream_positions)`` (in order, on the
@@ -123,19 +123,8 @@ class _PrefetchingData(Layer, DataSource):
         pass
 
     # -- resume and sharding ----------------------------------------------------------------
-    def state(self) -> dict:
-        """Where the consumer is: batches used so far and the layer's seed (JSON-serialisable)."""
-        return {"batches": self.batches_consumed, "seed": self.seed}
-
-    def restore_state(self, state: dict) -> None:
-        """Continue from ``state()`` of an earlier run: the same batches, crops and mirrors."""
-        try:
-            batches, seed = int(state["batches"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError):
-            raise SnapshotError(f"{self.where}: data state {state!r} needs integer 'batches' "
-                                f"and 'seed'") from None
-        if batches < 0:
-            raise SnapshotError(f"{self.where}: data state has negative 'batches' {batches}")
+    def resume(self, batches: int, seed: int) -> None:
+        """Serve batch ``batches`` next with ``seed``: the same batches, crops and mirrors."""
         self._stop_prefetch()
         self.batches_consumed = batches
         if seed != self.seed:

@@ -12,9 +12,9 @@ import numpy as np
 
 from .. import backend
 from .. import logging as owl_logging
-from ..errors import ConfigError, DataError, ShapeError, SnapshotError
+from ..errors import ConfigError, DataError, ShapeError
 from ..fileio import import_h5py, read_hdf5_array
-from .base import DataSource, Layer, register
+from .base import Layer, SeededSource, register
 
 #: How many files HDF5Data keeps in memory (the one being read and the one before it).
 FILES_KEPT = 2
@@ -42,7 +42,7 @@ def read_file_list(source: str, where: str) -> list[tuple[str, int]]:
 
 
 @register("HDF5Data")
-class HDF5Data(Layer, DataSource):
+class HDF5Data(Layer, SeededSource):
     """Rows of HDF5 datasets, one top per dataset of the same name: top[j][i] = float(D_j[row]).
 
     ``hdf5_data_param.source`` lists the files; every file holds a dataset per top, all with
@@ -210,19 +210,8 @@ class HDF5Data(Layer, DataSource):
         return arrays
 
     # -- resume and sharding (as the Data layers) -------------------------------------------
-    def state(self) -> dict:
-        """Where the consumer is: batches used so far and the layer's seed (JSON-serialisable)."""
-        return {"batches": self.batches_consumed, "seed": self.seed}
-
-    def restore_state(self, state: dict) -> None:
-        """Continue from ``state()`` of an earlier run: the same rows in the same order."""
-        try:
-            batches, seed = int(state["batches"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError):
-            raise SnapshotError(f"{self.where}: data state {state!r} needs integer 'batches' "
-                                f"and 'seed'") from None
-        if batches < 0:
-            raise SnapshotError(f"{self.where}: data state has negative 'batches' {batches}")
+    def resume(self, batches: int, seed: int) -> None:
+        """Serve batch ``batches`` next with ``seed``: the same rows in the same order."""
         self.batches_consumed = batches
         if seed != self.seed:
             self.seed = seed

@@ -22,8 +22,8 @@ import numpy as np
 
 from .. import backend
 from ..data.transform import DataTransformer
-from ..errors import ConfigError, DataError, SnapshotError
-from .base import DataSource, Layer, register
+from ..errors import ConfigError, DataError
+from .base import Layer, SeededSource, register
 
 
 def _round(value):
@@ -117,7 +117,7 @@ def _warp_window(image, box, crop_size, context_pad, square, mirror):
 
 
 @register("WindowData")
-class WindowDataLayer(Layer, DataSource):
+class WindowDataLayer(Layer, SeededSource):
     """Tops: data (batch, C, crop, crop) and label (batch). Each batch holds
     batch - int(batch * fg_fraction) background windows, then int(batch * fg_fraction)
     foreground ones, each drawn uniformly with replacement, mirrored with probability 1/2 when
@@ -231,13 +231,5 @@ class WindowDataLayer(Layer, DataSource):
     def backward(self, top, propagate_down, bottom):
         pass
 
-    def state(self) -> dict:
-        return {"batches": self.batches_consumed, "seed": self.seed}
-
-    def restore_state(self, state: dict) -> None:
-        try:
-            self.batches_consumed = int(state["batches"])
-            self.seed = int(state["seed"])
-        except (KeyError, TypeError, ValueError):
-            raise SnapshotError(f"layer '{self.name}' (WindowData): data state {state!r} needs "
-                                "integer 'batches' and 'seed'") from None
+    def resume(self, batches: int, seed: int) -> None:
+        self.batches_consumed, self.seed = batches, seed
