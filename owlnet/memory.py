@@ -171,3 +171,31 @@ def unplan(previous: MemoryPlan, keep_planned=frozenset()) -> None:
             continue
         blob = item.blob
         blob.bind(**{item.which: xp.zeros(blob.shape, dtype=blob._data.dtype)})
+
+
+def net_bytes(net) -> dict:
+    """Bytes the net's blobs hold: ``activations`` (planned, or every data and diff when
+    memory is not reused) and ``parameters`` (the arena's data and diff)."""
+    if net.memory_plan is not None:
+        activations = net.memory_plan.planned_bytes
+    else:
+        blobs = {id(b): b for arrays in (net._bottoms, net._tops) for blobs in arrays
+                 for b in blobs}
+        activations = sum(2 * _nbytes(b) for b in blobs.values())
+    return {"activations": activations,
+            "parameters": int(net.arena.data.nbytes + net.arena.diff.nbytes)}
+
+
+def memory_line(net) -> str:
+    """`owlnet time`'s memory line: on the GPU the high-water mark of CuPy's memory pool
+    (which keeps every block it ever allocated until freed explicitly, so what it holds after
+    the run is its peak), on the CPU the bytes the blobs hold."""
+    held = net_bytes(net)
+    blobs = (f"activations {held['activations'] / 2**20:.2f} MiB"
+             f"{' (memory reused)' if net.memory_plan is not None else ''}, parameters and "
+             f"their diffs {held['parameters'] / 2**20:.2f} MiB")
+    if backend.mode() == "gpu":
+        pool = backend.import_cupy().get_default_memory_pool()
+        return (f"Peak device memory: {pool.total_bytes() / 2**20:.1f} MiB (CuPy memory pool "
+                f"high-water mark; blobs: {blobs})")
+    return f"Blob memory: {(held['activations'] + held['parameters']) / 2**20:.1f} MiB ({blobs})"
