@@ -55,8 +55,10 @@ class DeviceArray(np.ndarray):
         out[...] = self.view(np.ndarray)
         return out
 
-    def set(self, host):
+    def set(self, host, stream=None):
         transfers["to_device"] += 1
+        if stream is not None:
+            stream.log.append(("copy", stream.name))
         self.view(np.ndarray)[...] = host
 
     def __setitem__(self, key, value):
@@ -169,11 +171,37 @@ class _Device:
         pass
 
 
+class _Event:
+    def __init__(self, stream, number):
+        self.stream, self.number = stream, number
+
+    def synchronize(self):
+        _Stream.log.append(("host waits", self.stream.name, self.number))
+
+
 class _Stream:
+    """Streams and events that only log what is asked of them (in ``_Stream.log``)."""
     ptr = 0
+    log: list = []
+    count = 0
+
+    def __init__(self, non_blocking=False, name=None):
+        _Stream.count += 1
+        self.name = name or f"stream{_Stream.count}"
+        self.events = 0
+
+    def record(self):
+        self.events += 1
+        self.log.append(("record", self.name, self.events))
+        return _Event(self, self.events)
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.stream.name, event.number))
 
 
-cuda = types.SimpleNamespace(Device=_Device, get_current_stream=lambda: _Stream(),
+_COMPUTE = _Stream(name="compute")
+cuda = types.SimpleNamespace(Device=_Device, Stream=_Stream, get_current_stream=lambda: _COMPUTE,
+                             alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
                              runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
 
 module = types.ModuleType("cupy")
