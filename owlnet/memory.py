@@ -8,16 +8,16 @@ all touch the one blob) and ``B`` the part of ``T`` that runs backward:
 * its data is live from the forward of ``min(T)`` (the producer) to the forward of ``max(T)``
   (the last reader), or, when ``B`` is not empty, to the backward of ``min(B)`` (a backward
   reads the bottoms and tops it saw in forward);
-* its diff is live from the first backward that writes it (a layer of ``B`` propagating into
-  it as a bottom) to the last backward that reads it (a layer of ``B`` with it as a top); a
-  diff no backward reads needs no storage, and one read but never written (a Split top whose
-  consumer runs no backward, as Accuracy) keeps its own zeros.
+* its diff is live from the first backward given it as a bottom (a layer of ``B``) to the
+  last backward that reads it (a layer of ``B`` with it as a top); a diff no backward reads
+  needs no storage, and one read but never written (no layer of ``B`` propagates into it: a
+  Split top whose consumer runs no backward, as Accuracy) keeps its own zeros.
 
-Never reused (they keep their own arrays): the tops of data layers, loss outputs, net outputs,
-blobs the user keeps (``Net.keep_blobs``, names given to ``forward(blobs=)`` or
-``backward(diffs=)``), every diff of a ``force_backward`` net, arrays shared with another blob
-or a parameter (Reshape, Flatten, Reduction share data), and the data of a Split's bottom and
-tops (a Split's tops take its bottom's data in forward).
+Never reused (they keep their own arrays): the tops of data layers and of any layer without
+bottoms, loss outputs, net outputs, blobs the user keeps (``Net.keep_blobs``, names given to
+``forward(blobs=)`` or ``backward(diffs=)``), every diff of a ``force_backward`` net, arrays
+shared with another blob or a parameter (Reshape, Flatten, Reduction share data), and the data
+of a Split's bottom and tops (a Split's tops take its bottom's data in forward).
 
 The live arrays are then placed in one flat buffer per dtype, largest first, each at the lowest
 offset (a multiple of 256 bytes) where it overlaps no placed array of an overlapping lifetime,
@@ -89,7 +89,7 @@ def live_intervals(net, keep=()) -> tuple[list, list]:
     excluded |= {name for name, weight in net.blob_loss_weights.items() if weight}
     split_data = set()
     for layer, bottoms, tops in zip(net.layers, net._bottoms, net._tops):
-        if layer.is_data:
+        if layer.is_data or not bottoms:    # sources may fill their tops once, at set-up
             excluded |= {t.name for t in tops}
         if layer.type == "Split":
             split_data |= {id(b) for b in list(bottoms) + list(tops)}
@@ -107,8 +107,9 @@ def live_intervals(net, keep=()) -> tuple[list, list]:
         writers = [li for li in backward if any(
             b is blob and need for b, need in zip(net._bottoms[li], net._bottom_need_backward[li]))]
         readers = [li for li in backward if any(t is blob for t in net._tops[li])]
-        if readers and writers:
-            intervals.append(Interval(blob, "diff", _nbytes(blob), 2 * n - 1 - max(writers),
+        consumers = [li for li in backward if any(b is blob for b in net._bottoms[li])]
+        if readers and writers:        # from the first backward given it as a bottom
+            intervals.append(Interval(blob, "diff", _nbytes(blob), 2 * n - 1 - max(consumers),
                                       2 * n - 1 - min(readers)))
         elif not readers:
             intervals.append(Interval(blob, "diff", _nbytes(blob), -1, -2))   # never read

@@ -151,3 +151,68 @@ def test_place_packs_disjoint_lifetimes_together():
     assert items[0].offset == items[1].offset == 0
     assert items[2].offset == memory.ALIGN * 4
     assert size == memory.ALIGN * 4 + memory.ALIGN * 2
+
+
+MLP = """
+name: "branchy_mlp"
+layer { name: "data" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 3 dim: 10 } shape { dim: 3 } } }
+layer { name: "fc1" type: "InnerProduct" bottom: "data" top: "fc1"
+        inner_product_param { num_output: 16 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "fc1" top: "fc1" }
+layer { name: "a" type: "InnerProduct" bottom: "fc1" top: "a"
+        inner_product_param { num_output: 8 weight_filler { type: "xavier" } } }
+layer { name: "b" type: "InnerProduct" bottom: "fc1" top: "b"
+        inner_product_param { num_output: 8 weight_filler { type: "xavier" } } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "a" top: "cat" }
+layer { name: "drop" type: "Dropout" bottom: "cat" top: "cat" }
+layer { name: "fc2" type: "InnerProduct" bottom: "cat" top: "fc2"
+        inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc2" bottom: "label" top: "loss" }
+"""
+
+
+def test_same_bits_on_the_fake_device():
+    """The GPU path (device arrays bound to views of one device buffer) on the fake device."""
+    import fakecupy
+
+    def build_mlp(reuse):
+        backend.set_random_seed(7)
+        net = owlnet.Net(MLP, owlnet.TRAIN, reuse_memory=reuse)
+        net.blobs["data"].data[...] = np.random.default_rng(3).standard_normal((3, 10))
+        net.blobs["label"].data[...] = [0, 3, 1]
+        return net
+
+    expected = train(build_mlp(False))
+    assert len(build_mlp(True).memory_plan.intervals) > 0
+    with fakecupy.fake_gpu():
+        net = build_mlp(True)
+        assert type(next(iter(net.memory_plan.buffers.values()))) is not np.ndarray
+        with backend.device_arrays():
+            losses, diffs = train(net)
+    assert losses == expected[0]
+    for a, b in zip(diffs, expected[1]):
+        assert np.array_equal(backend.to_host(a), b)
+
+
+def test_solver_with_reuse_trains_the_same(monkeypatch):
+    """Solver.step on a train net with reuse (switched on by $OWLNET_REUSE_MEMORY, as the GPU
+    bench does) gives the weights and smoothed loss of the one without."""
+    from google.protobuf import text_format
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("OWLNET_REUSE_MEMORY", flag)
+        param = caffe_pb2.SolverParameter(base_lr=0.05, momentum=0.9, weight_decay=5e-4,
+                                          lr_policy="fixed", max_iter=100, display=0,
+                                          snapshot=0, random_seed=4, type="SGD")
+        text_format.Parse(INCEPTION, param.net_param)
+        solver = owlnet.get_solver(param)
+        assert (solver.net.memory_plan is not None) == (flag == "1")
+        rng = np.random.default_rng(3)
+        solver.net.blobs["data"].data[...] = rng.standard_normal((2, 3, 12, 12))
+        solver.net.blobs["label"].data[...] = [1, 4]
+        solver.step(3)
+        results.append((solver.smoothed_loss, solver.net.arena.data.copy()))
+    assert results[0][0] == results[1][0]
+    assert np.array_equal(results[0][1], results[1][1])
