@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Caffe model zoo's models/ folder (CaffeNet, GoogLeNet)")
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="owlnet without activation memory reuse")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu: a smoke test of this script (no CUDA graph column)")
     return p
 
 
@@ -281,52 +283,60 @@ def time_ms(step, iterations, rounds, warmup, sync) -> float:
 
 
 def run_case(name, math, args, device):
-    """One row: {"owlnet": (ms, MiB), "eager": ..., "graph": ...} (a column may hold an error)."""
-    import cupy
+    """One row: {"owlnet": (ms, MiB), "eager": (ms, MiB, MiB reserved), "graph": ...}; a
+    PyTorch column may hold an error instead. On the CPU (``--device cpu``, a smoke test of
+    this script) there is no graph column and memory is the blobs' bytes (owlnet) or 0."""
     import torch
 
     import owlnet
-    from owlnet import backend
+    from owlnet import backend, memory
 
+    gpu = device.type == "cuda"
     backend.set_math_mode(math)
     torch.backends.cudnn.allow_tf32 = math == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = math == "tf32"
     param = train_net_param(model_path(name, args.zoo), args.batch, MODELS[name][1])
-    pool = cupy.get_default_memory_pool()
-    pool.free_all_blocks()
-    row = {}
+    if gpu:
+        import cupy
+        pool = cupy.get_default_memory_pool()
+        pool.free_all_blocks()
     os.environ["OWLNET_REUSE_MEMORY"] = "0" if args.no_reuse_memory else "1"
     solver = owlnet.get_solver(solver_param(param))
     images, labels = random_batch(solver.net, args.batch, MODELS[name][1])
     with backend.device_arrays():
-        solver.net.blobs["data"].data[...] = cupy.asarray(images)
-        solver.net.blobs["label"].data[...] = cupy.asarray(labels)
+        solver.net.blobs["data"].data[...] = backend.to_device(images)
+        solver.net.blobs["label"].data[...] = backend.to_device(labels)
 
     def sync_owl():
-        cupy.cuda.Device().synchronize()
+        if gpu:
+            cupy.cuda.Device().synchronize()
 
-    def owl_step():
-        solver.step(args.iterations)
+    def sync_torch():
+        if gpu:
+            torch.cuda.synchronize(device)
 
-    # Solver.step(n) is the unit: time n iterations per call, one call per round.
-    ms = time_ms(owl_step, 1, args.rounds, 1, sync_owl) / args.iterations
-    row["owlnet"] = (ms, pool.total_bytes() / 2**20)
-    net = solver.net
-    for label, cls in (("eager", Torch), ("graph", TorchGraph)):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    # Solver.step(n) is the unit: n iterations per call, one call per round.
+    ms = time_ms(lambda: solver.step(args.iterations), 1, args.rounds, 1,
+                 sync_owl) / args.iterations
+    held = pool.total_bytes() if gpu else sum(memory.net_bytes(solver.net).values())
+    row = {"owlnet": (ms, held / 2**20)}
+    runners = (("eager", Torch), ("graph", TorchGraph)) if gpu else (("eager", Torch),)
+    for label, cls in runners:
+        if gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        runner = None
         try:
-            runner = cls(net, images, labels, device)
-            ms = time_ms(runner.step, args.iterations, args.rounds, args.warmup,
-                         lambda: torch.cuda.synchronize(device))
-            row[label] = (ms, torch.cuda.max_memory_allocated(device) / 2**20,
-                          torch.cuda.max_memory_reserved(device) / 2**20)
+            runner = cls(solver.net, images, labels, device)
+            ms = time_ms(runner.step, args.iterations, args.rounds, args.warmup, sync_torch)
+            row[label] = (ms, torch.cuda.max_memory_allocated(device) / 2**20 if gpu else 0.0,
+                          torch.cuda.max_memory_reserved(device) / 2**20 if gpu else 0.0)
         except Exception as exc:   # a model PyTorch cannot capture still gets its other columns
             row[label] = f"failed: {type(exc).__name__}: {exc}"[:120]
-        finally:
-            runner = None
-    del solver, net
-    pool.free_all_blocks()
+        del runner
+    del solver
+    if gpu:
+        pool.free_all_blocks()
     return row
 
 
@@ -351,7 +361,8 @@ def format_row(name, math, row) -> list:
             cells.append(f"{value[0]:>10.2f}{owl_ms / value[0]:>7.2f}")
         else:
             cells.append(f"{'-':>10}{'-':>7}")
-            notes.append(f"  PyTorch {label}: {value}")
+            if value is not None:
+                notes.append(f"  PyTorch {label}: {value}")
     mem = "".join(f"{row[k][1]:>9.0f}" if isinstance(row.get(k), tuple) else f"{'-':>9}"
                   for k in ("eager", "graph"))
     return ["".join(cells) + f"{owl_mib:>9.0f}{mem}"] + notes
@@ -371,14 +382,18 @@ def main(argv=None) -> int:
         build_parser().error(f"unknown model or math mode: {', '.join(unknown)}")
     sys.path.insert(0, str(ROOT))
     started = time.monotonic()
-    import cupy
     import torch
 
     from owlnet import backend
-    backend.set_mode_gpu()
-    device = torch.device("cuda", backend.device())
+    if args.device == "gpu":
+        import cupy
+        backend.set_mode_gpu()
+        device = torch.device("cuda", backend.device())
+        where = f"{torch.cuda.get_device_name(device)}, CuPy {cupy.__version__}"
+    else:
+        device, where = torch.device("cpu"), "CPU (smoke test)"
     torch.backends.cudnn.benchmark = True
-    print(f"{torch.cuda.get_device_name(device)}, CuPy {cupy.__version__}, torch "
+    print(f"{where}, torch "
           f"{torch.__version__} (cuDNN {torch.backends.cudnn.version()}), batch {args.batch}, "
           f"{args.rounds} rounds of {args.iterations} iterations (median), owlnet memory reuse "
           f"{'off' if args.no_reuse_memory else 'on'}, {time.strftime('%Y-%m-%d')}")

@@ -54,3 +54,17 @@ def test_googlenet_three_heads_one_sgd_step(zoo):
     owl, tch = one_step_losses(path, 1, (3, 224, 224))
     assert owl[1] != owl[0]
     np.testing.assert_allclose(owl, tch, rtol=1e-5)
+
+
+def test_bench_runs_on_the_cpu(capsys):
+    """The whole script on the CPU (its smoke mode): a row with both timings and their ratio;
+    a case the budget cannot hold is reported as not run."""
+    code = bench.main(["--device", "cpu", "--models", "resnet20,googlenet", "--math", "fp32",
+                       "--batch", "2", "--iterations", "1", "--rounds", "1", "--warmup", "0",
+                       "--budget", "40"])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("resnet20"))
+    owl_ms, torch_ms, ratio = (float(v) for v in row.split()[2:5])
+    assert owl_ms > 0 and torch_ms > 0 and abs(ratio - owl_ms / torch_ms) < 0.02, row
+    assert "googlenet       fp32  not run:" in out
