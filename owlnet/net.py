@@ -96,8 +96,8 @@ class Net:
     text or a NetParameter. ``reuse_memory=True`` lets activations and diffs whose lifetimes
     in a training step do not overlap share storage (``owlnet.memory``; off unless given, or
     unless $OWLNET_REUSE_MEMORY is 1): then only kept blobs (data-layer tops, loss and net
-    outputs, ``keep_blobs`` and the names given to ``forward(blobs=)``/``backward(diffs=)``)
-    hold their values after a step. With ``source`` (the ``config.Source`` that ``config.read_net``
+    outputs, ``keep_blobs``, the names given to ``forward(blobs=)``/``backward(diffs=)`` and
+    the blobs at their ``start``/``end`` layers) hold their values after a step. With ``source`` (the ``config.Source`` that ``config.read_net``
     returned with it), ``network`` is a NetParameter already read and upgraded, used as it is
     (so a solver parses each net file once).
     """
@@ -394,7 +394,7 @@ class Net:
         last = len(self.layers) - 1
         first, end_index = self._layer_index(start, 0), self._layer_index(end, last)
         names = list(self.outputs if end is None else self.top_names[end]) + list(blobs or [])
-        self._keep(names)
+        self._keep(names + (self.bottom_names[start] if start is not None else []))
         for name, value in inputs.items():
             self._set_array(name, value, "data")
         self.forward_range(first, end_index)
@@ -405,7 +405,7 @@ class Net:
         last = len(self.layers) - 1
         first, end_index = self._layer_index(start, last), self._layer_index(end, 0)
         names = list(self.inputs if end is None else self.bottom_names[end]) + list(diffs or [])
-        self._keep(names)
+        self._keep(names + (self.top_names[start] if start is not None else []))
         for name, value in top_diffs.items():
             self._set_array(name, value, "diff")
         self.backward_range(first, end_index)

@@ -216,3 +216,23 @@ def test_solver_with_reuse_trains_the_same(monkeypatch):
         results.append((solver.smoothed_loss, solver.net.arena.data.copy()))
     assert results[0][0] == results[1][0]
     assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_forward_from_a_middle_layer():
+    """pycaffe's forward(start=...) reads the start layer's bottoms as they are: kept blobs
+    (keep_blobs) hold them across a backward; the bottoms are kept from the call on."""
+    reference = build("inception", False)
+    backend.set_random_seed(7)
+    net = owlnet.Net(INCEPTION, owlnet.TRAIN, reuse_memory=True, keep_blobs=["pool"])
+    for n in (reference, net):
+        n.blobs["data"].data[...] = reference.blobs["data"].data
+        n.blobs["label"].data[...] = reference.blobs["label"].data
+        backend.set_random_seed(11)         # the same Dropout mask in both
+        n.forward()
+        n.backward()
+    assert all(i.blob.name != "pool" for i in net.memory_plan.intervals)
+    want = reference.forward(start="fc")["loss"].copy()
+    assert np.array_equal(want, net.forward(start="fc")["loss"])
+    plain = build("inception", True)
+    plain.forward(start="fc")
+    assert "pool" in plain.keep_blobs
