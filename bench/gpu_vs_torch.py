@@ -4,9 +4,10 @@
                                   [--batch 128] [--iterations 20] [--budget SECONDS]
 
 In one process on one card, for each net of issue 11's table (AlexNet as one tower
-``models/alexnet_nogroup``; BVLC CaffeNet and BVLC GoogLeNet with its three loss heads from the
-Caffe model zoo, ``--zoo``; ResNet-20/56/110 from ``models/``) and each math mode (``fp32``:
-strict float32, no TF32 in cuBLAS or cuDNN; ``tf32``), the TRAIN net with its data layers
+``models/alexnet_nogroup``; BVLC CaffeNet and BVLC GoogLeNet with its three loss heads from
+the Caffe model zoo, ``--zoo``, else the project's copies in ``models/``; ResNet-20/56/110
+from ``models/``) and each math mode (``fp32``: strict float32, no TF32 in cuBLAS or cuDNN;
+``tf32``), the TRAIN net with its data layers
 replaced by an Input layer of the crop size at ``--batch`` (random images and labels, filled
 once) is trained by:
 
@@ -41,8 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ZOO = ROOT.parent / "shared" / "caffe-zoo" / "models"
 
-#: name -> (prototxt relative to models/ or, with "zoo:", to --zoo; input C, H, W;
-#: seconds a case costs beyond its timed iterations, a guess for --budget)
+#: name -> (prototxt relative to models/ or, with "zoo:", to --zoo (models/<name> when the
+#: zoo is absent: the project's copy of that net); input C, H, W; seconds a case costs beyond
+#: its timed iterations, a guess for --budget)
 MODELS = {
     "alexnet_nogroup": ("alexnet_nogroup/train_val.prototxt", (3, 227, 227), 20),
     "caffenet": ("zoo:bvlc_reference_caffenet/train_val.prototxt", (3, 227, 227), 20),
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 def model_path(name: str, zoo: Path = DEFAULT_ZOO) -> Path:
     relative = MODELS[name][0]
     if relative.startswith("zoo:"):
-        return Path(zoo) / relative[4:]
+        path = Path(zoo) / relative[4:]
+        return path if path.is_file() else ROOT / "models" / name / "train_val.prototxt"
     return ROOT / "models" / relative
 
 
@@ -412,6 +415,10 @@ def main(argv=None) -> int:
                 print(f"{name:<16}{math:<6}not run: {model_path(name, args.zoo)} missing "
                       "(--zoo)", flush=True)
                 continue
+            path = model_path(name, args.zoo)
+            if MODELS[name][0].startswith("zoo:") and path.is_relative_to(ROOT / "models"):
+                print(f"  ({name}: not in {args.zoo}, timing the project's copy "
+                      f"{path.relative_to(ROOT)})", flush=True)
             case_start = time.monotonic()
             try:
                 row = run_case(name, math, args, device)
