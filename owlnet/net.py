@@ -94,10 +94,11 @@ class Net:
     ``Net(model_file, phase)``, ``Net(model_file, weights, phase)`` or keywords
     ``phase=``, ``weights=``, ``level=``, ``stages=``; ``model_file`` may also be prototxt
     text or a NetParameter. ``reuse_memory=True`` lets activations and diffs whose lifetimes
-    in a training step do not overlap share storage (``owlnet.memory``; off unless given, or
-    unless $OWLNET_REUSE_MEMORY is 1): then only kept blobs (data-layer tops, loss and net
-    outputs, ``keep_blobs``, the names given to ``forward(blobs=)``/``backward(diffs=)`` and
-    the blobs at their ``start``/``end`` layers) hold their values after a step. With ``source`` (the ``config.Source`` that ``config.read_net``
+    in a training step do not overlap share storage (``owlnet.memory``; off unless given, or,
+    for a TRAIN net, unless $OWLNET_REUSE_MEMORY is 1): then only kept blobs (data-layer
+    tops, loss and net outputs, ``keep_blobs``, the names given to ``forward(blobs=)``/
+    ``backward(diffs=)`` and the blobs at their ``start``/``end`` layers) hold their values
+    after a step. With ``source`` (the ``config.Source`` that ``config.read_net``
     returned with it), ``network`` is a NetParameter already read and upgraded, used as it is
     (so a solver parses each net file once).
     """
@@ -123,8 +124,8 @@ class Net:
         self.phase = phase
         self.name = param.name
         self.force_backward = param.force_backward
-        if reuse_memory is None:
-            reuse_memory = os.environ.get("OWLNET_REUSE_MEMORY", "0") == "1"
+        if reuse_memory is None:            # the switch of the training path: TRAIN nets only
+            reuse_memory = phase == TRAIN and os.environ.get("OWLNET_REUSE_MEMORY") == "1"
         self.reuse_memory = bool(reuse_memory)
         self.keep_blobs = set(keep_blobs)
         self.memory_plan = None

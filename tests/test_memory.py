@@ -140,6 +140,7 @@ def test_reshape_replans_and_default_is_off(monkeypatch):
     from google.protobuf import text_format
     text_format.Parse(INCEPTION, param)
     assert owlnet.Net(param, owlnet.TRAIN).memory_plan is not None
+    assert owlnet.Net(param, owlnet.TEST).memory_plan is None       # e.g. feature extraction
     monkeypatch.delenv("OWLNET_REUSE_MEMORY")
     assert owlnet.Net(param, owlnet.TRAIN).memory_plan is None
 
