@@ -157,6 +157,8 @@ def plan(net, keep=()) -> MemoryPlan:
             view = buffer[lo:lo + item.blob.count].reshape(item.blob.shape)
             item.blob.bind(**{item.which: view})
     result.intervals = intervals
+    if backend.mode() == "gpu":     # the arrays the blobs had go back to the device, not
+        xp.get_default_memory_pool().free_all_blocks()      # into the pool's cache
     planned = {(id(i.blob), i.which) for i in intervals}
     result.private_bytes = sum(_nbytes(b) for b in blobs.values()
                                for which in ("data", "diff") if (id(b), which) not in planned)

@@ -204,6 +204,17 @@ cuda = types.SimpleNamespace(Device=_Device, Stream=_Stream, get_current_stream=
                              alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
                              runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
 
+class _MemoryPool:
+    """CuPy's default memory pool, as far as owlnet asks it (nothing is cached here)."""
+    frees = 0
+
+    def free_all_blocks(self):
+        _MemoryPool.frees += 1
+
+    def total_bytes(self):
+        return 0
+
+
 module = types.ModuleType("cupy")
 for _name in ("zeros", "empty", "ones", "full", "arange", "ascontiguousarray", "array"):
     setattr(module, _name, _creator(_name))
@@ -211,7 +222,8 @@ for _name in ("zeros", "empty", "ones"):
     setattr(module, f"{_name}_like", _like(_name))
 for _name, _value in dict(asarray=asarray, asnumpy=asnumpy, get_array_module=get_array_module,
                           ndarray=ndarray, ElementwiseKernel=ElementwiseKernel, cuda=cuda,
-                          DeviceArray=DeviceArray, transfers=transfers).items():
+                          DeviceArray=DeviceArray, transfers=transfers,
+                          get_default_memory_pool=_MemoryPool).items():
     setattr(module, _name, _value)
 module.__getattr__ = lambda name: getattr(np, name)
 

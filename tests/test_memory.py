@@ -187,8 +187,10 @@ def test_same_bits_on_the_fake_device():
 
     expected = train(build_mlp(False))
     assert len(build_mlp(True).memory_plan.intervals) > 0
-    with fakecupy.fake_gpu():
+    with fakecupy.fake_gpu() as cupy:
+        frees = cupy.get_default_memory_pool().frees
         net = build_mlp(True)
+        assert cupy.get_default_memory_pool().frees == frees + 1   # the old arrays released
         assert type(next(iter(net.memory_plan.buffers.values()))) is not np.ndarray
         with backend.device_arrays():
             losses, diffs = train(net)
