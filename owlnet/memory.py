@@ -16,8 +16,9 @@ all touch the one blob) and ``B`` the part of ``T`` that runs backward:
 Never reused (they keep their own arrays): the tops of data layers and of any layer without
 bottoms, loss outputs, net outputs, blobs the user keeps (``Net.keep_blobs``, names given to
 ``forward(blobs=)`` or ``backward(diffs=)``), every diff of a ``force_backward`` net, arrays
-shared with another blob or a parameter (Reshape, Flatten, Reduction share data), and the data
-of a Split's bottom and tops (a Split's tops take its bottom's data in forward).
+shared with another blob or a parameter (Reshape, Flatten, Reduction share data). A Split's
+tops take its bottom's data in forward: that data is planned once, live over the layers of
+the bottom and of every top, and the tops are bound to it too.
 
 The live arrays are then placed in one flat buffer per dtype, largest first, each at the lowest
 offset (a multiple of 256 bytes) where it overlaps no placed array of an overlapping lifetime,
@@ -42,6 +43,11 @@ class Interval:
     start: int
     end: int
     offset: int = 0
+    aliases: list = field(default_factory=list)    # Split tops that take this data in forward
+
+    def keys(self) -> list:
+        """(blob id, which) of every blob this array serves."""
+        return [(id(b), self.which) for b in [self.blob] + self.aliases]
 
 
 @dataclass
@@ -50,6 +56,7 @@ class MemoryPlan:
     intervals: list = field(default_factory=list)
     buffers: dict = field(default_factory=dict)     # dtype name -> flat buffer
     activation_bytes: int = 0    # every non-parameter blob's data and diff, each on its own
+                                 # (a Split top's data is its bottom's)
     shared_bytes: int = 0        # the flat buffers
     private_bytes: int = 0       # the arrays left out of the plan
 
@@ -72,36 +79,58 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def live_intervals(net, keep=()) -> tuple[list, list]:
-    """The arrays a step may share, as Intervals, and the blobs left out entirely."""
+def _split_tops(net) -> dict:
+    """id(blob) -> the Split tops that take that blob's data in forward."""
+    split_tops: dict = {}
+    for layer, bottoms, tops in zip(net.layers, net._bottoms, net._tops):
+        if layer.type == "Split":
+            split_tops.setdefault(id(bottoms[0]), []).extend(tops)
+    return split_tops
+
+
+def _activation_bytes(net) -> int:
+    """Bytes of every non-parameter blob's data and diff, each on its own (a Split top's data
+    counted once, as its bottom's)."""
+    aliases = {id(t) for tops in _split_tops(net).values() for t in tops}
+    blobs = {id(b): b for arrays in (net._bottoms, net._tops) for blobs in arrays
+             for b in blobs}
+    return sum((1 if key in aliases else 2) * _nbytes(b) for key, b in blobs.items())
+
+
+def live_intervals(net, keep=()) -> list:
+    """The arrays a step may share, as Intervals."""
     n = len(net.layers)
     touch: dict = {}
     for li, (bottoms, tops) in enumerate(zip(net._bottoms, net._tops)):
         for blob in list(bottoms) + list(tops):
             touch.setdefault(id(blob), (blob, []))[1].append(li)
+    excluded = set(keep) | set(net.outputs)
+    excluded |= {name for name, weight in net.blob_loss_weights.items() if weight}
+    for layer, tops in zip(net.layers, net._tops):
+        if layer.is_data or not layer.param.bottom:     # sources may fill tops once, at set-up
+            excluded |= {t.name for t in tops}
+    split_tops = _split_tops(net)
+    aliases = {id(t) for tops in split_tops.values() for t in tops}
     params = [b for blobs in net.params.values() for b in blobs]
     data_owners: dict = {}
     diff_owners: dict = {}
     for blob in [b for b, _ in touch.values()] + params:
-        data_owners.setdefault(id(blob._data), set()).add(id(blob))
+        if id(blob) not in aliases:
+            data_owners.setdefault(id(blob._data), set()).add(id(blob))
         diff_owners.setdefault(id(blob._diff), set()).add(id(blob))
-    excluded = set(keep) | set(net.outputs)
-    excluded |= {name for name, weight in net.blob_loss_weights.items() if weight}
-    split_data = set()
-    for layer, bottoms, tops in zip(net.layers, net._bottoms, net._tops):
-        if layer.is_data or not bottoms:    # sources may fill their tops once, at set-up
-            excluded |= {t.name for t in tops}
-        if layer.type == "Split":
-            split_data |= {id(b) for b in list(bottoms) + list(tops)}
-    intervals, apart = [], []
+    intervals = []
     for blob, layers in touch.values():
         if blob.name in excluded:
-            apart.append(blob)
             continue
         backward = [li for li in layers if net._layer_need_backward[li]]
-        data_end = 2 * n - 1 - min(backward) if backward else max(layers)
-        if id(blob) not in split_data and len(data_owners[id(blob._data)]) == 1:
-            intervals.append(Interval(blob, "data", _nbytes(blob), min(layers), data_end))
+        group = split_tops.get(id(blob), [])
+        if (id(blob) not in aliases and len(data_owners[id(blob._data)]) == 1
+                and not any(t.name in excluded for t in group)):
+            reach = layers + [li for t in group for li in touch[id(t)][1]]
+            users = [li for li in reach if net._layer_need_backward[li]]
+            end = 2 * n - 1 - min(users) if users else max(reach)
+            intervals.append(Interval(blob, "data", _nbytes(blob), min(reach), end,
+                                      aliases=group))
         if net.force_backward or len(diff_owners[id(blob._diff)]) > 1:
             continue
         writers = [li for li in backward if any(
@@ -113,7 +142,7 @@ def live_intervals(net, keep=()) -> tuple[list, list]:
                                       2 * n - 1 - min(readers)))
         elif not readers:
             intervals.append(Interval(blob, "diff", _nbytes(blob), -1, -2))   # never read
-    return intervals, apart
+    return intervals
 
 
 def place(intervals) -> int:
@@ -136,13 +165,8 @@ def place(intervals) -> int:
 
 def plan(net, keep=()) -> MemoryPlan:
     """Compute a plan for ``net`` at its current shapes and bind its blobs to it."""
-    intervals, _ = live_intervals(net, keep)
-    result = MemoryPlan()
-    blobs = {}
-    for bottoms, tops in zip(net._bottoms, net._tops):
-        for blob in list(bottoms) + list(tops):
-            blobs[id(blob)] = blob
-    result.activation_bytes = sum(2 * _nbytes(b) for b in blobs.values())
+    intervals = live_intervals(net, keep)
+    result = MemoryPlan(activation_bytes=_activation_bytes(net))
     xp = backend.xp()
     by_dtype: dict = {}
     for item in intervals:
@@ -155,13 +179,18 @@ def plan(net, keep=()) -> MemoryPlan:
         for item in items:
             lo = item.offset // dtype.itemsize
             view = buffer[lo:lo + item.blob.count].reshape(item.blob.shape)
-            item.blob.bind(**{item.which: view})
+            for blob in [item.blob] + item.aliases:
+                blob.bind(**{item.which: view})
     result.intervals = intervals
     if backend.mode() == "gpu":     # the arrays the blobs had go back to the device, not
         xp.get_default_memory_pool().free_all_blocks()      # into the pool's cache
-    planned = {(id(i.blob), i.which) for i in intervals}
-    result.private_bytes = sum(_nbytes(b) for b in blobs.values()
-                               for which in ("data", "diff") if (id(b), which) not in planned)
+    planned = {key for i in intervals for key in i.keys()}
+    aliases = {id(t) for tops in _split_tops(net).values() for t in tops}
+    blobs = {id(b): b for arrays in (net._bottoms, net._tops) for blobs in arrays
+             for b in blobs}
+    result.private_bytes = sum(_nbytes(b) for key, b in blobs.items() for which in ("data", "diff")
+                               if (key, which) not in planned
+                               and not (which == "data" and key in aliases))
     return result
 
 
@@ -170,10 +199,9 @@ def unplan(previous: MemoryPlan, keep_planned=frozenset()) -> None:
     pairs) fresh zeroed arrays of their own, so no stale buffer is shared any more."""
     xp = backend.xp()
     for item in previous.intervals:
-        if (id(item.blob), item.which) in keep_planned:
-            continue
-        blob = item.blob
-        blob.bind(**{item.which: xp.zeros(blob.shape, dtype=blob._data.dtype)})
+        for blob in [item.blob] + item.aliases:
+            if (id(blob), item.which) not in keep_planned:
+                blob.bind(**{item.which: xp.zeros(blob.shape, dtype=blob._data.dtype)})
 
 
 def net_bytes(net) -> dict:
@@ -182,9 +210,7 @@ def net_bytes(net) -> dict:
     if net.memory_plan is not None:
         activations = net.memory_plan.planned_bytes
     else:
-        blobs = {id(b): b for arrays in (net._bottoms, net._tops) for blobs in arrays
-                 for b in blobs}
-        activations = sum(2 * _nbytes(b) for b in blobs.values())
+        activations = _activation_bytes(net)
     return {"activations": activations,
             "parameters": int(net.arena.data.nbytes + net.arena.diff.nbytes)}
 

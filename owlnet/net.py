@@ -184,7 +184,7 @@ class Net:
         previous = self.memory_plan
         self.memory_plan = memory.plan(self, self.keep_blobs)
         if previous is not None:
-            memory.unplan(previous, {(id(i.blob), i.which) for i in self.memory_plan.intervals})
+            memory.unplan(previous, {key for i in self.memory_plan.intervals for key in i.keys()})
 
     def _keep(self, names):
         """Keep these blobs out of the shared storage from now on (re-planning if needed)."""

@@ -109,6 +109,11 @@ def test_plan_never_shares_live_arrays_and_respects_exclusions():
     # the in-place ReLU's blob lives from b2a's forward (layer 6) to its backward
     b2a = next(i for i in plan.intervals if (i.blob.name, i.which) == ("b2a", "data"))
     assert b2a.start == 6 and b2a.end == 2 * len(net.layers) - 1 - 6
+    # a Split's bottom data is planned once for it and its tops (which take it in forward)
+    conv1 = next(i for i in plan.intervals if (i.blob.name, i.which) == ("conv1", "data"))
+    assert conv1.start == 2 and conv1.end == 2 * len(net.layers) - 1 - 2
+    assert sorted(t.name for t in conv1.aliases) == [f"conv1_relu1_0_split_{k}" for k in range(3)]
+    assert all(t.data.base is conv1.blob.data.base for t in conv1.aliases)
     # a Split top read by a backward that no backward writes (Accuracy's) keeps its zeros
     assert ("fc_fc_0_split_1", "diff") not in names
 
