@@ -88,13 +88,21 @@ def _split_tops(net) -> dict:
     return split_tops
 
 
-def _activation_bytes(net) -> int:
-    """Bytes of every non-parameter blob's data and diff, each on its own (a Split top's data
-    counted once, as its bottom's)."""
+def _activation_arrays(net) -> dict:
+    """(blob id, "data" | "diff") -> blob, for every array of the non-parameter blobs that
+    holds values of its own (a Split top's data is its bottom's)."""
     aliases = {id(t) for tops in _split_tops(net).values() for t in tops}
-    blobs = {id(b): b for arrays in (net._bottoms, net._tops) for blobs in arrays
-             for b in blobs}
-    return sum((1 if key in aliases else 2) * _nbytes(b) for key, b in blobs.items())
+    arrays = {}
+    for blobs in list(net._bottoms) + list(net._tops):
+        for blob in blobs:
+            arrays[(id(blob), "diff")] = blob
+            if id(blob) not in aliases:
+                arrays[(id(blob), "data")] = blob
+    return arrays
+
+
+def _activation_bytes(net) -> int:
+    return sum(_nbytes(blob) for blob in _activation_arrays(net).values())
 
 
 def live_intervals(net, keep=()) -> list:
@@ -185,12 +193,8 @@ def plan(net, keep=()) -> MemoryPlan:
     if backend.mode() == "gpu":     # the arrays the blobs had go back to the device, not
         xp.get_default_memory_pool().free_all_blocks()      # into the pool's cache
     planned = {key for i in intervals for key in i.keys()}
-    aliases = {id(t) for tops in _split_tops(net).values() for t in tops}
-    blobs = {id(b): b for arrays in (net._bottoms, net._tops) for blobs in arrays
-             for b in blobs}
-    result.private_bytes = sum(_nbytes(b) for key, b in blobs.items() for which in ("data", "diff")
-                               if (key, which) not in planned
-                               and not (which == "data" and key in aliases))
+    result.private_bytes = sum(_nbytes(blob) for key, blob in _activation_arrays(net).items()
+                               if key not in planned)
     return result
 
 
