@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import backend, config, fileio, snapshot
+from . import backend, config, fileio, memory, snapshot
 from .arena import ParamArena
 from .blob import Blob, device_current
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
@@ -93,13 +93,18 @@ class Net:
 
     ``Net(model_file, phase)``, ``Net(model_file, weights, phase)`` or keywords
     ``phase=``, ``weights=``, ``level=``, ``stages=``; ``model_file`` may also be prototxt
-    text or a NetParameter. With ``source`` (the ``config.Source`` that ``config.read_net``
+    text or a NetParameter. ``reuse_memory=True`` lets activations and diffs whose lifetimes
+    in a training step do not overlap share storage (``owlnet.memory``; off unless given, or,
+    for a TRAIN net, unless $OWLNET_REUSE_MEMORY is 1): then only kept blobs (data-layer
+    tops, loss and net outputs, ``keep_blobs``, the names given to ``forward(blobs=)``/
+    ``backward(diffs=)`` and the blobs at their ``start``/``end`` layers) hold their values
+    after a step. With ``source`` (the ``config.Source`` that ``config.read_net``
     returned with it), ``network`` is a NetParameter already read and upgraded, used as it is
     (so a solver parses each net file once).
     """
 
     def __init__(self, network, *args, phase=None, weights=None, level=None, stages=(),
-                 source=None):
+                 source=None, reuse_memory=None, keep_blobs=()):
         if len(args) == 1:
             phase = args[0]
         elif len(args) == 2:
@@ -119,6 +124,11 @@ class Net:
         self.phase = phase
         self.name = param.name
         self.force_backward = param.force_backward
+        if reuse_memory is None:            # the switch of the training path: TRAIN nets only
+            reuse_memory = phase == TRAIN and os.environ.get("OWLNET_REUSE_MEMORY") == "1"
+        self.reuse_memory = bool(reuse_memory)
+        self.keep_blobs = set(keep_blobs)
+        self.memory_plan = None
         self._build(param, kept)
         if weights:
             self.copy_from(weights)
@@ -162,6 +172,33 @@ class Net:
         self._find_backward_layers()
         self.arena = ParamArena(self.learnable_params, self.params_lr, self.params_weight_decay,
                                 self.param_layers, self._param_views)
+        self._plan_memory()
+
+    @backend.device_arrays()
+    def _plan_memory(self):
+        """With ``reuse_memory``, (re)compute the shared-storage plan at the current shapes;
+        arrays the new plan leaves out get storage of their own again."""
+        if not self.reuse_memory:
+            return
+        self._check_names(self.keep_blobs)
+        previous = self.memory_plan
+        self.memory_plan = memory.plan(self, self.keep_blobs)
+        if previous is not None:
+            memory.unplan(previous, {key for i in self.memory_plan.intervals for key in i.keys()})
+
+    def _keep(self, names):
+        """Keep these blobs out of the shared storage from now on (re-planning if needed)."""
+        names = set(names or ()) - self.keep_blobs
+        if self.reuse_memory and names:
+            self._check_names(names)
+            self.keep_blobs |= names
+            self._plan_memory()
+
+    def _check_names(self, names):
+        for name in sorted(names):
+            if name not in self.blobs:
+                raise ConfigError(f"net '{self.name}' has no blob '{name}' (blobs: "
+                                  f"{', '.join(self.blobs)})")
 
     def _add_layer(self, lp, where, available):
         index = len(self.layers)
@@ -330,6 +367,7 @@ class Net:
         """Propagate input shapes through every layer (call after reshaping an input blob)."""
         for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
             layer.reshape(bottoms, tops)
+        self._plan_memory()
 
     @backend.device_arrays()
     def forward_range(self, start: int, end: int):
@@ -356,20 +394,24 @@ class Net:
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's forward: set inputs given by name, run, return the output blobs' data."""
+        last = len(self.layers) - 1
+        first, end_index = self._layer_index(start, 0), self._layer_index(end, last)
+        names = list(self.outputs if end is None else self.top_names[end]) + list(blobs or [])
+        self._keep(names + (self.bottom_names[start] if start is not None else []))
         for name, value in inputs.items():
             self._set_array(name, value, "data")
-        last = len(self.layers) - 1
-        self.forward_range(self._layer_index(start, 0), self._layer_index(end, last))
-        names = list(self.outputs if end is None else self.top_names[end]) + list(blobs or [])
+        self.forward_range(first, end_index)
         return {name: self.blobs[name].data for name in names}
 
     def backward(self, diffs=None, start=None, end=None, **top_diffs):
         """pycaffe's backward: set output diffs given by name, run, return the inputs' diffs."""
+        last = len(self.layers) - 1
+        first, end_index = self._layer_index(start, last), self._layer_index(end, 0)
+        names = list(self.inputs if end is None else self.bottom_names[end]) + list(diffs or [])
+        self._keep(names + (self.top_names[start] if start is not None else []))
         for name, value in top_diffs.items():
             self._set_array(name, value, "diff")
-        last = len(self.layers) - 1
-        self.backward_range(self._layer_index(start, last), self._layer_index(end, 0))
-        names = list(self.inputs if end is None else self.bottom_names[end]) + list(diffs or [])
+        self.backward_range(first, end_index)
         return {name: self.blobs[name].diff for name in names}
 
     def forward_backward(self):

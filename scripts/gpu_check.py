@@ -50,12 +50,14 @@ STEPS = [
          40, "two slices in one process on the one GPU (-n 2)"),
     Step("mpi_2_ranks", MPI + [PY, "tools/net_trainer.py", SHORT_SOLVER, "--device", "gpu"], 45,
          "two MPI ranks sharing the one GPU"),
-    Step("bench_resnet20", [PY, "bench/gpu_vs_torch.py", "--model", "resnet20", "--rounds", "3"],
-         30, "ResNet-20 batch 128 fp32: owlnet vs PyTorch"),
-    Step("bench_alexnet_fp32", [PY, "bench/gpu_vs_torch.py", "--model", "alexnet_nogroup",
-                                "--rounds", "3"], 45, "AlexNet batch 128 fp32"),
-    Step("bench_alexnet_tf32", [PY, "bench/gpu_vs_torch.py", "--model", "alexnet_nogroup",
-                                "--math", "tf32", "--rounds", "3"], 35, "AlexNet batch 128 tf32"),
+    Step("bench_gpu_vs_torch", [PY, "bench/gpu_vs_torch.py", "--models",
+                                "resnet20,alexnet_nogroup,caffenet,resnet56", "--math",
+                                "fp32,tf32", "--iterations", "10", "--budget", "75"], 80,
+         "owlnet Solver.step vs PyTorch eager and CUDA graph, batch 128 (what fits in 75 s; "
+         "the whole table: bench/gpu_vs_torch.py --budget 540 on its own)"),
+    Step("data_feed", [PY, "bench/data_pipeline.py", "--feed", "--device", "gpu", "--images",
+                       "1024", "--batch", "128", "--batches", "24"], 30,
+         "JPEG Datum LMDB -> uint8 batches in device memory, images/s (target 7,500)"),
 ]
 
 

@@ -55,8 +55,10 @@ class DeviceArray(np.ndarray):
         out[...] = self.view(np.ndarray)
         return out
 
-    def set(self, host):
+    def set(self, host, stream=None):
         transfers["to_device"] += 1
+        if stream is not None:
+            stream.log.append(("copy", stream.name))
         self.view(np.ndarray)[...] = host
 
     def __setitem__(self, key, value):
@@ -169,12 +171,49 @@ class _Device:
         pass
 
 
+class _Event:
+    def __init__(self, stream, number):
+        self.stream, self.number = stream, number
+
+    def synchronize(self):
+        _Stream.log.append(("host waits", self.stream.name, self.number))
+
+
 class _Stream:
+    """Streams and events that only log what is asked of them (in ``_Stream.log``)."""
     ptr = 0
+    log: list = []
+    count = 0
+
+    def __init__(self, non_blocking=False, name=None):
+        _Stream.count += 1
+        self.name = name or f"stream{_Stream.count}"
+        self.events = 0
+
+    def record(self):
+        self.events += 1
+        self.log.append(("record", self.name, self.events))
+        return _Event(self, self.events)
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.stream.name, event.number))
 
 
-cuda = types.SimpleNamespace(Device=_Device, get_current_stream=lambda: _Stream(),
+_COMPUTE = _Stream(name="compute")
+cuda = types.SimpleNamespace(Device=_Device, Stream=_Stream, get_current_stream=lambda: _COMPUTE,
+                             alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
                              runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+
+class _MemoryPool:
+    """CuPy's default memory pool, as far as owlnet asks it (nothing is cached here)."""
+    frees = 0
+
+    def free_all_blocks(self):
+        _MemoryPool.frees += 1
+
+    def total_bytes(self):
+        return 0
+
 
 module = types.ModuleType("cupy")
 for _name in ("zeros", "empty", "ones", "full", "arange", "ascontiguousarray", "array"):
@@ -183,7 +222,8 @@ for _name in ("zeros", "empty", "ones"):
     setattr(module, f"{_name}_like", _like(_name))
 for _name, _value in dict(asarray=asarray, asnumpy=asnumpy, get_array_module=get_array_module,
                           ndarray=ndarray, ElementwiseKernel=ElementwiseKernel, cuda=cuda,
-                          DeviceArray=DeviceArray, transfers=transfers).items():
+                          DeviceArray=DeviceArray, transfers=transfers,
+                          get_default_memory_pool=_MemoryPool).items():
     setattr(module, _name, _value)
 module.__getattr__ = lambda name: getattr(np, name)
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from owlnet import cli
@@ -119,3 +120,27 @@ def test_caffes_time_spelling(capsys):
     assert [name for name in _table(out)] == [name for name, _ in LENET_LAYERS]
     code, out, err = _run(capsys, DEPLOY, "--model", DEPLOY)
     assert code == 1 and "not both" in err
+
+
+def test_memory_line_counts_the_blobs(capsys, monkeypatch):
+    """On the CPU the memory line is the blobs' bytes: LeNet deploy at batch 2 has these
+    activations (data and diff of each blob) and parameters (arena data and diff)."""
+    code, out, err = _run(capsys, DEPLOY, "--batch", 2, "--iterations", 1)
+    assert code == 0, err
+    shapes = [(2, 1, 28, 28), (2, 20, 24, 24), (2, 20, 12, 12), (2, 50, 8, 8), (2, 50, 4, 4),
+              (2, 500), (2, 10), (2, 10)]             # relu1 is in place on ip1
+    activations = sum(2 * 4 * int(np.prod(s)) for s in shapes)
+    parameters = 2 * 4 * (20 * 25 + 20 + 50 * 20 * 25 + 50 + 500 * 800 + 500 + 10 * 500 + 10)
+    line = re.search(r"^Blob memory: ([0-9.]+) MiB \(activations ([0-9.]+) MiB, parameters "
+                     r"and their diffs ([0-9.]+) MiB\)$", out, re.M)
+    assert line, out
+    assert float(line.group(2)) == round(activations / 2**20, 2)
+    assert float(line.group(3)) == round(parameters / 2**20, 2)
+    train = ROOT / "models" / "lenet" / "train_test.prototxt"
+    args = (train, "--batch", 16, "--iterations", 1, "--data-shape", "1,28,28")
+    code, out, err = _run(capsys, *args)
+    plain = re.search(r"^Blob memory: .*\(activations ([0-9.]+) MiB,", out, re.M)
+    monkeypatch.setenv("OWLNET_REUSE_MEMORY", "1")
+    code, out, err = _run(capsys, *args)
+    reused = re.search(r"^Blob memory: .*\(activations ([0-9.]+) MiB \(memory reused\)", out, re.M)
+    assert plain and reused and float(reused.group(1)) < float(plain.group(1)), out

@@ -139,9 +139,18 @@ class DataTransformer:
             if self.mean_values is not None and len(self.mean_values) == 1:
                 out -= out.dtype.type(self.mean_values[0])
             elif self.mean_values is not None:
-                out -= xp.asarray(self.mean_values, dtype=out.dtype).reshape(1, -1, 1, 1)
+                out -= self._device_mean_values(xp, out.dtype)
         if self.scale != 1.0:
             out *= out.dtype.type(self.scale)
+
+    def _device_mean_values(self, xp, dtype):
+        """``mean_value`` as a 1 x C x 1 x 1 array on the batch's device, copied there once."""
+        key = (xp.__name__, np.dtype(dtype).str)
+        values = self._device_means.get(key)
+        if values is None:
+            values = xp.asarray(self.mean_values, dtype=dtype).reshape(1, -1, 1, 1)
+            self._device_means[key] = values
+        return values
 
     def _mean_windows(self, xp, shape, h_offs, w_offs, mirrored):
         """The mean file cut at each example's window (N x C x h x w), mirrored where it was.

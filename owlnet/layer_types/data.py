@@ -27,6 +27,7 @@ from ..data.datum import (describe_key, datum_to_array, image_to_chw, load_image
                           read_image_list, resolve_list_path)
 from ..data.db import LMDBReader
 from ..data.prefetch import DEFAULT_DEPTH, Prefetcher
+from ..data.staging import PinnedUpload
 from ..data.transform import DataTransformer
 from ..errors import ConfigError, DataError, SnapshotError
 from ..proto import caffe_pb2
@@ -80,6 +81,7 @@ class _PrefetchingData(Layer, SeededSource):
         self.skip_bad_records = os.environ.get("OWLNET_SKIP_BAD_RECORDS", "") not in ("", "0")
         self.records_skipped = 0
         self._resources: dict = {}
+        self._pinned = None                 # PinnedUpload, on the GPU
         self._finalizer = weakref.finalize(self, _release, self._resources)
         self.open_source()
         self.skip = self._draw_skip(int(source_param.rand_skip))
@@ -112,8 +114,11 @@ class _PrefetchingData(Layer, SeededSource):
             self._stop_prefetch()
             raise
         top[0].reshape(batch.data.shape)
-        self.transformer.normalize(backend.to_device(batch.data), batch.h_offs, batch.w_offs,
-                                   batch.mirrored, top[0].data)
+        data = batch.data                   # uint8 crops: float, mean and scale on the device
+        if backend.in_device_scope():
+            self._pinned = self._pinned or PinnedUpload()
+            data = self._pinned.upload(data)
+        self.transformer.normalize(data, batch.h_offs, batch.w_offs, batch.mirrored, top[0].data)
         if len(top) > 1:
             top[1].reshape(len(batch.labels))
             top[1].data[...] = backend.to_device(batch.labels)

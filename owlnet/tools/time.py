@@ -28,6 +28,7 @@ from .. import backend
 from .. import config
 from .. import layer_types
 from .. import logging as owl_logging
+from .. import memory
 from ..errors import ConfigError, DataError
 from ..net import TEST, TRAIN, Net
 from ..proto import caffe_pb2
@@ -225,6 +226,7 @@ def run(args, out=None) -> int:
     forward, backward, passes = benchmark(net, args.iterations, args.warmup,
                                           _synchroniser(gpu))
     report(net, forward, backward, passes, out)
+    print(memory.memory_line(net), file=out)
     return 0
 
 
