@@ -34,6 +34,7 @@ side stream) it overlaps with the backward of the layers below.
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import numpy as np
 
@@ -95,6 +96,10 @@ class StepExecutor(abc.ABC):
     def agree(self, action: str) -> str:
         """The action ("none", "stop", "snapshot") every rank takes: "stop" if any rank asks
         to stop, else "snapshot" if any asks for one."""
+
+    def scope(self):
+        """The context the solver runs its iterations in (a captured step: its stream)."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         """Release what the executor holds beyond the solver's net (replicas, communicators)."""
