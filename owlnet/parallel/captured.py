@@ -3,7 +3,8 @@
 :class:`CapturedStep` runs the same work as :class:`~.executors.SingleDevice`, with fewer
 launches from Python: after one eager warm-up iteration it captures, on its own
 non-blocking CuPy stream, graph A (clear the diffs, forward and backward of every layer after
-the feed) and graph B (the update), and from then on replays them. Two graphs, not one,
+the feed) and graph B (the update), and from then on replays them. (``WARM_UP`` eager
+iterations precede the capture.) Two graphs, not one,
 because the solver's contract puts the display, ``on_gradients`` callbacks and the learning
 rate's log line between backward and update; the extra launch costs microseconds.
 
@@ -25,10 +26,11 @@ What a replay cannot see, and how it is handled:
   each iteration's own value at display time. Label checks are deferred the same way
   (``owlnet.device_checks``).
 
-Memory: nothing is allocated from the device inside a capture. The warm-up iteration and both
-captures allocate from a memory pool private to this executor (``using_allocator``), so the
-warm-up leaves in that pool a free block for every temporary the captured code asks for again
-(same code, same sizes, same order); the temporaries of a capture go back to the private pool,
+Memory: nothing is allocated from the device inside a capture. The warm-up iterations and
+both captures allocate from a memory pool private to this executor (``using_allocator``), so
+the warm-up leaves in that pool a free block for every temporary the captured code asks for
+again (same code, same sizes, same order; two iterations, because from the second on a layer
+allocates its new cached arrays while still holding the previous ones); the temporaries of a capture go back to the private pool,
 which nothing outside the graphs uses, so the addresses the graphs hold are never handed to
 other arrays. The pool is kept, never emptied, for the executor's life.
 
@@ -45,6 +47,9 @@ from .. import logging as owl_logging
 from ..blob import device_current
 from .executors import SingleDevice
 
+#: Eager iterations before the capture: the second one allocates as the steady state does
+#: (a layer's new cache taken while its previous one is still held).
+WARM_UP = 2
 #: Slots of the device ring of per-iteration losses (more than ``LossCheck.limit``).
 LOSS_RING = 1024
 #: Layer types whose forward or backward runs host code on device values.
@@ -54,7 +59,7 @@ HOST_LAYERS = ("Python",)
 def feed_size(net) -> int:
     """The number of leading layers without bottoms (the feed, run eagerly)."""
     count = 0
-    for bottoms in net.bottom_names:
+    for bottoms in net.bottom_names.values():
         if bottoms:
             break
         count += 1
@@ -73,10 +78,11 @@ def capture_blockers(net, solver_param, callbacks=()) -> list:
         reasons.append("solver callbacks (add_callback) run host code between backward and "
                        "the update")
     start = feed_size(net)
+    bottoms = list(net.bottom_names.values())
     for index, layer in enumerate(net.layers[start:], start=start):
         if layer.type in HOST_LAYERS:
             reasons.append(f"layer '{layer.name}' ({layer.type}) cannot be captured")
-        elif not net.bottom_names[index]:
+        elif not bottoms[index]:
             reasons.append(f"layer '{layer.name}' ({layer.type}) has no bottoms but follows "
                            "layers that have (only the leading ones run before the replay)")
     return reasons
@@ -117,6 +123,7 @@ class CapturedStep(SingleDevice):
         self.losses = cupy.zeros(LOSS_RING, dtype=net.arena.data.dtype)
         self.blobs = list(dict.fromkeys(list(net.blobs.values()) + list(net.learnable_params)))
         self.state = "warm-up"          # -> "capture" -> "replay"; "eager" after a failure
+        self.warm_up_left = WARM_UP
         self.forward_graph = self.update_graph = None
 
     # -- scopes ----------------------------------------------------------------------------
@@ -219,7 +226,9 @@ class CapturedStep(SingleDevice):
         if self.state == "warm-up":
             with self._private():
                 self.rule.apply(self.net, rate, iteration, group_rates=rates)
-            self.state = "capture"
+            self.warm_up_left -= 1
+            if not self.warm_up_left:
+                self.state = "capture"
             return
         if self.update_graph is None:
             try:
