@@ -538,7 +538,7 @@ def _clear_gpu_caches():
     """kernels.gpu keeps kernels, plans, handles and workspaces per process: a fake's must not
     outlive the fake (nor a real device's leak into it)."""
     from owlnet.kernels import gpu
-    for cache in (gpu._plans, gpu._handles, gpu._workspaces):
+    for cache in (gpu._plans, gpu._handles, gpu._workspaces, gpu._iterations):
         cache.clear()
     gpu._cudnn_state.update(module=None, failed=False)
     gpu.elementwise.cache_clear()

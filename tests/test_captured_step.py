@@ -299,3 +299,56 @@ def test_lenet_captured_equals_eager():
     assert graph[0].state == "replay"
     _assert_same(eager[1], graph[1])
     _assert_same(eager[3], graph[3])
+
+
+# -- Dropout keyed by the device's iteration counter ------------------------------------------
+def test_counted_dropout_draws_the_keyed_mask():
+    """The counted kernel's body (C harness) gives counter_random's mask for
+    draw_key(seed, iteration, layer), for iterations below and above 2^32."""
+    import cuda_harness
+
+    from owlnet.kernels import counter_random, cuda_sources
+    shape, ratio, seed = (6, 50), 0.4, 1701
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    kernel = cuda_harness.c_kernel(cuda_sources.DROPOUT_FORWARD_COUNTED)
+    seed_mix, layer_mix = counter_random.key_parts(seed, "drop")
+    for iteration in (0, 7, 2 ** 32 + 5):
+        y, keep = np.empty(shape, np.float32), np.empty(shape, np.uint8)
+        kernel(x, np.array([iteration], np.uint64), seed_mix, layer_mix,
+               counter_random.threshold(ratio), np.float32(1 / (1 - ratio)), y, keep)
+        want = counter_random.dropout_keep(counter_random.draw_key(seed, iteration, "drop"),
+                                           shape, ratio)
+        np.testing.assert_array_equal(keep.astype(bool), want)
+        np.testing.assert_array_equal(y, np.where(want, x * np.float32(1 / (1 - ratio)), 0))
+
+
+def _counted_dropout(monkeypatch):
+    """Dropout as the proposed layer change makes it on the GPU: its mask from
+    kernels.gpu.dropout_forward_counted (seed, layer name, the device's iteration counter)."""
+    from owlnet.kernels import gpu as gpu_kernels
+    from owlnet.layer_types.neuron import DropoutLayer
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        self._keep = backend.xp().empty(x.shape, dtype=np.uint8)
+        gpu_kernels.dropout_forward_counted(x, top[0].data, self._keep, 1 - self.keep, 5,
+                                            self.name)
+
+    def backward(self, top, propagate_down, bottom):
+        gpu_kernels.dropout_backward(top[0].diff, self._keep, bottom[0].diff, 1 - self.keep)
+    monkeypatch.setattr(DropoutLayer, "forward", forward)
+    monkeypatch.setattr(DropoutLayer, "backward", backward)
+
+
+def test_resnet_style_with_counted_dropout_captured_equals_eager(monkeypatch):
+    """With Dropout keyed by the iteration counter, the net with BatchNorm and Dropout is
+    captured (no host sync, no host copy, no new memory inside) and each replay draws its
+    own iteration's mask: results equal the eager step's bit for bit."""
+    _counted_dropout(monkeypatch)
+    text = RESNET_STYLE.replace("DROPOUT", DROPOUT)
+    eager = _train(text, eager=True)
+    graph = _train(text, eager=False)
+    assert graph[0].state == "replay"
+    _assert_same(eager[1], graph[1])
+    _assert_same(eager[3], graph[3])
+    _assert_same(eager[4], graph[4])

@@ -45,6 +45,7 @@ import contextlib
 from .. import backend, device_checks
 from .. import logging as owl_logging
 from ..blob import device_current
+from ..kernels import gpu as gpu_kernels
 from .executors import SingleDevice
 
 #: Eager iterations before the capture: the second one allocates as the steady state does
@@ -89,16 +90,18 @@ def capture_blockers(net, solver_param, callbacks=()) -> list:
 
 
 class DeviceScalars:
-    """The values a replay reads from the device: the iteration (uint64) and the learning
-    groups' rates (float64), written before each replay."""
+    """The values a replay reads from the device: the iteration (uint64: the device's
+    ``kernels.gpu.iteration_counter``, which counter-based random kernels read) and the
+    learning groups' rates (float64), written before each replay."""
 
     def __init__(self, xp, groups: int):
-        self.iteration = xp.zeros((), dtype=xp.uint64)
+        self.iteration = gpu_kernels.iteration_counter()
         self.rates = xp.zeros(groups, dtype=xp.float64)
         self.rate_views = [self.rates[g] for g in range(groups)]
 
-    def set_iteration(self, iteration: int) -> None:
-        self.iteration.fill(iteration)
+    @staticmethod
+    def set_iteration(iteration: int) -> None:
+        gpu_kernels.set_iteration(iteration)
 
     def set_rates(self, rates) -> None:
         for view, rate in zip(self.rate_views, rates):

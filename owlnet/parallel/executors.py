@@ -40,6 +40,7 @@ import numpy as np
 
 from .. import backend
 from ..errors import ConfigError
+from ..kernels import gpu as gpu_kernels
 from .reducers import DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, device_scope
 
 
@@ -115,6 +116,8 @@ class SingleDevice(StepExecutor):
         self.net.clear_param_diffs()
 
     def forward_backward(self, iteration, reduce):
+        if backend.mode() == "gpu":
+            gpu_kernels.set_iteration(iteration)        # read by counter-based random kernels
         return self.net.forward_backward()
 
     def reduce(self, loss):
