@@ -352,3 +352,20 @@ def test_resnet_style_with_counted_dropout_captured_equals_eager(monkeypatch):
     _assert_same(eager[1], graph[1])
     _assert_same(eager[3], graph[3])
     _assert_same(eager[4], graph[4])
+
+
+# -- timing ----------------------------------------------------------------------------------
+def test_time_steps_times_eager_and_captured_on_the_fake_device():
+    """`owlnet time`'s step line: both times for a capturable net, the reason otherwise."""
+    with fakecupy.fake_gpu():
+        solver = _solver(RESNET_STYLE.replace("DROPOUT", ""))
+        arena = solver.net.arena
+        before = backend.to_host(arena.data[:arena.learned_size]).copy()
+        eager, graphs = captured.time_steps(solver.net, 2)
+        assert eager > 0 and isinstance(graphs, float) and graphs > 0
+        after = backend.to_host(arena.data[:arena.learned_size])
+        np.testing.assert_array_equal(before, after)           # rate 0: weights unchanged
+    with fakecupy.fake_gpu():
+        solver = _solver(RESNET_STYLE.replace("DROPOUT", DROPOUT))
+        eager, graphs = captured.time_steps(solver.net, 1)
+        assert "layer 'drop' (Dropout) cannot be captured" in graphs

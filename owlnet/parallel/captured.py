@@ -41,6 +41,7 @@ copy, a Python layer).
 from __future__ import annotations
 
 import contextlib
+import time
 
 from .. import backend, device_checks
 from .. import logging as owl_logging
@@ -126,6 +127,7 @@ class CapturedStep(SingleDevice):
         self.losses = cupy.zeros(LOSS_RING, dtype=net.arena.data.dtype)
         self.blobs = list(dict.fromkeys(list(net.blobs.values()) + list(net.learnable_params)))
         self.state = "warm-up"          # -> "capture" -> "replay"; "eager" after a failure
+        self.reason = None              # why it fell back
         self.warm_up_left = WARM_UP
         self.forward_graph = self.update_graph = None
 
@@ -158,6 +160,7 @@ class CapturedStep(SingleDevice):
 
     def _fall_back(self, reason: str) -> None:
         owl_logging.info(f"Training step runs eagerly: {reason}")
+        self.reason = reason
         self.state = "eager"
         self.forward_graph = self.update_graph = None
 
@@ -266,3 +269,33 @@ def select(net, rule, solver_param, callbacks=()):
         owl_logging.info(f"Training step runs eagerly: {'; '.join(reasons)}")
         return SingleDevice(net, rule)
     return CapturedStep(net, rule)
+
+
+def time_steps(net, iterations: int) -> tuple:
+    """Seconds per training step of ``net`` (clear the diffs, forward, backward, an SGD update
+    at rate 0, so the weights stay), run ``iterations`` times eagerly and then as replayed
+    graphs after the warm-up and capture: (eager seconds, captured seconds or the reason it
+    could not be captured). GPU mode."""
+    from ..proto import caffe_pb2  # noqa: PLC0415
+    from ..solver.updates import SGD  # noqa: PLC0415
+    param = caffe_pb2.SolverParameter(base_lr=0.0)
+    rule = SGD(param, net)
+    reasons = capture_blockers(net, param)
+    executors = [SingleDevice(net, rule)] + ([] if reasons else [CapturedStep(net, rule)])
+    seconds = []
+    for executor in executors:
+        with backend.device_arrays(), executor.scope():
+            stream = backend.import_cupy().cuda.get_current_stream()
+            untimed = WARM_UP + 1 if isinstance(executor, CapturedStep) else 1
+            for iteration in range(untimed + iterations):
+                if iteration == untimed:
+                    stream.synchronize()
+                    start = time.perf_counter()
+                executor.clear_param_diffs()
+                executor.forward_backward(iteration, reduce=True)
+                executor.update(0.0, iteration)
+            stream.synchronize()
+            seconds.append((time.perf_counter() - start) / iterations)
+    if reasons:
+        return seconds[0], "; ".join(reasons)
+    return seconds[0], seconds[1] if executors[1].state == "replay" else executors[1].reason
