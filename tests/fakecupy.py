@@ -205,6 +205,13 @@ class Stream:
     def synchronize(self):
         _refuse_in_capture("Stream.synchronize")
 
+    def record(self, event=None):
+        """An event marking the work queued so far (the fake runs it at once)."""
+        return event or Event()
+
+    def wait_event(self, event):
+        pass
+
     def begin_capture(self, mode=None):
         if _capture["records"] is not None:
             raise CaptureError("a capture is already in progress")
@@ -223,6 +230,11 @@ class Stream:
         return Graph(records)
 
 
+class Event:
+    def synchronize(self):
+        _refuse_in_capture("Event.synchronize")
+
+
 class Graph:
     """A captured graph: ``launch`` runs the recorded operations again, in order."""
 
@@ -239,7 +251,7 @@ class Graph:
         pass
 
 
-_null_stream = Stream(null=True)
+_null_stream = Stream.null = Stream(null=True)
 _streams = []
 
 
@@ -489,7 +501,7 @@ class _Device:
         pass
 
 
-cuda = types.SimpleNamespace(Device=_Device, Stream=Stream, Graph=Graph,
+cuda = types.SimpleNamespace(Device=_Device, Stream=Stream, Graph=Graph, Event=Event,
                              get_current_stream=get_current_stream, MemoryPool=MemoryPool,
                              using_allocator=using_allocator,
                              runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))

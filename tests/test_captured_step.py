@@ -455,3 +455,25 @@ def test_time_tool_prints_the_captured_step(tmp_path, capsys):
              if line.startswith("Training step: eager ")]
     assert len(lines) == 1 and "not captured" not in lines[0], lines
     print(lines[0])
+
+
+def test_a_new_batch_size_is_captured_again(log_lines):
+    """Reshaping the net after the capture (pycaffe: blob reshape + net.reshape) makes the
+    executor warm up and capture again instead of replaying stale shapes."""
+    text = RESNET_STYLE.replace("DROPOUT", "")
+    with fakecupy.fake_gpu():
+        solver = _solver(text)
+        rng = np.random.default_rng(0)
+        for batch in (8, 8, 8, 8, 6, 6, 6, 6):
+            net = solver.net
+            if net.blobs["data"].shape[0] != batch:
+                net.blobs["data"].reshape(batch, 12)
+                net.blobs["label"].reshape(batch)
+                net.reshape()
+            net.blobs["data"].data[...] = rng.standard_normal((batch, 12)).astype(np.float32)
+            net.blobs["label"].data[...] = rng.integers(0, 5, batch).astype(np.float32)
+            solver.step(1)
+            assert np.isfinite(float(solver.smoothed_loss))
+        assert solver.executor.state == "replay"
+        assert net.blobs["ip"].data.shape == (6, 5)
+    assert sum("capturing it again" in line for line in log_lines) == 1

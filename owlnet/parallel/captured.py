@@ -130,16 +130,27 @@ class CapturedStep(SingleDevice):
         self.reason = None              # why it fell back
         self.warm_up_left = WARM_UP
         self.forward_graph = self.update_graph = None
+        self.layout = None              # _layout() at the capture
 
     # -- scopes ----------------------------------------------------------------------------
+    @contextlib.contextmanager
     def scope(self):
-        """The solver's step runs inside: every launch, eager or captured, on this stream,
-        and device checks deferred while graphs run."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.stream)
-        if self.state != "eager":
-            stack.enter_context(device_checks.deferred())
-        return stack
+        """The solver's step runs inside: every launch, eager or captured, on this stream
+        (which first waits for the work queued on the default stream, as the default stream
+        then waits for it), and device checks deferred while graphs run."""
+        null = self.cupy.cuda.Stream.null
+        self.stream.wait_event(null.record())
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.stream)
+            if self.state != "eager":
+                stack.enter_context(device_checks.deferred())
+            yield
+        null.wait_event(self.stream.record())
+
+    def _layout(self):
+        """What the graphs depend on: each blob's shape and device memory."""
+        return [(blob.shape, blob.device_data.data.ptr, blob.device_diff.data.ptr)
+                for blob in self.blobs]
 
     def _private(self):
         return self.cupy.cuda.using_allocator(self.pool.malloc)
@@ -181,7 +192,17 @@ class CapturedStep(SingleDevice):
                 self._keep_loss(self._forward_backward())
             return self.losses[iteration % LOSS_RING]
         device_current(self.blobs)
+        if self.state == "replay" and self._layout() != self.layout:
+            owl_logging.info("Training step: the net's shapes or arrays changed; capturing "
+                             "it again")
+            self.state, self.warm_up_left = "warm-up", WARM_UP
+            self.forward_graph = self.update_graph = None
+            net.clear_param_diffs()
+            with self._private():
+                self._keep_loss(self._forward_backward())
+            return self.losses[iteration % LOSS_RING]
         if self.state == "capture":
+            self.layout = self._layout()
             current = {"layer": None}
             try:
                 self.forward_graph = self._capture(
