@@ -151,6 +151,7 @@ def test_cpu_mode_runs_single_device():
 @pytest.mark.parametrize("fields, reason", [
     ({"iter_size": 2}, "iter_size is 2"),
     ({"clip_gradients": 1.0}, "clip_gradients reads the gradient norm on the host"),
+    ({"average_loss": 5000}, "average_loss 5000 keeps more losses than the device ring"),
 ])
 def test_blocked_settings_run_eagerly_and_say_why(fields, reason, log_lines):
     with fakecupy.fake_gpu():

@@ -79,6 +79,9 @@ def capture_blockers(net, solver_param, callbacks=()) -> list:
     if callbacks:
         reasons.append("solver callbacks (add_callback) run host code between backward and "
                        "the update")
+    if solver_param.average_loss >= LOSS_RING:
+        reasons.append(f"average_loss {solver_param.average_loss} keeps more losses than the "
+                       f"device ring holds ({LOSS_RING})")
     start = feed_size(net)
     bottoms = list(net.bottom_names.values())
     for index, layer in enumerate(net.layers[start:], start=start):
