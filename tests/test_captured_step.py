@@ -180,13 +180,18 @@ def test_python_layer_and_callbacks_block_capture(log_lines):
     assert reasons == ["layer 'py' (Python) cannot be captured"]
 
 
-def test_data_parallel_slices_are_not_captured():
-    from owlnet.parallel import DataParallel
-    text = RESNET_STYLE.replace("DROPOUT", "")
-    solver = _solver(text)
-    with pytest.raises(Exception, match="data layers"):       # Input is no sharded source
-        solver.parallel = DataParallel(solver, [None, None])
-    assert type(solver.executor) is SingleDevice
+def test_data_parallel_executors_are_not_captured():
+    """An attached data-parallel executor (Slices, RankSlices) runs the step itself; without
+    one the selection comes back."""
+    from owlnet.parallel.executors import Slices
+    with fakecupy.fake_gpu():
+        solver = _solver(RESNET_STYLE.replace("DROPOUT", ""))
+        assert type(solver.executor) is captured.CapturedStep
+        slices = Slices.__new__(Slices)                 # stands for one built by DataParallel
+        solver.parallel = slices
+        assert solver.executor is slices
+        solver.parallel = None
+        assert type(solver.executor) is captured.CapturedStep
 
 
 def test_loss_ring_outlasts_the_pending_losses():
@@ -398,6 +403,7 @@ def test_resnet_style_captured_equals_eager_on_the_device(monkeypatch):
     eager = _train(text, eager=True, where="gpu")
     graph = _train(text, eager=False, where="gpu")
     assert graph[0].state == "replay", graph[0].reason
+    assert graph[0].new_bytes == 0          # the warm-up left every block the captures took
     _assert_same(eager[1], graph[1])
     _assert_same(eager[3], graph[3])
 

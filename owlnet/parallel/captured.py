@@ -134,6 +134,7 @@ class CapturedStep(SingleDevice):
         self.warm_up_left = WARM_UP
         self.forward_graph = self.update_graph = None
         self.layout = None              # _layout() at the capture
+        self.new_bytes = 0              # device memory the pool took during captures
 
     # -- scopes ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -159,9 +160,12 @@ class CapturedStep(SingleDevice):
         return self.cupy.cuda.using_allocator(self.pool.malloc)
 
     def _capture(self, work, what):
-        """Capture ``work()`` on the stream; the graph, or CaptureFailed naming ``what``."""
+        """Capture ``work()`` on the stream; the graph, or CaptureFailed naming ``what``.
+        ``new_bytes`` adds what the pool took from the device meanwhile (0 when the warm-up
+        left every block the capture needs)."""
         stream = self.stream
-        with self._private():
+        total = self.pool.total_bytes()
+        with self._private(), _add_growth(self, total):
             stream.begin_capture()
             try:
                 work()
@@ -275,6 +279,14 @@ class CapturedStep(SingleDevice):
     def forward_loss(self):
         with self.stream:
             return super().forward_loss()
+
+
+@contextlib.contextmanager
+def _add_growth(executor, total):
+    try:
+        yield
+    finally:
+        executor.new_bytes += executor.pool.total_bytes() - total
 
 
 def _describe(layer) -> str:
