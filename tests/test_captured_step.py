@@ -484,3 +484,24 @@ def test_a_new_batch_size_is_captured_again(log_lines):
         assert solver.executor.state == "replay"
         assert net.blobs["ip"].data.shape == (6, 5)
     assert sum("capturing it again" in line for line in log_lines) == 1
+
+
+def test_replayed_losses_are_read_once_and_a_nan_stops_training():
+    """The losses of the replayed iterations stay on the device until the end of ``step``
+    (one device-to-host transfer for all of them); a NaN among them stops training naming
+    its iteration."""
+    from owlnet.errors import TrainingError
+    text = RESNET_STYLE.replace("DROPOUT", "")
+    with fakecupy.fake_gpu() as cupy:
+        solver = _solver(text)
+        (images, labels), = _batches(solver.net, 1, 5)
+        solver.net.blobs["data"].data[...] = images
+        solver.net.blobs["label"].data[...] = labels
+        solver.step(4)
+        assert solver.executor.state == "replay"
+        cupy.transfers.clear()
+        solver.step(3)
+        assert cupy.transfers["to_host"] == 1
+        solver.net.blobs["data"].data[...] = np.full_like(images, np.nan)
+        with pytest.raises(TrainingError, match="iteration 7: the loss is nan"):
+            solver.step(2)

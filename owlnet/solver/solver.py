@@ -77,9 +77,13 @@ class LossCheck:
         return loss
 
     def check(self, now: int) -> None:
-        """Read the pending losses (at iteration ``now``); TrainingError for the first bad one."""
+        """Read the pending losses (at iteration ``now``: one transfer when all are device
+        values) and the deferred device checks; TrainingError for the first bad loss."""
         pending, self.pending = self.pending, []
-        for iteration, loss in pending:
+        losses = [loss for _, loss in pending]
+        if losses and all(type(loss) not in (int, float) for loss in losses):
+            losses = backend.to_host(backend.array_module(losses[0]).stack(losses)).tolist()
+        for (iteration, _), loss in zip(pending, losses):
             self._verify(iteration, float(loss), now)
         device_checks.raise_pending()
 
