@@ -87,6 +87,12 @@ def workspace(nbytes: int):
     return buffer
 
 
+def workspace_buffers() -> list:
+    """The workspaces allocated now. A captured CUDA graph holds their addresses: its owner
+    keeps these arrays alive, so growing the workspace later cannot free memory it uses."""
+    return list(_workspaces.values())
+
+
 def _scratch(shape, dtype):
     """A C-contiguous array of ``shape`` laid over the start of the workspace."""
     cupy = backend.import_cupy()

@@ -30,9 +30,13 @@ Memory: nothing is allocated from the device inside a capture. The warm-up itera
 both captures allocate from a memory pool private to this executor (``using_allocator``), so
 the warm-up leaves in that pool a free block for every temporary the captured code asks for
 again (same code, same sizes, same order; two iterations, because from the second on a layer
-allocates its new cached arrays while still holding the previous ones); the temporaries of a capture go back to the private pool,
-which nothing outside the graphs uses, so the addresses the graphs hold are never handed to
-other arrays. The pool is kept, never emptied, for the executor's life.
+allocates its new cached arrays while still holding the previous ones). A capture's
+temporaries, and the layer caches an eager call replaces later, go back to the private pool,
+which only this executor's warm-ups and captures use, so no other array gets an address a
+graph holds. The pool is kept, never emptied, for the executor's life, and so are the shared
+convolution workspaces the graphs use (``kernels.gpu.workspace_buffers``), even if eager code
+grows the workspace later. ``new_bytes`` counts what the pool took from the device during
+the captures (0 expected; CuPy captures in relaxed mode, which would allow it).
 
 A net that cannot be captured runs eagerly, with one log line naming why
 (:func:`capture_blockers`, or the layer whose capture failed: a host sync, a host-to-device
@@ -135,6 +139,7 @@ class CapturedStep(SingleDevice):
         self.forward_graph = self.update_graph = None
         self.layout = None              # _layout() at the capture
         self.new_bytes = 0              # device memory the pool took during captures
+        self.held = []                  # workspaces the graphs use (kept alive with them)
 
     # -- scopes ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -174,7 +179,9 @@ class CapturedStep(SingleDevice):
                     stream.end_capture()
                 raise CaptureFailed(f"{what()} cannot be captured ({type(exc).__name__}: "
                                     f"{exc})") from exc
-            return stream.end_capture()
+            graph = stream.end_capture()
+        self.held += gpu_kernels.workspace_buffers()
+        return graph
 
     def _fall_back(self, reason: str) -> None:
         owl_logging.info(f"Training step runs eagerly: {reason}")
