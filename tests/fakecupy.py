@@ -7,6 +7,18 @@ a device array raises TypeError, and so does ``device[...] = host_array`` ("non-
 numpy.ndarray cannot be used for fill"). ``ElementwiseKernel`` runs the kernel body through
 the C harness (tests/cuda_harness.py), so kernels.gpu executes owlnet's real kernel bodies.
 
+Streams and CUDA graphs, as CuPy's: ``cuda.Stream`` (``with stream:`` makes it current),
+``begin_capture()`` / ``end_capture()`` giving a graph whose ``launch()`` replays what was
+recorded, and memory pools (``cuda.MemoryPool``, ``cuda.using_allocator``). Between
+``begin_capture`` and ``end_capture`` every operation on device arrays is recorded as a
+callable that writes the same memory again (its own result buffer, its ``out``, its target)
+and its effects are undone at ``end_capture`` (a capture does not run the work); and, as
+CUDA refuses them there, the fake refuses with ``CaptureError``: a host sync (``float``,
+``bool``, ``int``, ``.get()``, ``.item()``, boolean-mask indexing), a host-to-device copy
+(``asarray``/``.set`` of a host array), work on another stream than the one capturing, and
+taking new memory from the device (a pool growing past its high-water mark: the blocks an
+eager warm-up left free are all a capture may use).
+
 Use :func:`installed` (a context manager) to put the module in ``sys.modules['cupy']`` and
 restore what was there, or :func:`fake_gpu` to also run owlnet in GPU mode on it.
 """
@@ -23,6 +35,239 @@ import cuda_harness
 from owlnet.kernels import cuda_sources
 
 transfers = Counter()      # "to_device" / "to_host" -> count
+
+
+class CaptureError(RuntimeError):
+    """What CUDA's stream capture refuses (cudaErrorStreamCaptureUnsupported and kin)."""
+
+
+# The capture in progress: the stream capturing, the recorded replays, the saved contents of
+# the buffers written (restored at the end), and the nesting depth of recorded operations
+# (an operation's inner NumPy calls are not recorded again).
+_capture = {"stream": None, "records": None, "saved": None, "depth": 0}
+
+
+def _recording():
+    return _capture["records"] is not None and _capture["depth"] == 0
+
+
+def _refuse_in_capture(what):
+    if _capture["records"] is not None:
+        raise CaptureError(f"{what} during stream capture (CUDA refuses it: "
+                           "cudaErrorStreamCaptureUnsupported)")
+
+
+class _Interface:
+    """An ``__array_interface__`` holding the memory's owner (not the device array)."""
+
+    def __init__(self, array):
+        self.__array_interface__ = array.__array_interface__
+        owner = array
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        self.owner = owner
+
+
+def _plain(value):
+    """Device arrays as plain NumPy views of their memory (lists and tuples too), holding
+    the memory but not the device arrays (whose pool blocks go back when the program drops
+    them, though a record still writes their memory)."""
+    if isinstance(value, DeviceArray):
+        return np.asarray(_Interface(value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _save(*targets):
+    """Before a recorded write: keep the targets' contents (restored at end_capture)."""
+    for target in targets:
+        if isinstance(target, np.ndarray):
+            _capture["saved"].append((target, np.array(target)))
+
+
+@contextlib.contextmanager
+def _operation(targets=()):
+    """Around one device operation: during a capture, check the stream, save what it
+    writes, and keep its inner calls out of the record."""
+    if not _recording():
+        yield
+        return
+    if get_current_stream() is not _capture["stream"]:
+        raise CaptureError("a launch on another stream than the one capturing "
+                           "(cudaErrorStreamCaptureImplicit)")
+    _save(*_plain(list(targets)))
+    _capture["depth"] += 1
+    try:
+        yield
+    finally:
+        _capture["depth"] -= 1
+
+
+def _record(replay):
+    if _recording():
+        _capture["records"].append(replay)
+
+
+def _copy_into(result):
+    """A replay step: write ``compute()``'s value into ``result``'s memory (its buffer)."""
+    buffers = [_plain(r) for r in (result if isinstance(result, tuple) else (result,))
+               if isinstance(r, np.ndarray)]
+
+    def write(values):
+        values = values if isinstance(values, tuple) else (values,)
+        for buffer, value in zip(buffers, values):
+            np.copyto(buffer, value, casting="unsafe")
+    return write
+
+
+# -- memory pools -----------------------------------------------------------------------------
+class MemoryPool:
+    """CuPy's memory pool, by its byte counts: ``used_bytes`` (live arrays) and
+    ``total_bytes`` (taken from the device: the high-water mark of ``used``, as an ideal pool
+    that reuses every freed block)."""
+
+    def __init__(self):
+        self.used, self.total, self.frees = 0, 0, 0
+
+    def malloc(self, nbytes):
+        self.used += nbytes
+        if self.used > self.total:
+            if _capture["records"] is not None:
+                self.used -= nbytes
+                raise CaptureError(f"an allocation of {nbytes} bytes needs new device memory "
+                                   "during stream capture (no free block in the pool)")
+            self.total = self.used
+        return _Block(self, nbytes)
+
+    def used_bytes(self):
+        return self.used
+
+    def total_bytes(self):
+        return self.total
+
+    def free_all_blocks(self):
+        self.frees += 1
+        self.total = self.used
+
+
+class _Block:
+    """One allocation; returned to its pool when the last array using it goes."""
+
+    def __init__(self, pool, nbytes):
+        self.pool, self.nbytes = pool, nbytes
+
+    def __del__(self):
+        self.pool.used -= self.nbytes
+
+
+_default_pool = MemoryPool()
+_allocators = []            # using_allocator's stack of pools
+
+
+def get_default_memory_pool():
+    return _default_pool
+
+
+@contextlib.contextmanager
+def using_allocator(allocator):
+    """Allocate from ``allocator`` (a pool's ``malloc``) inside the block."""
+    _allocators.append(allocator.__self__)
+    try:
+        yield
+    finally:
+        _allocators.pop()
+
+
+def _allocate(nbytes):
+    return (_allocators[-1] if _allocators else _default_pool).malloc(int(nbytes))
+
+
+# -- streams and graphs ------------------------------------------------------------------------
+class Stream:
+    """A CuPy stream: ``with stream:`` makes it current; it captures graphs."""
+
+    _count = 0
+    log: list = []          # ("copy" | "record" | "wait" | "host waits", stream name, ...)
+
+    def __init__(self, null=False, non_blocking=False, name=None):
+        Stream._count += 1
+        self.ptr = 0 if null else Stream._count
+        self.non_blocking = non_blocking
+        self.name = name or ("compute" if null else f"stream{Stream._count}")
+        self.events = 0
+
+    def __enter__(self):
+        _streams.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _streams.pop()
+
+    def synchronize(self):
+        _refuse_in_capture("Stream.synchronize")
+
+    def record(self, event=None):
+        """An event marking the work queued so far (the fake runs it at once)."""
+        self.events += 1
+        self.log.append(("record", self.name, self.events))
+        event = event or Event()
+        event.stream, event.number = self, self.events
+        return event
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.stream.name, event.number))
+
+    def begin_capture(self, mode=None):
+        if _capture["records"] is not None:
+            raise CaptureError("a capture is already in progress")
+        _capture.update(stream=self, records=[], saved=[], depth=0)
+
+    def is_capturing(self):
+        return _capture["stream"] is self
+
+    def end_capture(self):
+        if _capture["stream"] is not self:
+            raise CaptureError("end_capture on a stream that is not capturing")
+        records, saved = _capture["records"], _capture["saved"]
+        _capture.update(stream=None, records=None, saved=None, depth=0)
+        for target, contents in reversed(saved):
+            target[...] = contents
+        return Graph(records)
+
+
+class Event:
+    stream, number = None, 0
+
+    def synchronize(self):
+        _refuse_in_capture("Event.synchronize")
+        Stream.log.append(("host waits", self.stream and self.stream.name, self.number))
+
+
+class Graph:
+    """A captured graph: ``launch`` runs the recorded operations again, in order."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def launch(self, stream=None):
+        if _capture["records"] is not None:
+            raise CaptureError("a graph launched during a capture")
+        for replay in self.records:
+            replay()
+
+    def upload(self, stream=None):
+        pass
+
+
+_null_stream = Stream.null = Stream(null=True)
+_streams = []
+
+
+def get_current_stream():
+    return _streams[-1] if _streams else _null_stream
 
 
 def _is_host(value):
@@ -42,13 +287,21 @@ class _Memory:
 
 
 class DeviceArray(np.ndarray):
-    """An array "on the device": NumPy storage, CuPy's manners."""
+    """An array "on the device": NumPy storage, CuPy's manners. An array owning its memory
+    holds a block of the current memory pool; views hold their base's."""
+
+    def __array_finalize__(self, obj):
+        if self.base is None or (type(obj) is np.ndarray and obj.base is None):
+            self._block = _allocate(self.nbytes)        # new memory (or a new result wrapped)
+        else:
+            self._block = getattr(obj, "_block", None)
 
     @property
     def data(self):
         return _Memory(self)
 
     def get(self, out=None):
+        _refuse_in_capture("a device-to-host copy (.get())")
         transfers["to_host"] += 1
         if out is None:
             return np.array(self.view(np.ndarray))
@@ -56,6 +309,7 @@ class DeviceArray(np.ndarray):
         return out
 
     def set(self, host, stream=None):
+        _refuse_in_capture("a host-to-device copy (.set())")
         transfers["to_device"] += 1
         if stream is not None:
             stream.log.append(("copy", stream.name))
@@ -64,33 +318,117 @@ class DeviceArray(np.ndarray):
     def __setitem__(self, key, value):
         if _is_host(value):
             raise TypeError("non-scalar numpy.ndarray cannot be used for fill")
-        super().__setitem__(key, value)
+        plain_self, plain_key, plain_value = _plain(self), _plain(key), _plain(value)
+        with _operation([self]):
+            plain_self[plain_key] = plain_value
+        _record(lambda: plain_self.__setitem__(plain_key, plain_value))
+
+    def __getitem__(self, key):
+        keys = key if isinstance(key, tuple) else (key,)
+        advanced = [k for k in keys if isinstance(k, (np.ndarray, list))]
+        if any(np.asarray(k).dtype == bool for k in advanced):
+            _refuse_in_capture("boolean-mask indexing (its size is read on the host)")
+        if not advanced:
+            result = super().__getitem__(key)
+            if isinstance(result, np.generic):        # CuPy gives a 0-d view
+                result = super().__getitem__(keys + (Ellipsis,))
+            return result
+        plain_self, plain_key = _plain(self), _plain(key)
+        with _operation():
+            result = _wrap(plain_self[plain_key])
+        write = _copy_into(result)
+        _record(lambda: write(plain_self[plain_key]))
+        return result
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         outs = kwargs.get("out", ())
         _refuse_mixing(inputs + tuple(outs), ufunc.__name__)
-        plain = [i.view(np.ndarray) if isinstance(i, DeviceArray) else i for i in inputs]
+        plain, plain_kwargs = _plain(list(inputs)), _plain(kwargs)
         if outs:
-            kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, DeviceArray) else o
-                                  for o in outs)
-        result = getattr(ufunc, method)(*plain, **kwargs)
-        if outs:
-            return outs[0] if len(outs) == 1 else outs
-        return _wrap(result)
+            plain_kwargs["out"] = _plain(tuple(outs))
+        targets = list(outs) + ([inputs[0]] if method == "at" else [])
+        with _operation(targets):
+            result = getattr(ufunc, method)(*plain, **plain_kwargs)
+        call = getattr(ufunc, method)
+        if outs or method == "at":
+            _record(lambda: call(*plain, **plain_kwargs))
+            return outs[0] if len(outs) == 1 else outs if outs else None
+        result = _wrap(result)
+        write = _copy_into(result)
+        _record(lambda: write(call(*plain, **plain_kwargs)))
+        return result
 
     def __array_function__(self, func, types_, args, kwargs):
         flat = list(args) + list(kwargs.values())
         flat += [v for a in args if isinstance(a, (list, tuple)) for v in a]
         _refuse_mixing(flat, func.__name__)
-        return _wrap(super().__array_function__(func, types_, args, kwargs))
+        targets = [kwargs["out"]] if isinstance(kwargs.get("out"), DeviceArray) else []
+        if func in _IN_PLACE:
+            targets.append(args[0])
+        with _operation(targets):
+            result = _wrap(super().__array_function__(func, types_, args, kwargs))
+        plain_args, plain_kwargs = _plain(args), _plain(kwargs)
+        if targets:
+            _record(lambda: func(*plain_args, **plain_kwargs))
+        elif isinstance(result, (np.ndarray, tuple)):
+            write = _copy_into(result)
+            _record(lambda: write(func(*plain_args, **plain_kwargs)))
+        return result
 
-    def __float__(self):
-        return float(self.view(np.ndarray))
+    def _copying(name):  # noqa: N805 - builds methods below
+        """A method that may give new memory (a copy): recorded as writing it again."""
+        def method(self, *args, **kwargs):
+            with _operation():
+                result = getattr(np.ndarray, name)(self, *args, **kwargs)
+            if isinstance(result, DeviceArray) and not np.shares_memory(result, self):
+                result = _detach(result)
+                plain_self, write = _plain(self), _copy_into(result)
+                _record(lambda: write(getattr(plain_self, name)(*args, **kwargs)))
+            return result
+        method.__name__ = name
+        return method
+
+    astype, copy, ravel = _copying("astype"), _copying("copy"), _copying("ravel")
+    flatten, reshape = _copying("flatten"), _copying("reshape")
+    argmax, argmin = _copying("argmax"), _copying("argmin")
+
+    def fill(self, value):
+        plain_self = _plain(self)
+        with _operation([self]):
+            plain_self.fill(value)
+        _record(lambda: plain_self.fill(value))
+
+    def _host_read(name):  # noqa: N805 - builds methods below
+        def method(self, *args):
+            _refuse_in_capture(f"a host read of a device value ({name})")
+            return getattr(self.view(np.ndarray), name)(*args)
+        method.__name__ = name
+        return method
+
+    __float__, __int__, __bool__ = _host_read("__float__"), _host_read("__int__"), \
+        _host_read("__bool__")
+    __index__, item, tolist = _host_read("__index__"), _host_read("item"), _host_read("tolist")
+
+
+#: NumPy functions that write their first argument.
+_IN_PLACE = {np.copyto, np.put, np.place, np.putmask}
+
+
+def _detach(array):
+    """A device array that owns its memory, as a view holding its pool block (so records can
+    hold the memory without the block)."""
+    if array.base is not None:
+        return array
+    view = array.view(DeviceArray)
+    view._block, array._block = array._block, None
+    return view
 
 
 def _wrap(result):
     if isinstance(result, tuple):
         return tuple(_wrap(r) for r in result)
+    if isinstance(result, DeviceArray):
+        return _detach(result)
     if isinstance(result, np.ndarray):
         return result.view(DeviceArray)
     if isinstance(result, np.generic):
@@ -101,6 +439,7 @@ def _wrap(result):
 def asarray(value, dtype=None):
     if isinstance(value, DeviceArray):
         return value if dtype is None else value.astype(dtype, copy=False)
+    _refuse_in_capture("a host-to-device copy (asarray of a host value)")
     if isinstance(value, np.ndarray) and value.ndim > 0:
         transfers["to_device"] += 1
     return np.array(value, dtype=dtype).view(DeviceArray)
@@ -153,10 +492,14 @@ class ElementwiseKernel:
             self.source.out_params)
         dtype = next(a.dtype for (raw, t, _), a in zip(specs, args)
                      if t == "T" and isinstance(a, np.ndarray))
-        host = [a.view(np.ndarray) if isinstance(a, DeviceArray) else a for a in args]
+        host = [_plain(a) for a in args]
         if any(isinstance(a, np.ndarray) and not isinstance(a, DeviceArray) for a in args):
             raise TypeError(f"{self.source.name}: a host array given to a device kernel")
-        cuda_harness.c_kernel(self.source, dtype)(*host, end=size)
+        kernel = cuda_harness.c_kernel(self.source, dtype)
+        outputs = args[len(args) - len(cuda_harness.params(self.source.out_params)):]
+        with _operation(outputs):
+            kernel(*host, end=size)
+        _record(lambda: kernel(*host, end=size))
         return args[-1]
 
 
@@ -171,49 +514,11 @@ class _Device:
         pass
 
 
-class _Event:
-    def __init__(self, stream, number):
-        self.stream, self.number = stream, number
-
-    def synchronize(self):
-        _Stream.log.append(("host waits", self.stream.name, self.number))
-
-
-class _Stream:
-    """Streams and events that only log what is asked of them (in ``_Stream.log``)."""
-    ptr = 0
-    log: list = []
-    count = 0
-
-    def __init__(self, non_blocking=False, name=None):
-        _Stream.count += 1
-        self.name = name or f"stream{_Stream.count}"
-        self.events = 0
-
-    def record(self):
-        self.events += 1
-        self.log.append(("record", self.name, self.events))
-        return _Event(self, self.events)
-
-    def wait_event(self, event):
-        self.log.append(("wait", self.name, event.stream.name, event.number))
-
-
-_COMPUTE = _Stream(name="compute")
-cuda = types.SimpleNamespace(Device=_Device, Stream=_Stream, get_current_stream=lambda: _COMPUTE,
+cuda = types.SimpleNamespace(Device=_Device, Stream=Stream, Graph=Graph, Event=Event,
+                             get_current_stream=get_current_stream, MemoryPool=MemoryPool,
+                             using_allocator=using_allocator,
                              alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
                              runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-
-class _MemoryPool:
-    """CuPy's default memory pool, as far as owlnet asks it (nothing is cached here)."""
-    frees = 0
-
-    def free_all_blocks(self):
-        _MemoryPool.frees += 1
-
-    def total_bytes(self):
-        return 0
-
 
 module = types.ModuleType("cupy")
 for _name in ("zeros", "empty", "ones", "full", "arange", "ascontiguousarray", "array"):
@@ -223,7 +528,7 @@ for _name in ("zeros", "empty", "ones"):
 for _name, _value in dict(asarray=asarray, asnumpy=asnumpy, get_array_module=get_array_module,
                           ndarray=ndarray, ElementwiseKernel=ElementwiseKernel, cuda=cuda,
                           DeviceArray=DeviceArray, transfers=transfers,
-                          get_default_memory_pool=_MemoryPool).items():
+                          get_default_memory_pool=get_default_memory_pool).items():
     setattr(module, _name, _value)
 module.__getattr__ = lambda name: getattr(np, name)
 
@@ -259,7 +564,7 @@ def _clear_gpu_caches():
     """kernels.gpu keeps kernels, plans, handles and workspaces per process: a fake's must not
     outlive the fake (nor a real device's leak into it)."""
     from owlnet.kernels import gpu
-    for cache in (gpu._plans, gpu._handles, gpu._workspaces):
+    for cache in (gpu._plans, gpu._handles, gpu._workspaces, gpu._iterations):
         cache.clear()
     gpu._cudnn_state.update(module=None, failed=False)
     gpu.elementwise.cache_clear()

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "owlnet"
 FLOORS = {
     "proto": 1, "errors": 1, "logging": 1,
     "backend": 2, "config": 2, "fileio": 2, "views": 2,
-    "blob": 3, "fillers": 3, "numerics": 3, "kernels": 3, "data": 3,
+    "blob": 3, "fillers": 3, "numerics": 3, "device_checks": 3, "kernels": 3, "data": 3,
     "layer_types": 4,
     "net": 5, "arena": 5, "memory": 5, "snapshot": 5,
     "solver": 6, "parallel": 6,

@@ -35,12 +35,21 @@ def _mix(v):
     return v ^ (v >> np.uint32(16))
 
 
+def layer_number(layer) -> int:
+    """A layer index as it is, a layer name as its CRC-32."""
+    return zlib.crc32(layer.encode()) if isinstance(layer, str) else int(layer)
+
+
 def draw_key(seed: int, iteration: int, layer) -> int:
     """The 32-bit key of one draw; ``layer`` is an index or a layer name."""
-    if isinstance(layer, str):
-        layer = zlib.crc32(layer.encode())
     return _mix(_mix(_mix(int(seed)) ^ (int(iteration) & _MASK) ^ _mix(int(iteration) >> 32))
-                ^ _mix(int(layer)))
+                ^ _mix(layer_number(layer)))
+
+
+def key_parts(seed: int, layer) -> tuple:
+    """``(mix(seed), mix(layer))``: the parts of :func:`draw_key` that do not change with the
+    iteration, for a kernel that folds in the iteration itself."""
+    return _mix(int(seed)), _mix(layer_number(layer))
 
 
 def bits(key: int, count: int, start: int = 0) -> np.ndarray:

@@ -273,6 +273,20 @@ DROPOUT_FORWARD = Elementwise(
     y = kept ? x * scale : (T)0;
 """, preamble=RANDOM_PREAMBLE, arrays=("x", "y", "keep"))
 
+# The same, its key folded on the device from the iteration a captured graph reads at each
+# replay (counter_random.draw_key with seed_mix = mix(seed), layer_mix = mix(layer)).
+DROPOUT_FORWARD_COUNTED = Elementwise(
+    "owlnet_dropout_forward_counted",
+    "T x, raw uint64 iteration, uint32 seed_mix, uint32 layer_mix, uint32 threshold, T scale",
+    "T y, uint8 keep", """
+    const unsigned long long it = iteration[0];
+    const unsigned int key = owl_mix(owl_mix(seed_mix ^ (unsigned int)it
+                                             ^ owl_mix((unsigned int)(it >> 32))) ^ layer_mix);
+    const unsigned char kept = owl_random(key, (unsigned long long)i) > threshold;
+    keep = kept;
+    y = kept ? x * scale : (T)0;
+""", preamble=RANDOM_PREAMBLE, arrays=("x", "y", "keep"))
+
 DROPOUT_BACKWARD = Elementwise(
     "owlnet_dropout_backward", "T dy, uint8 keep, T scale", "T dx", """
     dx = keep ? dy * scale : (T)0;
@@ -280,4 +294,4 @@ DROPOUT_BACKWARD = Elementwise(
 
 ALL = (IM2COL, COL2IM, MAX_POOL_FORWARD, MAX_POOL_BACKWARD, AVE_POOL_FORWARD,
        AVE_POOL_BACKWARD, SOFTMAX, SOFTMAX_LOSS, SOFTMAX_LOSS_BACKWARD, DROPOUT_FORWARD,
-       DROPOUT_BACKWARD)
+       DROPOUT_FORWARD_COUNTED, DROPOUT_BACKWARD)

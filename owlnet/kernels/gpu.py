@@ -87,6 +87,12 @@ def workspace(nbytes: int):
     return buffer
 
 
+def workspace_buffers() -> list:
+    """The workspaces allocated now. A captured CUDA graph holds their addresses: its owner
+    keeps these arrays alive, so growing the workspace later cannot free memory it uses."""
+    return list(_workspaces.values())
+
+
 def _scratch(shape, dtype):
     """A C-contiguous array of ``shape`` laid over the start of the workspace."""
     cupy = backend.import_cupy()
@@ -454,6 +460,39 @@ def dropout_forward(x, y, keep, ratio, key):
     elementwise(cuda_sources.DROPOUT_FORWARD)(x, cupy.uint32(key),
                                               cupy.uint32(counter_random.threshold(ratio)),
                                               x.dtype.type(1.0 / (1.0 - ratio)), y, keep)
+
+
+_iterations: dict = {}      # device id -> 0-d uint64 device array
+
+
+def iteration_counter():
+    """This device's iteration counter: a 0-d uint64 device array that the step executors
+    set (:func:`set_iteration`) before each iteration's forward and that
+    :func:`dropout_forward_counted` reads when it runs (so a replayed CUDA graph draws the
+    masks of the iteration it replays)."""
+    cupy = backend.import_cupy()
+    device = cupy.cuda.Device().id
+    counter = _iterations.get(device)
+    if counter is None:
+        counter = _iterations[device] = cupy.zeros((), dtype=cupy.uint64)
+    return counter
+
+
+def set_iteration(iteration: int) -> None:
+    """Write ``iteration`` into :func:`iteration_counter` (a launch on the current stream;
+    no host sync)."""
+    iteration_counter().fill(int(iteration))
+
+
+def dropout_forward_counted(x, y, keep, ratio, seed, layer):
+    """:func:`dropout_forward` with the key ``counter_random.draw_key(seed, iteration,
+    layer)`` folded on the device from :func:`iteration_counter`: the same mask as
+    ``dropout_forward(..., draw_key(seed, i, layer))`` at iteration ``i``, and capturable."""
+    seed_mix, layer_mix = counter_random.key_parts(seed, layer)
+    cupy = backend.import_cupy()
+    elementwise(cuda_sources.DROPOUT_FORWARD_COUNTED)(
+        x, iteration_counter(), cupy.uint32(seed_mix), cupy.uint32(layer_mix),
+        cupy.uint32(counter_random.threshold(ratio)), x.dtype.type(1.0 / (1.0 - ratio)), y, keep)
 
 
 def dropout_backward(dy, keep, dx, ratio):

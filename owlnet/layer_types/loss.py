@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, fileio
+from .. import backend, device_checks, fileio
 from ..errors import ConfigError, DataError
 from ..proto import caffe_pb2
 from .base import Layer, register
@@ -72,7 +72,11 @@ class LossLayer(Layer):
         bad = (labels < 0) | (labels >= num_classes)
         if valid is not None:
             bad &= valid
-        if bool(bad.any()):
+        if device_checks.deferring():       # a captured step: no host sync
+            device_checks.defer(f"{self.name}: labels", bad.any(), lambda: DataError(
+                f"layer '{self.name}' ({self.type}): a label outside [0, {num_classes}) "
+                "classes (found by the captured step since the last display)"))
+        elif bool(bad.any()):
             value = float(label_data.reshape(-1)[int(xp.argmax(bad.reshape(-1)))])
             raise DataError(f"layer '{self.name}' ({self.type}): label {value:g} is outside "
                             f"[0, {num_classes}) classes")

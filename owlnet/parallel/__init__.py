@@ -1,9 +1,11 @@
-"""Data-parallel training: the step executors (``executors``) and gradient reducers (``reducers``).
+"""Data-parallel training: the step executors (``executors``; ``captured``: one GPU's step as
+replayed CUDA graphs) and gradient reducers (``reducers``).
 
 ``DataParallel(solver, devices, comm, timeout)`` builds the executor the tools attach to a
 solver (``solver.parallel = ...``): :class:`Slices` in one process, :class:`RankSlices` under
 ``mpiexec``. See ``executors`` for how a batch is sliced and ``reducers`` for the collectives.
 """
+from .captured import CapturedStep
 from .executors import RankSlices, SingleDevice, Slices, StepExecutor, device_list
 from .reducers import (DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, Reducer,
                        launched_by_mpi, mpi_comm)
@@ -20,6 +22,6 @@ def DataParallel(solver, devices, comm=None,  # noqa: N802 (the name the tools c
     return RankSlices(*parts, comm=comm, timeout=timeout)
 
 
-__all__ = ["DEFAULT_TIMEOUT", "DataParallel", "LocalReducer", "MPIReducer", "NCCLReducer",
+__all__ = ["CapturedStep", "DEFAULT_TIMEOUT", "DataParallel", "LocalReducer", "MPIReducer", "NCCLReducer",
            "RankSlices", "Reducer", "SingleDevice", "Slices", "StepExecutor", "device_list",
            "launched_by_mpi", "mpi_comm"]

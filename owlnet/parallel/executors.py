@@ -34,11 +34,13 @@ side stream) it overlaps with the backward of the layers below.
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import numpy as np
 
 from .. import backend
 from ..errors import ConfigError
+from ..kernels import gpu as gpu_kernels
 from .reducers import DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, device_scope
 
 
@@ -96,6 +98,10 @@ class StepExecutor(abc.ABC):
         """The action ("none", "stop", "snapshot") every rank takes: "stop" if any rank asks
         to stop, else "snapshot" if any asks for one."""
 
+    def scope(self):
+        """The context the solver runs its iterations in (a captured step: its stream)."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         """Release what the executor holds beyond the solver's net (replicas, communicators)."""
 
@@ -110,6 +116,8 @@ class SingleDevice(StepExecutor):
         self.net.clear_param_diffs()
 
     def forward_backward(self, iteration, reduce):
+        if backend.mode() == "gpu":
+            gpu_kernels.set_iteration(iteration)        # read by counter-based random kernels
         return self.net.forward_backward()
 
     def reduce(self, loss):

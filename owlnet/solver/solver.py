@@ -26,11 +26,11 @@ import os
 import time
 from pathlib import Path
 
-from .. import backend, config, fileio, snapshot
+from .. import backend, config, device_checks, fileio, snapshot
 from .. import logging as owl_logging
 from ..errors import ConfigError, SnapshotError, TrainingError
 from ..net import Net
-from ..parallel.executors import SingleDevice
+from ..parallel import captured
 from ..proto import caffe_pb2
 from . import updates
 from .lr_policy import LearningRate
@@ -77,10 +77,15 @@ class LossCheck:
         return loss
 
     def check(self, now: int) -> None:
-        """Read the pending losses (at iteration ``now``); TrainingError for the first bad one."""
+        """Read the pending losses (at iteration ``now``: one transfer when all are device
+        values) and the deferred device checks; TrainingError for the first bad loss."""
         pending, self.pending = self.pending, []
-        for iteration, loss in pending:
+        losses = [loss for _, loss in pending]
+        if losses and all(type(loss) not in (int, float) for loss in losses):
+            losses = backend.to_host(backend.array_module(losses[0]).stack(losses)).tolist()
+        for (iteration, _), loss in zip(pending, losses):
             self._verify(iteration, float(loss), now)
+        device_checks.raise_pending()
 
     @staticmethod
     def _verify(iteration: int, loss: float, now: int) -> None:
@@ -215,7 +220,9 @@ class Solver:
     (``owlnet.parallel.StepExecutor``); ``parallel`` (None, or a data-parallel executor from
     ``owlnet.parallel.DataParallel`` attached before ``solve``) spreads each batch over devices
     and ranks: it runs the slices' forward/backward, reduces their gradients before the update,
-    and agrees on the actions; only the primary rank (rank 0) tests and snapshots.
+    and agrees on the actions; only the primary rank (rank 0) tests and snapshots. Without
+    one, ``owlnet.parallel.captured.select`` picks the executor: on the GPU a captured step
+    (CUDA graphs) when the net allows it, else the eager one, logging why.
     """
 
     rule_class: type[updates.UpdateRule] = updates.SGD
@@ -268,7 +275,8 @@ class Solver:
     @parallel.setter
     def parallel(self, executor) -> None:
         self._parallel = executor
-        self.executor = executor or SingleDevice(self.net, self.rule)
+        self.executor = executor or captured.select(self.net, self.rule, self.param,
+                                                    self.callbacks)
 
     @property
     def is_primary(self) -> bool:
@@ -305,14 +313,20 @@ class Solver:
 
     @backend.device_arrays()
     def step(self, iters: int) -> None:
-        """Run ``iters`` iterations (fewer if the action callback says stop)."""
-        p = self.param
+        """Run ``iters`` iterations (fewer if the action callback says stop), in the
+        executor's scope (a captured step's stream: every device read here follows its work)."""
         start_iter = self.iter
         stop_iter = self.iter + int(iters)
         self._losses = []
         self.smoothed_loss = 0.0
         timer_start = time.perf_counter()
-        iterations_last = self.iter
+        with self.executor.scope():
+            self._iterate(stop_iter, start_iter, timer_start, self.iter)
+            self.loss_check.check(self.iter)
+
+    def _iterate(self, stop_iter, start_iter, timer_start, iterations_last) -> None:
+        """The loop of :meth:`step`."""
+        p = self.param
         executor = self.executor
         while self.iter < stop_iter:
             executor.clear_param_diffs()
@@ -352,7 +366,6 @@ class Solver:
             if request == "stop":
                 self.requested_early_exit = True
                 break
-        self.loss_check.check(self.iter)
 
     def apply_update(self) -> None:
         """Update the train net's parameters from their diffs (clip, regularize, rule)."""
@@ -511,6 +524,8 @@ class Solver:
         if on_gradients is None:
             on_start, on_gradients = on_start.on_start, on_start.on_gradients_ready
         self.callbacks.append((on_start, on_gradients))
+        if self.parallel is None:
+            self.parallel = None            # choose the executor again (callbacks: eager)
 
     def _run_callbacks(self, which: int) -> None:
         for pair in self.callbacks:

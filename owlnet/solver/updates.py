@@ -11,8 +11,15 @@ few whole-buffer operations per group instead of a loop over parameters:
    their step is 0): normalize ``g /= iter_size`` (when ``iter_size > 1``);
 3. regularize with ``d = weight_decay * decay_mult`` (skipped when 0):
    L2 ``g += d * w``, L1 ``g += d * sign(w)``;
-4. compute the update value into the diff, with ``r = rate * lr_mult`` (see each class);
+4. compute the update value into the diff, with the group's rate ``r`` (``rate * lr_mult``,
+   for Adam times its bias correction: :meth:`UpdateRule.group_rates`; see each class);
 5. ``w -= diff``.
+
+The group rates are float64 numbers computed on the host. A captured GPU step
+(``owlnet.parallel.captured``) hands them to :meth:`UpdateRule.apply` as 0-d float64 device
+arrays that it refills before each replay, so the graph sees each iteration's rates; either
+way a rate is rounded to the parameters' type where it scales them (:func:`factor`), so the
+results are bit-identical.
 
 History arrays live beside the parameters (same device and dtype). ``history`` lists them in
 Caffe's SolverState order, views into the history buffers: one per parameter, and for
@@ -24,6 +31,13 @@ from .. import backend
 from ..blob import device_current
 from .. import logging as owl_logging
 from ..errors import ConfigError
+
+
+def factor(value, dtype):
+    """``value`` as a multiplier of a ``dtype`` array, rounded as NumPy and CuPy round a Python
+    float there (to ``dtype``, then one multiply in ``dtype``): a Python number is kept, a 0-d
+    float64 array is cast to ``dtype``."""
+    return value if type(value) in (int, float) else value.astype(dtype)
 
 
 class UpdateRule:
@@ -56,21 +70,28 @@ class UpdateRule:
         """Raise ConfigError for settings this rule cannot use (Caffe's constructor checks)."""
 
     # -- the update ----------------------------------------------------------------------
-    def apply(self, net, rate: float, iteration: int) -> None:
+    def group_rates(self, arena, rate: float, iteration: int) -> list:
+        """The rate ``r`` of each learning group of ``arena`` at ``iteration`` (host floats):
+        ``rate * lr_mult``."""
+        return [rate * group.lr_mult for group in arena.learned]
+
+    def apply(self, net, rate: float, iteration: int, group_rates=None) -> None:
         """One update of every learnable parameter of ``net`` (the net this rule was made
-        for) at learning rate ``rate``."""
+        for) at learning rate ``rate``; ``group_rates`` (0-d float64 device arrays holding
+        :meth:`group_rates`) replace ``rate`` and ``iteration`` when given."""
         arena = net.arena
         device_current(net.learnable_params)       # the arena's device buffers hold the values
         self.clip(arena.diff)
         xp = backend.array_module(arena.data)
-        for group in arena.learned:
+        if group_rates is None:
+            group_rates = self.group_rates(arena, rate, iteration)
+        for group, local_rate in zip(arena.learned, group_rates):
             lo, hi = group.lo, group.hi
             diff, data = arena.diff[lo:hi], arena.data[lo:hi]
             if self.iter_size != 1:
                 diff *= 1.0 / self.iter_size
             self.regularize(diff, data, self.weight_decay * group.decay_mult)
-            self.compute([h[lo:hi] for h in self.history_buffers], diff,
-                         rate * group.lr_mult, iteration)
+            self.compute([h[lo:hi] for h in self.history_buffers], diff, local_rate)
             xp.subtract(data, diff, out=data)
 
     def clip(self, diff) -> None:
@@ -94,9 +115,10 @@ class UpdateRule:
         else:
             diff += local_decay * backend.array_module(data).sign(data)
 
-    def compute(self, history, diff, local_rate: float, iteration: int) -> None:
+    def compute(self, history, diff, local_rate) -> None:
         """Turn the gradient ``diff`` of one group into the step to subtract (in place);
-        ``history``: the group's range of each history buffer."""
+        ``history``: the group's range of each history buffer; ``local_rate``: the group's
+        rate (a float, or a 0-d float64 device array)."""
         raise NotImplementedError
 
     # -- history <-> SolverState -----------------------------------------------------------
@@ -116,9 +138,9 @@ class SGD(UpdateRule):
 
     type = "SGD"
 
-    def compute(self, history, diff, local_rate, iteration):
+    def compute(self, history, diff, local_rate):
         h, = history
-        diff *= local_rate
+        diff *= factor(local_rate, diff.dtype)
         h *= self.momentum
         h += diff
         diff[...] = h
@@ -129,10 +151,10 @@ class Nesterov(UpdateRule):
 
     type = "Nesterov"
 
-    def compute(self, history, diff, local_rate, iteration):
+    def compute(self, history, diff, local_rate):
         h, = history
         previous = h * self.momentum
-        diff *= local_rate
+        diff *= factor(local_rate, diff.dtype)
         h *= self.momentum
         h += diff
         backend.array_module(h).multiply(h, 1.0 + self.momentum, out=diff)
@@ -148,13 +170,13 @@ class AdaGrad(UpdateRule):
         if self.momentum != 0:
             raise ConfigError("momentum cannot be used with AdaGrad (set momentum: 0)")
 
-    def compute(self, history, diff, local_rate, iteration):
+    def compute(self, history, diff, local_rate):
         h, = history
         h += diff * diff
         denominator = backend.array_module(h).sqrt(h)
         denominator += self.delta
         diff /= denominator
-        diff *= local_rate
+        diff *= factor(local_rate, diff.dtype)
 
 
 class RMSProp(UpdateRule):
@@ -168,7 +190,7 @@ class RMSProp(UpdateRule):
         if not 0 <= self.param.rms_decay < 1:
             raise ConfigError(f"rms_decay must lie in [0, 1), got {self.param.rms_decay:g}")
 
-    def compute(self, history, diff, local_rate, iteration):
+    def compute(self, history, diff, local_rate):
         h, = history
         decay = self.param.rms_decay
         h *= decay
@@ -176,7 +198,7 @@ class RMSProp(UpdateRule):
         denominator = backend.array_module(h).sqrt(h)
         denominator += self.delta
         diff /= denominator
-        diff *= local_rate
+        diff *= factor(local_rate, diff.dtype)
 
 
 class AdaDelta(UpdateRule):
@@ -189,7 +211,7 @@ class AdaDelta(UpdateRule):
     type = "AdaDelta"
     history_sets = 2
 
-    def compute(self, history, diff, local_rate, iteration):
+    def compute(self, history, diff, local_rate):
         xp = backend.array_module(diff)
         m = self.momentum
         h, h_update = history
@@ -200,13 +222,14 @@ class AdaDelta(UpdateRule):
         diff *= xp.sqrt(ratio)
         h_update *= m
         h_update += (1.0 - m) * (diff * diff)
-        diff *= local_rate
+        diff *= factor(local_rate, diff.dtype)
 
 
 class Adam(UpdateRule):
     """With ``b1 = momentum``, ``b2 = momentum2``, ``t = iter + 1``:
     ``m = b1 * m + (1 - b1) * g``; ``v = b2 * v + (1 - b2) * g^2``;
-    step ``r * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + delta)``.
+    step ``r * m / (sqrt(v) + delta)`` with the group rate ``r = rate * lr_mult * sqrt(1 - b2^t)
+    / (1 - b1^t)`` (the bias correction computed on the host).
 
     History: the N first moments ``m``, then the N second moments ``v``.
     """
@@ -214,12 +237,17 @@ class Adam(UpdateRule):
     type = "Adam"
     history_sets = 2
 
-    def compute(self, history, diff, local_rate, iteration):
+    def group_rates(self, arena, rate, iteration):
+        b1, b2 = self.momentum, self.param.momentum2
+        t = iteration + 1
+        correction = (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
+        return [local_rate * correction for local_rate in super().group_rates(arena, rate,
+                                                                               iteration)]
+
+    def compute(self, history, diff, local_rate):
         xp = backend.array_module(diff)
         b1, b2 = self.momentum, self.param.momentum2
         m, v = history
-        t = iteration + 1
-        correction = (1.0 - b2 ** t) ** 0.5 / (1.0 - b1 ** t)
         m *= b1
         m += (1.0 - b1) * diff
         v *= b2
@@ -227,7 +255,7 @@ class Adam(UpdateRule):
         denominator = xp.sqrt(v)
         denominator += self.delta
         xp.divide(m, denominator, out=diff)
-        diff *= local_rate * correction
+        diff *= factor(local_rate, diff.dtype)
 
 
 RULES = {rule.type: rule for rule in (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam)}

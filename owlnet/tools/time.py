@@ -17,7 +17,9 @@ random DummyData of shape (batch, C, H, W) and zero labels, for when the source 
 A net without a loss (a deploy net) is timed with ``force_backward``, so every layer runs
 its backward pass; otherwise backward runs where training would run it.
 On the GPU the device is synchronised before and after each layer's timing; the device is
-chosen by ``--gpu`` / ``--device`` (owlnet.tools.device; one GPU, as Caffe's time).
+chosen by ``--gpu`` / ``--device`` (owlnet.tools.device; one GPU, as Caffe's time). There, in
+the TRAIN phase, a last line gives the whole training step's time (forward, backward, an SGD
+update at rate 0) run eagerly and as replayed CUDA graphs (``owlnet.parallel.captured``).
 """
 from __future__ import annotations
 
@@ -227,6 +229,12 @@ def run(args, out=None) -> int:
                                           _synchroniser(gpu))
     report(net, forward, backward, passes, out)
     print(memory.memory_line(net), file=out)
+    if gpu is not None and args.phase == "TRAIN":
+        from ..parallel.captured import time_steps  # noqa: PLC0415
+        eager, graphs = time_steps(net, args.iterations)
+        graphs = (f"{graphs * 1e3:.6g} ms" if isinstance(graphs, float)
+                  else f"not captured ({graphs})")
+        print(f"Training step: eager {eager * 1e3:.6g} ms, captured {graphs}.", file=out)
     return 0
 
 
