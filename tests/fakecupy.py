@@ -11,8 +11,11 @@ Streams and CUDA graphs, as CuPy's: ``cuda.Stream`` (``with stream:`` makes it c
 ``begin_capture()`` / ``end_capture()`` giving a graph whose ``launch()`` replays what was
 recorded, and memory pools (``cuda.MemoryPool``, ``cuda.using_allocator``). Between
 ``begin_capture`` and ``end_capture`` every operation on device arrays is recorded as a
-callable that writes the same memory again (its own result buffer, its ``out``, its target)
-and its effects are undone at ``end_capture`` (a capture does not run the work); and, as
+callable that writes the same memory again (its own result buffer, its ``out``, its target),
+creating a filled array included (``zeros``, ``arange``, ``array``, a copying
+``ascontiguousarray``: CuPy writes them with a memset, kernel or copy on the stream, which the
+graph replays; only ``empty`` writes nothing), and its effects are undone at ``end_capture``
+(a capture does not run the work); and, as
 CUDA refuses them there, the fake refuses with ``CaptureError``: a host sync (``float``,
 ``bool``, ``int``, ``.get()``, ``.item()``, boolean-mask indexing), a host-to-device copy
 (``asarray``/``.set`` of a host array), work on another stream than the one capturing, and
@@ -127,7 +130,10 @@ def _copy_into(result):
 class MemoryPool:
     """CuPy's memory pool, by its byte counts: ``used_bytes`` (live arrays) and
     ``total_bytes`` (taken from the device: the high-water mark of ``used``, as an ideal pool
-    that reuses every freed block)."""
+    that reuses every freed block). CuPy's real pool rounds each block up to 512 bytes and
+    reuses a free block only if one large enough is free, so it needs at least as much: a
+    capture holding more live bytes at some point than the warm-up ever did would need new
+    device memory there too, unless fragmentation happened to leave a spare block."""
 
     def __init__(self):
         self.used, self.total, self.frees = 0, 0, 0
@@ -453,18 +459,48 @@ def get_array_module(*values):
     return module if any(isinstance(v, DeviceArray) for v in values) else np
 
 
+def _filled(make):
+    """A new device array ``make()`` (a NumPy array) whose contents CuPy writes on the device:
+    a memset, fill or copy kernel on the current stream, which a capture records, so each
+    replay writes them again (``cupy.zeros`` re-zeroes its memory on every replay; a copy
+    reads its source's contents at replay time, not at capture)."""
+    with _operation():
+        result = make().view(DeviceArray)
+    write = _copy_into(result)
+    _record(lambda: write(make()))
+    return result
+
+
 def _creator(name):
+    """``cupy.zeros``, ``cupy.array`` and kin (see :func:`_filled`); ``empty`` writes
+    nothing, and ``ascontiguousarray`` of a C-contiguous device array is that array, as in
+    CuPy."""
     def create(*args, **kwargs):
-        return getattr(np, name)(*args, **kwargs).view(DeviceArray)
+        source = args[0] if args else None
+        if name == "empty":
+            return np.empty(*args, **kwargs).view(DeviceArray)
+        if isinstance(source, DeviceArray) and name == "ascontiguousarray" and \
+                source.flags.c_contiguous and kwargs.get("dtype", source.dtype) == source.dtype:
+            return source
+        if _is_host(source):
+            _refuse_in_capture(f"a host-to-device copy ({name} of a host array)")
+        plain_args, plain_kwargs = _plain(args), _plain(kwargs)
+        return _filled(lambda: getattr(np, name)(*plain_args, **plain_kwargs))
     create.__name__ = name
     return create
 
 
 def _like(name):
-    """``zeros_like`` and kin, built from the shape (NumPy's own copies a host array in)."""
+    """``zeros_like`` and kin, built from the shape (NumPy's own copies a host array in);
+    recorded as :func:`_creator`'s."""
     def create(array, dtype=None, **kwargs):
-        return getattr(np, name)(array.shape, dtype=dtype or array.dtype, **kwargs) \
-            .view(DeviceArray)
+        shape, dtype = array.shape, dtype or array.dtype    # (a record holds no array)
+
+        def make():
+            return getattr(np, name)(shape, dtype=dtype, **kwargs)
+        if name == "empty":
+            return make().view(DeviceArray)
+        return _filled(make)
     create.__name__ = f"{name}_like"
     return create
 

@@ -306,6 +306,36 @@ def test_fake_capture_records_undoes_and_replays():
         assert pool.total_bytes() == 16
 
 
+def test_fake_capture_replays_what_creators_write():
+    """As in CuPy, a capture records the memset or copy of ``zeros`` and a copying
+    ``ascontiguousarray``: each replay zeroes again and copies its source's current contents
+    (what a pooling layer's fresh argmax and im2col's transposed gradient rely on)."""
+    with fakecupy.fake_gpu() as cupy:
+        source = cupy.arange(6, dtype=np.float32).reshape(3, 2)
+        total = cupy.zeros(3, dtype=np.float32)
+        pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
+
+        def work():
+            counts = cupy.zeros(3, dtype=np.float32)
+            counts += 1
+            copy = cupy.ascontiguousarray(source.T)
+            total[...] += copy.sum(axis=0) + counts
+            return counts, copy
+
+        with stream, cupy.cuda.using_allocator(pool.malloc):
+            work()                                      # warm-up: the blocks the capture reuses
+            total.fill(0)
+            stream.begin_capture()
+            counts, copy = work()
+            graph = stream.end_capture()
+            source += 10
+            graph.launch(stream)
+            graph.launch(stream)
+        np.testing.assert_array_equal(counts.get(), np.ones(3))
+        np.testing.assert_array_equal(copy.get(), np.arange(6).reshape(3, 2).T + 10)
+        np.testing.assert_array_equal(total.get(), 2 * (np.array([1, 5, 9]) + 20 + 1))
+
+
 def _conv_contract():
     import inspect
 

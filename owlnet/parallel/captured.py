@@ -47,10 +47,9 @@ from __future__ import annotations
 import contextlib
 import time
 
-from .. import backend, device_checks
+from .. import backend, device_checks, kernels
 from .. import logging as owl_logging
 from ..blob import device_current
-from ..kernels import gpu as gpu_kernels
 from .executors import SingleDevice
 
 #: Eager iterations before the capture: the second one allocates as the steady state does
@@ -103,13 +102,13 @@ class DeviceScalars:
     learning groups' rates (float64), written before each replay."""
 
     def __init__(self, xp, groups: int):
-        self.iteration = gpu_kernels.iteration_counter()
+        self.kernels = kernels.get(xp)      # kernels.gpu, loaded on first GPU use
+        self.iteration = self.kernels.iteration_counter()
         self.rates = xp.zeros(groups, dtype=xp.float64)
         self.rate_views = [self.rates[g] for g in range(groups)]
 
-    @staticmethod
-    def set_iteration(iteration: int) -> None:
-        gpu_kernels.set_iteration(iteration)
+    def set_iteration(self, iteration: int) -> None:
+        self.kernels.set_iteration(iteration)
 
     def set_rates(self, rates) -> None:
         for view, rate in zip(self.rate_views, rates):
@@ -127,6 +126,7 @@ class CapturedStep(SingleDevice):
         super().__init__(net, rule)
         cupy = backend.import_cupy()
         self.cupy = cupy
+        self.kernels = kernels.get(cupy)    # kernels.gpu
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.pool = cupy.cuda.MemoryPool()
         self.feed = feed_size(net)
@@ -180,7 +180,7 @@ class CapturedStep(SingleDevice):
                 raise CaptureFailed(f"{what()} cannot be captured ({type(exc).__name__}: "
                                     f"{exc})") from exc
             graph = stream.end_capture()
-        self.held += gpu_kernels.workspace_buffers()
+        self.held += self.kernels.workspace_buffers()
         return graph
 
     def _fall_back(self, reason: str) -> None:
@@ -191,7 +191,7 @@ class CapturedStep(SingleDevice):
 
     # -- the iteration -----------------------------------------------------------------------
     def clear_param_diffs(self):
-        if self.state in ("warm-up", "eager"):
+        if self.state == "eager":       # else the step's work clears them (``_step_work``)
             self.net.clear_param_diffs()
 
     def forward_backward(self, iteration, reduce):
@@ -202,25 +202,20 @@ class CapturedStep(SingleDevice):
         if self.state == "eager":
             return self._forward_backward()
         if self.state == "warm-up":
-            with self._private():
-                self._keep_loss(self._forward_backward())
-            return self.losses[iteration % LOSS_RING]
+            return self._warm_up(iteration)
         device_current(self.blobs)
         if self.state == "replay" and self._layout() != self.layout:
             owl_logging.info("Training step: the net's shapes or arrays changed; capturing "
                              "it again")
             self.state, self.warm_up_left = "warm-up", WARM_UP
             self.forward_graph = self.update_graph = None
-            net.clear_param_diffs()
-            with self._private():
-                self._keep_loss(self._forward_backward())
-            return self.losses[iteration % LOSS_RING]
+            return self._warm_up(iteration)
         if self.state == "capture":
             self.layout = self._layout()
             current = {"layer": None}
             try:
                 self.forward_graph = self._capture(
-                    lambda: self._captured_forward_backward(current),
+                    lambda: self._step_work(current),
                     lambda: _describe(current["layer"]))
             except CaptureFailed as exc:
                 self._fall_back(str(exc))
@@ -235,8 +230,17 @@ class CapturedStep(SingleDevice):
         self.net.backward_range(last, 0)
         return loss
 
-    def _captured_forward_backward(self, current):
-        """Graph A's work, layer by layer (``current`` names the layer being captured)."""
+    def _warm_up(self, iteration):
+        """One eager warm-up iteration of graph A's work, from the private pool."""
+        with self._private():
+            self._step_work({"layer": None})
+        return self.losses[iteration % LOSS_RING]
+
+    def _step_work(self, current):
+        """Graph A's work, layer by layer (``current`` names the layer being run). The
+        warm-ups run it eagerly and the capture records it: the same code, so the capture
+        asks the pool for the same temporaries, in the same order, with the same arrays live
+        (the loss sum included) as the warm-up did."""
         net, last = self.net, len(self.net.layers) - 1
         current["layer"] = None
         net.clear_param_diffs()

@@ -38,9 +38,8 @@ import contextlib
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..errors import ConfigError
-from ..kernels import gpu as gpu_kernels
 from .reducers import DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, device_scope
 
 
@@ -117,7 +116,8 @@ class SingleDevice(StepExecutor):
 
     def forward_backward(self, iteration, reduce):
         if backend.mode() == "gpu":
-            gpu_kernels.set_iteration(iteration)        # read by counter-based random kernels
+            # read by counter-based random kernels (kernels.gpu loads on first GPU use)
+            kernels.get(backend.xp()).set_iteration(iteration)
         return self.net.forward_backward()
 
     def reduce(self, loss):
