@@ -190,9 +190,7 @@ class PriorBoxLayer(Layer):
         return False
 
     def backward(self, top, propagate_down, bottom):
-        for b, down in zip(bottom, propagate_down):
-            if down:
-                b.diff[...] = 0
+        self.zero_bottom_diffs(propagate_down, bottom)
 
 
 def decode_boxes(prior, variance, loc, code_type, variance_in_target):
