@@ -80,6 +80,10 @@ class NCCL:
         return np.asarray(_nccl().get_unique_id(), dtype=np.int8).tobytes()
 
     def _each_param(self, call) -> None:
+        """``call(blob, stream)`` for every learnable blob, then wait for the stream. NCCL
+        works on the device arrays (``device_data``/``device_diff``, current on the device
+        whether or not this runs inside the solver's step), so the host copies are stale
+        afterwards and read back what NCCL wrote."""
         cupy = backend.import_cupy()
         stream = cupy.cuda.get_current_stream().ptr
         for blob in self.solver.net.learnable_params:
@@ -90,7 +94,7 @@ class NCCL:
         """Give every rank rank 0's parameters."""
         nccl = self.nccl
         self._each_param(lambda blob, stream: self.comm.bcast(
-            blob.data.data.ptr, blob.count, nccl.NCCL_FLOAT32, 0, stream))
+            blob.device_data.data.ptr, blob.count, nccl.NCCL_FLOAT32, 0, stream))
 
     def on_start(self) -> None:
         pass
@@ -100,8 +104,8 @@ class NCCL:
         nccl = self.nccl
 
         def reduce(blob, stream):
-            self.comm.allReduce(blob.diff.data.ptr, blob.diff.data.ptr, blob.count,
+            diff = blob.device_diff
+            self.comm.allReduce(diff.data.ptr, diff.data.ptr, blob.count,
                                 nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream)
+            diff /= solver_count()
         self._each_param(reduce)
-        for blob in self.solver.net.learnable_params:
-            blob.diff[...] /= solver_count()
