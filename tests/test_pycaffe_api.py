@@ -238,8 +238,53 @@ def test_nccl_hands_device_pointers_even_outside_the_solver(monkeypatch):
                 blob.diff[...] = cupy.asarray(np.full(blob.shape, 6, dtype=np.float32))
         assert [c for c in calls if c[0] == "bcast"] == [("bcast", p, b.count, 0)
                                                         for p, b in zip(pointers, blobs)]
+        made = len(calls)
+        comm(0)                                     # net.after_backward(nccl): nothing per layer
+        assert len(calls) == made
         comm.on_gradients_ready()                   # also outside the step here
         assert [c[1] for c in calls if c[0] == "allReduce"] == [
             b.device_diff.data.ptr for b in blobs]
         for blob in blobs:
             np.testing.assert_array_equal(blob.diff, 3)   # summed by NCCL, divided by 2
+
+
+def test_python_train_py_helpers_log_time_and_hook_layers(tmp_path):
+    """Caffe's python/train.py: caffe.init_log(), caffe.log(...), caffe.Timer, and the net's
+    before/after forward/backward callbacks (called with the layer index, for every layer, in
+    Caffe's order); an NCCL may be given to after_backward (layer-wise reduce)."""
+    import io as text_io
+    import logging
+
+    from owlnet import logging as owl_logging
+    saved = list(owl_logging.logger.handlers), owl_logging.logger.level
+    try:
+        caffe.init_log(1)
+        assert owl_logging.logger.level == logging.WARNING
+        stream = text_io.StringIO()
+        owl_logging.configure(stream=stream)
+        caffe.log("Using devices [0]")
+        assert "Using devices [0]" in stream.getvalue()
+    finally:
+        for handler in list(owl_logging.logger.handlers):
+            owl_logging.logger.removeHandler(handler)
+        for handler in saved[0]:
+            owl_logging.logger.addHandler(handler)
+        owl_logging.logger.setLevel(saved[1])
+    timer = caffe.Timer()
+    assert timer.ms == 0                            # never run
+    timer.start()
+    timer.stop()
+    assert timer.ms >= 0
+
+    net = caffe.Net(TINY, caffe.TRAIN)
+    events = []
+    net.before_forward(lambda i: events.append(("before_forward", i)))
+    net.after_forward(lambda i: events.append(("after_forward", i)))
+    net.before_backward(lambda i: events.append(("before_backward", i)))
+    net.after_backward(lambda i: events.append(("after_backward", i)))
+    net.forward()
+    net.backward()
+    layers = range(len(net.layers))
+    assert events == ([(k, i) for i in layers for k in ("before_forward", "after_forward")]
+                      + [(k, i) for i in reversed(layers)
+                         for k in ("before_backward", "after_backward")])
