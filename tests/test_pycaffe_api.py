@@ -156,6 +156,8 @@ def test_detector_windows_and_context(tiny, tmp_path):
     assert crop.shape == (6, 6, 3)
     # the context above and left of the window lies off the image: mean / raw_scale there
     np.testing.assert_allclose(crop[0, 0], np.array([90.0, 100.0, 110.0]) / 255, rtol=1e-6)
+    with pytest.raises(OwlnetError, match=r"window \(30, 30, 40, 40\).*\(20, 24\)"):
+        padded.crop(image, np.array([30, 30, 40, 40]))       # wholly off the image
 
 
 def test_draw_lenet(zoo, tmp_path):
