@@ -18,8 +18,8 @@ from .errors import (ConfigError, DataError, OwlnetError, ShapeError, SnapshotEr
 from .layer_types import known_types as layer_type_list
 from .layer_types.python import PyLayer as Layer
 from .layer_types.python import refuse_python_layers
-from .nccl import (NCCL, has_nccl, set_multiprocess, set_solver_count, set_solver_rank,
-                   solver_count, solver_rank)
+from .nccl import (NCCL, Timer, has_nccl, init_log, log, set_multiprocess, set_solver_count,
+                   set_solver_rank, solver_count, solver_rank)
 from .net import TEST, TRAIN, Net
 from .net_spec import NetSpec, layers, params, to_proto
 from .onnx_export import export_onnx
@@ -33,7 +33,7 @@ __all__ = [
     "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver", "get_solver",
     "Layer", "refuse_python_layers", "Classifier", "Detector", "NetSpec", "layers", "params",
     "to_proto", "NCCL", "has_nccl", "set_solver_count", "set_solver_rank", "solver_count",
-    "solver_rank", "set_multiprocess", "io", "proto",
+    "solver_rank", "set_multiprocess", "init_log", "log", "Timer", "io", "proto",
     "export_onnx",
 ]
 __version__ = "0.1.0"

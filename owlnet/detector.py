@@ -58,8 +58,10 @@ class Detector(Net):
         height, width = im.shape[:2]
         box = np.clip(box, 0.0, [height, width, height, width])
         clipped = box[2:] - box[:2] + 1
-        if not np.all(clipped > 0):
-            raise ValueError(f"window {tuple(window)} lies outside the image")
+        if not np.all(box[2:] > box[:2]):          # nothing of the image inside the box
+            raise io.ArrayShapeError(f"window {tuple(int(v) for v in window)} (ymin, xmin, "
+                                     f"ymax, xmax) lies outside the image of (height, width) "
+                                     f"{(height, width)}")
         extent = np.minimum(np.round(clipped * unit).astype(int), size - pad)
         box = box.astype(int)
         context = io.resize_image(im[box[0]:box[2], box[1]:box[3]], tuple(extent))

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import fileio
 from .data import datum as datum_io
-from .errors import DataError, ShapeError
+from .errors import ConfigError, DataError, ShapeError
 from .proto import caffe_pb2
 
 _GREY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721])
@@ -34,6 +34,10 @@ _GREY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721])
 
 class ArrayShapeError(ShapeError, ValueError):
     """An array or setting of the wrong shape; also a ValueError, as pycaffe raises."""
+
+
+class UnsupportedSettingError(ConfigError, ValueError):
+    """A setting pycaffe takes that owlnet does not implement; also a ValueError."""
 
 
 # -- images -----------------------------------------------------------------------------------
@@ -76,8 +80,8 @@ def resize_image(im, new_dims, interp_order: int = 1, anti_aliasing=None) -> np.
     use) is implemented.
     """
     if interp_order != 1:
-        raise ValueError(f"resize_image: interp_order {interp_order} is not supported "
-                         "(only 1, bilinear)")
+        raise UnsupportedSettingError(f"resize_image: interp_order {interp_order} is not "
+                                      "supported (only 1, bilinear)")
     im = np.asarray(im)
     height, width = (int(d) for d in new_dims)
     if im.shape[-1] not in (1, 3):
@@ -293,6 +297,9 @@ def blobprotovector_str_to_arraylist(payload: bytes) -> list:
 
 def array_to_datum(arr, label=None):
     """A Datum of a C x H x W array (uint8 as bytes, else floats); no label when None."""
+    if np.ndim(arr) != 3:
+        raise ArrayShapeError(f"a Datum needs a 3-d C x H x W array, got shape "
+                              f"{np.shape(arr)}")
     datum = datum_io.array_to_datum(arr, 0 if label is None else label)
     if label is None:
         datum.ClearField("label")
@@ -307,4 +314,4 @@ def datum_to_array(datum) -> np.ndarray:
 __all__ = ["Transformer", "load_image", "resize_image", "oversample", "blobproto_to_array",
            "array_to_blobproto", "arraylist_to_blobprotovector_str",
            "blobprotovector_str_to_arraylist", "array_to_datum", "datum_to_array",
-           "ArrayShapeError"]
+           "ArrayShapeError", "UnsupportedSettingError"]

@@ -11,15 +11,20 @@
 
 :func:`has_nccl` is False where CuPy or its NCCL library is missing; NCCL then refuses to be
 built. owlnet's own multi-GPU training (``-n N``, mpiexec: ``owlnet.parallel``) needs none of
-this; it is here so pycaffe scripts run unchanged.
+this; it is here so pycaffe scripts run unchanged. So are the helpers python/train.py uses
+beside it: :func:`init_log`, :func:`log` and :class:`Timer` (with ``Net.before_forward`` and
+its siblings, in net.py).
 """
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 
 import numpy as np
 
 from . import backend
+from . import logging as owl_logging
 from .errors import OwlnetError
 
 _solvers = {"count": 1, "rank": 0}
@@ -56,6 +61,51 @@ def set_multiprocess(multiprocess: bool) -> None:
     """Accepted for pycaffe scripts; each process is one rank whatever this says."""
 
 
+_GLOG_LEVELS = (logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+
+
+def init_log(level: int = 0, stderr: bool = True) -> None:
+    """pycaffe's ``init_log``: owlnet's glog-style log on stderr, from glog level ``level``
+    (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL) up. ``stderr`` is accepted as pycaffe's; the log
+    always goes to stderr (``owlnet.logging.configure`` sends it elsewhere)."""
+    owl_logging.configure(level=_GLOG_LEVELS[min(max(int(level), 0), 3)])
+
+
+def log(message) -> None:
+    """pycaffe's ``log``: one INFO line in owlnet's log."""
+    owl_logging.info(str(message))
+
+
+class Timer:
+    """pycaffe's ``Timer``: ``start()``, ``stop()`` and ``ms``, the milliseconds between the
+    last start and stop (reading it while running stops the timer first; 0 before any run).
+    In GPU mode start and stop wait for the device's queued work, so the span covers it."""
+
+    def __init__(self):
+        self._started = None
+        self._ms = None
+
+    @staticmethod
+    def _now() -> float:
+        if backend.mode() == "gpu":
+            backend.import_cupy().cuda.get_current_stream().synchronize()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._started = self._now()
+
+    def stop(self) -> None:
+        if self._started is not None:
+            self._ms = (self._now() - self._started) * 1000.0
+            self._started = None
+
+    @property
+    def ms(self) -> float:
+        if self._started is not None:
+            self.stop()
+        return 0.0 if self._ms is None else self._ms
+
+
 def _nccl():
     if not has_nccl():
         raise OwlnetError("NCCL is not available: install owlnet[gpu] and CuPy's NCCL "
@@ -80,6 +130,10 @@ class NCCL:
         return np.asarray(_nccl().get_unique_id(), dtype=np.int8).tobytes()
 
     def _each_param(self, call) -> None:
+        """``call(blob, stream)`` for every learnable blob, then wait for the stream. NCCL
+        works on the device arrays (``device_data``/``device_diff``, current on the device
+        whether or not this runs inside the solver's step), so the host copies are stale
+        afterwards and read back what NCCL wrote."""
         cupy = backend.import_cupy()
         stream = cupy.cuda.get_current_stream().ptr
         for blob in self.solver.net.learnable_params:
@@ -90,18 +144,22 @@ class NCCL:
         """Give every rank rank 0's parameters."""
         nccl = self.nccl
         self._each_param(lambda blob, stream: self.comm.bcast(
-            blob.data.data.ptr, blob.count, nccl.NCCL_FLOAT32, 0, stream))
+            blob.device_data.data.ptr, blob.count, nccl.NCCL_FLOAT32, 0, stream))
 
     def on_start(self) -> None:
         pass
+
+    def __call__(self, layer_index: int) -> None:
+        """A per-layer callback (``net.after_backward(nccl)``, Caffe's layer-wise reduce):
+        nothing to do per layer, :meth:`on_gradients_ready` reduces every gradient at once."""
 
     def on_gradients_ready(self) -> None:
         """Sum the parameter gradients over the ranks and divide by their number."""
         nccl = self.nccl
 
         def reduce(blob, stream):
-            self.comm.allReduce(blob.diff.data.ptr, blob.diff.data.ptr, blob.count,
+            diff = blob.device_diff
+            self.comm.allReduce(diff.data.ptr, diff.data.ptr, blob.count,
                                 nccl.NCCL_FLOAT32, nccl.NCCL_SUM, stream)
+            diff /= solver_count()
         self._each_param(reduce)
-        for blob in self.solver.net.learnable_params:
-            blob.diff[...] /= solver_count()

@@ -129,6 +129,8 @@ class Net:
         self.reuse_memory = bool(reuse_memory)
         self.keep_blobs = set(keep_blobs)
         self.memory_plan = None
+        self._layer_callbacks = {"before_forward": [], "after_forward": [],
+                                 "before_backward": [], "after_backward": []}
         self._build(param, kept)
         if weights:
             self.copy_from(weights)
@@ -373,24 +375,36 @@ class Net:
     def forward_range(self, start: int, end: int):
         """Run layers start..end (inclusive); the weighted loss as a 0-d array on the device."""
         loss = 0.0
+        before, after = self._layer_callbacks["before_forward"], self._layer_callbacks[
+            "after_forward"]
         for li in range(start, end + 1):
+            for callback in before:
+                callback(li)
             layer, bottoms, tops = self.layers[li], self._bottoms[li], self._tops[li]
             layer.reshape(bottoms, tops)
             layer.forward(bottoms, tops)
             for j, weight in self._loss_weights[li]:
                 loss = loss + weight * tops[j].data.sum()
+            for callback in after:
+                callback(li)
         return loss
 
     @backend.device_arrays()
     def backward_range(self, start: int, end: int) -> None:
         """Back-propagate through layers start down to end (inclusive)."""
+        before, after = self._layer_callbacks["before_backward"], self._layer_callbacks[
+            "after_backward"]
         for li in range(start, end - 1, -1):
-            if not self._layer_need_backward[li]:
-                continue
-            tops = self._tops[li]
-            for j, weight in self._loss_weights[li]:
-                tops[j].diff[...] = weight
-            self.layers[li].backward(tops, self._bottom_need_backward[li], self._bottoms[li])
+            for callback in before:
+                callback(li)
+            if self._layer_need_backward[li]:
+                tops = self._tops[li]
+                for j, weight in self._loss_weights[li]:
+                    tops[j].diff[...] = weight
+                self.layers[li].backward(tops, self._bottom_need_backward[li],
+                                         self._bottoms[li])
+            for callback in after:
+                callback(li)
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """pycaffe's forward: set inputs given by name, run, return the output blobs' data."""
@@ -552,6 +566,21 @@ class Net:
     @property
     def _blob_names(self) -> list:
         return list(self.blobs)
+
+    def before_forward(self, callback) -> None:
+        """pycaffe's per-layer callbacks: ``callback(layer index)`` before (after) each layer's
+        forward (backward), for every layer run, whether or not it needs a backward; an
+        NCCL given to ``after_backward`` is Caffe's layer-wise reduce (see owlnet.nccl)."""
+        self._layer_callbacks["before_forward"].append(callback)
+
+    def after_forward(self, callback) -> None:
+        self._layer_callbacks["after_forward"].append(callback)
+
+    def before_backward(self, callback) -> None:
+        self._layer_callbacks["before_backward"].append(callback)
+
+    def after_backward(self, callback) -> None:
+        self._layer_callbacks["after_backward"].append(callback)
 
     def share_with(self, other: "Net") -> None:
         """pycaffe's name for :meth:`share_trained_layers`."""

@@ -538,7 +538,7 @@ def _interp(e):
     size_in = [s + p.pad_beg + p.pad_end for s in shape[2:]]
     if p.pad_beg or p.pad_end:
         x = e.op("Slice", [x, e.constant([-p.pad_beg] * 2, "starts", np.int64),
-                           e.constant([s - p.pad_end for s in shape[2:]], "ends", np.int64),
+                           e.constant([s + p.pad_end for s in shape[2:]], "ends", np.int64),
                            e.constant([2, 3], "axes", np.int64)])
     # With aligned corners the source row is o * (in - 1) / (out - 1), whatever the scale;
     # the scales only set the output size, floor(in * scale): half a pixel over keeps it exact.

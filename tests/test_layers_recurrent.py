@@ -35,7 +35,7 @@ def lstm_reference(x, cont, weights, static=None, h0=None, c0=None):
                 a = a + w_static @ static[n].ravel()
             i, f, o = sig(a[:hidden]), sig(a[hidden:2 * hidden]), sig(a[2 * hidden:3 * hidden])
             g = np.tanh(a[3 * hidden:])
-            c = cont[t, n] * f * c + i * g
+            c = (cont[t, n] != 0) * f * c + i * g     # Caffe's LSTMUnit: f = 0 where cont is 0
             h = o * np.tanh(c)
             out[t, n] = h
         finals.append((h, c))
@@ -61,15 +61,18 @@ def rnn_reference(x, cont, weights, static=None, h0=None):
     return out, finals
 
 
-def test_lstm_unit():
+@pytest.mark.parametrize("cont", [[1.0, 0.0, 1.0], [0.5, 0.0, 2.0]])
+def test_lstm_unit(cont):
+    # Caffe's LSTMUnit reads cont as a flag (f = sigmoid(.) where cont != 0, else 0): a
+    # value like 0.5 keeps the whole previous cell, it does not scale it
     c_prev, gates = rs.standard_normal((1, 3, 2)), rs.standard_normal((1, 3, 8))
-    cont = np.array([[1.0, 0.0, 1.0]])
+    cont = np.array([cont])
     layer, bottom, top = make_layer('name: "u" type: "LSTMUnit"', [c_prev, gates, cont], n_tops=2)
     c, h = forward(layer, bottom, top)
     for n in range(3):
         a = gates[0, n]
         i, f, o, g = sig(a[0:2]), sig(a[2:4]), sig(a[4:6]), np.tanh(a[6:8])
-        expect_c = cont[0, n] * f * c_prev[0, n] + i * g
+        expect_c = (f if cont[0, n] else 0) * c_prev[0, n] + i * g
         np.testing.assert_allclose(c[0, n], expect_c, rtol=1e-12)
         np.testing.assert_allclose(h[0, n], o * np.tanh(expect_c), rtol=1e-12)
     check_gradient(layer, bottom, top, check_bottoms=[0, 1])

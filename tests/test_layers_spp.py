@@ -63,3 +63,14 @@ def test_spp_height_one_and_errors():
     np.testing.assert_allclose(y.reshape(1, 3), x.reshape(1, 3, -1).max(axis=2))
     with pytest.raises(ConfigError, match="pyramid_height"):
         make_layer('name: "s" type: "SPP"', [x])
+
+
+def test_spp_stochastic_needs_sides_the_levels_divide():
+    # Caffe's stochastic pooling ignores pad, and SPP pads the levels whose bins do not divide
+    # the input; the error names the SPP layer and its level, not an internal Pooling's pad
+    x = np.abs(rs.standard_normal((1, 1, 6, 7)))
+    text = 'name: "s" type: "SPP" spp_param { pyramid_height: 2 pool: STOCHASTIC }'
+    with pytest.raises(ConfigError, match=r"layer 's' \(SPP\).*level 1.*6 x 7"):
+        make_layer(text, [x])
+    layer, bottom, top = make_layer(text, [np.abs(rs.standard_normal((1, 1, 4, 6)))])
+    assert forward(layer, bottom, top)[0].shape == (1, 5)

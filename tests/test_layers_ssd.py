@@ -143,3 +143,13 @@ def test_detection_output_per_class_boxes_without_threshold():
     layer, bottom, top = make_layer(text, [loc.reshape(1, 16), conf, prior], phase=TEST)
     y = forward(layer, bottom, top)[0][0, 0]
     np.testing.assert_allclose(y, [[0, 1, .7, .1, .1, .5, .5], [0, 1, 0, .6, .6, 1, 1]])
+
+
+@pytest.mark.parametrize("setting", ["img_h: 10", "img_w: 10", "img_size: 0", "img_h: 10 img_w: 0",
+                                     "step_h: 2", "step: 0", "step_w: 2 step_h: -1"])
+def test_prior_box_refuses_unset_or_zero_image_size_and_step(setting):
+    # SSD checks img_h, img_w (and step_h, step_w) > 0 once either is given; a zero one would
+    # divide by zero (boxes of inf) or put every centre at 0
+    with pytest.raises(ConfigError, match="img_|step"):
+        make_layer(f'name: "p" type: "PriorBox" prior_box_param {{ min_size: 4 {setting} }}',
+                   [np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 8, 8))])

@@ -156,6 +156,8 @@ def test_detector_windows_and_context(tiny, tmp_path):
     assert crop.shape == (6, 6, 3)
     # the context above and left of the window lies off the image: mean / raw_scale there
     np.testing.assert_allclose(crop[0, 0], np.array([90.0, 100.0, 110.0]) / 255, rtol=1e-6)
+    with pytest.raises(OwlnetError, match=r"window \(30, 30, 40, 40\).*\(20, 24\)"):
+        padded.crop(image, np.array([30, 30, 40, 40]))       # wholly off the image
 
 
 def test_draw_lenet(zoo, tmp_path):
@@ -193,3 +195,98 @@ def test_coord_map_crop_aligns_a_padded_convolution():
     net.params["conv"][0].data[...] = np.eye(2).reshape(2, 2, 1, 1)
     x = np.random.default_rng(5).normal(size=(1, 2, 7, 9))
     np.testing.assert_allclose(net.forward(data=x)["crop"], x, rtol=1e-6)
+
+
+def test_nccl_hands_device_pointers_even_outside_the_solver(monkeypatch):
+    """python/train.py calls ``nccl.bcast()`` from user code (not inside the solver's step),
+    where ``blob.data`` is the host copy: NCCL must still get the device arrays' pointers,
+    and the host copies must read what NCCL wrote. Checked on tests/fakecupy.py."""
+    import sys
+    import types
+
+    import fakecupy
+    from owlnet import backend, nccl
+    from owlnet.blob import Blob
+    calls = []
+
+    class Communicator:
+        def __init__(self, count, uid, rank):
+            calls.append(("init", count, rank))
+
+        def bcast(self, ptr, count, dtype, root, stream):
+            calls.append(("bcast", ptr, count, root))
+
+        def allReduce(self, send, recv, count, dtype, op, stream):   # noqa: N802 (CuPy's name)
+            calls.append(("allReduce", send, recv, count))
+
+    fake_nccl = types.SimpleNamespace(available=True, NcclCommunicator=Communicator,
+                                      get_unique_id=lambda: (1,) * 128, NCCL_FLOAT32=7,
+                                      NCCL_SUM=0)
+    monkeypatch.setattr(fakecupy._Stream, "synchronize", lambda self: None, raising=False)
+    monkeypatch.setitem(nccl._solvers, "count", 2)
+    with fakecupy.fake_gpu() as cupy:
+        monkeypatch.setitem(sys.modules, "cupy.cuda", types.SimpleNamespace(nccl=fake_nccl))
+        blobs = [Blob((2, 3), dtype=np.float32, name="w"), Blob((4,), dtype=np.float32,
+                                                                  name="b")]
+        for k, blob in enumerate(blobs):
+            blob.data[...] = k + 1                  # written on the host, as pycaffe does
+        solver = types.SimpleNamespace(net=types.SimpleNamespace(learnable_params=blobs))
+        comm = nccl.NCCL(solver, nccl.NCCL.new_uid())
+        comm.bcast()
+        with backend.device_arrays():
+            pointers = [blob.data.data.ptr for blob in blobs]
+            np.testing.assert_array_equal(blobs[1].data.get(), 2)   # uploaded before NCCL
+            for blob in blobs:
+                blob.diff[...] = cupy.asarray(np.full(blob.shape, 6, dtype=np.float32))
+        assert [c for c in calls if c[0] == "bcast"] == [("bcast", p, b.count, 0)
+                                                        for p, b in zip(pointers, blobs)]
+        made = len(calls)
+        comm(0)                                     # net.after_backward(nccl): nothing per layer
+        assert len(calls) == made
+        comm.on_gradients_ready()                   # also outside the step here
+        assert [c[1] for c in calls if c[0] == "allReduce"] == [
+            b.device_diff.data.ptr for b in blobs]
+        for blob in blobs:
+            np.testing.assert_array_equal(blob.diff, 3)   # summed by NCCL, divided by 2
+
+
+def test_python_train_py_helpers_log_time_and_hook_layers(tmp_path):
+    """Caffe's python/train.py: caffe.init_log(), caffe.log(...), caffe.Timer, and the net's
+    before/after forward/backward callbacks (called with the layer index, for every layer, in
+    Caffe's order); an NCCL may be given to after_backward (layer-wise reduce)."""
+    import io as text_io
+    import logging
+
+    from owlnet import logging as owl_logging
+    saved = list(owl_logging.logger.handlers), owl_logging.logger.level
+    try:
+        caffe.init_log(1)
+        assert owl_logging.logger.level == logging.WARNING
+        stream = text_io.StringIO()
+        owl_logging.configure(stream=stream)
+        caffe.log("Using devices [0]")
+        assert "Using devices [0]" in stream.getvalue()
+    finally:
+        for handler in list(owl_logging.logger.handlers):
+            owl_logging.logger.removeHandler(handler)
+        for handler in saved[0]:
+            owl_logging.logger.addHandler(handler)
+        owl_logging.logger.setLevel(saved[1])
+    timer = caffe.Timer()
+    assert timer.ms == 0                            # never run
+    timer.start()
+    timer.stop()
+    assert timer.ms >= 0
+
+    net = caffe.Net(TINY, caffe.TRAIN)
+    events = []
+    net.before_forward(lambda i: events.append(("before_forward", i)))
+    net.after_forward(lambda i: events.append(("after_forward", i)))
+    net.before_backward(lambda i: events.append(("before_backward", i)))
+    net.after_backward(lambda i: events.append(("after_backward", i)))
+    net.forward()
+    net.backward()
+    layers = range(len(net.layers))
+    assert events == ([(k, i) for i in layers for k in ("before_forward", "after_forward")]
+                      + [(k, i) for i in reversed(layers)
+                         for k in ("before_backward", "after_backward")])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from owlnet import io
+from owlnet.errors import OwlnetError
 from owlnet.proto import caffe_pb2
 
 
@@ -186,3 +187,15 @@ def test_datum_round_trips_and_optional_label():
     np.testing.assert_array_equal(io.datum_to_array(labelled), image)
     floats = image.astype(np.float32) / 3
     np.testing.assert_array_equal(io.datum_to_array(io.array_to_datum(floats)), floats)
+
+
+def test_array_to_datum_refuses_other_than_3d_as_pycaffe_does():
+    # pycaffe raises ValueError('Incorrect array shape.'); scripts catch ValueError
+    with pytest.raises(ValueError, match=r"\(4, 5\)") as raised:
+        io.array_to_datum(np.zeros((4, 5), dtype=np.uint8))
+    assert isinstance(raised.value, OwlnetError)
+
+
+def test_resize_order_refusal_is_an_owlnet_error():
+    with pytest.raises(OwlnetError, match="interp_order"):
+        io.resize_image(np.zeros((4, 4, 3)), (2, 2), interp_order=0)

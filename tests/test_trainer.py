@@ -142,3 +142,31 @@ def test_stage_and_level_reach_the_train_state(job, tmp_path, monkeypatch):
     assert "extra" in built.net.layer_dict
     assert "extra" not in train.get_solver(train.solver_with_state(str(solver), ["deep"], 1)
                                            ).net.layer_dict
+
+
+def test_weights_reach_test_only_layers(tmp_path):
+    """Caffe's train --weights copies every file into the train net and into each test net, so
+    a layer of the test net alone (here ``ip_test``) starts from the weights file too."""
+    import numpy as np
+
+    import owlnet
+    net_text = """
+    input: "x" input_shape { dim: 2 dim: 3 }
+    input: "t" input_shape { dim: 2 dim: 1 }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+      inner_product_param { num_output: 1 } }
+    layer { name: "ip_test" type: "InnerProduct" bottom: "x" top: "z" include { phase: TEST }
+      inner_product_param { num_output: 2 } }
+    layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+    """
+    (tmp_path / "net.prototxt").write_text(net_text)
+    source = owlnet.Net(str(tmp_path / "net.prototxt"), owlnet.TEST)
+    source.params["ip"][0].data[...] = 5
+    source.params["ip_test"][0].data[...] = 7
+    source.save(str(tmp_path / "w.caffemodel"))
+    solver = owlnet.get_solver(f'net: "{tmp_path / "net.prototxt"}" base_lr: 0.1 '
+                               'lr_policy: "fixed" test_iter: 1 test_interval: 10')
+    train.fine_tune(solver, str(tmp_path / "w.caffemodel"), reinit_mismatched=False)
+    np.testing.assert_array_equal(solver.net.params["ip"][0].data, 5)
+    np.testing.assert_array_equal(solver.test_nets[0].params["ip_test"][0].data, 7)
+    np.testing.assert_array_equal(solver.test_nets[0].params["ip"][0].data, 5)

@@ -125,6 +125,13 @@ class Layer:
             self.fail(f"needs as many tops as bottoms, got {len(bottom)} bottoms and "
                       f"{len(top)} tops", ConfigError)
 
+    def zero_bottom_diffs(self, propagate_down, bottom):
+        """The backward of an output that is constant in the bottoms (or piecewise constant,
+        as Accuracy): dx = 0 for every bottom that asks for a gradient."""
+        for b, down in zip(bottom, propagate_down):
+            if down:
+                b.diff[...] = 0
+
     def fail(self, message: str, kind=ShapeError):
         """Raise ``kind`` with a message that names this layer and its type."""
         raise kind(f"layer '{self.name}' ({self.type}): {message}")

@@ -229,9 +229,7 @@ class AccuracyLayer(_ClassLossLayer):
 
     def backward(self, top, propagate_down, bottom):
         # Accuracy is piecewise constant: its derivative is zero wherever it exists.
-        for b, down in zip(bottom, propagate_down):
-            if down:
-                b.diff[...] = 0
+        self.zero_bottom_diffs(propagate_down, bottom)
 
 
 @register("EuclideanLoss")

@@ -2,7 +2,8 @@
 
 RNN and LSTM take ``x`` (T, N, ...) (T time steps of N independent streams; the axes after the
 second are flattened to I inputs), ``cont`` (T, N) (0 where a sequence starts: the hidden state
-is multiplied by cont_t before it is used at step t), optionally ``x_static`` (N, ...) (S
+is multiplied by cont_t before it is used at step t, and LSTM's cell is kept only where cont_t
+is nonzero, as Caffe's LSTMUnit reads it), optionally ``x_static`` (N, ...) (S
 values per stream, added to every step), and with ``expose_hidden`` the initial states as extra
 bottoms ((1, N, H) each: h_0, then c_0 for LSTM) and the final states as extra tops (h_T, then
 c_T). Without expose_hidden the final state of one forward is the initial state of the next,
@@ -31,20 +32,22 @@ def _sigmoid(xp, a):
 
 def lstm_unit_forward(xp, c_prev, gates, cont):
     """One LSTM step: with (i, f, o, g) = (sigmoid, sigmoid, sigmoid, tanh) of the four
-    H-wide gate blocks, c = cont * f * c_prev + i * g and h = o * tanh(c). Returns
+    H-wide gate blocks, c = [cont != 0] f c_prev + i g and h = o tanh(c). cont is a flag here,
+    as in Caffe's LSTMUnit (f is 0 where cont is 0; any other value keeps f whole). Returns
     (c, h, saved values for :func:`lstm_unit_backward`)."""
     hidden = c_prev.shape[-1]
     ifo = _sigmoid(xp, gates[..., :3 * hidden])
     i, f, o = ifo[..., :hidden], ifo[..., hidden:2 * hidden], ifo[..., 2 * hidden:]
     g = xp.tanh(gates[..., 3 * hidden:])
+    cont = (cont != 0).astype(c_prev.dtype)
     c = cont * f * c_prev + i * g
     tanh_c = xp.tanh(c)
     return c, o * tanh_c, (c_prev, cont, i, f, o, g, tanh_c)
 
 
 def lstm_unit_backward(xp, dc, dh, saved):
-    """Gradients of one step: with dc' = dc + dh * o * (1 - tanh(c)^2), returns
-    dc_prev = dc' * cont * f and the gate-input gradient (di i(1-i), df f(1-f), do o(1-o),
+    """Gradients of one step: with dc' = dc + dh * o * (1 - tanh(c)^2) and cont the 0/1 flag
+    saved by :func:`lstm_unit_forward`, returns dc_prev = dc' * cont * f and the gate-input gradient (di i(1-i), df f(1-f), do o(1-o),
     dg (1-g^2)) for di = dc' g, df = dc' cont c_prev, do = dh tanh(c), dg = dc' i."""
     c_prev, cont, i, f, o, g, tanh_c = saved
     dc_total = dc + dh * o * (1 - tanh_c * tanh_c)
@@ -277,7 +280,7 @@ class RNNLayer(_Recurrent):
 class LSTMLayer(_Recurrent):
     """LSTM (Caffe): gate input a_t = W_hc (cont_t h_{t-1}) + W_xc x_t + b_c
     [+ W_xc_static x_static], then the LSTMUnit step (c_t, h_t) from (c_{t-1}, a_t, cont_t):
-    c_t = cont_t f_t c_{t-1} + i_t g_t, h_t = o_t tanh(c_t); top 0 is h (T, N, H),
+    c_t = [cont_t != 0] f_t c_{t-1} + i_t g_t, h_t = o_t tanh(c_t); top 0 is h (T, N, H),
     H = num_output. Backward: back-propagation through time."""
 
     states = 2

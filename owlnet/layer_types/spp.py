@@ -62,9 +62,17 @@ class SPPLayer(Layer):
         its own diff) and top."""
         self.size = shape[2:]
         self.levels = []
+        method = self.param.spp_param.pool
         for level in range(self.height):
+            settings = level_pooling(level, *shape[2:], method)
+            if method == caffe_pb2.SPPParameter.STOCHASTIC and (settings.pad_h or settings.pad_w):
+                self.fail(f"STOCHASTIC pooling of level {level} ({2 ** level} bins per side) "
+                          f"needs pad ({settings.pad_h}, {settings.pad_w}) on a {shape[2]} x "
+                          f"{shape[3]} input, and Caffe's stochastic pooling ignores pad; use "
+                          f"sides divisible by {2 ** (self.height - 1)}, or MAX or AVE",
+                          ConfigError)
             lp = caffe_pb2.LayerParameter(name=f"{self.name}_pool{level}", type="Pooling")
-            lp.pooling_param.CopyFrom(level_pooling(level, *shape[2:], self.param.spp_param.pool))
+            lp.pooling_param.CopyFrom(settings)
             level_bottom = Blob(shape, dtype, name=f"{self.name}_pool{level}_input")
             level_top = Blob((), dtype, name=f"{self.name}_pool{level}")
             layer = create_layer(lp, self.phase)

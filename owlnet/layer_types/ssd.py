@@ -120,10 +120,18 @@ class PriorBoxLayer(Layer):
             self.fail(f"prior_box_param.variance must be 1 or 4 positive values, got {variance}",
                       ConfigError)
         self.variance = variance * 4 if len(variance) == 1 else variance
-        if p.HasField("img_size") and (p.HasField("img_h") or p.HasField("img_w")):
-            self.fail("give img_size or img_h/img_w, not both", ConfigError)
-        if p.HasField("step") and (p.HasField("step_h") or p.HasField("step_w")):
-            self.fail("give step or step_h/step_w, not both", ConfigError)
+        for single, pair in (("img_size", ("img_h", "img_w")), ("step", ("step_h", "step_w"))):
+            if p.HasField(pair[0]) or p.HasField(pair[1]):
+                if p.HasField(single):
+                    self.fail(f"give {single} or {pair[0]}/{pair[1]}, not both", ConfigError)
+                given = pair
+            else:
+                given = (single,) if p.HasField(single) else ()
+            for name in given:
+                if getattr(p, name) <= 0:
+                    self.fail(f"prior_box_param.{name} must be positive (SSD needs both of "
+                              f"{pair[0]}/{pair[1]} once either is given), got "
+                              f"{getattr(p, name):g}", ConfigError)
 
     def reshape(self, bottom, top):
         for b in bottom:
@@ -182,9 +190,7 @@ class PriorBoxLayer(Layer):
         return False
 
     def backward(self, top, propagate_down, bottom):
-        for b, down in zip(bottom, propagate_down):
-            if down:
-                b.diff[...] = 0
+        self.zero_bottom_diffs(propagate_down, bottom)
 
 
 def decode_boxes(prior, variance, loc, code_type, variance_in_target):

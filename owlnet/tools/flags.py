@@ -110,8 +110,6 @@ class FlagParser(argparse.ArgumentParser):
                     self.error(f"flag {name}: {exc}")
                 booleans[action.dest] = action.const if on else not action.const
                 continue
-            if negated:
-                self._unknown(name, table)
             if has_value:
                 out.append(f"{spelling}={value}")
                 continue

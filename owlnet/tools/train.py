@@ -185,6 +185,20 @@ def resume_file(args, solver) -> str | None:
     return args.resume
 
 
+def fine_tune(solver, weights: str, reinit_mismatched: bool) -> None:
+    """Caffe's ``--weights A[,B...]``: each file, in order, copied into the train net and into
+    every test net (so layers of a test net alone start from the file too)."""
+    for path in weights.split(","):
+        owl_logging.info(f"Finetuning from {path}")
+        skipped = {}
+        for net in [solver.net] + list(solver.test_nets):
+            for name in net.copy_from(path, reinit_mismatched=reinit_mismatched):
+                skipped.setdefault(name)
+        for name in skipped:
+            owl_logging.warning(f"layer '{name}': shapes differ from {path}; "
+                                "keeping its fresh initialisation")
+
+
 def train(args, comm=None) -> int:
     primary = comm is None or comm.Get_rank() == 0
     if primary:
@@ -217,12 +231,7 @@ def train(args, comm=None) -> int:
     solver.continue_on_snapshot_error = args.continue_on_snapshot_error
     resume = resume_file(args, solver)
     if args.weights:
-        for path in args.weights.split(","):
-            owl_logging.info(f"Finetuning from {path}")
-            skipped = solver.net.copy_from(path, reinit_mismatched=args.reinit_mismatched)
-            for name in skipped:
-                owl_logging.warning(f"layer '{name}': shapes differ from {path}; "
-                                    "keeping its fresh initialisation")
+        fine_tune(solver, args.weights, args.reinit_mismatched)
     if len(devices) > 1 or comm is not None:
         solver.parallel = parallel.DataParallel(solver, devices, comm, args.collective_timeout)
         owl_logging.info(f"Data-parallel training: {solver.parallel.ranks} rank(s) x "
