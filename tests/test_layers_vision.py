@@ -311,6 +311,10 @@ def test_pooling_forward_matches_loops(method, shape, extra, kernel, stride, pad
     np.testing.assert_allclose(outputs[0], expected, atol=1e-12)
     if method == "MAX":
         np.testing.assert_array_equal(outputs[1], mask)
+        # Without an argmax to keep (a layer that never runs backward): rows, then columns.
+        layer, bottom, top = make_layer(pool_text(method, extra), [x])
+        layer.runs_backward = False
+        np.testing.assert_array_equal(forward(layer, bottom, top)[0], expected)
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
