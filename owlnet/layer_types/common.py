@@ -61,16 +61,18 @@ def _add_product(out, a, b):
 
 # OpenBLAS copies ("packs") both operands of a product unless it is small (about a million
 # multiply-adds); with a few rows on the left, packing the large right operand costs several
-# times the product itself (AlexNet fc6 at batch 2: 31 ms single-threaded, 7 ms in blocks).
+# times the product itself (AlexNet fc6 at batch 2: 31 ms single-threaded, 7 ms in blocks;
+# measured a gain up to 8 rows, a loss from 16).
 _UNPACKED_MULTIPLY_ADDS = 1 << 19
+_FEW_ROWS = 8
 
 
 def _product(a, b, out):
-    """``out = a @ b``; on the CPU, with few rows in ``a``, in blocks of ``b``'s columns whose
-    products stay under ``_UNPACKED_MULTIPLY_ADDS``."""
+    """``out = a @ b``; on the CPU, with at most ``_FEW_ROWS`` rows in ``a``, in blocks of
+    ``b``'s columns whose products stay under ``_UNPACKED_MULTIPLY_ADDS``."""
     xp = backend.array_module(out)
-    columns = _UNPACKED_MULTIPLY_ADDS // max(1, a.shape[0] * a.shape[1])
-    if xp is not np or columns < 8 or columns >= b.shape[1]:
+    columns = max(1, _UNPACKED_MULTIPLY_ADDS // max(1, a.shape[0] * a.shape[1]))
+    if xp is not np or a.shape[0] > _FEW_ROWS or columns >= b.shape[1]:
         xp.matmul(a, b, out=out)
         return
     for start in range(0, b.shape[1], columns):
