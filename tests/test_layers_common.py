@@ -382,11 +382,10 @@ def test_inner_product_few_rows_in_column_blocks_matches(monkeypatch, transpose)
                                     [x])
     w = layer.blobs[0].data
     weights_t = w if transpose else w.T
-    # 2 * 9 * 8 multiply-adds: blocks of 8 columns (forward: 8, 8, 5; backward: 8, 1)
+    # 2 * 9 * 8 multiply-adds: blocks of 8, 8 and 5 columns
     monkeypatch.setattr(common, "_UNPACKED_MULTIPLY_ADDS", 2 * 9 * 8)
     y = forward(layer, bottom, top)[0]
     np.testing.assert_allclose(y, x @ weights_t + layer.blobs[1].data, rtol=1e-13)
     top[0].diff[...] = np.random.default_rng(8).standard_normal(top[0].shape)
-    monkeypatch.setattr(common, "_UNPACKED_MULTIPLY_ADDS", 2 * 21 * 8)
     layer.backward(top, [True], bottom)
     np.testing.assert_allclose(bottom[0].diff, top[0].diff @ weights_t.T, rtol=1e-13)

@@ -62,7 +62,8 @@ def _add_product(out, a, b):
 # OpenBLAS copies ("packs") both operands of a product unless it is small (about a million
 # multiply-adds); with a few rows on the left, packing the large right operand costs several
 # times the product itself (AlexNet fc6 at batch 2: 31 ms single-threaded, 7 ms in blocks;
-# measured a gain up to 8 rows, a loss from 16).
+# measured a gain up to 8 rows, a loss from 16). Forward only: backward's column blocks of the
+# weights are strided, measured 3-4x slower than one product.
 _UNPACKED_MULTIPLY_ADDS = 1 << 19
 _FEW_ROWS = 8
 
@@ -134,7 +135,7 @@ class InnerProductLayer(Layer):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.m, self.k)
-            _product(dy, w.data.T if self.transpose else w.data, dx)
+            backend.array_module(dy).matmul(dy, w.data.T if self.transpose else w.data, out=dx)
 
 
 _PROD, _SUM, _MAX = 0, 1, 2
