@@ -42,6 +42,9 @@ CASES = [
     ((2, 4, 6, 5), (6, 2, 3, 3), (1, 1), (2, 1), (1, 1), 2, "im2col"),
     ((2, 3, 20, 18), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, "im2col"),    # long output rows
     ((2, 4, 5, 5), (4, 4, 1, 1), (0, 0), (2, 2), (1, 1), 1, "im2col"),      # strided 1x1
+    # M <= C, stride 1: backward data as a convolution with the flipped kernel
+    ((2, 5, 6, 7), (4, 5, 3, 2), (1, 0), (1, 1), (2, 1), 1, "im2col"),      # dilated
+    ((2, 4, 3, 20), (4, 4, 3, 3), (1, 3), (1, 1), (1, 1), 1, "im2col"),     # pad > k - 1: col2im
 ]
 
 

@@ -371,3 +371,21 @@ def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch):
     layer.backward(top, [False], bottom)
     np.testing.assert_allclose(layer.blobs[0].diff, whole, rtol=1e-13)
     np.testing.assert_allclose(whole, 1.0 + top[0].diff.T @ x, rtol=1e-13)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_inner_product_few_rows_in_column_blocks_matches(monkeypatch, transpose):
+    import owlnet.layer_types.common as common
+    x = np.random.default_rng(7).standard_normal((2, 9))
+    layer, bottom, top = make_layer(f"""name: "ip" type: "InnerProduct" inner_product_param {{
+        num_output: 21 transpose: {str(transpose).lower()} weight_filler {{ type: "gaussian" }} }}""",
+                                    [x])
+    w = layer.blobs[0].data
+    weights_t = w if transpose else w.T
+    # 2 * 9 * 8 multiply-adds: blocks of 8, 8 and 5 columns
+    monkeypatch.setattr(common, "_UNPACKED_MULTIPLY_ADDS", 2 * 9 * 8)
+    y = forward(layer, bottom, top)[0]
+    np.testing.assert_allclose(y, x @ weights_t + layer.blobs[1].data, rtol=1e-13)
+    top[0].diff[...] = np.random.default_rng(8).standard_normal(top[0].shape)
+    layer.backward(top, [True], bottom)
+    np.testing.assert_allclose(bottom[0].diff, top[0].diff @ weights_t.T, rtol=1e-13)

@@ -294,6 +294,9 @@ POOL_CASES = [
     ((1, 2, 2, 3), "kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0)),        # kernel > image
     # pad_h alone also trims the last column window, which would start past the image
     ((1, 2, 4, 5), "kernel_h: 2 kernel_w: 1 stride: 3 pad_h: 1 pad_w: 0", (2, 1), (3, 3), (1, 0)),
+    # three column phases, windows wider than the stride, a leading pad of two columns
+    ((2, 2, 7, 11), "kernel_h: 3 kernel_w: 4 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 2",
+     (3, 4), (2, 3), (1, 2)),
 ]
 
 
@@ -308,6 +311,10 @@ def test_pooling_forward_matches_loops(method, shape, extra, kernel, stride, pad
     np.testing.assert_allclose(outputs[0], expected, atol=1e-12)
     if method == "MAX":
         np.testing.assert_array_equal(outputs[1], mask)
+        # Without an argmax to keep (a layer that never runs backward): rows, then columns.
+        layer, bottom, top = make_layer(pool_text(method, extra), [x])
+        layer.runs_backward = False
+        np.testing.assert_array_equal(forward(layer, bottom, top)[0], expected)
 
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])

@@ -77,9 +77,12 @@ class BatchNormLayer(Layer):
             xp.subtract(x3, mean[:, None], out=y3)          # two passes over the top, no copy
             y3 *= self._inv_std[:, None]
             return
+        # The top holds x - mu (x is not read again; the top may be the bottom) and the
+        # squares go to the buffer kept for backward: no fresh batch-sized temporaries.
         mean = x3.mean(axis=(0, 2))
-        centered = x3 - mean[:, None]
-        var = (centered * centered).mean(axis=(0, 2))
+        xp.subtract(x3, mean[:, None], out=y3)
+        squares = self._normalized_buffer(xp, y3) if self.runs_backward else None
+        var = xp.multiply(y3, y3, out=squares).mean(axis=(0, 2))
         m = x3.size // self.channels
         maf = self.moving_average_fraction
         count_blob *= maf
@@ -89,9 +92,19 @@ class BatchNormLayer(Layer):
         var_blob *= maf
         var_blob += (m / (m - 1) if m > 1 else 1.0) * var
         self._inv_std = 1 / xp.sqrt(var + self.eps)
-        xp.multiply(centered, self._inv_std[:, None], out=y3)
-        # Kept apart from the top, which a following in-place layer (Scale, ReLU) overwrites.
-        self._normalized = y3.copy() if self.runs_backward else None
+        y3 *= self._inv_std[:, None]
+        if squares is not None:
+            # Kept apart from the top, which a following in-place layer (Scale, ReLU) overwrites.
+            xp.copyto(squares, y3)
+        self._normalized = squares
+
+    def _normalized_buffer(self, xp, like):
+        """The array backward reads the normalized input from, reused across iterations."""
+        kept = self._normalized
+        if kept is None or kept.shape != like.shape or kept.dtype != like.dtype \
+                or backend.array_module(kept) is not xp:
+            kept = xp.empty_like(like)
+        return kept
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -104,10 +117,11 @@ class BatchNormLayer(Layer):
             return
         y3 = self._normalized
         mean_dy = dy3.mean(axis=(0, 2))[:, None]
-        mean_dy_y = (dy3 * y3).mean(axis=(0, 2))[:, None]
+        products = dy3 * y3
+        mean_dy_y = products.mean(axis=(0, 2))[:, None]
         # Written into dx in place (dx may be dy: both means are taken first).
         xp.subtract(dy3, mean_dy, out=dx3)
-        dx3 -= y3 * mean_dy_y
+        dx3 -= xp.multiply(y3, mean_dy_y, out=products)
         dx3 *= inv_std
 
 
