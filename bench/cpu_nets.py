@@ -243,3 +243,19 @@ def run_worker(script, engine, folder, threads, owlnet_root, *extra):
     if done.returncode:
         raise SystemExit(f"{engine} on {Path(folder).name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def best_of_rounds(script, engines, folders, rounds, threads, owlnet_root, *extra):
+    """Time every net with every engine, each run in a fresh worker process, ``rounds``
+    times, alternating which engine goes first; ``(best, versions)``: the best ms per
+    ``(net, engine)`` and each engine's version string."""
+    best, versions = {}, {}
+    for r in range(rounds):
+        for i, name in enumerate(folders):
+            order = engines if (r + i) % 2 == 0 else engines[::-1]
+            for engine in order:
+                result = run_worker(script, engine, folders[name], threads, owlnet_root, *extra)
+                versions[engine] = result["version"]
+                best[(name, engine)] = min(best.get((name, engine), float("inf")), result["ms"])
+        print(f"round {r + 1} done", flush=True)
+    return best, versions

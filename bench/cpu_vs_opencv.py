@@ -123,23 +123,13 @@ def main(argv=None):
           f"{args.rounds} rounds kept); Python {platform.python_version()}, numpy "
           f"{np.__version__}; batch {args.batch}, {args.threads} threads, median of "
           f"{args.iters} forwards after {args.warmup} per process")
-    best = {}
     with tempfile.TemporaryDirectory(prefix="owlnet_bench_") as tmp:
         folders = {name: Path(tmp) / name for name in args.nets}
         for seed, name in enumerate(args.nets):
             prepare(name, folders[name], args.batch, seed)
-        versions = {}
-        for r in range(args.rounds):
-            for name in args.nets:
-                order = ENGINES if (r + args.nets.index(name)) % 2 == 0 else ENGINES[::-1]
-                for engine in order:
-                    result = cpu_nets.run_worker(
-                        __file__, engine, folders[name], args.threads,
-                        args.owlnet_root or ROOT, "--iters", args.iters, "--warmup", args.warmup)
-                    versions[engine] = result["version"]
-                    key = (name, engine)
-                    best[key] = min(best.get(key, float("inf")), result["ms"])
-            print(f"round {r + 1} done", flush=True)
+        best, versions = cpu_nets.best_of_rounds(
+            __file__, ENGINES, folders, args.rounds, args.threads, args.owlnet_root or ROOT,
+            "--iters", args.iters, "--warmup", args.warmup)
         errors = {name: compare_outputs(folders[name]) for name in args.nets}
     print(f"OpenCV {versions['opencv']}; owlnet from {versions['owlnet']}")
     print(f"\n{'net':<14} {'owlnet ms':>10} {'opencv ms':>10} {'ratio':>7}  {'max rel diff':>12}")

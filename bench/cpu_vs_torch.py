@@ -172,7 +172,7 @@ def main(argv=None):
           f"{args.rounds} rounds kept); Python {platform.python_version()}, numpy "
           f"{np.__version__}; {args.threads} threads, median of {args.iters} steps after "
           f"{args.warmup} per process")
-    best, checks, versions = {}, {}, {}
+    checks = {}
     with tempfile.TemporaryDirectory(prefix="owlnet_bench_") as tmp:
         folders = {name: Path(tmp) / name for name in args.nets}
         for seed, name in enumerate(args.nets):
@@ -187,17 +187,9 @@ def main(argv=None):
             if loss_error > 1e-9 or grad_error > 1e-7:
                 sys.exit(f"{name}: owlnet and torch disagree; the timings would compare "
                          "different work")
-        for r in range(args.rounds):
-            for i, name in enumerate(args.nets):
-                order = ENGINES if (r + i) % 2 == 0 else ENGINES[::-1]
-                for engine in order:
-                    result = cpu_nets.run_worker(__file__, engine, folders[name], args.threads,
-                                                 root, "--iters", args.iters,
+        best, versions = cpu_nets.best_of_rounds(__file__, ENGINES, folders, args.rounds,
+                                                 args.threads, root, "--iters", args.iters,
                                                  "--warmup", args.warmup)
-                    versions[engine] = result["version"]
-                    best[(name, engine)] = min(best.get((name, engine), float("inf")),
-                                               result["ms"])
-            print(f"round {r + 1} done", flush=True)
     print(f"torch {versions['torch']}; owlnet from {versions['owlnet']}")
     print(f"\n{'net':<14} {'batch':>5} {'owlnet ms':>10} {'torch ms':>10} {'ratio':>7}")
     ratios = []
