@@ -345,8 +345,10 @@ class PoolingLayer(Layer):
             return stochastic_pooling.forward(self, bottom, top)
         x = bottom[0].data
         xp = backend.array_module(x)
-        offsets = range(1, self.kernel[0] * self.kernel[1])
         out = top[0].data
+        if xp.__name__ != "numpy":
+            return self._device_forward(xp, x, top)
+        offsets = range(1, self.kernel[0] * self.kernel[1])
         if self.method == _POOL.AVE:
             self._separable(xp, self._phases(xp, self._padded(xp, x, 0)), xp.add, out)
             out /= self._window_area(xp, x.shape, x.dtype)
@@ -381,6 +383,8 @@ class PoolingLayer(Layer):
             return
         dy = top[0].diff
         xp = backend.array_module(dy)
+        if xp.__name__ != "numpy":
+            return self._device_backward(xp, dy, bottom[0].diff)
         shape = bottom[0].shape
         kh, kw = self.kernel
         if self.method == _POOL.MAX and self._windows_tile(shape):
@@ -402,6 +406,29 @@ class PoolingLayer(Layer):
                 xp.equal(self.argmax, offset, out=hit)
                 self._window(grads, offset)[...] += xp.multiply(dy, hit, out=share)
         self._unphase(grads, bottom[0].diff)
+
+    # The GPU runs one fused kernel per direction (kernels.gpu, checked against the NumPy
+    # path above); its MAX argmax is the plane index h * W + w, Caffe's mask top.
+    def _device_forward(self, xp, x, top):
+        k = kernels.get(xp)
+        geometry = (self.kernel, self.stride, self.pad)
+        if self.method == _POOL.AVE:
+            k.ave_pool_forward(x, top[0].data, *geometry)
+            return
+        if getattr(self, "argmax", None) is None or self.argmax.shape != top[0].shape \
+                or self.argmax.dtype != xp.int32:
+            self.argmax = xp.empty(top[0].shape, dtype=xp.int32)
+        k.max_pool_forward(x, top[0].data, self.argmax, *geometry)
+        if len(top) == 2:
+            top[1].data[...] = self.argmax
+
+    def _device_backward(self, xp, dy, dx):
+        k = kernels.get(xp)
+        geometry = (self.kernel, self.stride, self.pad)
+        if self.method == _POOL.AVE:
+            k.ave_pool_backward(dy, dx, *geometry)
+        else:
+            k.max_pool_backward(dy, self.argmax, dx, *geometry)
 
 
 def _window_sum(xp, a, axis, half):
