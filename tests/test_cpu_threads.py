@@ -1,0 +1,56 @@
+"""The CPU kernels' worker threads: every piece runs once, errors surface, the BLAS keeps its
+thread count."""
+import threading
+
+import pytest
+
+from owlnet.kernels import threads
+
+
+def test_every_piece_runs_once_and_in_parallel_lanes():
+    seen, names = [], set()
+    lock = threading.Lock()
+
+    def piece(index):
+        with lock:
+            seen.append(index)
+            names.add(threading.current_thread().name)
+
+    threads.run_pieces(piece, range(50))
+    assert sorted(seen) == list(range(50))
+    assert len(names) <= threads.workers()
+
+
+def test_an_error_in_a_piece_is_raised_after_the_others_finish():
+    done = []
+
+    def piece(index):
+        if index == 3:
+            raise ValueError("piece 3 failed")
+        done.append(index)
+
+    with pytest.raises(ValueError, match="piece 3 failed"):
+        threads.run_pieces(piece, range(8))
+    assert sorted(done) == [0, 1, 2, 4, 5, 6, 7]
+    threads.run_pieces(lambda index: None, range(4))     # the pool is usable afterwards
+
+
+def test_nested_calls_run_their_pieces_in_turn():
+    results = []
+
+    def inner(index):
+        results.append(index)
+
+    threads.run_pieces(lambda outer: threads.run_pieces(inner, range(outer * 10, outer * 10 + 3)),
+                       range(4))
+    assert sorted(results) == sorted(o * 10 + i for o in range(4) for i in range(3))
+
+
+def test_the_blas_thread_count_is_restored():
+    pool = threads._get_pool()
+    before = [c.num_threads for c in pool.blas]
+    inside = []
+    threads.run_pieces(lambda index: inside.append([c.num_threads for c in pool.blas]), range(4))
+    assert [c.num_threads for c in pool.blas] == before
+    if threads.workers() > 1:
+        assert all(counts == [1] * len(before) for counts in inside)
