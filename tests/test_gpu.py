@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import column_reference
 import fakecupy
 from gradcheck import TEST, TRAIN, make_layer
 from owlnet import backend
@@ -224,11 +225,11 @@ def test_column_kernels_match_cpu(geometry):
                      // stride[a] + 1 for a in range(2))
     rng = np.random.default_rng(0)
     images = rng.standard_normal(shape).astype(np.float32)
-    cols = cpu_kernels.im2col(images, kernel, pad, stride, dilation, out_size)
+    cols = column_reference.im2col(images, kernel, pad, stride, dilation, out_size)
     got = gpu_kernels.im2col(cupy.asarray(images), kernel, pad, stride, dilation, out_size)
     np.testing.assert_array_equal(cupy.asnumpy(got), cols)
     back = rng.standard_normal(cols.shape).astype(np.float32)
-    want = cpu_kernels.col2im(back, shape, kernel, pad, stride, dilation, out_size)
+    want = column_reference.col2im(back, shape, kernel, pad, stride, dilation, out_size)
     got = gpu_kernels.col2im(cupy.asarray(back), shape, kernel, pad, stride, dilation, out_size)
     np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=1e-5, atol=1e-5)
 
@@ -247,12 +248,12 @@ def test_cudnn_convolution_matches_float64(math_mode, rtol):
     kernel = w.shape[2:]
     out_size = tuple((x.shape[2 + a] + 2 * pad[a] - dilation[a] * (kernel[a] - 1) - 1)
                      // stride[a] + 1 for a in range(2))
-    cols = cpu_kernels.im2col(x, kernel, pad, stride, dilation, out_size).reshape(2, 3 * 6, -1)
+    cols = column_reference.im2col(x, kernel, pad, stride, dilation, out_size).reshape(2, 3 * 6, -1)
     y = np.matmul(w.reshape(2, 4, -1), cols).reshape(8, 4, *out_size).transpose(1, 0, 2, 3)
     dy = rng.standard_normal(y.shape)
     dy_groups = dy.transpose(1, 0, 2, 3).reshape(2, 4, -1)
     dw = np.matmul(dy_groups, cols.transpose(0, 2, 1)).reshape(w.shape)
-    dx = cpu_kernels.col2im(np.matmul(w.reshape(2, 4, -1).transpose(0, 2, 1), dy_groups)
+    dx = column_reference.col2im(np.matmul(w.reshape(2, 4, -1).transpose(0, 2, 1), dy_groups)
                             .reshape(-1, cols.shape[-1]), x.shape, kernel, pad, stride, dilation,
                             out_size)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import cuda_harness
-from owlnet.kernels import cpu as cpu_kernels
+import column_reference
 from owlnet.kernels import cuda_sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,13 +101,13 @@ def test_column_bodies_match_numpy(name, dtype):
     geometry = (*shape, *kernel, *out_size, *stride, *pad, *dilation)
     rng = np.random.default_rng(0)
     images = rng.standard_normal(shape).astype(dtype)
-    want = cpu_kernels.im2col(images, kernel, pad, stride, dilation, out_size)
+    want = column_reference.im2col(images, kernel, pad, stride, dilation, out_size)
     got = np.full(want.shape, np.nan, dtype=dtype)
     cuda_harness.c_kernel(cuda_sources.IM2COL, dtype)(images, *geometry, got)
     np.testing.assert_array_equal(got, want)
 
     cols = rng.standard_normal(want.shape).astype(dtype)
-    want_images = cpu_kernels.col2im(cols, shape, kernel, pad, stride, dilation, out_size)
+    want_images = column_reference.col2im(cols, shape, kernel, pad, stride, dilation, out_size)
     got_images = np.full(shape, np.nan, dtype=dtype)
     cuda_harness.c_kernel(cuda_sources.COL2IM, dtype)(cols, *geometry, got_images)
     np.testing.assert_allclose(got_images, want_images, rtol=1e-5, atol=1e-5)
@@ -125,7 +125,7 @@ def test_im2col_alexnet_conv1_batch128_far_images():
     kernel_fn = cuda_harness.c_kernel(cuda_sources.IM2COL)
     assert rows * n * per_image > 2 ** 27
     for img in (30, 90, n - 1):
-        want = cpu_kernels.im2col(images[img:img + 1], kernel, (0, 0), stride, (1, 1), out_size)
+        want = column_reference.im2col(images[img:img + 1], kernel, (0, 0), stride, (1, 1), out_size)
         for row in (0, rows // 2, rows - 1):        # a few rows of that image's columns
             begin = row * n * per_image + img * per_image
             got = np.empty(per_image, np.float32)
@@ -141,7 +141,7 @@ def test_harness_catches_a_wrong_body():
     shape, kernel, pad, stride, dilation = GEOMETRIES["stride2_pad1"]
     out_size = _out_size(shape, kernel, pad, stride, dilation)
     images = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
-    want = cpu_kernels.im2col(images, kernel, pad, stride, dilation, out_size)
+    want = column_reference.im2col(images, kernel, pad, stride, dilation, out_size)
     got = np.empty(want.shape, np.float32)
     cuda_harness.c_kernel(wrong)(images, *shape, *kernel, *out_size, *stride, *pad, *dilation, got)
     assert not np.array_equal(got, want)

@@ -1,5 +1,5 @@
 """The NumPy convolution kernels: every algorithm against a loop reference, the two backward
-kernels as exact adjoints of the forward one, and batch chunking of the im2col buffers."""
+kernels as exact adjoints of the forward one, and pieces run on worker threads."""
 import numpy as np
 import pytest
 
@@ -97,21 +97,34 @@ def test_float32_stays_float32(x_shape, w_shape, pad, stride, dilation, group, a
     assert dx.dtype == dw.dtype == np.float32
 
 
-def test_chunked_batch_matches(monkeypatch):
-    pad, stride, dilation, group = (1, 1), (1, 1), (1, 1), 1
-    x, w, _ = _arrays((5, 2, 4, 4), (3, 2, 3, 3), pad, stride, dilation, group)
-    dy = RNG.standard_normal((5, 3, 4, 4))
+@pytest.mark.parametrize("x_shape, w_shape, stride, group, layout", [
+    ((5, 4, 9, 7), (6, 2, 3, 3), (2, 1), 2, "channels-last"),
+    ((3, 2, 6, 20), (4, 2, 3, 3), (1, 1), 1, "channel-major"),    # C < kw
+    ((3, 2, 9, 9), (4, 1, 3, 3), (1, 2), 2, "batch-last"),         # C < kw, short rows
+])
+def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, stride, group, layout):
+    """Cut into pieces (bands of rows, images) and run on the worker threads, every kernel
+    gives what one piece gives, to rounding (the products differ in size)."""
+    pad, dilation = (1, 1), (1, 1)
+    x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group)
+    dy = RNG.standard_normal(expected.shape)
     results = []
-    for limit in (cpu._COLUMN_BUFFER_LIMIT, 2 * 18 * 16):
-        monkeypatch.setattr(cpu, "_COLUMN_BUFFER_LIMIT", limit)
+    for pieces in ("one", "many"):
+        if pieces == "many":
+            monkeypatch.setattr(cpu, "_PARALLEL_MULTIPLY_ADDS", 0)
+            monkeypatch.setattr(cpu, "_PIECE_ELEMENTS", 1)
+            monkeypatch.setattr(cpu, "_PIECE_POSITIONS", 2 * expected.shape[3])
+            monkeypatch.setattr(cpu.threads, "workers", lambda: 2)
+            columns = cpu._Columns(x, w.shape, pad, stride, dilation, group, expected.shape[2:])
+            assert columns.layout == layout and len(columns.pieces) > 2
         y, dx, dw = np.empty(dy.shape), np.empty_like(x), np.empty_like(w)
         cpu.conv_forward(x, w, y, pad, stride, dilation, group)
         cpu.conv_backward_data(dy, w, dx, pad, stride, dilation, group)
         cpu.conv_backward_filter(x, dy, dw, pad, stride, dilation, group)
         results.append((y, dx, dw))
-    assert len(cpu._batch_parts(x.shape, w.shape, dy.shape)) == 3
-    for whole, chunked in zip(*results):
-        np.testing.assert_allclose(chunked, whole, atol=1e-12)
+    np.testing.assert_allclose(results[0][0], expected, atol=1e-12)
+    for got, whole in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, whole, rtol=1e-12, atol=1e-12)
 
 
 def test_dispatch_by_array_module():

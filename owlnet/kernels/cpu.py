@@ -1,4 +1,4 @@
-"""NumPy kernels: convolution (each shape served by its own algorithm), im2col / col2im.
+"""NumPy kernels: convolution, each shape served by its own algorithm.
 
 Convolution entry points (the same signatures and contracts as ``kernels.gpu``'s):
 ``conv_forward(x, w, y, ...)`` writes ``y = conv(x, w)`` (no bias), ``conv_backward_data(dy, w,
@@ -11,34 +11,37 @@ on the CPU. The algorithm follows from the shapes:
   one vectorised multiply-add over the whole batch; no column matrix, no loop over groups;
 * pointwise (1x1, stride 1, no pad, one group): one matrix product per image on the NCHW
   layout, with no column matrix;
-* anything else: im2col and a matrix product per group, over batch chunks whose column
-  matrix stays under ``_COLUMN_BUFFER_LIMIT`` elements. Its backward-data with stride 1, one
+* anything else: im2col on a channels-last copy of the images and a matrix product per group,
+  piece by piece (a few images, or a band of output rows), each piece's column matrix made
+  just before its product so that it is still in cache. Its backward-data with stride 1, one
   group and no more output than input channels is the forward convolution of the output
   gradient with the flipped, channel-swapped kernel (no col2im).
 
-Column layout of ``im2col`` (shared with any other device's module): images of shape
-``(N, C, H, W)`` become a matrix of shape ``(C * kh * kw, N * OH * OW)``; row ``(c, i, j)``
-(row-major) holds input channel ``c`` at kernel offset ``(i, j)`` and column ``(n, oh, ow)``
-(row-major) the output position, so the input pixel read is
-``(oh * sh - ph + i * dh, ow * sw - pw + j * dw)``, zero outside the image. ``col2im`` is its
-adjoint: it adds every column entry back onto the pixel it was read from. Inside the
-convolution, when output rows are short the columns are ordered ``(oh, ow, n)`` instead,
-batch innermost: every copy then moves runs of ``OW * N`` contiguous values rather than
-``OW``, which is what makes im2col and col2im cheap for the small late layers of a CNN.
+Convolutions big enough to repay the hand-off run their pieces on the worker threads of
+``threads`` (with the BLAS held to one thread each); every piece writes its own part of the
+output, and sums over pieces (the filter gradient) are added in a fixed order, so results do
+not depend on the number of threads.
 """
 from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-# Output rows narrower than this use the batch-innermost column order (see the module doc).
-_SHORT_ROW = 16
+from . import threads
 
 # Depthwise output rows narrower than this use the spatial-first frame (see below).
 _DEPTHWISE_SHORT_ROW = 32
 
-# Largest im2col buffer (elements) built at once; bigger batches are processed in chunks.
-_COLUMN_BUFFER_LIMIT = 1 << 25
+# Elements of one piece's column matrix (1 MB of float32, a core's share of the L2 cache
+# here), and the fewest output positions (rows of the column matrix) a piece has.
+_PIECE_ELEMENTS = 1 << 18
+_PIECE_POSITIONS = 128
+
+# Convolutions of fewer multiply-adds than this run as one piece, on the calling thread.
+_PARALLEL_MULTIPLY_ADDS = 1 << 23
+
+# A sum over pieces is cut into at most this many runs, summed in a fixed order.
+_REDUCTION_RUNS = 4
 
 
 def _zero_padded(images, pad):
@@ -51,28 +54,6 @@ def _zero_padded(images, pad):
     return padded
 
 
-def _columns(images, kernel, pad, stride, dilation, out_size, batch_last):
-    """The patch matrix, columns ordered ``(n, oh, ow)``, or ``(oh, ow, n)`` if batch_last."""
-    n, c = images.shape[:2]
-    kh, kw = kernel
-    sh, sw = stride
-    dh, dw = dilation
-    oh, ow = out_size
-    padded = _zero_padded(images, pad)
-    if batch_last:
-        source = np.ascontiguousarray(padded.transpose(1, 2, 3, 0))      # (C, H, W, N)
-        s_c, s_h, s_w, s_n = source.strides
-        shape = (c, kh, kw, oh, ow, n)
-        strides = (s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw, s_n)
-    else:
-        source = padded
-        s_n, s_c, s_h, s_w = source.strides
-        shape = (c, kh, kw, n, oh, ow)
-        strides = (s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw)
-    patches = as_strided(source, shape=shape, strides=strides, writeable=False)
-    return patches.reshape(c * kh * kw, -1)
-
-
 def _kernel_windows(kernel, stride, dilation, out_size):
     """``(i, j, rows, columns)``: where kernel offset ``(i, j)`` reads in the padded image."""
     for i in range(kernel[0]):
@@ -82,36 +63,6 @@ def _kernel_windows(kernel, stride, dilation, out_size):
             columns = slice(j * dilation[1], j * dilation[1] + stride[1] * (out_size[1] - 1) + 1,
                             stride[1])
             yield i, j, rows, columns
-
-
-def _uncolumns(cols, image_shape, kernel, pad, stride, dilation, out_size, batch_last):
-    """Adjoint of :func:`_columns`: an ``(N, C, H, W)`` view of the summed images."""
-    n, c, h, w = image_shape
-    kh, kw = kernel
-    ph, pw = pad
-    oh, ow = out_size
-    windows = _kernel_windows(kernel, stride, dilation, out_size)
-    if batch_last:
-        padded = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=cols.dtype)
-        blocks = cols.reshape(c, kh, kw, oh, ow, n)
-        for i, j, rows, columns in windows:
-            padded[:, rows, columns] += blocks[:, i, j]
-        return padded[:, ph:ph + h, pw:pw + w].transpose(3, 0, 1, 2)
-    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
-    blocks = cols.reshape(c, kh, kw, n, oh, ow)
-    for i, j, rows, columns in windows:
-        padded[:, :, rows, columns] += blocks[:, i, j].transpose(1, 0, 2, 3)
-    return padded[:, :, ph:ph + h, pw:pw + w]
-
-
-def im2col(images, kernel, pad, stride, dilation, out_size):
-    """``(N, C, H, W)`` images -> ``(C*kh*kw, N*OH*OW)`` patch matrix (see the module doc)."""
-    return _columns(images, kernel, pad, stride, dilation, out_size, False)
-
-
-def col2im(cols, image_shape, kernel, pad, stride, dilation, out_size):
-    """Adjoint of :func:`im2col`: sum the ``(C*kh*kw, N*OH*OW)`` matrix back onto images."""
-    return _uncolumns(cols, image_shape, kernel, pad, stride, dilation, out_size, False)
 
 
 # -- convolution: the choice ---------------------------------------------------------------
@@ -274,46 +225,196 @@ def _depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
         taps[:, :, i, j] = np.einsum(spec, grads, padded[_window(rows, columns, first)])
 
 
-# -- im2col + GEMM -------------------------------------------------------------------------
-def _batch_parts(x_shape, w_shape, y_shape):
-    """Slices of the batch whose column matrices stay under ``_COLUMN_BUFFER_LIMIT``."""
-    per_image = x_shape[1] * w_shape[2] * w_shape[3] * y_shape[2] * y_shape[3]
-    step = max(1, _COLUMN_BUFFER_LIMIT // max(1, per_image))
-    n = x_shape[0]
-    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+# -- im2col + GEMM ---------------------------------------------------------------------------
+# The column matrix holds every output position's window, read from a zero-padded copy of
+# the images in one of three layouts (``_Columns``):
+# * "channels-last": images copied to (N, H, W, C); a (positions x K) matrix, windows in
+#   (i, j, c) order (copied in runs of kw*C values), product (positions x K) @ (K x M/g);
+# * "channel-major": NCHW images; a (K x positions) matrix, rows (c, i, j), positions
+#   (n, oh, ow) (runs of OW values), product (M/g x K) @ (K x positions);
+# * "batch-last": images copied to (C, H, W, N); as channel-major with positions ordered
+#   (oh, ow, n) (runs of OW*N values), for output rows shorter than ``_SHORT_ROW``.
+# A convolution big enough to repay the thread hand-off is cut into pieces (a few images, or a
+# band of output rows), each piece's column matrix made just before its product so that it
+# is still in cache, the pieces run on the worker threads; it then uses channels-last where
+# C >= kw (the product's long side is then the positions, which OpenBLAS serves well on one
+# thread even for M of 16-64). Smaller ones are one product, which OpenBLAS parallelises.
+
+# Output rows narrower than this use the batch-last layout when the batch is one piece.
+_SHORT_ROW = 16
 
 
-def _positions(images, group, batch_last):
-    """``(N, M, OH, OW)`` -> ``(group, M/group, positions)`` in the column order (a copy)."""
-    order = (1, 2, 3, 0) if batch_last else (1, 0, 2, 3)
-    return np.ascontiguousarray(images.transpose(order)).reshape(group, images.shape[1] // group,
-                                                                 -1)
+class _Columns:
+    """The windows of ``images`` for a convolution of this geometry, in the layout chosen
+    for it, and the pieces it runs in."""
+
+    def __init__(self, images, w_shape, pad, stride, dilation, group, out_size):
+        n, c, h, wd = images.shape
+        m, cg, kh, kw = w_shape
+        self.n, self.group, self.cg, self.mg = n, group, cg, m // group
+        self.out_size = tuple(out_size)
+        multiply_adds = n * m * out_size[0] * out_size[1] * cg * kh * kw
+        parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS and threads.workers() > 1
+        if parallel and c >= kw:
+            self.layout = "channels-last"
+        elif out_size[1] < _SHORT_ROW:
+            self.layout = "batch-last"
+        else:
+            self.layout = "channel-major"
+        self.windows = self._view(images, pad, (kh, kw), stride, dilation)
+        self.pieces = self._cut(cg * kh * kw, parallel)
+
+    def _view(self, images, pad, kernel, stride, dilation):
+        n, c, h, w = images.shape
+        ph, pw = pad
+        oh, ow = self.out_size
+        (sh, sw), (dh, dw) = stride, dilation
+        if self.layout == "channel-major":
+            frame = np.ascontiguousarray(_zero_padded(images, pad))           # (N, C, H, W)
+            s_n, s_c, s_h, s_w = frame.strides
+            return as_strided(frame, shape=(c,) + kernel + (n, oh, ow), writeable=False,
+                              strides=(s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw))
+        if self.layout == "channels-last":
+            frame = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=images.dtype)
+            frame[:, ph:ph + h, pw:pw + w] = images.transpose(0, 2, 3, 1)
+            s_n, s_h, s_w, s_c = frame.strides
+            return as_strided(frame, shape=(n, oh, ow) + kernel + (c,), writeable=False,
+                              strides=(s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+        frame = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=images.dtype)   # batch-last
+        frame[:, ph:ph + h, pw:pw + w] = images.transpose(1, 2, 3, 0)
+        s_c, s_h, s_w, s_n = frame.strides
+        return as_strided(frame, shape=(c,) + kernel + (oh, ow, n), writeable=False,
+                          strides=(s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw, s_n))
+
+    def _cut(self, columns_per_position, parallel):
+        """``(n0, n1, r0, r1)``: images n0..n1-1, output rows r0..r1-1, covering the output.
+        In pieces, each column matrix holds about ``_PIECE_ELEMENTS`` values and at least
+        ``_PIECE_POSITIONS`` positions (a product must be long enough to repay packing the
+        weights); batch-last pieces are bands of rows of the whole batch."""
+        n, (oh, ow) = self.n, self.out_size
+        if not parallel:
+            return [(0, n, 0, oh)]
+        positions = max(_PIECE_POSITIONS, _PIECE_ELEMENTS // columns_per_position)
+        if self.layout == "batch-last":
+            rows = -(-positions // (ow * n))
+            return [(0, n, r, min(r + rows, oh)) for r in range(0, oh, rows)]
+        if oh * ow <= positions:
+            step = positions // (oh * ow)
+            return [(a, min(a + step, n), 0, oh) for a in range(0, n, step)]
+        rows = -(-positions // ow)
+        return [(a, a + 1, r, min(r + rows, oh)) for a in range(n) for r in range(0, oh, rows)]
+
+    @property
+    def positions_first(self):
+        """Whether column matrices are (positions x K) (else (K x positions))."""
+        return self.layout == "channels-last"
+
+    def matrix(self, piece, g):
+        """Group ``g``'s column matrix of a piece."""
+        n0, n1, r0, r1 = piece
+        part = slice(g * self.cg, (g + 1) * self.cg)
+        if self.layout == "channels-last":
+            block = self.windows[n0:n1, r0:r1, :, :, :, part]
+            return block.reshape(-1, block.shape[3] * block.shape[4] * block.shape[5])
+        if self.layout == "channel-major":
+            block = self.windows[part, :, :, n0:n1, r0:r1]
+        else:
+            block = self.windows[part, :, :, r0:r1]
+        return block.reshape(block.shape[0] * block.shape[1] * block.shape[2], -1)
+
+    def weights(self, w):
+        """``(M, C/g, kh, kw)`` as ``(g, K/g, M/g)`` in channels-last window order, else as
+        ``(g, M/g, K/g)``."""
+        per_group = w.reshape(self.group, self.mg, -1)
+        if not self.positions_first:
+            return per_group
+        kh, kw = w.shape[2:]
+        cl = w.reshape(self.group, self.mg, self.cg, kh, kw).transpose(0, 3, 4, 2, 1)
+        return np.ascontiguousarray(cl).reshape(self.group, -1, self.mg)
+
+    def output_rows(self, images):
+        """An ``(N, M, OH, OW)`` array (dy) copied to the order of positions: ``(N, OH, OW,
+        M)`` if channels-last, else ``(M, N, OH, OW)`` or (batch-last) ``(M, OH, OW, N)``."""
+        if self.layout == "channels-last":
+            return np.ascontiguousarray(images.transpose(0, 2, 3, 1))      # (N, OH, OW, M)
+        order = (1, 0, 2, 3) if self.layout == "channel-major" else (1, 2, 3, 0)
+        return np.ascontiguousarray(images.transpose(order))              # (M, ...)
+
+    def piece_rows(self, rows, piece, g):
+        """Group ``g``'s part of ``output_rows`` for a piece: (positions x M/g) if
+        channels-last, else (M/g x positions)."""
+        n0, n1, r0, r1 = piece
+        part = slice(g * self.mg, (g + 1) * self.mg)
+        if self.layout == "channels-last":
+            return rows[n0:n1, r0:r1, :, part].reshape(-1, self.mg)
+        if self.layout == "channel-major":
+            return rows[part, n0:n1, r0:r1].reshape(self.mg, -1)
+        return rows[part, r0:r1].reshape(self.mg, -1)
+
+    def write(self, products, y, piece):
+        """Put a piece's products (``(g, positions, M/g)`` or ``(g, M/g, positions)``)
+        into ``y`` ``(N, M, OH, OW)``."""
+        n0, n1, r0, r1 = piece
+        g, mg, ow = self.group, self.mg, self.out_size[1]
+        target = y.reshape(y.shape[0], g, mg, *self.out_size)[n0:n1, :, :, r0:r1]
+        if self.layout == "channels-last":
+            target[...] = products.reshape(g, n1 - n0, r1 - r0, ow, mg).transpose(1, 0, 4, 2, 3)
+        elif self.layout == "channel-major":
+            target[...] = products.reshape(g, mg, n1 - n0, r1 - r0, ow).transpose(2, 0, 1, 3, 4)
+        else:
+            target[...] = products.reshape(g, mg, r1 - r0, ow, n1 - n0).transpose(4, 0, 1, 2, 3)
 
 
-def _to_images(matrix, out, batch_last):
-    """Write ``(M, positions)`` into ``out`` of shape ``(N, M, OH, OW)``."""
-    n, m, oh, ow = out.shape
-    if batch_last:
-        out[...] = matrix.reshape(m, oh, ow, n).transpose(3, 0, 1, 2)
-    else:
-        out[...] = matrix.reshape(m, n, oh, ow).transpose(1, 0, 2, 3)
+def _sum_of_pieces(pieces, add_piece, total):
+    """``total`` = the sum over pieces of ``add_piece(piece, out, accumulate)`` (which writes
+    its term into ``out``, or adds it when ``accumulate``). The pieces are cut into at most
+    ``_REDUCTION_RUNS`` runs, each summed in order by one thread into its own buffer, and the
+    buffers are added in run order: the same result whatever the threads do."""
+    runs = np.array_split(np.arange(len(pieces)), min(len(pieces), _REDUCTION_RUNS))
+    partial = np.empty((len(runs),) + total.shape, dtype=total.dtype)
 
+    def run(r):
+        for k, index in enumerate(runs[r]):
+            add_piece(pieces[index], partial[r], k > 0)
 
-def _group_matmul(a, b, out):
-    """``out[g] = a[g] @ b[g]`` as 2-d BLAS products (the stacked matmul skips BLAS when an
-    operand is a transposed view)."""
-    for g in range(a.shape[0]):
-        np.matmul(a[g], b[g], out=out[g])
-    return out
-
-
-def _geometry(x_shape, w_shape, y_shape):
-    return tuple(w_shape[2:]), tuple(y_shape[2:]), y_shape[3] < _SHORT_ROW
+    threads.run_pieces(run, range(len(runs)))
+    np.copyto(total, partial[0])
+    for r in range(1, len(runs)):
+        total += partial[r]
 
 
 def _im2col_forward(x, w, y, pad, stride, dilation, group):
-    for part in _batch_parts(x.shape, w.shape, y.shape):
-        _im2col_forward_part(x[part], w, y[part], pad, stride, dilation, group)
+    columns = _Columns(x, w.shape, pad, stride, dilation, group, y.shape[2:])
+    weights = columns.weights(w)
+
+    def piece(bounds):
+        products = [columns.matrix(bounds, g) @ weights[g] if columns.positions_first
+                    else weights[g] @ columns.matrix(bounds, g) for g in range(group)]
+        columns.write(np.stack(products) if group > 1 else products[0], y, bounds)
+
+    threads.run_pieces(piece, columns.pieces)
+
+
+def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
+    columns = _Columns(x, dw.shape, pad, stride, dilation, group, dy.shape[2:])
+    rows = columns.output_rows(dy)
+
+    def add_piece(bounds, out, accumulate):
+        for g in range(group):
+            cols, grads = columns.matrix(bounds, g), columns.piece_rows(rows, bounds, g)
+            product = cols.T @ grads if columns.positions_first else grads @ cols.T
+            if accumulate:
+                out[g] += product
+            else:
+                out[g] = product
+
+    m, cg, kh, kw = dw.shape
+    total = np.empty((group,) + ((kh * kw * cg, m // group) if columns.positions_first
+                                 else (m // group, cg * kh * kw)), dtype=dw.dtype)
+    _sum_of_pieces(columns.pieces, add_piece, total)
+    if columns.positions_first:
+        total = total.reshape(group, kh, kw, cg, m // group).transpose(0, 4, 3, 1, 2)
+    dw[...] = total.reshape(dw.shape)
 
 
 def _im2col_backward_data(dy, w, dx, pad, stride, dilation, group):
@@ -327,45 +428,43 @@ def _im2col_backward_data(dy, w, dx, pad, stride, dilation, group):
         flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         _im2col_forward(dy, flipped, dx, flipped_pad, stride, dilation, 1)
         return
-    for part in _batch_parts(dx.shape, w.shape, dy.shape):
-        _im2col_backward_data_part(dy[part], w, dx[part], pad, stride, dilation, group)
+    n, m, oh, ow = dy.shape
+    parallel = (n * m * oh * ow * w[0].size >= _PARALLEL_MULTIPLY_ADDS and n > 1
+                and threads.workers() > 1)
+    # Whole images per piece (the windows of neighbouring rows overlap), about
+    # _PIECE_ELEMENTS column values each.
+    step = max(1, _PIECE_ELEMENTS // (oh * ow * w[0].size)) if parallel else n
+    images = [(a, min(a + step, n)) for a in range(0, n, step)]
+    threads.run_pieces(lambda part: _col2im_backward_data(
+        dy[part[0]:part[1]], w, dx[part[0]:part[1]], pad, stride, dilation, group), images)
 
 
-def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
-    parts = _batch_parts(x.shape, dw.shape, dy.shape)
-    _im2col_backward_filter_part(x[parts[0]], dy[parts[0]], dw, pad, stride, dilation, group)
-    if len(parts) > 1:
-        chunk = np.empty_like(dw)
-        for part in parts[1:]:
-            _im2col_backward_filter_part(x[part], dy[part], chunk, pad, stride, dilation, group)
-            dw += chunk
-
-
-def _im2col_forward_part(x, w, y, pad, stride, dilation, group):
-    kernel, out_size, batch_last = _geometry(x.shape, w.shape, y.shape)
-    cols = _columns(x, kernel, pad, stride, dilation, out_size, batch_last)
-    weights = w.reshape(group, w.shape[0] // group, -1)
-    products = np.empty((group, weights.shape[1], cols.shape[1]), dtype=y.dtype)
-    _group_matmul(weights, cols.reshape(group, -1, cols.shape[1]), products)
-    _to_images(products.reshape(w.shape[0], -1), y, batch_last)
-
-
-def _im2col_backward_data_part(dy, w, dx, pad, stride, dilation, group):
-    kernel, out_size, batch_last = _geometry(dx.shape, w.shape, dy.shape)
-    weights = w.reshape(group, w.shape[0] // group, -1)
-    dy_groups = _positions(dy, group, batch_last)
+# Backward-data by col2im on columns in the channel-major or (short rows) batch-last layout.
+def _col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
+    n, c, h, wd = dx.shape
+    m, cg, kh, kw = w.shape
+    ph, pw = pad
+    oh, ow = dy.shape[2:]
+    batch_last = ow < _SHORT_ROW
+    order = (1, 2, 3, 0) if batch_last else (1, 0, 2, 3)
+    dy_groups = np.ascontiguousarray(dy.transpose(order)).reshape(group, m // group, -1)
+    weights = w.reshape(group, m // group, -1)
     dcols = np.empty((group, weights.shape[2], dy_groups.shape[2]), dtype=dx.dtype)
-    _group_matmul(weights.transpose(0, 2, 1), dy_groups, dcols)
-    dx[...] = _uncolumns(dcols.reshape(-1, dcols.shape[2]), dx.shape, kernel, pad, stride,
-                         dilation, out_size, batch_last)
-
-
-def _im2col_backward_filter_part(x, dy, dw, pad, stride, dilation, group):
-    kernel, out_size, batch_last = _geometry(x.shape, dw.shape, dy.shape)
-    cols = _columns(x, kernel, pad, stride, dilation, out_size, batch_last)
-    cols = cols.reshape(group, -1, cols.shape[1])
-    _group_matmul(_positions(dy, group, batch_last), cols.transpose(0, 2, 1),
-                  dw.reshape(group, dw.shape[0] // group, -1))
+    for g in range(group):
+        np.matmul(weights[g].T, dy_groups[g], out=dcols[g])
+    windows = _kernel_windows((kh, kw), stride, dilation, (oh, ow))
+    if batch_last:
+        padded = np.zeros((c, h + 2 * ph, wd + 2 * pw, n), dtype=dx.dtype)
+        blocks = dcols.reshape(c, kh, kw, oh, ow, n)
+        for i, j, rows, columns in windows:
+            padded[:, rows, columns] += blocks[:, i, j]
+        dx[...] = padded[:, ph:ph + h, pw:pw + wd].transpose(3, 0, 1, 2)
+        return
+    padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dx.dtype)
+    blocks = dcols.reshape(c, kh, kw, n, oh, ow)
+    for i, j, rows, columns in windows:
+        padded[:, :, rows, columns] += blocks[:, i, j].transpose(1, 0, 2, 3)
+    dx[...] = padded[:, :, ph:ph + h, pw:pw + wd]
 
 
 # Each algorithm's three kernels, all with the entry points' arguments (less ``engine``).
