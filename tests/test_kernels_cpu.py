@@ -97,15 +97,16 @@ def test_float32_stays_float32(x_shape, w_shape, pad, stride, dilation, group, a
     assert dx.dtype == dw.dtype == np.float32
 
 
-@pytest.mark.parametrize("x_shape, w_shape, stride, group, layout", [
-    ((5, 4, 9, 7), (6, 2, 3, 3), (2, 1), 2, "channels-last"),
-    ((3, 2, 6, 20), (4, 2, 3, 3), (1, 1), 1, "channel-major"),    # C < kw
-    ((3, 2, 9, 9), (4, 1, 3, 3), (1, 2), 2, "batch-last"),         # C < kw, short rows
+@pytest.mark.parametrize("x_shape, w_shape, pad, stride, group, layout", [
+    ((5, 4, 9, 7), (6, 2, 3, 3), (1, 1), (2, 1), 2, "channels-last"),
+    ((3, 2, 6, 20), (4, 2, 3, 3), (1, 1), (1, 1), 1, "channel-major"),    # C < kw
+    ((3, 2, 9, 9), (4, 1, 3, 3), (1, 1), (1, 2), 2, "batch-last"),         # C < kw, short rows
+    ((3, 4, 6, 20), (5, 4, 1, 1), (0, 0), (1, 1), 1, "pointwise"),
 ])
-def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, stride, group, layout):
-    """Cut into pieces (bands of rows, images) and run on the worker threads, every kernel
-    gives what one piece gives, to rounding (the products differ in size)."""
-    pad, dilation = (1, 1), (1, 1)
+def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, group, layout):
+    """Cut into pieces (bands of rows or pixels, images) and run on the worker threads, every
+    kernel gives what one piece gives, to rounding (the products differ in size)."""
+    dilation = (1, 1)
     x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group)
     dy = RNG.standard_normal(expected.shape)
     results = []
@@ -115,8 +116,14 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, stride, group, la
             monkeypatch.setattr(cpu, "_PIECE_ELEMENTS", 1)
             monkeypatch.setattr(cpu, "_PIECE_POSITIONS", 2 * expected.shape[3])
             monkeypatch.setattr(cpu.threads, "workers", lambda: 2)
-            columns = cpu._Columns(x, w.shape, pad, stride, dilation, group, expected.shape[2:])
-            assert columns.layout == layout and len(columns.pieces) > 2
+            if layout == "pointwise":
+                pieces, parallel = cpu._pointwise_pieces(3, 4, 5, 120)
+            else:
+                columns = cpu._Columns(x, w.shape, pad, stride, dilation, group,
+                                       expected.shape[2:])
+                pieces, parallel = columns.pieces, columns.parallel
+                assert columns.layout == layout
+            assert parallel and len(pieces) > 2
         y, dx, dw = np.empty(dy.shape), np.empty_like(x), np.empty_like(w)
         cpu.conv_forward(x, w, y, pad, stride, dilation, group)
         cpu.conv_backward_data(dy, w, dx, pad, stride, dilation, group)

@@ -96,9 +96,29 @@ def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="defaul
     run(x, dy, dw, pad, stride, dilation, group)
 
 
-# -- pointwise: one matrix product per image -----------------------------------------------
-# A 2-d product per image: NumPy's stacked matmul does not always reach BLAS (measured 8x
-# slower for a 1024x1024 weight on 7x7 images).
+# -- pointwise: matrix products on the NCHW layout ---------------------------------------
+# 2-d products per image (NumPy's stacked matmul does not always reach BLAS: measured 8x
+# slower for a 1024x1024 weight on 7x7 images); a big convolution runs as pieces (bands of
+# pixels of one image) on the worker threads.
+
+def _pointwise_pieces(n, c, m, pixels):
+    """``(pieces, parallel)``: ``(image, start, stop)`` pieces of about ``_PIECE_ELEMENTS``
+    input values each (at least ``_PIECE_POSITIONS`` pixels) to run on the worker threads,
+    or whole images in turn when the convolution is small."""
+    if n * c * m * pixels < _PARALLEL_MULTIPLY_ADDS or threads.workers() == 1:
+        return [(i, 0, pixels) for i in range(n)], False
+    band = max(_PIECE_POSITIONS, _PIECE_ELEMENTS // c)
+    return [(i, s, min(s + band, pixels)) for i in range(n) for s in range(0, pixels, band)], True
+
+
+def _pointwise_product(a, b, out, piece):
+    """``out[i][:, s:e] = a @ b[i][:, s:e]`` for piece ``(i, s, e)``."""
+    i, start, stop = piece
+    if stop - start == out.shape[2]:
+        np.matmul(a, b[i], out=out[i])
+    else:
+        out[i][:, start:stop] = a @ b[i][:, start:stop]
+
 
 def _images_as_matrices(images):
     return images.reshape(images.shape[0], images.shape[1], -1)
@@ -106,23 +126,30 @@ def _images_as_matrices(images):
 
 def _pointwise_forward(x, w, y, pad, stride, dilation, group):
     weights, x3, y3 = w.reshape(w.shape[0], -1), _images_as_matrices(x), _images_as_matrices(y)
-    for n in range(x.shape[0]):
-        np.matmul(weights, x3[n], out=y3[n])
+    _run(lambda piece: _pointwise_product(weights, x3, y3, piece),
+         *_pointwise_pieces(*x3.shape[:2], y3.shape[1], x3.shape[2]))
 
 
 def _pointwise_backward_data(dy, w, dx, pad, stride, dilation, group):
     weights_t = w.reshape(w.shape[0], -1).T
     dy3, dx3 = _images_as_matrices(dy), _images_as_matrices(dx)
-    for n in range(dy.shape[0]):
-        np.matmul(weights_t, dy3[n], out=dx3[n])
+    _run(lambda piece: _pointwise_product(weights_t, dy3, dx3, piece),
+         *_pointwise_pieces(*dx3.shape[:2], dy3.shape[1], dx3.shape[2]))
 
 
 def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
-    dw2 = dw.reshape(dw.shape[0], -1)
     x3, dy3 = _images_as_matrices(x), _images_as_matrices(dy)
-    np.matmul(dy3[0], x3[0].T, out=dw2)
-    for n in range(1, x.shape[0]):
-        dw2 += dy3[n] @ x3[n].T
+
+    def add_piece(piece, out, accumulate):
+        i, start, stop = piece
+        product = dy3[i][:, start:stop] @ x3[i][:, start:stop].T
+        if accumulate:
+            out += product
+        else:
+            out[...] = product
+
+    _sum_of_pieces(*_pointwise_pieces(*x3.shape[:2], dy3.shape[1], x3.shape[2]), add_piece,
+                   dw.reshape(dw.shape[0], -1))
 
 
 # -- depthwise: a multiply-add per kernel offset -----------------------------------------
@@ -254,7 +281,8 @@ class _Columns:
         self.n, self.group, self.cg, self.mg = n, group, cg, m // group
         self.out_size = tuple(out_size)
         multiply_adds = n * m * out_size[0] * out_size[1] * cg * kh * kw
-        parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS and threads.workers() > 1
+        self.parallel = parallel = (multiply_adds >= _PARALLEL_MULTIPLY_ADDS
+                                    and threads.workers() > 1)
         if parallel and c >= kw:
             self.layout = "channels-last"
         elif out_size[1] < _SHORT_ROW:
@@ -365,11 +393,25 @@ class _Columns:
             target[...] = products.reshape(g, mg, r1 - r0, ow, n1 - n0).transpose(4, 0, 1, 2, 3)
 
 
-def _sum_of_pieces(pieces, add_piece, total):
+def _run(function, pieces, parallel):
+    """``function(piece)`` for every piece: on the worker threads, or in turn."""
+    if parallel:
+        threads.run_pieces(function, pieces)
+    else:
+        for piece in pieces:
+            function(piece)
+
+
+def _sum_of_pieces(pieces, parallel, add_piece, total):
     """``total`` = the sum over pieces of ``add_piece(piece, out, accumulate)`` (which writes
-    its term into ``out``, or adds it when ``accumulate``). The pieces are cut into at most
-    ``_REDUCTION_RUNS`` runs, each summed in order by one thread into its own buffer, and the
-    buffers are added in run order: the same result whatever the threads do."""
+    its term into ``out``, or adds it when ``accumulate``). In parallel, the pieces are cut
+    into at most ``_REDUCTION_RUNS`` runs, each summed in order by one thread into its own
+    buffer, and the buffers are added in run order: the same result whatever the threads
+    do; else they are summed in order into ``total``."""
+    if not parallel:
+        for k, piece in enumerate(pieces):
+            add_piece(piece, total, k > 0)
+        return
     runs = np.array_split(np.arange(len(pieces)), min(len(pieces), _REDUCTION_RUNS))
     partial = np.empty((len(runs),) + total.shape, dtype=total.dtype)
 
@@ -392,7 +434,7 @@ def _im2col_forward(x, w, y, pad, stride, dilation, group):
                     else weights[g] @ columns.matrix(bounds, g) for g in range(group)]
         columns.write(np.stack(products) if group > 1 else products[0], y, bounds)
 
-    threads.run_pieces(piece, columns.pieces)
+    _run(piece, columns.pieces, columns.parallel)
 
 
 def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
@@ -411,7 +453,7 @@ def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
     m, cg, kh, kw = dw.shape
     total = np.empty((group,) + ((kh * kw * cg, m // group) if columns.positions_first
                                  else (m // group, cg * kh * kw)), dtype=dw.dtype)
-    _sum_of_pieces(columns.pieces, add_piece, total)
+    _sum_of_pieces(columns.pieces, columns.parallel, add_piece, total)
     if columns.positions_first:
         total = total.reshape(group, kh, kw, cg, m // group).transpose(0, 4, 3, 1, 2)
     dw[...] = total.reshape(dw.shape)
