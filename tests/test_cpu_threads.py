@@ -46,11 +46,12 @@ def test_nested_calls_run_their_pieces_in_turn():
     assert sorted(results) == sorted(o * 10 + i for o in range(4) for i in range(3))
 
 
-def test_the_blas_thread_count_is_restored():
+@pytest.mark.parametrize("parallel", [True, False])
+def test_pieces_see_one_blas_thread_and_the_count_is_restored(parallel):
     pool = threads._get_pool()
     before = [c.num_threads for c in pool.blas]
     inside = []
-    threads.run_pieces(lambda index: inside.append([c.num_threads for c in pool.blas]), range(4))
+    threads.run_pieces(lambda index: inside.append([c.num_threads for c in pool.blas]),
+                       range(4), parallel)
     assert [c.num_threads for c in pool.blas] == before
-    if threads.workers() > 1:
-        assert all(counts == [1] * len(before) for counts in inside)
+    assert len(inside) == 4 and all(counts == [1] * len(before) for counts in inside)

@@ -126,14 +126,14 @@ def _images_as_matrices(images):
 
 def _pointwise_forward(x, w, y, pad, stride, dilation, group):
     weights, x3, y3 = w.reshape(w.shape[0], -1), _images_as_matrices(x), _images_as_matrices(y)
-    _run(lambda piece: _pointwise_product(weights, x3, y3, piece),
+    threads.run_pieces(lambda piece: _pointwise_product(weights, x3, y3, piece),
          *_pointwise_pieces(*x3.shape[:2], y3.shape[1], x3.shape[2]))
 
 
 def _pointwise_backward_data(dy, w, dx, pad, stride, dilation, group):
     weights_t = w.reshape(w.shape[0], -1).T
     dy3, dx3 = _images_as_matrices(dy), _images_as_matrices(dx)
-    _run(lambda piece: _pointwise_product(weights_t, dy3, dx3, piece),
+    threads.run_pieces(lambda piece: _pointwise_product(weights_t, dy3, dx3, piece),
          *_pointwise_pieces(*dx3.shape[:2], dy3.shape[1], dx3.shape[2]))
 
 
@@ -393,15 +393,6 @@ class _Columns:
             target[...] = products.reshape(g, mg, r1 - r0, ow, n1 - n0).transpose(4, 0, 1, 2, 3)
 
 
-def _run(function, pieces, parallel):
-    """``function(piece)`` for every piece: on the worker threads, or in turn."""
-    if parallel:
-        threads.run_pieces(function, pieces)
-    else:
-        for piece in pieces:
-            function(piece)
-
-
 def _sum_of_pieces(pieces, parallel, add_piece, total):
     """``total`` = the sum over pieces of ``add_piece(piece, out, accumulate)`` (which writes
     its term into ``out``, or adds it when ``accumulate``). In parallel, the pieces are cut
@@ -409,8 +400,8 @@ def _sum_of_pieces(pieces, parallel, add_piece, total):
     buffer, and the buffers are added in run order: the same result whatever the threads
     do; else they are summed in order into ``total``."""
     if not parallel:
-        for k, piece in enumerate(pieces):
-            add_piece(piece, total, k > 0)
+        threads.run_pieces(lambda item: add_piece(item[1], total, item[0] > 0),
+                           list(enumerate(pieces)), parallel=False)
         return
     runs = np.array_split(np.arange(len(pieces)), min(len(pieces), _REDUCTION_RUNS))
     partial = np.empty((len(runs),) + total.shape, dtype=total.dtype)
@@ -434,7 +425,7 @@ def _im2col_forward(x, w, y, pad, stride, dilation, group):
                     else weights[g] @ columns.matrix(bounds, g) for g in range(group)]
         columns.write(np.stack(products) if group > 1 else products[0], y, bounds)
 
-    _run(piece, columns.pieces, columns.parallel)
+    threads.run_pieces(piece, columns.pieces, columns.parallel)
 
 
 def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
@@ -478,7 +469,8 @@ def _im2col_backward_data(dy, w, dx, pad, stride, dilation, group):
     step = max(1, _PIECE_ELEMENTS // (oh * ow * w[0].size)) if parallel else n
     images = [(a, min(a + step, n)) for a in range(0, n, step)]
     threads.run_pieces(lambda part: _col2im_backward_data(
-        dy[part[0]:part[1]], w, dx[part[0]:part[1]], pad, stride, dilation, group), images)
+        dy[part[0]:part[1]], w, dx[part[0]:part[1]], pad, stride, dilation, group), images,
+        parallel)
 
 
 # Backward-data by col2im on columns in the channel-major or (short rows) batch-last layout.

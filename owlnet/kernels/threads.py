@@ -1,11 +1,14 @@
 """Worker threads for the CPU kernels: independent pieces of one operation run side by side.
 
-OpenBLAS parallelises one matrix product well when it is large; the products of a convolution
-cut into cache-sized pieces (an image, a band of output rows) are small, and it serves them
-with one thread as fast as with two. So a kernel that has such pieces hands them to
-:func:`run_pieces`, which runs them on ``workers()`` Python threads while the BLAS is held to
-one thread each (NumPy releases the GIL in its copies and BLAS calls), then gives the BLAS its
-threads back. Pieces must write disjoint outputs: a piece's result then does not depend on
+OpenBLAS parallelises one matrix product well when it is large and the machine is quiet; the
+products of a convolution cut into cache-sized pieces (an image, a band of output rows) are
+small, and it serves them with one thread as fast as with two. Worse, on a busy machine its
+threads wait for each other at every product: a 0.2 ms product was measured taking 8 ms with
+two BLAS threads while other processes ran, against 0.2 ms with one. So the kernels hand their
+pieces to :func:`run_pieces`, which runs them on ``workers()`` Python threads, or in turn on
+the calling thread, always with the BLAS held to one thread (NumPy releases the GIL in its
+copies and BLAS calls), then gives the BLAS its threads back. Lanes take pieces as they free
+up, so a thread that the machine holds up simply runs fewer of them. Pieces must write disjoint outputs: a piece's result then does not depend on
 which thread ran it or when, so results are the same with one worker or many.
 
 The number of workers is the BLAS's own thread count when owlnet was imported (as set by
@@ -48,15 +51,29 @@ class _Pool:
     def _mark_worker(self):
         self.local.worker = True
 
+    def _in_turn(self, function, pieces):
+        """The pieces one after another on this thread, the BLAS held to one thread."""
+        if getattr(self.local, "worker", False) or not self.blas:
+            for piece in pieces:
+                function(piece)
+            return
+        blas_threads = [c.num_threads for c in self.blas]
+        try:
+            self._set_blas_threads([1] * len(self.blas))
+            for piece in pieces:
+                function(piece)
+        finally:
+            self._set_blas_threads(blas_threads)
+
     def _set_blas_threads(self, counts):
         for controller, count in zip(self.blas, counts):
             controller.set_num_threads(count)
 
-    def run(self, function, pieces):
-        if (self.executor is None or len(pieces) < 2 or getattr(self.local, "worker", False)
+    def run(self, function, pieces, parallel):
+        if (not parallel or self.executor is None or len(pieces) < 2
+                or getattr(self.local, "worker", False)
                 or not self.lock.acquire(blocking=False)):
-            for piece in pieces:
-                function(piece)
+            self._in_turn(function, pieces)
             return
         blas_threads = [c.num_threads for c in self.blas]
         claimed = itertools.count()       # next() on it is atomic: each piece runs once
@@ -100,8 +117,9 @@ def workers() -> int:
     return _get_pool().size
 
 
-def run_pieces(function, pieces) -> None:
-    """Call ``function(piece)`` for every piece, on the worker threads when there are several
-    pieces and no other call holds them (nested or concurrent calls run their pieces in turn);
-    the first exception a piece raises is raised here once all have finished or failed."""
-    _get_pool().run(function, list(pieces))
+def run_pieces(function, pieces, parallel=True) -> None:
+    """Call ``function(piece)`` for every piece, with the BLAS held to one thread: on the
+    worker threads when ``parallel`` and there are several pieces and no other call holds
+    them (nested or concurrent calls run their pieces in turn), else in turn on this thread.
+    The first exception a piece raises is raised here once all have finished or failed."""
+    _get_pool().run(function, list(pieces), parallel)
