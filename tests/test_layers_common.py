@@ -356,8 +356,9 @@ def test_softmax_large_inputs_stay_finite():
     np.testing.assert_allclose(y[0, :2], [1 / (1 + np.e), np.e / (1 + np.e)])
 
 
-def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch):
-    import owlnet.layer_types.common as common
+@pytest.mark.parametrize("parallel", [False, True])
+def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch, parallel):
+    from owlnet.kernels import cpu
     x = np.random.default_rng(5).standard_normal((3, 7))
     layer, bottom, top = make_layer("""name: "ip" type: "InnerProduct" inner_product_param {
         num_output: 10 weight_filler { type: "gaussian" } }""", [x])
@@ -366,24 +367,28 @@ def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch):
     layer.blobs[0].diff[...] = 1.0
     layer.backward(top, [False], bottom)
     whole = layer.blobs[0].diff.copy()
-    monkeypatch.setattr(common, "_PRODUCT_BLOCK_ELEMENTS", 3 * 7)     # 3 rows a block: 4 blocks
+    monkeypatch.setattr(cpu, "_PRODUCT_BLOCK_ELEMENTS", 3 * 7)     # 3 rows a block: 4 blocks
+    if parallel:
+        monkeypatch.setattr(cpu, "_PARALLEL_MULTIPLY_ADDS", 0)
     layer.blobs[0].diff[...] = 1.0
     layer.backward(top, [False], bottom)
     np.testing.assert_allclose(layer.blobs[0].diff, whole, rtol=1e-13)
     np.testing.assert_allclose(whole, 1.0 + top[0].diff.T @ x, rtol=1e-13)
 
 
-@pytest.mark.parametrize("transpose", [False, True])
-def test_inner_product_few_rows_in_column_blocks_matches(monkeypatch, transpose):
-    import owlnet.layer_types.common as common
-    x = np.random.default_rng(7).standard_normal((2, 9))
+@pytest.mark.parametrize("transpose, rows", [(False, 2), (True, 2), (False, 300)])
+def test_inner_product_in_column_or_row_blocks_matches(monkeypatch, transpose, rows):
+    """Few rows: blocks of columns; many: bands of rows, shared by the worker threads."""
+    from owlnet.kernels import cpu
+    x = np.random.default_rng(7).standard_normal((rows, 9))
     layer, bottom, top = make_layer(f"""name: "ip" type: "InnerProduct" inner_product_param {{
         num_output: 21 transpose: {str(transpose).lower()} weight_filler {{ type: "gaussian" }} }}""",
                                     [x])
     w = layer.blobs[0].data
     weights_t = w if transpose else w.T
-    # 2 * 9 * 8 multiply-adds: blocks of 8, 8 and 5 columns
-    monkeypatch.setattr(common, "_UNPACKED_MULTIPLY_ADDS", 2 * 9 * 8)
+    # 2 * 9 * 8 multiply-adds: blocks of 8, 8 and 5 columns; 300 rows: bands of 128 rows
+    monkeypatch.setattr(cpu, "_UNPACKED_MULTIPLY_ADDS", 2 * 9 * 8)
+    monkeypatch.setattr(cpu, "_PARALLEL_MULTIPLY_ADDS", 0)
     y = forward(layer, bottom, top)[0]
     np.testing.assert_allclose(y, x @ weights_t + layer.blobs[1].data, rtol=1e-13)
     top[0].diff[...] = np.random.default_rng(8).standard_normal(top[0].shape)

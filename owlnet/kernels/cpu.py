@@ -96,6 +96,57 @@ def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="defaul
     run(x, dy, dw, pad, stride, dilation, group)
 
 
+# -- matrix products (fully connected layers) -----------------------------------------------
+# OpenBLAS copies ("packs") both operands of a product unless it is small (about a million
+# multiply-adds); with a few rows on the left, packing the large right operand costs several
+# times the product itself (AlexNet fc6 at batch 2: 31 ms single-threaded, 7 ms in blocks of
+# columns; measured a gain up to 8 rows, a loss from 16). Blocks of columns or rows are also
+# the pieces the worker threads share.
+_UNPACKED_MULTIPLY_ADDS = 1 << 19
+_FEW_ROWS = 8
+
+# Rows of the product that add_matmul forms at once (64 KiB-row blocks of float32 and up).
+_PRODUCT_BLOCK_ELEMENTS = 1 << 18
+
+
+def matmul(a, b, out):
+    """``out = a @ b`` (2-d): with at most ``_FEW_ROWS`` rows in ``a``, in blocks of ``b``'s
+    columns under ``_UNPACKED_MULTIPLY_ADDS``; otherwise in bands of ``a``'s rows (pieces of at
+    least ``_PIECE_POSITIONS`` rows when the product is big enough to share out)."""
+    rows, inner = a.shape
+    if rows <= _FEW_ROWS:
+        width = max(1, _UNPACKED_MULTIPLY_ADDS // max(1, rows * inner))
+        pieces = [(0, rows, start, min(start + width, b.shape[1]))
+                  for start in range(0, b.shape[1], width)]
+    elif rows * inner * b.shape[1] >= _PARALLEL_MULTIPLY_ADDS:
+        band = max(_PIECE_POSITIONS, -(-rows // (2 * threads.workers())))
+        pieces = [(start, min(start + band, rows), 0, b.shape[1])
+                  for start in range(0, rows, band)]
+    else:
+        pieces = [(0, rows, 0, b.shape[1])]
+
+    def piece(bounds):
+        r0, r1, c0, c1 = bounds
+        np.matmul(a[r0:r1], b[:, c0:c1], out=out[r0:r1, c0:c1])
+
+    threads.run_pieces(piece, pieces, parallel=a.size * b.shape[1] >= _PARALLEL_MULTIPLY_ADDS)
+
+
+def add_matmul(out, a, b):
+    """``out += a @ b`` (2-d) in bands of ``out``'s rows, each through a block-sized
+    temporary of its own, instead of a temporary as large as ``out`` (fc6's weight gradient
+    is 151 MB: its allocation, page faults and the extra pass over memory cost more than the
+    product itself)."""
+    band = max(1, _PRODUCT_BLOCK_ELEMENTS // max(1, out.shape[1]))
+
+    def piece(start):
+        part = out[start:start + band]
+        part += a[start:start + band] @ b
+
+    threads.run_pieces(piece, range(0, out.shape[0], band),
+                       parallel=out.size * a.shape[1] >= _PARALLEL_MULTIPLY_ADDS)
+
+
 # -- pointwise: matrix products on the NCHW layout ---------------------------------------
 # 2-d products per image (NumPy's stacked matmul does not always reach BLAS: measured 8x
 # slower for a 1024x1024 weight on 7x7 images); a big convolution runs as pieces (bands of

@@ -379,6 +379,16 @@ def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="defaul
 
 
 # -- fused layer kernels -----------------------------------------------------------------------
+def matmul(a, b, out):
+    """``out = a @ b`` (2-d), one cuBLAS product."""
+    backend.import_cupy().matmul(a, b, out=out)
+
+
+def add_matmul(out, a, b):
+    """``out += a @ b`` (2-d)."""
+    out += a @ b
+
+
 def _contiguous(array):
     return backend.import_cupy().ascontiguousarray(array)
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..errors import ConfigError
 from ..numerics import softmax
 from .base import Layer, register
@@ -37,47 +37,6 @@ def _legacy_axis(layer, bottom, message, legacy_field):
             layer.fail(f"{legacy_field} {axis} out of range for bottom of shape {bottom.shape}")
         return axis
     return layer.canonical_axis(bottom, message.axis)
-
-
-# Rows of the product that _add_product forms at once (64 KiB-row blocks of float32 and up).
-_PRODUCT_BLOCK_ELEMENTS = 1 << 18
-
-
-def _add_product(out, a, b):
-    """``out += a @ b`` through one block-sized temporary reused over row blocks, instead of a
-    temporary as large as ``out`` (fc6's weight gradient is 151 MB: its allocation, page
-    faults and the extra pass over memory cost more than the product itself)."""
-    rows = max(1, _PRODUCT_BLOCK_ELEMENTS // max(1, out.shape[1]))
-    if rows >= out.shape[0]:
-        out += a @ b
-        return
-    xp = backend.array_module(out)
-    block = xp.empty((rows, out.shape[1]), dtype=out.dtype)
-    for start in range(0, out.shape[0], rows):
-        part = block[:min(rows, out.shape[0] - start)]
-        xp.matmul(a[start:start + rows], b, out=part)
-        out[start:start + rows] += part
-
-
-# OpenBLAS copies ("packs") both operands of a product unless it is small (about a million
-# multiply-adds); with a few rows on the left, packing the large right operand costs several
-# times the product itself (AlexNet fc6 at batch 2: 31 ms single-threaded, 7 ms in blocks;
-# measured a gain up to 8 rows, a loss from 16). Forward only: backward's column blocks of the
-# weights are strided, measured 3-4x slower than one product.
-_UNPACKED_MULTIPLY_ADDS = 1 << 19
-_FEW_ROWS = 8
-
-
-def _product(a, b, out):
-    """``out = a @ b``; on the CPU, with at most ``_FEW_ROWS`` rows in ``a``, in blocks of
-    ``b``'s columns whose products stay under ``_UNPACKED_MULTIPLY_ADDS``."""
-    xp = backend.array_module(out)
-    columns = max(1, _UNPACKED_MULTIPLY_ADDS // max(1, a.shape[0] * a.shape[1]))
-    if xp is not np or a.shape[0] > _FEW_ROWS or columns >= b.shape[1]:
-        xp.matmul(a, b, out=out)
-        return
-    for start in range(0, b.shape[1], columns):
-        xp.matmul(a, b[:, start:start + columns], out=out[:, start:start + columns])
 
 
 @register("InnerProduct")
@@ -118,7 +77,7 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.m, self.k)
         w = self.blobs[0].data
         y = top[0].data.reshape(self.m, self.num_output)
-        _product(x, w if self.transpose else w.T, y)
+        kernels.get(xp).matmul(x, w if self.transpose else w.T, y)
         if self.bias_term:
             y += self.blobs[1].data
 
@@ -127,10 +86,11 @@ class InnerProductLayer(Layer):
         x = bottom[0].data.reshape(self.m, self.k)
         w = self.blobs[0]
         if self.param_propagate_down[0]:
+            k = kernels.get(backend.array_module(dy))
             if self.transpose:
-                _add_product(w.diff, x.T, dy)
+                k.add_matmul(w.diff, x.T, dy)
             else:
-                _add_product(w.diff, dy.T, x)
+                k.add_matmul(w.diff, dy.T, x)
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
