@@ -55,3 +55,24 @@ def test_pieces_see_one_blas_thread_and_the_count_is_restored(parallel):
                        range(4), parallel)
     assert [c.num_threads for c in pool.blas] == before
     assert len(inside) == 4 and all(counts == [1] * len(before) for counts in inside)
+
+
+def test_calls_from_several_threads_give_the_blas_its_threads_back():
+    pool = threads._get_pool()
+    before = [c.num_threads for c in pool.blas]
+    errors = []
+
+    def caller(parallel):
+        try:
+            for _ in range(200):
+                threads.run_pieces(lambda index: None, range(3), parallel)
+        except Exception as exc:      # reported below: an assertion here would be lost
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller, args=(k % 2 == 0,)) for k in range(4)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    assert not errors
+    assert [c.num_threads for c in pool.blas] == before

@@ -37,6 +37,9 @@ class _Pool:
 
     def __init__(self):
         self.lock = threading.Lock()
+        self.hold_lock = threading.Lock()      # guards holders / saved (the BLAS is global)
+        self.holders = 0
+        self.saved = []
         self.local = threading.local()
         self.blas = _blas_controllers()
         blas_threads = max([c.num_threads for c in self.blas] or [1])
@@ -53,17 +56,31 @@ class _Pool:
 
     def _in_turn(self, function, pieces):
         """The pieces one after another on this thread, the BLAS held to one thread."""
-        if getattr(self.local, "worker", False) or not self.blas:
+        if getattr(self.local, "worker", False):
             for piece in pieces:
                 function(piece)
             return
-        blas_threads = [c.num_threads for c in self.blas]
+        self._hold_blas()
         try:
-            self._set_blas_threads([1] * len(self.blas))
             for piece in pieces:
                 function(piece)
         finally:
-            self._set_blas_threads(blas_threads)
+            self._release_blas()
+
+    def _hold_blas(self):
+        """One BLAS thread until the matching release; calls from several threads nest (the
+        first saves the BLAS's thread counts, the last gives them back)."""
+        with self.hold_lock:
+            if self.holders == 0:
+                self.saved = [c.num_threads for c in self.blas]
+                self._set_blas_threads([1] * len(self.blas))
+            self.holders += 1
+
+    def _release_blas(self):
+        with self.hold_lock:
+            self.holders -= 1
+            if self.holders == 0:
+                self._set_blas_threads(self.saved)
 
     def _set_blas_threads(self, counts):
         for controller, count in zip(self.blas, counts):
@@ -75,7 +92,6 @@ class _Pool:
                 or not self.lock.acquire(blocking=False)):
             self._in_turn(function, pieces)
             return
-        blas_threads = [c.num_threads for c in self.blas]
         claimed = itertools.count()       # next() on it is atomic: each piece runs once
 
         def lane():
@@ -84,8 +100,8 @@ class _Pool:
                     return
                 function(pieces[index])
 
+        self._hold_blas()
         try:
-            self._set_blas_threads([1] * len(self.blas))
             helpers = [self.executor.submit(lane)
                        for _ in range(min(self.size, len(pieces)) - 1)]
             try:
@@ -95,7 +111,7 @@ class _Pool:
             for helper in helpers:
                 helper.result()
         finally:
-            self._set_blas_threads(blas_threads)
+            self._release_blas()
             self.lock.release()
 
 
