@@ -115,7 +115,6 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, grou
             monkeypatch.setattr(cpu, "_PARALLEL_MULTIPLY_ADDS", 0)
             monkeypatch.setattr(cpu, "_PIECE_ELEMENTS", 1)
             monkeypatch.setattr(cpu, "_PIECE_POSITIONS", 2 * expected.shape[3])
-            monkeypatch.setattr(cpu.threads, "workers", lambda: 2)
             if layout == "pointwise":
                 pieces, parallel = cpu._pointwise_pieces(3, 4, 5, 120)
             else:

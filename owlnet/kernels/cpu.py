@@ -18,9 +18,10 @@ on the CPU. The algorithm follows from the shapes:
   gradient with the flipped, channel-swapped kernel (no col2im).
 
 Convolutions big enough to repay the hand-off run their pieces on the worker threads of
-``threads`` (with the BLAS held to one thread each); every piece writes its own part of the
-output, and sums over pieces (the filter gradient) are added in a fixed order, so results do
-not depend on the number of threads.
+``threads``, smaller ones in turn, always with the BLAS held to one thread; how an operation
+is cut follows from its shapes alone, every piece writes its own part of the output, and sums
+over pieces (the filter gradient) are added in a fixed order, so results do not depend on the
+number of threads or on which thread ran what.
 """
 from __future__ import annotations
 
@@ -111,15 +112,15 @@ _PRODUCT_BLOCK_ELEMENTS = 1 << 18
 
 def matmul(a, b, out):
     """``out = a @ b`` (2-d): with at most ``_FEW_ROWS`` rows in ``a``, in blocks of ``b``'s
-    columns under ``_UNPACKED_MULTIPLY_ADDS``; otherwise in bands of ``a``'s rows (pieces of at
-    least ``_PIECE_POSITIONS`` rows when the product is big enough to share out)."""
+    columns under ``_UNPACKED_MULTIPLY_ADDS``; otherwise, when big enough to share out, in four
+    bands of ``a``'s rows (of at least ``_PIECE_POSITIONS`` rows)."""
     rows, inner = a.shape
     if rows <= _FEW_ROWS:
         width = max(1, _UNPACKED_MULTIPLY_ADDS // max(1, rows * inner))
         pieces = [(0, rows, start, min(start + width, b.shape[1]))
                   for start in range(0, b.shape[1], width)]
     elif rows * inner * b.shape[1] >= _PARALLEL_MULTIPLY_ADDS:
-        band = max(_PIECE_POSITIONS, -(-rows // (2 * threads.workers())))
+        band = max(_PIECE_POSITIONS, -(-rows // 4))
         pieces = [(start, min(start + band, rows), 0, b.shape[1])
                   for start in range(0, rows, band)]
     else:
@@ -156,7 +157,7 @@ def _pointwise_pieces(n, c, m, pixels):
     """``(pieces, parallel)``: ``(image, start, stop)`` pieces of about ``_PIECE_ELEMENTS``
     input values each (at least ``_PIECE_POSITIONS`` pixels) to run on the worker threads,
     or whole images in turn when the convolution is small."""
-    if n * c * m * pixels < _PARALLEL_MULTIPLY_ADDS or threads.workers() == 1:
+    if n * c * m * pixels < _PARALLEL_MULTIPLY_ADDS:
         return [(i, 0, pixels) for i in range(n)], False
     band = max(_PIECE_POSITIONS, _PIECE_ELEMENTS // c)
     return [(i, s, min(s + band, pixels)) for i in range(n) for s in range(0, pixels, band)], True
@@ -332,8 +333,7 @@ class _Columns:
         self.n, self.group, self.cg, self.mg = n, group, cg, m // group
         self.out_size = tuple(out_size)
         multiply_adds = n * m * out_size[0] * out_size[1] * cg * kh * kw
-        self.parallel = parallel = (multiply_adds >= _PARALLEL_MULTIPLY_ADDS
-                                    and threads.workers() > 1)
+        self.parallel = parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
         if parallel and c >= kw:
             self.layout = "channels-last"
         elif out_size[1] < _SHORT_ROW:
@@ -513,8 +513,7 @@ def _im2col_backward_data(dy, w, dx, pad, stride, dilation, group):
         _im2col_forward(dy, flipped, dx, flipped_pad, stride, dilation, 1)
         return
     n, m, oh, ow = dy.shape
-    parallel = (n * m * oh * ow * w[0].size >= _PARALLEL_MULTIPLY_ADDS and n > 1
-                and threads.workers() > 1)
+    parallel = n * m * oh * ow * w[0].size >= _PARALLEL_MULTIPLY_ADDS and n > 1
     # Whole images per piece (the windows of neighbouring rows overlap), about
     # _PIECE_ELEMENTS column values each.
     step = max(1, _PIECE_ELEMENTS // (oh * ow * w[0].size)) if parallel else n
