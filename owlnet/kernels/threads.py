@@ -137,5 +137,6 @@ def run_pieces(function, pieces, parallel=True) -> None:
     """Call ``function(piece)`` for every piece, with the BLAS held to one thread: on the
     worker threads when ``parallel`` and there are several pieces and no other call holds
     them (nested or concurrent calls run their pieces in turn), else in turn on this thread.
-    The first exception a piece raises is raised here once all have finished or failed."""
+    The first exception a piece raises is raised here: on the threads, once every piece has
+    finished or failed; in turn, at once (the pieces after it do not run)."""
     _get_pool().run(function, list(pieces), parallel)
