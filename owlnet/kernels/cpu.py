@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .threads import run_pieces
+
 # Output rows narrower than this use the batch-innermost column order (see the module doc).
 _SHORT_ROW = 16
 
@@ -375,3 +377,190 @@ _BACKWARD_DATA = {"depthwise": _depthwise_backward_data, "pointwise": _pointwise
                   "im2col": _im2col_backward_data}
 _BACKWARD_FILTER = {"depthwise": _depthwise_backward_filter,
                     "pointwise": _pointwise_backward_filter, "im2col": _im2col_backward_filter}
+
+
+# -- pooling: Caffe's MAX and AVE over cache-sized bands of planes ---------------------------
+# The entry points have kernels.gpu's signatures: x (N, C, H, W), y and argmax (N, C, OH, OW),
+# kernel / stride / pad pairs; windows start at (oh*sh - ph, ow*sw - pw) and span kh x kw.
+# Every (n, c) plane pools on its own, so the planes are cut into bands of about
+# _POOL_BAND_BYTES of input, each pooled start to finish while its temporaries stay in the
+# cache, the bands side by side on run_pieces' threads.
+#
+# Inside a band the padded frame is split by column phase: padded column c goes to phase
+# c % sw at position c // sw, each phase contiguous. Kernel offset (i, j) of every window is
+# then a slice of phase j % sw whose rows are contiguous runs (a strided read of every sw-th
+# value is several times slower), at the price of one copy of the frame.
+
+_POOL_BAND_BYTES = 1 << 18
+
+
+def _planes(array, writable=False):
+    """``(N, C, H, W)`` as ``(N*C, H, W)``; a view (never a copy) of an output."""
+    return array.reshape((-1,) + array.shape[2:], copy=False if writable else None)
+
+
+class _Pooling:
+    """One pooling geometry and its window plumbing on bands of ``(planes, H, W)`` arrays."""
+
+    def __init__(self, x_shape, y_shape, kernel, stride, pad, itemsize):
+        self.size, self.pooled = tuple(x_shape[2:]), tuple(y_shape[2:])
+        self.kernel, self.stride, self.pad = tuple(kernel), tuple(stride), tuple(pad)
+        # Rows/columns covering the image after the leading pad and every window.
+        self.padded_size = tuple(max(p + s, (o - 1) * st + k) for p, s, o, st, k in zip(
+            self.pad, self.size, self.pooled, self.stride, self.kernel))
+        planes = x_shape[0] * x_shape[1]
+        step = max(1, _POOL_BAND_BYTES // (self.size[0] * self.size[1] * itemsize))
+        self.bands = [slice(start, min(start + step, planes)) for start in range(0, planes, step)]
+
+    def padded(self, images, fill):
+        """``images`` in a frame of ``padded_size`` filled with ``fill`` around them."""
+        if self.padded_size == self.size:
+            return images
+        frame = np.full(images.shape[:1] + self.padded_size, fill, dtype=images.dtype)
+        (ph, pw), (h, w) = self.pad, self.size
+        frame[:, ph:ph + h, pw:pw + w] = images
+        return frame
+
+    def phases(self, frame):
+        """``frame`` split by column phase; ``[frame]`` when the stride is 1."""
+        sw = self.stride[1]
+        return [frame] if sw == 1 else [np.ascontiguousarray(frame[..., p::sw])
+                                        for p in range(sw)]
+
+    def zero_phases(self, planes, dtype):
+        sw = self.stride[1]
+        return [np.zeros((planes, self.padded_size[0], len(range(p, self.padded_size[1], sw))),
+                         dtype=dtype) for p in range(sw)]
+
+    def window(self, phases, offset):
+        """Kernel offset ``offset`` (row-major in the kernel) of every window, a view of its
+        phase."""
+        i, j = divmod(offset, self.kernel[1])
+        (sh, sw), (oh, ow) = self.stride, self.pooled
+        return phases[j % sw][..., i:i + sh * (oh - 1) + 1:sh, j // sw:j // sw + ow]
+
+    def separable(self, phases, combine, out):
+        """``combine`` (``maximum`` or ``add``) of each window's values into ``out``, first
+        over the kw offsets along every needed padded row, then over the kh rows: kh + kw - 2
+        passes instead of kh * kw - 1."""
+        (sh, sw), (oh, ow) = self.stride, self.pooled
+        kh, kw = self.kernel
+        rows = phases[0][..., :sh * (oh - 1) + kh, :ow].copy()
+        for j in range(1, kw):
+            combine(rows, phases[j % sw][..., :sh * (oh - 1) + kh, j // sw:j // sw + ow],
+                    out=rows)
+        out[...] = rows[..., 0:sh * (oh - 1) + 1:sh, :]
+        for i in range(1, kh):
+            combine(out, rows[..., i:i + sh * (oh - 1) + 1:sh, :], out=out)
+
+    def unphase(self, phases, images):
+        """Write the interior of the frame whose phases are ``phases`` into ``images``."""
+        (ph, pw), sw = self.pad, self.stride[1]
+        h, w = self.size
+        for p, phase in enumerate(phases):
+            first = -(-(pw - p) // sw)          # first position at padded column >= pw
+            column = p + first * sw - pw
+            if column < w:
+                count = len(range(column, w, sw))
+                images[..., column::sw] = phase[..., ph:ph + h, first:first + count]
+
+    def window_area(self, dtype):
+        """AVE divisor per output: the window clipped to the padded image (Caffe)."""
+        sides = []
+        for a in range(2):
+            start = np.arange(self.pooled[a]) * self.stride[a] - self.pad[a]
+            end = np.minimum(start + self.kernel[a], self.size[a] + self.pad[a])
+            sides.append((end - start).astype(dtype))
+        return sides[0][:, None] * sides[1][None, :]
+
+    def window_starts(self):
+        """Unclipped first row ``(OH, 1)`` and first column ``(1, OW)`` of every window."""
+        return [(np.arange(self.pooled[a], dtype=np.int32) * self.stride[a]
+                 - self.pad[a]).reshape((-1, 1) if a == 0 else (1, -1)) for a in range(2)]
+
+    def max_offsets(self, phases, out):
+        """The maximum of every window into ``out``; returns the kernel offset (row-major)
+        of its first occurrence in the window."""
+        offsets = range(1, self.kernel[0] * self.kernel[1])
+        out[...] = self.window(phases, 0)
+        best = np.zeros(out.shape, dtype=np.uint8 if len(offsets) < 256 else np.int32)
+        larger = np.empty(out.shape, dtype=bool)
+        code = np.empty_like(best)
+        for offset in offsets:
+            window = self.window(phases, offset)
+            # Offsets grow, so "take the later offset where strictly larger" is a maximum;
+            # arithmetic instead of masked copies, which are slow on the CPU.
+            np.greater(window, out, out=larger)
+            np.maximum(best, np.multiply(larger, code.dtype.type(offset), out=code), out=best)
+            np.maximum(out, window, out=out)
+        return best
+
+
+def max_pool_forward(x, y, argmax, kernel, stride, pad):
+    """Caffe's MAX pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW): each window's
+    largest in-image value, and in ``argmax`` (int32, y's shape) its index h*W + w in the
+    plane (the first in row-major order on ties); ``argmax`` None: the maximum alone."""
+    pooling = _Pooling(x.shape, y.shape, kernel, stride, pad, x.itemsize)
+    images, pooled = _planes(x), _planes(y, writable=True)
+    indices = None if argmax is None else _planes(argmax, writable=True)
+    first_row, first_column = pooling.window_starts()
+    kw, width = pooling.kernel[1], pooling.size[1]
+
+    def band(planes):
+        phases = pooling.phases(pooling.padded(images[planes], -np.inf))
+        if indices is None:
+            pooling.separable(phases, np.maximum, pooled[planes])
+            return
+        offsets = pooling.max_offsets(phases, pooled[planes])
+        indices[planes] = (first_row + offsets // kw) * width + first_column + offsets % kw
+
+    run_pieces(band, pooling.bands)
+
+
+def max_pool_backward(dy, argmax, dx, kernel, stride, pad):
+    """``dx`` (written, not added) = the sum of ``dy`` over the outputs whose maximum each
+    input pixel was (``argmax`` from :func:`max_pool_forward`)."""
+    pooling = _Pooling(dx.shape, dy.shape, kernel, stride, pad, dx.itemsize)
+    grads, indices, images = _planes(dy), _planes(argmax), _planes(dx, writable=True)
+    plane_size = pooling.size[0] * pooling.size[1]
+
+    def band(planes):
+        count = planes.stop - planes.start
+        flat = indices[planes] + (np.arange(count) * plane_size)[:, None, None]
+        sums = np.bincount(flat.ravel(), weights=grads[planes].ravel(),
+                           minlength=count * plane_size)
+        images[planes] = sums.reshape(images[planes].shape)
+
+    run_pieces(band, pooling.bands)
+
+
+def ave_pool_forward(x, y, kernel, stride, pad):
+    """Caffe's AVE pooling: the in-image sum of each window over the area of the window
+    clipped to the padded image."""
+    pooling = _Pooling(x.shape, y.shape, kernel, stride, pad, x.itemsize)
+    images, pooled = _planes(x), _planes(y, writable=True)
+    area = pooling.window_area(y.dtype)
+
+    def band(planes):
+        pooling.separable(pooling.phases(pooling.padded(images[planes], 0)), np.add,
+                          pooled[planes])
+        pooled[planes] /= area
+
+    run_pieces(band, pooling.bands)
+
+
+def ave_pool_backward(dy, dx, kernel, stride, pad):
+    """``dx`` (written) = each pixel's share of the gradient of every window containing it."""
+    pooling = _Pooling(dx.shape, dy.shape, kernel, stride, pad, dx.itemsize)
+    grads, images = _planes(dy), _planes(dx, writable=True)
+    area = pooling.window_area(dy.dtype)
+    kh, kw = pooling.kernel
+
+    def band(planes):
+        share = grads[planes] / area
+        phases = pooling.zero_phases(planes.stop - planes.start, dx.dtype)
+        for offset in range(kh * kw):
+            pooling.window(phases, offset)[...] += share
+        pooling.unphase(phases, images[planes])
+
+    run_pieces(band, pooling.bands)
