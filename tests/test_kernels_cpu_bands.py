@@ -16,15 +16,18 @@ def tiny_bands(monkeypatch):
     """Every band a few planes, and bands split over the threads however small the input."""
     def force(depthwise_bytes, pool_bytes):
         monkeypatch.setattr(cpu, "_DEPTHWISE_BAND_BYTES", depthwise_bytes)
-        monkeypatch.setattr(cpu, "_DEPTHWISE_SPLIT_BYTES", 0)
+        monkeypatch.setattr(cpu, "_SHORT_ROW_BAND_BYTES", depthwise_bytes)
         monkeypatch.setattr(cpu, "_POOL_BAND_BYTES", pool_bytes)
-        monkeypatch.setattr(cpu, "_POOL_SPLIT_BYTES", 0)
+        monkeypatch.setattr(cpu, "_SPLIT_BYTES", 0)
     return force
 
 
-# -- depthwise, rows of 32 outputs or more (the planar kernels) --------------------------------
+# -- depthwise: bands of planes (rows of 32 outputs or more), bands of channels (shorter) -----
 # (x shape, w shape, pad, stride, dilation)
 DEPTHWISE = [
+    ((2, 6, 7, 8), (6, 1, 3, 3), (1, 1), (1, 1), (1, 1)),
+    ((1, 3, 8, 8), (6, 1, 3, 2), (2, 1), (1, 2), (2, 1)),       # multiplier 2, dilated
+    ((2, 5, 9, 7), (5, 1, 3, 3), (1, 0), (2, 2), (1, 1)),
     ((3, 5, 6, 66), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1)),
     ((1, 3, 9, 70), (6, 1, 3, 3), (1, 1), (2, 2), (1, 1)),      # batch 1, multiplier 2, stride 2
     ((2, 4, 10, 36), (4, 1, 3, 3), (2, 2), (1, 1), (2, 2)),     # dilated
@@ -46,16 +49,22 @@ def _depthwise_all(x, w, dy, pad, stride, dilation):
 def test_depthwise_bands_match_loops(tiny_bands, x_shape, w_shape, pad, stride, dilation):
     x, w = RNG.standard_normal(x_shape), RNG.standard_normal(w_shape)
     expected = reference_conv(x, w, pad, stride, dilation, x_shape[1])
-    assert expected.shape[3] >= cpu._DEPTHWISE_SHORT_ROW      # the planar kernels
     dy = RNG.standard_normal(expected.shape)
     whole = _depthwise_all(x, w, dy, pad, stride, dilation)
     tiny_bands(depthwise_bytes=1, pool_bytes=1)
-    geometry = cpu._Depthwise(x.shape, w.shape, dy.shape, pad, stride, dilation, x.itemsize)
-    assert len(geometry.bands) == x_shape[0] * x_shape[1]     # one plane per band
+    if expected.shape[3] < cpu._DEPTHWISE_SHORT_ROW:
+        bands = cpu._channel_bands(x.shape, dy.shape, w_shape[0] // x_shape[1], x.itemsize)
+        assert len(bands) == x_shape[1]                         # one channel per band
+    else:
+        bands = cpu._Depthwise(x.shape, w.shape, dy.shape, pad, stride, dilation,
+                               x.itemsize).bands
+        assert len(bands) == x_shape[0] * x_shape[1]            # one plane per band
     banded = _depthwise_all(x, w, dy, pad, stride, dilation)
-    for one, many in zip(whole, banded):
+    for one, many in zip(whole[:2], banded[:2]):
         np.testing.assert_array_equal(many, one)
     y, dx, dw = banded
+    if expected.shape[3] >= cpu._DEPTHWISE_SHORT_ROW:    # per image, in the same order
+        np.testing.assert_array_equal(dw, whole[2])
     np.testing.assert_allclose(y, expected, atol=1e-12)
     # <conv(x, w), dy> = <x, dx> = <w, dw>, and one element of each gradient on its own.
     inner = np.sum(expected * dy)

@@ -192,7 +192,21 @@ def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
 
 _DEPTHWISE_SHORT_ROW = 32
 _DEPTHWISE_BAND_BYTES = 1 << 23
-_DEPTHWISE_SPLIT_BYTES = 1 << 19
+_SHORT_ROW_BAND_BYTES = 1 << 20
+
+# Work of fewer bytes than this runs as one piece (a thread hand-off costs more than it saves).
+_SPLIT_BYTES = 1 << 19
+
+
+def _bands(count, item_bytes, band_bytes, per_worker=True):
+    """``count`` items (planes, channels) as slices of near-equal length: one per worker
+    thread (``per_worker``), or more where a band would hold over ``band_bytes``; one below
+    _SPLIT_BYTES."""
+    total = count * item_bytes
+    least = workers() if per_worker and total >= _SPLIT_BYTES else 1
+    pieces = min(count, max(least, -(-total // band_bytes) if total >= _SPLIT_BYTES else 1))
+    edges = [count * k // pieces for k in range(pieces + 1)]
+    return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
 
 
 def _planes(array, writable=False):
@@ -214,10 +228,7 @@ class _Depthwise:
                         for i in range(w_shape[2]) for j in range(w_shape[3])]
         planes = n * c
         plane_bytes = self.phase_size[0] * width * sh * sw * itemsize * (1 + 2 * self.multiplier)
-        count = min(planes, max(workers() if planes * plane_bytes >= _DEPTHWISE_SPLIT_BYTES
-                                else 1, -(-planes * plane_bytes // _DEPTHWISE_BAND_BYTES)))
-        edges = [planes * k // count for k in range(count + 1)]
-        self.bands = [slice(start, stop) for start, stop in zip(edges, edges[1:])]
+        self.bands = _bands(planes, plane_bytes, _DEPTHWISE_BAND_BYTES)
 
     def _placement(self):
         """``(phase, image rows, image columns, phase rows, phase columns)`` for each phase
@@ -346,41 +357,65 @@ def _spatial_view(images, k):
     return np.ascontiguousarray(framed.transpose(3, 4, 0, 1, 2))
 
 
+def _channel_bands(x_shape, y_shape, k, itemsize):
+    """Bands of input channels for the spatial-first kernels, each computed on its own; of
+    at most _SHORT_ROW_BAND_BYTES whatever the number of threads, since a band's filter
+    gradient (one einsum) rounds differently with the band's width."""
+    n, c, h, w = x_shape
+    per_channel = n * itemsize * (h * w + 2 * k * y_shape[2] * y_shape[3])
+    return _bands(c, per_channel, _SHORT_ROW_BAND_BYTES, per_worker=False)
+
+
 def _spatial_forward(x, w, y, pad, stride, dilation):
-    n, c = x.shape[:2]
-    taps = w.reshape(c, -1, *w.shape[2:])
-    padded = _spatial_frame(x, pad)
-    out = np.empty(y.shape[2:] + (n, c, taps.shape[1]), dtype=y.dtype)
-    term = np.empty_like(out)
-    for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, y.shape[2:]):
-        if i == 0 and j == 0:
-            np.multiply(padded[rows, columns], taps[:, :, i, j], out=out)
-        else:
-            out += np.multiply(padded[rows, columns], taps[:, :, i, j], out=term)
-    y[...] = _spatial_images(out)
+    taps = w.reshape(x.shape[1], -1, *w.shape[2:])
+    k = taps.shape[1]
+
+    def band(channels):
+        padded = _spatial_frame(x[:, channels], pad)
+        out = np.empty(y.shape[2:] + padded.shape[2:4] + (k,), dtype=y.dtype)
+        term = np.empty_like(out)
+        for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, y.shape[2:]):
+            tap = taps[channels, :, i, j]
+            if i == 0 and j == 0:
+                np.multiply(padded[rows, columns], tap, out=out)
+            else:
+                out += np.multiply(padded[rows, columns], tap, out=term)
+        y[:, channels.start * k:channels.stop * k] = _spatial_images(out)
+
+    run_pieces(band, _channel_bands(x.shape, y.shape, k, x.itemsize))
 
 
 def _spatial_backward_data(dy, w, dx, pad, stride, dilation):
-    c, h, wd = dx.shape[1:]
+    h, wd = dx.shape[2:]
     ph, pw = pad
-    taps = w.reshape(c, -1, *w.shape[2:])
+    taps = w.reshape(dx.shape[1], -1, *w.shape[2:])
     k = taps.shape[1]
-    grads = _spatial_view(dy, k)
-    padded = _spatial_frame(dx, pad, fill=False)
-    term = np.empty_like(grads)
-    for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, dy.shape[2:]):
-        np.multiply(grads, taps[:, :, i, j], out=term)
-        padded[rows, columns] += term.sum(axis=-1, keepdims=True) if k > 1 else term
-    dx[...] = _spatial_images(padded[ph:ph + h, pw:pw + wd])
+
+    def band(channels):
+        grads = _spatial_view(dy[:, channels.start * k:channels.stop * k], k)
+        padded = _spatial_frame(dx[:, channels], pad, fill=False)
+        term = np.empty_like(grads)
+        for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation,
+                                                   dy.shape[2:]):
+            np.multiply(grads, taps[channels, :, i, j], out=term)
+            padded[rows, columns] += term.sum(axis=-1, keepdims=True) if k > 1 else term
+        dx[:, channels] = _spatial_images(padded[ph:ph + h, pw:pw + wd])
+
+    run_pieces(band, _channel_bands(dx.shape, dy.shape, k, dx.itemsize))
 
 
 def _spatial_backward_filter(x, dy, dw, pad, stride, dilation):
-    c = x.shape[1]
-    taps = dw.reshape(c, -1, *dw.shape[2:])
-    grads = _spatial_view(dy, taps.shape[1])
-    padded = _spatial_frame(x, pad)
-    for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation, dy.shape[2:]):
-        taps[:, :, i, j] = np.einsum("hwnck,hwncl->ck", grads, padded[rows, columns])
+    taps = dw.reshape(x.shape[1], -1, *dw.shape[2:])
+    k = taps.shape[1]
+
+    def band(channels):
+        grads = _spatial_view(dy[:, channels.start * k:channels.stop * k], k)
+        padded = _spatial_frame(x[:, channels], pad)
+        for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation,
+                                                   dy.shape[2:]):
+            taps[channels, :, i, j] = np.einsum("hwnck,hwncl->ck", grads, padded[rows, columns])
+
+    run_pieces(band, _channel_bands(x.shape, dy.shape, k, x.itemsize))
 
 
 def _depthwise_forward(x, w, y, pad, stride, dilation, group):
@@ -503,12 +538,12 @@ _BACKWARD_FILTER = {"depthwise": _depthwise_backward_filter,
                     "pointwise": _pointwise_backward_filter, "im2col": _im2col_backward_filter}
 
 
-# -- pooling: Caffe's MAX and AVE over cache-sized bands of planes ---------------------------
+# -- pooling: Caffe's MAX and AVE over bands of planes ----------------------------------------
 # The entry points have kernels.gpu's signatures: x (N, C, H, W), y and argmax (N, C, OH, OW),
 # kernel / stride / pad pairs; windows start at (oh*sh - ph, ow*sw - pw) and span kh x kw.
-# Every (n, c) plane pools on its own, so the planes are cut into bands of about
-# _POOL_BAND_BYTES of input, each pooled start to finish while its temporaries stay in the
-# cache, the bands side by side on run_pieces' threads.
+# Every (n, c) plane pools on its own, so the planes are cut into bands (one per worker
+# thread, more where a band would exceed _POOL_BAND_BYTES of input) pooled side by side on
+# run_pieces' threads; a plane's result does not depend on its band.
 #
 # A window is combined separably, first along rows (over its kw columns), then over its kh
 # rows. Rows of output are short (a few to a few dozen values), and a NumPy pass over a view
@@ -522,7 +557,6 @@ _BACKWARD_FILTER = {"depthwise": _depthwise_backward_filter,
 # (or nothing): they are never read back.
 
 _POOL_BAND_BYTES = 1 << 22
-_POOL_SPLIT_BYTES = 1 << 20
 
 
 class _Pooling:
@@ -538,11 +572,7 @@ class _Pooling:
         self.phase_rows = -(-self.padded_size[0] // self.stride[0])
         self.is_global = self.pooled == (1, 1) and self.kernel == self.size and not any(pad)
         planes = x_shape[0] * x_shape[1]
-        total = planes * self.size[0] * self.size[1] * itemsize
-        count = min(planes, max(workers() if total >= _POOL_SPLIT_BYTES else 1,
-                                -(-total // _POOL_BAND_BYTES)))
-        edges = [planes * k // count for k in range(count + 1)]
-        self.bands = [slice(start, stop) for start, stop in zip(edges, edges[1:])]
+        self.bands = _bands(planes, self.size[0] * self.size[1] * itemsize, _POOL_BAND_BYTES)
 
     def _column_placement(self):
         """``(phase, first position, first image column)`` of every phase holding image columns."""
