@@ -189,7 +189,10 @@ def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
 #   run_pieces' threads; few large bands, since every NumPy call costs the threads a hand-off
 #   of the GIL (measured: 115 bands of 256 KB took 3x as long as 8 bands).
 # * shorter rows (the small late layers): spatial axes first, a frame (H, W, N, C, k), so
-#   that every pass runs over N*C*k contiguous values instead of a row of a few pixels.
+#   that every pass runs over N*C*k contiguous values instead of a row of a few pixels; the
+#   forward and backward-data in bands of channels on the threads.
+# Every output value is computed the same way whatever the bands: the results do not depend
+# on the number of threads.
 
 _DEPTHWISE_SHORT_ROW = 32
 _DEPTHWISE_BAND_BYTES = 1 << 23
@@ -199,13 +202,14 @@ _SHORT_ROW_BAND_BYTES = 1 << 20
 _SPLIT_BYTES = 1 << 19
 
 
-def _bands(count, item_bytes, band_bytes, per_worker=True):
+def _bands(count, item_bytes, band_bytes):
     """``count`` items (planes, channels) as slices of near-equal length: two per worker
-    thread (``per_worker``; so that a thread slowed by other work on its core is helped out),
-    or more where a band would hold over ``band_bytes``; one below _SPLIT_BYTES."""
+    thread (so that a thread slowed by other work on its core is helped out), or more where a
+    band would hold over ``band_bytes``; one below _SPLIT_BYTES."""
     total = count * item_bytes
-    least = 2 * workers() if per_worker and total >= _SPLIT_BYTES else 1
-    pieces = min(count, max(least, -(-total // band_bytes) if total >= _SPLIT_BYTES else 1))
+    if total < _SPLIT_BYTES:
+        return [slice(0, count)]
+    pieces = min(count, max(2 * workers(), -(-total // band_bytes)))
     edges = [count * k // pieces for k in range(pieces + 1)]
     return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
 
@@ -359,12 +363,10 @@ def _spatial_view(images, k):
 
 
 def _channel_bands(x_shape, y_shape, k, itemsize):
-    """Bands of input channels for the spatial-first kernels, each computed on its own; of
-    at most _SHORT_ROW_BAND_BYTES whatever the number of threads, since a band's filter
-    gradient (one einsum) rounds differently with the band's width."""
+    """Bands of input channels for the spatial-first kernels, each computed on its own."""
     n, c, h, w = x_shape
     per_channel = n * itemsize * (h * w + 2 * k * y_shape[2] * y_shape[3])
-    return _bands(c, per_channel, _SHORT_ROW_BAND_BYTES, per_worker=False)
+    return _bands(c, per_channel, _SHORT_ROW_BAND_BYTES)
 
 
 def _spatial_forward(x, w, y, pad, stride, dilation):
@@ -406,17 +408,12 @@ def _spatial_backward_data(dy, w, dx, pad, stride, dilation):
 
 
 def _spatial_backward_filter(x, dy, dw, pad, stride, dilation):
+    """One einsum per kernel offset over the whole batch (bands measured no faster)."""
     taps = dw.reshape(x.shape[1], -1, *dw.shape[2:])
-    k = taps.shape[1]
-
-    def band(channels):
-        grads = _spatial_view(dy[:, channels.start * k:channels.stop * k], k)
-        padded = _spatial_frame(x[:, channels], pad)
-        for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation,
-                                                   dy.shape[2:]):
-            taps[channels, :, i, j] = np.einsum("hwnck,hwncl->ck", grads, padded[rows, columns])
-
-    run_pieces(band, _channel_bands(x.shape, dy.shape, k, x.itemsize))
+    grads = _spatial_view(dy, taps.shape[1])
+    padded = _spatial_frame(x, pad)
+    for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation, dy.shape[2:]):
+        taps[:, :, i, j] = np.einsum("hwnck,hwncl->ck", grads, padded[rows, columns])
 
 
 def _depthwise_forward(x, w, y, pad, stride, dilation, group):
@@ -576,7 +573,8 @@ class _Pooling:
         self.bands = _bands(planes, self.size[0] * self.size[1] * itemsize, _POOL_BAND_BYTES)
 
     def _column_placement(self):
-        """``(phase, first position, first image column)`` of every phase holding image columns."""
+        """``(phase, first position, first image column, columns)`` of every phase holding
+        image columns."""
         pw, sw, w = self.pad[1], self.stride[1], self.size[1]
         for p in range(sw):
             first = -(-(pw - p) // sw)          # first position at padded column >= pw
@@ -626,27 +624,26 @@ class _Pooling:
             rows[:, q::sh] = phases[q, :, :count]
         return rows
 
-    def _shifts(self, axis):
+    def shifts(self, axis):
         """``(phase, flat shift)`` of every kernel offset along ``axis`` (0 rows, 1 columns)."""
         step, unit = self.stride[axis], (self.phase_width if axis == 0 else 1)
         return [(k % step, k // step * unit) for k in range(self.kernel[axis])]
 
     def _output(self, combined):
         """The outputs among the positions of a flat vertical result."""
-        return combined.reshape(-1, self.phase_rows if self.stride[0] > 1 else
-                                self.padded_size[0], self.phase_width)[:, :self.pooled[0],
-                                                                       :self.pooled[1]]
+        shape = (-1, self.phase_rows, self.phase_width)
+        return combined.reshape(shape)[:, :self.pooled[0], :self.pooled[1]]
 
     def separable(self, phases, combine, fill):
         """``combine`` (``maximum`` or ``add``) of each window's values, as a view of the band's
         outputs: over a window's kw columns, then its kh rows, each kernel offset in order."""
         flat = phases.reshape(len(phases), -1)
         rows = flat[0].copy()
-        for phase, shift in self._shifts(1)[1:]:
+        for phase, shift in self.shifts(1)[1:]:
             combine(rows[:rows.size - shift], flat[phase, shift:], out=rows[:rows.size - shift])
         flat = self.row_phases(rows.reshape(phases.shape[1:]), fill).reshape(self.stride[0], -1)
         combined = flat[0].copy()
-        for phase, shift in self._shifts(0)[1:]:
+        for phase, shift in self.shifts(0)[1:]:
             end = combined.size - shift
             combine(combined[:end], flat[phase, shift:], out=combined[:end])
         return self._output(combined)
@@ -662,7 +659,7 @@ class _Pooling:
         column_type = np.uint8 if self.kernel[1] <= 256 else np.int32
         rows, column = flat[0].copy(), np.zeros(flat.shape[1], dtype=column_type)
         larger, code = np.empty(rows.size, dtype=bool), np.empty(rows.size, dtype=column_type)
-        for j, (phase, shift) in enumerate(self._shifts(1)[1:], 1):
+        for j, (phase, shift) in enumerate(self.shifts(1)[1:], 1):
             end = rows.size - shift
             np.greater(flat[phase, shift:], rows[:end], out=larger[:end])
             np.maximum(column[:end], np.multiply(larger[:end], column_type(j), out=code[:end]),
@@ -674,7 +671,7 @@ class _Pooling:
         columns = columns.reshape(self.stride[0], -1)
         best, offset = flat[0].copy(), columns[0].astype(np.int32)
         larger, code = larger[:best.size], np.empty(best.size, dtype=np.int32)
-        for i, (phase, shift) in enumerate(self._shifts(0)[1:], 1):
+        for i, (phase, shift) in enumerate(self.shifts(0)[1:], 1):
             end = best.size - shift
             np.greater(flat[phase, shift:], best[:end], out=larger[:end])
             np.add(columns[phase, shift:], np.int32(i * width), out=code[:end])
@@ -771,15 +768,15 @@ def ave_pool_backward(dy, dx, kernel, stride, pad):
 
     def band(planes):
         count = planes.stop - planes.start
-        share = np.zeros((count, rows if sh > 1 else pooling.padded_size[0], width), dx.dtype)
+        share = np.zeros((count, rows, width), dtype=dx.dtype)
         np.divide(grads[planes], area, out=share[:, :pooling.pooled[0], :pooling.pooled[1]])
         share = share.ravel()
         row_grads = np.zeros((sh, share.size), dtype=dx.dtype)
-        for phase, shift in pooling._shifts(0):
+        for phase, shift in pooling.shifts(0):
             row_grads[phase, shift:] += share[:share.size - shift]
         row_grads = pooling.unrow_phases(row_grads.reshape((sh, count, -1, width))).ravel()
         column_grads = np.zeros((sw, row_grads.size), dtype=dx.dtype)
-        for phase, shift in pooling._shifts(1):
+        for phase, shift in pooling.shifts(1):
             column_grads[phase, shift:] += row_grads[:row_grads.size - shift]
         pooling.uncolumn_phases(column_grads.reshape((sw, count, -1, width)), images[planes])
 
