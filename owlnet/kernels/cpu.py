@@ -220,7 +220,7 @@ def _planes(array, writable=False):
 
 
 class _Depthwise:
-    """One depthwise geometry: its bands of planes, phases and kernel offsets."""
+    """One depthwise geometry for the planar kernels: bands of planes, phases, offsets."""
 
     def __init__(self, x_shape, w_shape, y_shape, pad, stride, dilation, itemsize):
         n, c, h, w = x_shape
