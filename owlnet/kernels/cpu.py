@@ -1,4 +1,5 @@
-"""NumPy kernels: convolution, each shape served by its own algorithm.
+"""NumPy kernels: convolution (each shape served by its own algorithm), fully connected
+products and pooling, with ``kernels.gpu``'s entry points.
 
 Convolution entry points (the same signatures and contracts as ``kernels.gpu``'s):
 ``conv_forward(x, w, y, ...)`` writes ``y = conv(x, w)`` (no bias), ``conv_backward_data(dy, w,
@@ -8,7 +9,7 @@ output and always succeeds. ``engine`` (the prototxt's engine name) does not cha
 on the CPU. The algorithm follows from the shapes:
 
 * depthwise (one input channel per group): a direct sum over the kh*kw kernel offsets, each
-  one vectorised multiply-add over the whole batch; no column matrix, no loop over groups;
+  one vectorised multiply-add over bands of planes; no column matrix, no loop over groups;
 * pointwise (1x1, stride 1, no pad, one group): one matrix product per image on the NCHW
   layout, with no column matrix;
 * anything else: im2col on a channels-last copy of the images and a matrix product per group,
@@ -29,9 +30,6 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import threads
-
-# Depthwise output rows narrower than this use the spatial-first frame (see below).
-_DEPTHWISE_SHORT_ROW = 32
 
 # Elements of one piece's column matrix (1 MB of float32, a core's share of the L2 cache
 # here), and the fewest output positions (rows of the column matrix) a piece has.
@@ -204,104 +202,264 @@ def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
                    dw.reshape(dw.shape[0], -1))
 
 
-# -- depthwise: a multiply-add per kernel offset -----------------------------------------
-# Channel c of x feeds outputs c*k .. c*k + k - 1 (k = M / C), so the kernels give that
-# multiplier an axis of its own. Arrays are laid out as a "frame": (N, C, k, H, W), or, when
-# output rows are short or the stride is not 1, spatial axes first, (H, W, N, C, k), so that
-# every multiply-add runs over N*C*k contiguous values instead of a row of a few pixels.
+# -- depthwise: a multiply-add per kernel offset ----------------------------------------------
+# Channel c of x feeds outputs c*k .. c*k + k - 1 (k = M / C). Each kernel offset is one
+# multiply-add pass; what decides the speed is how long the runs of values these passes
+# stream are, and how many passes (NumPy calls) there are. Two layouts, by output row length:
+#
+# * rows of _DEPTHWISE_SHORT_ROW outputs or more: every (n, c) plane on its own, as one flat
+#   array. The zero-padded frame is split into sh x sw phases (padded pixel (r, q) goes to
+#   phase (r % sh, q % sw) at (r // sh, q // sw)), each (planes, R * Q): kernel offset (i, j)
+#   of output (oh, ow) is then phase ((i*dh) % sh, (j*dw) % sw) at flat position oh*Q + ow +
+#   (i*dh // sh) * Q + j*dw // sw, so each pass is a shifted copy of a whole plane. Positions
+#   past an output row's last output read the start of the next row: they are computed and
+#   never read back, and the backward passes give them zero gradient. The planes are cut into
+#   bands (of at most _DEPTHWISE_BAND_BYTES of working arrays) run side by side on
+#   run_pieces' threads; few large bands, since every NumPy call costs the threads a hand-off
+#   of the GIL (measured: 115 bands of 256 KB took 3x as long as 8 bands).
+# * shorter rows (the small late layers): spatial axes first, a frame (H, W, N, C, k), so
+#   that every pass runs over N*C*k contiguous values instead of a row of a few pixels; the
+#   forward and backward-data in bands of channels on the threads.
+# Every output value is computed the same way whatever the bands: the results do not depend
+# on the number of threads.
 
-def _depthwise_layout(y_shape, stride):
-    """True: spatial axes first (see above); measured faster also for every strided layer."""
-    return y_shape[3] < _DEPTHWISE_SHORT_ROW or tuple(stride) != (1, 1)
+_DEPTHWISE_SHORT_ROW = 32
+_DEPTHWISE_BAND_BYTES = 1 << 23
+_SHORT_ROW_BAND_BYTES = 1 << 20
+
+# Work of fewer bytes than this runs as one piece (a thread hand-off costs more than it saves).
+_SPLIT_BYTES = 1 << 19
 
 
-def _frame(images, pad, spatial_first, fill=True):
-    """``(N, C, H, W)`` images zero-padded as a frame with a multiplier axis of 1; a view where
-    nothing is to be copied. ``fill=False`` leaves the interior unwritten (zeros)."""
+def _bands(count, item_bytes, band_bytes):
+    """``count`` items (planes, channels) as slices of near-equal length: two per worker
+    thread (so that a thread slowed by other work on its core is helped out), or more where a
+    band would hold over ``band_bytes``; one below _SPLIT_BYTES."""
+    total = count * item_bytes
+    if total < _SPLIT_BYTES:
+        return [slice(0, count)]
+    pieces = min(count, max(2 * threads.workers(), -(-total // band_bytes)))
+    edges = [count * k // pieces for k in range(pieces + 1)]
+    return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
+
+
+def _planes(array, writable=False):
+    """``(N, C, H, W)`` as ``(N*C, H, W)``; a view (never a copy) of an output."""
+    return array.reshape((-1,) + array.shape[2:], copy=False if writable else None)
+
+
+class _Depthwise:
+    """One depthwise geometry for the planar kernels: bands of planes, phases, offsets."""
+
+    def __init__(self, x_shape, w_shape, y_shape, pad, stride, dilation, itemsize):
+        n, c, h, w = x_shape
+        (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
+        self.channels, self.multiplier = c, w_shape[0] // c
+        self.size, self.out_size, self.pad, self.stride = (h, w), tuple(y_shape[2:]), pad, stride
+        self.phase_size = (-(-(h + 2 * ph) // sh), -(-(w + 2 * pw) // sw))
+        width = self.phase_size[1]
+        self.offsets = [((i * dh % sh) * sw + j * dw % sw, i * dh // sh * width + j * dw // sw)
+                        for i in range(w_shape[2]) for j in range(w_shape[3])]
+        planes = n * c
+        plane_bytes = self.phase_size[0] * width * sh * sw * itemsize * (1 + 2 * self.multiplier)
+        self.bands = _bands(planes, plane_bytes, _DEPTHWISE_BAND_BYTES)
+
+    def _placement(self):
+        """``(phase, image rows, image columns, phase rows, phase columns)`` for each phase
+        holding image pixels."""
+        (h, w), (ph, pw), (sh, sw) = self.size, self.pad, self.stride
+        for a in range(sh):
+            for b in range(sw):
+                row, column = (a - ph) % sh, (b - pw) % sw      # first image pixel in the phase
+                if row < h and column < w:
+                    rows, columns = len(range(row, h, sh)), len(range(column, w, sw))
+                    first_row, first_column = (ph + row) // sh, (pw + column) // sw
+                    yield (a * sw + b, slice(row, None, sh), slice(column, None, sw),
+                           slice(first_row, first_row + rows),
+                           slice(first_column, first_column + columns))
+
+    def phases(self, images):
+        """``(planes, H, W)`` images as the phases of their zero-padded frame:
+        ``(sh * sw, planes, R * Q)``."""
+        phases = np.zeros((self.stride[0] * self.stride[1], len(images)) + self.phase_size,
+                          dtype=images.dtype)
+        for phase, rows, columns, phase_rows, phase_columns in self._placement():
+            phases[phase, :, phase_rows, phase_columns] = images[:, rows, columns]
+        return phases.reshape(phases.shape[:2] + (-1,))
+
+    def unphase(self, phases, images):
+        """Adjoint of :meth:`phases` (each pixel lies in one phase): write ``images``."""
+        phases = phases.reshape(phases.shape[:2] + self.phase_size)
+        for phase, rows, columns, phase_rows, phase_columns in self._placement():
+            images[:, rows, columns] = phases[phase, :, phase_rows, phase_columns]
+
+    def weights(self, w, planes):
+        """The kernel of every plane in the band: ``(planes, k, kh * kw)``."""
+        taps = w.reshape(self.channels, self.multiplier, -1)
+        return taps[np.arange(planes.start, planes.stop) % self.channels]
+
+    def outputs(self, array):
+        """``(N, C*k, OH, OW)`` as ``(N*C, k, OH, OW)``, a view."""
+        return array.reshape((-1, self.multiplier) + self.out_size, copy=False)
+
+    def spread(self, grads):
+        """``(planes, k, OH, OW)`` output gradients as flat ``(planes, k, R * Q)`` rows, zero
+        past each output row."""
+        spread = np.zeros(grads.shape[:2] + self.phase_size, dtype=grads.dtype)
+        spread[..., :self.out_size[0], :self.out_size[1]] = grads
+        return spread.reshape(grads.shape[:2] + (-1,))
+
+
+def _planar_forward(x, w, y, pad, stride, dilation):
+    geometry = _Depthwise(x.shape, w.shape, y.shape, pad, stride, dilation, x.itemsize)
+    images, outputs = _planes(x), geometry.outputs(y)
+    oh, ow = geometry.out_size
+
+    def band(planes):
+        phases, weights = geometry.phases(images[planes]), geometry.weights(w, planes)
+        out = np.empty(weights.shape[:2] + phases.shape[2:], dtype=y.dtype)
+        term = np.empty_like(out)
+        for tap, (phase, shift) in enumerate(geometry.offsets):
+            end = out.shape[2] - shift
+            product = np.multiply(phases[phase, :, None, shift:], weights[:, :, tap, None],
+                                  out=term[..., :end] if tap else out)
+            if tap:
+                np.add(out[..., :end], product, out=out[..., :end])
+        outputs[planes] = out.reshape(out.shape[:2] + geometry.phase_size)[..., :oh, :ow]
+
+    threads.run_pieces(band, geometry.bands)
+
+
+def _planar_backward_data(dy, w, dx, pad, stride, dilation):
+    geometry = _Depthwise(dx.shape, w.shape, dy.shape, pad, stride, dilation, dx.itemsize)
+    grads, images = geometry.outputs(dy), _planes(dx, writable=True)
+
+    def band(planes):
+        spread, weights = geometry.spread(grads[planes]), geometry.weights(w, planes)
+        phases = np.zeros((geometry.stride[0] * geometry.stride[1],) + spread.shape[::2],
+                          dtype=dx.dtype)
+        term = np.empty_like(spread)
+        for tap, (phase, shift) in enumerate(geometry.offsets):
+            end = spread.shape[2] - shift
+            np.multiply(spread[..., :end], weights[:, :, tap, None], out=term[..., :end])
+            phases[phase, :, shift:] += term[:, 0, :end] if geometry.multiplier == 1 \
+                else term[..., :end].sum(axis=1)
+        geometry.unphase(phases, images[planes])
+
+    threads.run_pieces(band, geometry.bands)
+
+
+def _planar_backward_filter(x, dy, dw, pad, stride, dilation):
+    """The sum over the batch of per-image sums, in image order (the same with any threads)."""
+    geometry = _Depthwise(x.shape, dw.shape, dy.shape, pad, stride, dilation, x.itemsize)
+    images, grads = _planes(x), geometry.outputs(dy)
+    per_plane = np.empty((len(images), geometry.multiplier, len(geometry.offsets)),
+                         dtype=dw.dtype)
+
+    def band(planes):
+        phases, spread = geometry.phases(images[planes]), geometry.spread(grads[planes])
+        for tap, (phase, shift) in enumerate(geometry.offsets):
+            end = spread.shape[2] - shift
+            per_plane[planes, :, tap] = np.einsum("pl,pkl->pk", phases[phase, :, shift:],
+                                                  spread[..., :end])
+
+    threads.run_pieces(band, geometry.bands)
+    dw[...] = per_plane.reshape(x.shape[0], -1).sum(axis=0).reshape(dw.shape)
+
+
+def _spatial_frame(images, pad, fill=True):
+    """``(N, C, H, W)`` images zero-padded as a ``(H, W, N, C, 1)`` frame; ``fill=False``
+    leaves the interior unwritten (zeros)."""
     n, c, h, w = images.shape
     ph, pw = pad
-    if not spatial_first:
-        if not fill:
-            return np.zeros((n, c, 1, h + 2 * ph, w + 2 * pw), dtype=images.dtype)
-        return _zero_padded(images, pad)[:, :, None]
     frame = np.zeros((h + 2 * ph, w + 2 * pw, n, c, 1), dtype=images.dtype)
     if fill:
         frame[ph:ph + h, pw:pw + w, :, :, 0] = images.transpose(2, 3, 0, 1)
     return frame
 
 
-def _frame_images(frame, spatial_first):
-    """Inverse of :func:`_frame` without the pad: an ``(N, C*k, H, W)``-ordered view."""
-    if spatial_first:
-        frame = frame.transpose(2, 3, 4, 0, 1)
-    n, c, k = frame.shape[:3]
-    return frame.reshape(n, c * k, *frame.shape[3:])
+def _spatial_images(frame):
+    """Inverse of :func:`_spatial_frame` without the pad: an ``(N, C*k, H, W)``-ordered view."""
+    h, w, n, c, k = frame.shape
+    return frame.transpose(2, 3, 4, 0, 1).reshape(n, c * k, h, w)
 
 
-def _frame_view(images, k, spatial_first):
-    """``(N, C*k, H, W)`` images as an ``(N, C, k, H, W)`` view, or a spatial-first copy."""
+def _spatial_view(images, k):
+    """``(N, C*k, H, W)`` images as an ``(H, W, N, C, k)`` copy."""
     n, m = images.shape[:2]
     framed = images.reshape(n, m // k, k, *images.shape[2:])
-    return np.ascontiguousarray(framed.transpose(3, 4, 0, 1, 2)) if spatial_first else framed
+    return np.ascontiguousarray(framed.transpose(3, 4, 0, 1, 2))
 
 
-def _window(rows, columns, spatial_first):
-    return (rows, columns) if spatial_first else (Ellipsis, rows, columns)
+def _channel_bands(x_shape, y_shape, k, itemsize):
+    """Bands of input channels for the spatial-first kernels, each computed on its own."""
+    n, c, h, w = x_shape
+    per_channel = n * itemsize * (h * w + 2 * k * y_shape[2] * y_shape[3])
+    return _bands(c, per_channel, _SHORT_ROW_BAND_BYTES)
 
 
-def _tap(taps, i, j, spatial_first):
-    """Weights of kernel offset (i, j), ``(C, k)``, shaped to broadcast over a frame."""
-    return taps[:, :, i, j] if spatial_first else taps[:, :, i, j, None, None]
+def _spatial_forward(x, w, y, pad, stride, dilation):
+    taps = w.reshape(x.shape[1], -1, *w.shape[2:])
+    k = taps.shape[1]
+
+    def band(channels):
+        padded = _spatial_frame(x[:, channels], pad)
+        out = np.empty(y.shape[2:] + padded.shape[2:4] + (k,), dtype=y.dtype)
+        term = np.empty_like(out)
+        for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, y.shape[2:]):
+            tap = taps[channels, :, i, j]
+            if i == 0 and j == 0:
+                np.multiply(padded[rows, columns], tap, out=out)
+            else:
+                out += np.multiply(padded[rows, columns], tap, out=term)
+        y[:, channels.start * k:channels.stop * k] = _spatial_images(out)
+
+    threads.run_pieces(band, _channel_bands(x.shape, y.shape, k, x.itemsize))
+
+
+def _spatial_backward_data(dy, w, dx, pad, stride, dilation):
+    h, wd = dx.shape[2:]
+    ph, pw = pad
+    taps = w.reshape(dx.shape[1], -1, *w.shape[2:])
+    k = taps.shape[1]
+
+    def band(channels):
+        grads = _spatial_view(dy[:, channels.start * k:channels.stop * k], k)
+        padded = _spatial_frame(dx[:, channels], pad, fill=False)
+        term = np.empty_like(grads)
+        for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation,
+                                                   dy.shape[2:]):
+            np.multiply(grads, taps[channels, :, i, j], out=term)
+            padded[rows, columns] += term.sum(axis=-1, keepdims=True) if k > 1 else term
+        dx[:, channels] = _spatial_images(padded[ph:ph + h, pw:pw + wd])
+
+    threads.run_pieces(band, _channel_bands(dx.shape, dy.shape, k, dx.itemsize))
+
+
+def _spatial_backward_filter(x, dy, dw, pad, stride, dilation):
+    """One einsum per kernel offset over the whole batch (bands measured no faster)."""
+    taps = dw.reshape(x.shape[1], -1, *dw.shape[2:])
+    grads = _spatial_view(dy, taps.shape[1])
+    padded = _spatial_frame(x, pad)
+    for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation, dy.shape[2:]):
+        taps[:, :, i, j] = np.einsum("hwnck,hwncl->ck", grads, padded[rows, columns])
 
 
 def _depthwise_forward(x, w, y, pad, stride, dilation, group):
-    n, c = x.shape[:2]
-    first = _depthwise_layout(y.shape, stride)
-    taps = w.reshape(c, -1, *w.shape[2:])
-    k = taps.shape[1]
-    padded = _frame(x, pad, first)
-    if first:
-        out = np.empty(y.shape[2:] + (n, c, k), dtype=y.dtype)
-    else:
-        out = y.reshape(n, c, k, *y.shape[2:])
-    term = np.empty_like(out)
-    for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, y.shape[2:]):
-        window = padded[_window(rows, columns, first)]
-        if i == 0 and j == 0:
-            np.multiply(window, _tap(taps, i, j, first), out=out)
-        else:
-            out += np.multiply(window, _tap(taps, i, j, first), out=term)
-    if first:
-        y[...] = _frame_images(out, first)
+    short = y.shape[3] < _DEPTHWISE_SHORT_ROW
+    (_spatial_forward if short else _planar_forward)(x, w, y, pad, stride, dilation)
 
 
 def _depthwise_backward_data(dy, w, dx, pad, stride, dilation, group):
-    c, h, wd = dx.shape[1:]
-    ph, pw = pad
-    first = _depthwise_layout(dy.shape, stride)
-    taps = w.reshape(c, -1, *w.shape[2:])
-    k = taps.shape[1]
-    grads = _frame_view(dy, k, first)
-    padded = _frame(dx, pad, first, fill=False)
-    k_axis = -1 if first else 2
-    term = np.empty_like(grads)
-    for i, j, rows, columns in _kernel_windows(w.shape[2:], stride, dilation, dy.shape[2:]):
-        np.multiply(grads, _tap(taps, i, j, first), out=term)
-        padded[_window(rows, columns, first)] += term.sum(axis=k_axis, keepdims=True) \
-            if k > 1 else term
-    inner = padded[ph:ph + h, pw:pw + wd] if first else padded[..., ph:ph + h, pw:pw + wd]
-    dx[...] = _frame_images(inner, first)
+    short = dy.shape[3] < _DEPTHWISE_SHORT_ROW
+    (_spatial_backward_data if short else _planar_backward_data)(dy, w, dx, pad, stride,
+                                                                 dilation)
 
 
 def _depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
-    c = x.shape[1]
-    first = _depthwise_layout(dy.shape, stride)
-    taps = dw.reshape(c, -1, *dw.shape[2:])
-    grads = _frame_view(dy, taps.shape[1], first)
-    padded = _frame(x, pad, first)
-    spec = "hwnck,hwncl->ck" if first else "nckhw,nclhw->ck"
-    for i, j, rows, columns in _kernel_windows(dw.shape[2:], stride, dilation, dy.shape[2:]):
-        taps[:, :, i, j] = np.einsum(spec, grads, padded[_window(rows, columns, first)])
+    short = dy.shape[3] < _DEPTHWISE_SHORT_ROW
+    (_spatial_backward_filter if short else _planar_backward_filter)(x, dy, dw, pad, stride,
+                                                                     dilation)
 
 
 # -- im2col + GEMM ---------------------------------------------------------------------------
@@ -558,3 +716,250 @@ _BACKWARD_DATA = {"depthwise": _depthwise_backward_data, "pointwise": _pointwise
                   "im2col": _im2col_backward_data}
 _BACKWARD_FILTER = {"depthwise": _depthwise_backward_filter,
                     "pointwise": _pointwise_backward_filter, "im2col": _im2col_backward_filter}
+
+
+# -- pooling: Caffe's MAX and AVE over bands of planes ----------------------------------------
+# The entry points have kernels.gpu's signatures: x (N, C, H, W), y and argmax (N, C, OH, OW),
+# kernel / stride / pad pairs; windows start at (oh*sh - ph, ow*sw - pw) and span kh x kw.
+# Every (n, c) plane pools on its own, so the planes are cut into bands (two per worker
+# thread, more where a band would exceed _POOL_BAND_BYTES of input) pooled side by side on
+# run_pieces' threads; a plane's result does not depend on its band.
+#
+# A window is combined separably, first along rows (over its kw columns), then over its kh
+# rows. Rows of output are short (a few to a few dozen values), and a NumPy pass over a view
+# whose rows are that short is slow; so each pass runs instead over a whole band as one flat
+# contiguous array, shifted against itself. The padded frame is split into sw column phases
+# (padded column c goes to phase c % sw at position c // sw), each (planes, rows, Q) with Q
+# = ceil(padded width / sw): kernel column j of the window whose first padded column is
+# ow*sw is then phase j % sw at flat position + j // sw. Likewise the row results are split
+# into sh row phases, where kernel row i is row phase i % sh at flat position + (i // sh) * Q.
+# Positions past a row's last window (or a band's last row) combine values of the next row
+# (or nothing): they are never read back.
+
+_POOL_BAND_BYTES = 1 << 22
+
+
+class _Pooling:
+    """One pooling geometry and its separable passes on bands of ``(planes, H, W)`` arrays."""
+
+    def __init__(self, x_shape, y_shape, kernel, stride, pad, itemsize):
+        self.size, self.pooled = tuple(x_shape[2:]), tuple(y_shape[2:])
+        self.kernel, self.stride, self.pad = tuple(kernel), tuple(stride), tuple(pad)
+        # Rows/columns covering the image after the leading pad and every window.
+        self.padded_size = tuple(max(p + s, (o - 1) * st + k) for p, s, o, st, k in zip(
+            self.pad, self.size, self.pooled, self.stride, self.kernel))
+        self.phase_width = -(-self.padded_size[1] // self.stride[1])
+        self.phase_rows = -(-self.padded_size[0] // self.stride[0])
+        self.is_global = self.pooled == (1, 1) and self.kernel == self.size and not any(pad)
+        planes = x_shape[0] * x_shape[1]
+        self.bands = _bands(planes, self.size[0] * self.size[1] * itemsize, _POOL_BAND_BYTES)
+
+    def _column_placement(self):
+        """``(phase, first position, first image column, columns)`` of every phase holding
+        image columns."""
+        pw, sw, w = self.pad[1], self.stride[1], self.size[1]
+        for p in range(sw):
+            first = -(-(pw - p) // sw)          # first position at padded column >= pw
+            column = p + first * sw - pw
+            if column < w:
+                yield p, first, column, len(range(column, w, sw))
+
+    def column_phases(self, images, fill):
+        """The band's frame padded with ``fill``, split by column phase: ``(sw, planes,
+        padded rows, Q)``."""
+        if self.stride[1] == 1 and self.padded_size == self.size:
+            return images[None]
+        phases = np.full((self.stride[1], len(images), self.padded_size[0], self.phase_width),
+                         fill, dtype=images.dtype)
+        ph, h = self.pad[0], self.size[0]
+        for p, first, column, count in self._column_placement():
+            phases[p, :, ph:ph + h, first:first + count] = images[..., column::self.stride[1]]
+        return phases
+
+    def uncolumn_phases(self, phases, images):
+        """Adjoint of :func:`column_phases`: the image part of the phases into ``images``."""
+        ph, h = self.pad[0], self.size[0]
+        for p, first, column, count in self._column_placement():
+            images[..., column::self.stride[1]] = phases[p, :, ph:ph + h, first:first + count]
+
+    def row_phases(self, rows, fill):
+        """``(planes, padded rows, Q)`` split by row phase: ``(sh, planes, R, Q)``."""
+        sh = self.stride[0]
+        if sh == 1:
+            return rows[None]
+        phases = np.full((sh,) + rows.shape[:1] + (self.phase_rows,) + rows.shape[2:], fill,
+                         dtype=rows.dtype)
+        for q in range(sh):
+            part = rows[:, q::sh]
+            phases[q, :, :part.shape[1]] = part
+        return phases
+
+    def unrow_phases(self, phases):
+        """Adjoint of :func:`row_phases`: ``(planes, padded rows, Q)``."""
+        sh = self.stride[0]
+        if sh == 1:
+            return phases[0]
+        rows = np.empty(phases.shape[1:2] + (self.padded_size[0],) + phases.shape[3:],
+                        dtype=phases.dtype)
+        for q in range(sh):
+            count = len(range(q, self.padded_size[0], sh))
+            rows[:, q::sh] = phases[q, :, :count]
+        return rows
+
+    def shifts(self, axis):
+        """``(phase, flat shift)`` of every kernel offset along ``axis`` (0 rows, 1 columns)."""
+        step, unit = self.stride[axis], (self.phase_width if axis == 0 else 1)
+        return [(k % step, k // step * unit) for k in range(self.kernel[axis])]
+
+    def _output(self, combined):
+        """The outputs among the positions of a flat vertical result."""
+        shape = (-1, self.phase_rows, self.phase_width)
+        return combined.reshape(shape)[:, :self.pooled[0], :self.pooled[1]]
+
+    def separable(self, phases, combine, fill):
+        """``combine`` (``maximum`` or ``add``) of each window's values, as a view of the band's
+        outputs: over a window's kw columns, then its kh rows, each kernel offset in order."""
+        flat = phases.reshape(len(phases), -1)
+        rows = flat[0].copy()
+        for phase, shift in self.shifts(1)[1:]:
+            combine(rows[:rows.size - shift], flat[phase, shift:], out=rows[:rows.size - shift])
+        flat = self.row_phases(rows.reshape(phases.shape[1:]), fill).reshape(self.stride[0], -1)
+        combined = flat[0].copy()
+        for phase, shift in self.shifts(0)[1:]:
+            end = combined.size - shift
+            combine(combined[:end], flat[phase, shift:], out=combined[:end])
+        return self._output(combined)
+
+    def max_offsets(self, phases):
+        """The maximum of every window and where its first occurrence (row-major) lies
+        relative to the window's first pixel, ``i * W + j`` for kernel offset (i, j), as views
+        of the band's outputs. Offsets grow along each pass, so "take the later offset where
+        strictly larger" is a maximum: arithmetic instead of masked copies, which are slow on
+        the CPU."""
+        width = self.size[1]
+        flat = phases.reshape(len(phases), -1)
+        column_type = np.uint8 if self.kernel[1] <= 256 else np.int32
+        rows, column = flat[0].copy(), np.zeros(flat.shape[1], dtype=column_type)
+        larger, code = np.empty(rows.size, dtype=bool), np.empty(rows.size, dtype=column_type)
+        for j, (phase, shift) in enumerate(self.shifts(1)[1:], 1):
+            end = rows.size - shift
+            np.greater(flat[phase, shift:], rows[:end], out=larger[:end])
+            np.maximum(column[:end], np.multiply(larger[:end], column_type(j), out=code[:end]),
+                       out=column[:end])
+            np.maximum(rows[:end], flat[phase, shift:], out=rows[:end])
+        flat = self.row_phases(rows.reshape(phases.shape[1:]), -np.inf)
+        flat = flat.reshape(self.stride[0], -1)
+        columns = self.row_phases(column.reshape(phases.shape[1:]), 0)
+        columns = columns.reshape(self.stride[0], -1)
+        best, offset = flat[0].copy(), columns[0].astype(np.int32)
+        larger, code = larger[:best.size], np.empty(best.size, dtype=np.int32)
+        for i, (phase, shift) in enumerate(self.shifts(0)[1:], 1):
+            end = best.size - shift
+            np.greater(flat[phase, shift:], best[:end], out=larger[:end])
+            np.add(columns[phase, shift:], np.int32(i * width), out=code[:end])
+            np.maximum(offset[:end], np.multiply(larger[:end], code[:end], out=code[:end]),
+                       out=offset[:end])
+            np.maximum(best[:end], flat[phase, shift:], out=best[:end])
+        return self._output(best), self._output(offset)
+
+    def window_area(self, dtype):
+        """AVE divisor per output: the window clipped to the padded image (Caffe)."""
+        sides = []
+        for a in range(2):
+            start = np.arange(self.pooled[a]) * self.stride[a] - self.pad[a]
+            end = np.minimum(start + self.kernel[a], self.size[a] + self.pad[a])
+            sides.append((end - start).astype(dtype))
+        return sides[0][:, None] * sides[1][None, :]
+
+    def window_bases(self):
+        """Plane index h*W + w of every window's first (unclipped) pixel, ``(OH, OW)`` int32."""
+        rows, columns = [np.arange(self.pooled[a]) * self.stride[a] - self.pad[a]
+                         for a in range(2)]
+        return (rows[:, None] * self.size[1] + columns[None, :]).astype(np.int32)
+
+
+def max_pool_forward(x, y, argmax, kernel, stride, pad):
+    """Caffe's MAX pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW): each window's
+    largest in-image value, and in ``argmax`` (int32, y's shape) its index h*W + w in the
+    plane (the first in row-major order on ties); ``argmax`` None: the maximum alone."""
+    pooling = _Pooling(x.shape, y.shape, kernel, stride, pad, x.itemsize)
+    images, pooled = _planes(x), _planes(y, writable=True)
+    indices = None if argmax is None else _planes(argmax, writable=True)
+    bases = pooling.window_bases()
+
+    def band(planes):
+        if pooling.is_global:
+            flat = images[planes].reshape(planes.stop - planes.start, -1)
+            np.max(flat, axis=1, out=pooled[planes, 0, 0])
+            if indices is not None:
+                indices[planes, 0, 0] = np.argmax(flat, axis=1)
+            return
+        phases = pooling.column_phases(images[planes], -np.inf)
+        if indices is None:
+            pooled[planes] = pooling.separable(phases, np.maximum, -np.inf)
+            return
+        pooled[planes], offsets = pooling.max_offsets(phases)
+        np.add(offsets, bases, out=indices[planes])
+
+    threads.run_pieces(band, pooling.bands)
+
+
+def max_pool_backward(dy, argmax, dx, kernel, stride, pad):
+    """``dx`` (written, not added) = the sum of ``dy`` over the outputs whose maximum each
+    input pixel was (``argmax`` from :func:`max_pool_forward`); sums of several outputs are
+    formed in float64."""
+    pooling = _Pooling(dx.shape, dy.shape, kernel, stride, pad, dx.itemsize)
+    grads, indices, images = _planes(dy), _planes(argmax), _planes(dx, writable=True)
+    plane_size = pooling.size[0] * pooling.size[1]
+
+    def band(planes):
+        count = planes.stop - planes.start
+        flat = indices[planes] + (np.arange(count) * plane_size)[:, None, None]
+        sums = np.bincount(flat.ravel(), weights=grads[planes].ravel(),
+                           minlength=count * plane_size)
+        images[planes] = sums.reshape(images[planes].shape)
+
+    threads.run_pieces(band, pooling.bands)
+
+
+def ave_pool_forward(x, y, kernel, stride, pad):
+    """Caffe's AVE pooling: the in-image sum of each window over the area of the window
+    clipped to the padded image."""
+    pooling = _Pooling(x.shape, y.shape, kernel, stride, pad, x.itemsize)
+    images, pooled = _planes(x), _planes(y, writable=True)
+    area = pooling.window_area(y.dtype)
+
+    def band(planes):
+        if pooling.is_global:
+            flat = images[planes].reshape(planes.stop - planes.start, -1)
+            np.divide(flat.sum(axis=1), area[0, 0], out=pooled[planes, 0, 0])
+            return
+        sums = pooling.separable(pooling.column_phases(images[planes], 0), np.add, 0)
+        np.divide(sums, area, out=pooled[planes])
+
+    threads.run_pieces(band, pooling.bands)
+
+
+def ave_pool_backward(dy, dx, kernel, stride, pad):
+    """``dx`` (written) = each pixel's share of the gradient of every window containing it:
+    the adjoint of the forward's passes, run backwards."""
+    pooling = _Pooling(dx.shape, dy.shape, kernel, stride, pad, dx.itemsize)
+    grads, images = _planes(dy), _planes(dx, writable=True)
+    area = pooling.window_area(dy.dtype)
+    (sh, sw), (rows, width) = pooling.stride, (pooling.phase_rows, pooling.phase_width)
+
+    def band(planes):
+        count = planes.stop - planes.start
+        share = np.zeros((count, rows, width), dtype=dx.dtype)
+        np.divide(grads[planes], area, out=share[:, :pooling.pooled[0], :pooling.pooled[1]])
+        share = share.ravel()
+        row_grads = np.zeros((sh, share.size), dtype=dx.dtype)
+        for phase, shift in pooling.shifts(0):
+            row_grads[phase, shift:] += share[:share.size - shift]
+        row_grads = pooling.unrow_phases(row_grads.reshape((sh, count, -1, width))).ravel()
+        column_grads = np.zeros((sw, row_grads.size), dtype=dx.dtype)
+        for phase, shift in pooling.shifts(1):
+            column_grads[phase, shift:] += row_grads[:row_grads.size - shift]
+        pooling.uncolumn_phases(column_grads.reshape((sw, count, -1, width)), images[planes])
+
+    threads.run_pieces(band, pooling.bands)

@@ -263,157 +263,21 @@ class PoolingLayer(Layer):
         for t in top:
             t.reshape(shape[:2] + self.pooled)
 
-    # -- window plumbing -------------------------------------------------------------------
-    # The padded frame is split by column phase: padded column c goes to phase c % sw at
-    # position c // sw, each phase contiguous. Kernel offset (i, j) of every window is then a
-    # slice of phase j % sw whose rows are contiguous runs (a strided read of every sw-th
-    # value is several times slower), at the price of one copy of the frame.
-    def _padded_shape(self, shape):
-        """Rows/columns covering the image after the leading pad and every window."""
-        return shape[:2] + tuple(
-            max(self.pad[a] + shape[2 + a], (self.pooled[a] - 1) * self.stride[a] + self.kernel[a])
-            for a in range(2))
-
-    def _phases(self, xp, frame):
-        """``frame`` split by column phase (see above); ``[frame]`` when the stride is 1."""
-        sw = self.stride[1]
-        return [frame] if sw == 1 else [xp.ascontiguousarray(frame[..., p::sw])
-                                        for p in range(sw)]
-
-    def _phase_shapes(self, shape):
-        padded = self._padded_shape(shape)
-        sw = self.stride[1]
-        return [padded[:3] + (len(range(p, padded[3], sw)),) for p in range(sw)]
-
-    def _window(self, phases, offset):
-        """Kernel offset ``offset`` (row-major in the kernel) of every window, a view of its
-        phase."""
-        i, j = divmod(offset, self.kernel[1])
-        (sh, sw), (oh, ow) = self.stride, self.pooled
-        return phases[j % sw][..., i:i + sh * (oh - 1) + 1:sh, j // sw:j // sw + ow]
-
-    def _separable(self, xp, phases, combine, out):
-        """``combine`` (``maximum`` or ``add``) of each window's values into ``out``, first
-        over the kw offsets along every needed padded row, then over the kh rows: kh + kw - 2
-        passes instead of kh * kw - 1 (exact for the maximum; the sum is reordered)."""
-        (sh, sw), (oh, ow) = self.stride, self.pooled
-        kh, kw = self.kernel
-        needed = slice(0, sh * (oh - 1) + kh)
-        rows = phases[0][..., needed, :ow].copy()
-        for j in range(1, kw):
-            combine(rows, phases[j % sw][..., needed, j // sw:j // sw + ow], out=rows)
-        out[...] = rows[..., 0:sh * (oh - 1) + 1:sh, :]
-        for i in range(1, kh):
-            combine(out, rows[..., i:i + sh * (oh - 1) + 1:sh, :], out=out)
-
-    def _unphase(self, phases, image):
-        """Write the interior of the frame whose phases are ``phases`` into ``image``."""
-        (ph, pw), sw = self.pad, self.stride[1]
-        h, w = image.shape[2:]
-        for p, phase in enumerate(phases):
-            first = -(-(pw - p) // sw)          # first position at padded column >= pw
-            column = p + first * sw - pw
-            if column < w:
-                count = len(range(column, w, sw))
-                image[..., column::sw] = phase[..., ph:ph + h, first:first + count]
-
-    def _windows_tile(self, shape):
-        """The windows cover the image exactly once: stride = kernel, no pad, sizes divisible."""
-        return (self.stride == tuple(self.kernel) and self.pad == (0, 0)
-                and shape[2] % self.kernel[0] == 0 and shape[3] % self.kernel[1] == 0)
-
-    def _padded(self, xp, x, fill):
-        shape = self._padded_shape(x.shape)
-        if shape == x.shape:
-            return x
-        frame = xp.full(shape, fill, dtype=x.dtype)
-        frame[..., self.pad[0]:self.pad[0] + x.shape[2], self.pad[1]:self.pad[1] + x.shape[3]] = x
-        return frame
-
-    def _window_area(self, xp, shape, dtype):
-        """AVE divisor per output: the window clipped to the padded image (Caffe)."""
-        sides = []
-        for a in range(2):
-            start = xp.arange(self.pooled[a]) * self.stride[a] - self.pad[a]
-            end = xp.minimum(start + self.kernel[a], shape[2 + a] + self.pad[a])
-            sides.append((end - start).astype(dtype))
-        return sides[0][:, None] * sides[1][None, :]
-
     # -- forward / backward ------------------------------------------------------------------
+    # Each device's kernels (kernels.cpu / kernels.gpu) pool in one call per direction; the
+    # MAX argmax is the plane index h * W + w of each window's maximum, Caffe's mask top.
     def forward(self, bottom, top):
         if self.method == _POOL.STOCHASTIC:
             return stochastic_pooling.forward(self, bottom, top)
         x = bottom[0].data
         xp = backend.array_module(x)
-        out = top[0].data
-        if xp.__name__ != "numpy":
-            return self._device_forward(xp, x, top)
-        offsets = range(1, self.kernel[0] * self.kernel[1])
-        if self.method == _POOL.AVE:
-            self._separable(xp, self._phases(xp, self._padded(xp, x, 0)), xp.add, out)
-            out /= self._window_area(xp, x.shape, x.dtype)
-            return
-        phases = self._phases(xp, self._padded(xp, x, -xp.inf))
-        if not (self.runs_backward or len(top) == 2):
-            # Nothing reads the argmax: the maximum alone.
-            self._separable(xp, phases, xp.maximum, out)
-            return
-        out[...] = self._window(phases, 0)
-        self.argmax = xp.zeros(out.shape, dtype=xp.uint8 if len(offsets) < 256 else xp.int32)
-        larger = xp.empty(out.shape, dtype=bool)
-        code = xp.empty_like(self.argmax)
-        for offset in offsets:
-            window = self._window(phases, offset)
-            # Offsets grow, so "take the later offset where strictly larger" is a maximum;
-            # arithmetic instead of masked copies, which are slow on the CPU.
-            xp.greater(window, out, out=larger)
-            xp.maximum(self.argmax, xp.multiply(larger, code.dtype.type(offset), out=code),
-                       out=self.argmax)
-            xp.maximum(out, window, out=out)
-        if len(top) == 2:
-            kw = self.kernel[1]
-            rows = (xp.arange(self.pooled[0]) * self.stride[0] - self.pad[0])[:, None]
-            cols = (xp.arange(self.pooled[1]) * self.stride[1] - self.pad[1])[None, :]
-            top[1].data[...] = (rows + self.argmax // kw) * x.shape[3] + cols + self.argmax % kw
-
-    def backward(self, top, propagate_down, bottom):
-        if self.method == _POOL.STOCHASTIC:
-            return stochastic_pooling.backward(self, top, propagate_down, bottom)
-        if not propagate_down[0]:
-            return
-        dy = top[0].diff
-        xp = backend.array_module(dy)
-        if xp.__name__ != "numpy":
-            return self._device_backward(xp, dy, bottom[0].diff)
-        shape = bottom[0].shape
-        kh, kw = self.kernel
-        if self.method == _POOL.MAX and self._windows_tile(shape):
-            # Every pixel lies in exactly one window: write each offset's share directly.
-            dx = bottom[0].diff.reshape(shape[:2] + (self.pooled[0], kh, self.pooled[1], kw))
-            for offset in range(kh * kw):
-                i, j = divmod(offset, kw)
-                xp.multiply(dy, self.argmax == offset, out=dx[:, :, :, i, :, j])
-            return
-        grads = [xp.zeros(phase_shape, dtype=dy.dtype) for phase_shape in self._phase_shapes(shape)]
-        if self.method == _POOL.AVE:
-            share = dy / self._window_area(xp, shape, dy.dtype)
-            for offset in range(kh * kw):
-                self._window(grads, offset)[...] += share
-        else:
-            hit = xp.empty(dy.shape, dtype=bool)
-            share = xp.empty_like(dy)
-            for offset in range(kh * kw):
-                xp.equal(self.argmax, offset, out=hit)
-                self._window(grads, offset)[...] += xp.multiply(dy, hit, out=share)
-        self._unphase(grads, bottom[0].diff)
-
-    # The GPU runs one fused kernel per direction (kernels.gpu, checked against the NumPy
-    # path above); its MAX argmax is the plane index h * W + w, Caffe's mask top.
-    def _device_forward(self, xp, x, top):
         k = kernels.get(xp)
         geometry = (self.kernel, self.stride, self.pad)
         if self.method == _POOL.AVE:
             k.ave_pool_forward(x, top[0].data, *geometry)
+            return
+        if xp.__name__ == "numpy" and not (self.runs_backward or len(top) == 2):
+            k.max_pool_forward(x, top[0].data, None, *geometry)    # nothing reads the argmax
             return
         if getattr(self, "argmax", None) is None or self.argmax.shape != top[0].shape \
                 or self.argmax.dtype != xp.int32:
@@ -422,8 +286,13 @@ class PoolingLayer(Layer):
         if len(top) == 2:
             top[1].data[...] = self.argmax
 
-    def _device_backward(self, xp, dy, dx):
-        k = kernels.get(xp)
+    def backward(self, top, propagate_down, bottom):
+        if self.method == _POOL.STOCHASTIC:
+            return stochastic_pooling.backward(self, top, propagate_down, bottom)
+        if not propagate_down[0]:
+            return
+        dy, dx = top[0].diff, bottom[0].diff
+        k = kernels.get(backend.array_module(dy))
         geometry = (self.kernel, self.stride, self.pad)
         if self.method == _POOL.AVE:
             k.ave_pool_backward(dy, dx, *geometry)

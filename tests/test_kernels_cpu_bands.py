@@ -1,0 +1,192 @@
+"""The NumPy depthwise and pooling kernels cut into bands of planes: against float64 loop
+references on awkward geometries, with bands forced small (uneven plane counts, one plane per
+band) and the threads on, and the same results as with a single band."""
+import numpy as np
+import pytest
+
+from owlnet.kernels import cpu
+from owlnet.layer_types.vision import _pooled_size
+from test_kernels_cpu import reference_conv
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture
+def tiny_bands(monkeypatch):
+    """Every band a few planes, and bands split over the threads however small the input."""
+    def force(depthwise_bytes, pool_bytes):
+        monkeypatch.setattr(cpu, "_DEPTHWISE_BAND_BYTES", depthwise_bytes)
+        monkeypatch.setattr(cpu, "_SHORT_ROW_BAND_BYTES", depthwise_bytes)
+        monkeypatch.setattr(cpu, "_POOL_BAND_BYTES", pool_bytes)
+        monkeypatch.setattr(cpu, "_SPLIT_BYTES", 0)
+    return force
+
+
+# -- depthwise: bands of planes (rows of 32 outputs or more), bands of channels (shorter) -----
+# (x shape, w shape, pad, stride, dilation)
+DEPTHWISE = [
+    ((2, 6, 7, 8), (6, 1, 3, 3), (1, 1), (1, 1), (1, 1)),
+    ((1, 3, 8, 8), (6, 1, 3, 2), (2, 1), (1, 2), (2, 1)),       # multiplier 2, dilated
+    ((2, 5, 9, 7), (5, 1, 3, 3), (1, 0), (2, 2), (1, 1)),
+    ((3, 5, 6, 66), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1)),
+    ((1, 3, 9, 70), (6, 1, 3, 3), (1, 1), (2, 2), (1, 1)),      # batch 1, multiplier 2, stride 2
+    ((2, 4, 10, 36), (4, 1, 3, 3), (2, 2), (1, 1), (2, 2)),     # dilated
+    ((2, 3, 11, 40), (3, 1, 3, 2), (1, 0), (2, 1), (1, 1)),     # non-square, one-axis pad
+    ((1, 7, 5, 97), (7, 1, 1, 5), (0, 2), (1, 3), (1, 1)),      # stride 3, odd widths
+]
+
+
+def _depthwise_all(x, w, dy, pad, stride, dilation):
+    group = x.shape[1]
+    y, dx, dw = (np.full(a.shape, np.nan, dtype=x.dtype) for a in (dy, x, w))
+    cpu.conv_forward(x, w, y, pad, stride, dilation, group)
+    cpu.conv_backward_data(dy, w, dx, pad, stride, dilation, group)
+    cpu.conv_backward_filter(x, dy, dw, pad, stride, dilation, group)
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("x_shape, w_shape, pad, stride, dilation", DEPTHWISE)
+def test_depthwise_bands_match_loops(tiny_bands, x_shape, w_shape, pad, stride, dilation):
+    x, w = RNG.standard_normal(x_shape), RNG.standard_normal(w_shape)
+    expected = reference_conv(x, w, pad, stride, dilation, x_shape[1])
+    dy = RNG.standard_normal(expected.shape)
+    whole = _depthwise_all(x, w, dy, pad, stride, dilation)
+    tiny_bands(depthwise_bytes=1, pool_bytes=1)
+    if expected.shape[3] < cpu._DEPTHWISE_SHORT_ROW:
+        bands = cpu._channel_bands(x.shape, dy.shape, w_shape[0] // x_shape[1], x.itemsize)
+        assert len(bands) == x_shape[1]                         # one channel per band
+    else:
+        bands = cpu._Depthwise(x.shape, w.shape, dy.shape, pad, stride, dilation,
+                               x.itemsize).bands
+        assert len(bands) == x_shape[0] * x_shape[1]            # one plane per band
+    banded = _depthwise_all(x, w, dy, pad, stride, dilation)
+    for one, many in zip(whole, banded):
+        np.testing.assert_array_equal(many, one)
+    y, dx, dw = banded
+    np.testing.assert_allclose(y, expected, atol=1e-12)
+    # <conv(x, w), dy> = <x, dx> = <w, dw>, and one element of each gradient on its own.
+    inner = np.sum(expected * dy)
+    assert np.sum(x * dx) == pytest.approx(inner, rel=1e-12)
+    assert np.sum(w * dw) == pytest.approx(inner, rel=1e-12)
+    probe = (0, x_shape[1] - 1, x_shape[2] // 2, x_shape[3] - 1)
+    bump = np.zeros_like(x)
+    bump[probe] = 1
+    assert dx[probe] == pytest.approx(np.sum(reference_conv(bump, w, pad, stride, dilation,
+                                                            x_shape[1]) * dy), abs=1e-12)
+    bump = np.zeros_like(w)
+    bump[-1, 0, -1, 0] = 1
+    assert dw[-1, 0, -1, 0] == pytest.approx(np.sum(reference_conv(x, bump, pad, stride,
+                                                                   dilation, x_shape[1]) * dy))
+
+
+def test_depthwise_uneven_bands_and_float32(tiny_bands):
+    x = RNG.standard_normal((3, 7, 12, 64)).astype(np.float32)
+    w = RNG.standard_normal((7, 1, 3, 3)).astype(np.float32)
+    args = ((1, 1), (2, 2), (1, 1))
+    dy = RNG.standard_normal((3, 7, 6, 32)).astype(np.float32)
+    whole = _depthwise_all(x, w, dy, *args)
+    tiny_bands(depthwise_bytes=3 * 7 * 12 * 64 * 4 * 3 // 4, pool_bytes=1)
+    geometry = cpu._Depthwise(x.shape, w.shape, dy.shape, *args, x.itemsize)
+    assert len(geometry.bands) > 2 and len({b.stop - b.start for b in geometry.bands}) == 2
+    for one, many in zip(whole, _depthwise_all(x, w, dy, *args)):
+        assert many.dtype == np.float32
+        np.testing.assert_array_equal(many, one)
+    np.testing.assert_allclose(whole[0], reference_conv(x.astype(np.float64), w, *args, 7),
+                               rtol=1e-4, atol=1e-4)
+
+
+# -- pooling ---------------------------------------------------------------------------------
+def reference_pool(x, kernel, stride, pad, method):
+    """Caffe's pooling by loops over output positions, float64: tops, the MAX plane index
+    (first maximum in row-major order over the in-image pixels), and the backward as a
+    function of dy."""
+    n, c, h, w = x.shape
+    out = tuple(_pooled_size(x.shape[2 + a], kernel[a], pad[a], stride[a], True, any(pad))
+                for a in range(2))
+    y, index = np.empty((n, c) + out), np.empty((n, c) + out, dtype=np.int64)
+    windows = {}
+    for r in range(out[0]):
+        for q in range(out[1]):
+            hs, ws = r * stride[0] - pad[0], q * stride[1] - pad[1]
+            area = (min(hs + kernel[0], h + pad[0]) - hs) * (min(ws + kernel[1], w + pad[1]) - ws)
+            rows = slice(max(hs, 0), min(hs + kernel[0], h))
+            columns = slice(max(ws, 0), min(ws + kernel[1], w))
+            window = x[:, :, rows, columns].reshape(n, c, -1)
+            width = columns.stop - columns.start
+            first = window.argmax(axis=-1)
+            index[:, :, r, q] = (rows.start + first // width) * w + columns.start + first % width
+            y[:, :, r, q] = window.max(axis=-1) if method == "MAX" else window.sum(-1) / area
+            windows[r, q] = rows, columns, area
+
+    def backward(dy):
+        dx = np.zeros_like(x)
+        for (r, q), (rows, columns, area) in windows.items():
+            if method == "AVE":
+                dx[:, :, rows, columns] += dy[:, :, r, q, None, None] / area
+            else:
+                planes = dx.reshape(n, c, -1)
+                np.add.at(planes, (*np.indices((n, c)), index[:, :, r, q]), dy[:, :, r, q])
+        return dx
+    return y, index, backward
+
+
+# (method, x shape, kernel, stride, pad, integer values: ties in windows)
+POOLS = [
+    ("MAX", (2, 3, 7, 6), (3, 3), (2, 2), (0, 0), False),  # ceil mode: last windows overhang
+    ("MAX", (1, 5, 9, 8), (3, 3), (2, 2), (1, 1), False),  # batch 1, stride 2 with pad
+    ("MAX", (2, 3, 8, 9), (3, 2), (1, 2), (1, 1), False),  # kernel > stride on rows
+    ("MAX", (2, 4, 6, 6), (2, 2), (2, 2), (0, 0), False),  # windows tile the image
+    ("MAX", (3, 2, 5, 7), (5, 7), (1, 1), (0, 0), False),  # one window: global
+    ("MAX", (2, 3, 7, 6), (3, 3), (2, 2), (0, 0), True),
+    ("MAX", (1, 5, 9, 8), (3, 3), (1, 1), (1, 1), True),
+    ("MAX", (3, 2, 5, 7), (5, 7), (1, 1), (0, 0), True),
+    ("AVE", (2, 3, 7, 6), (3, 3), (2, 2), (0, 0), False),
+    ("AVE", (1, 5, 9, 8), (3, 3), (2, 2), (1, 1), False),  # divisor counts pad, not overhang
+    ("AVE", (2, 3, 8, 9), (2, 3), (2, 1), (1, 2), False),
+    ("AVE", (3, 2, 5, 7), (5, 7), (1, 1), (0, 0), False),
+]
+
+
+def _pool_all(method, x, dy, kernel, stride, pad):
+    y, dx = np.full(dy.shape, np.nan, dtype=x.dtype), np.full(x.shape, np.nan, dtype=x.dtype)
+    if method == "AVE":
+        cpu.ave_pool_forward(x, y, kernel, stride, pad)
+        cpu.ave_pool_backward(dy, dx, kernel, stride, pad)
+        return y, dx
+    index = np.full(dy.shape, -7, dtype=np.int32)
+    cpu.max_pool_forward(x, y, index, kernel, stride, pad)
+    cpu.max_pool_backward(dy, index, dx, kernel, stride, pad)
+    alone = np.full(dy.shape, np.nan, dtype=x.dtype)
+    cpu.max_pool_forward(x, alone, None, kernel, stride, pad)
+    np.testing.assert_array_equal(alone, y)
+    return y, dx, index
+
+
+@pytest.mark.parametrize("method, shape, kernel, stride, pad, ties", POOLS)
+def test_pooling_bands_match_loops(tiny_bands, method, shape, kernel, stride, pad, ties):
+    x = RNG.integers(-2, 3, shape) * 1.0 if ties else RNG.standard_normal(shape)
+    y_want, index_want, backward = reference_pool(x, kernel, stride, pad, method)
+    dy = RNG.standard_normal(y_want.shape)
+    whole = _pool_all(method, x, dy, kernel, stride, pad)
+    tiny_bands(depthwise_bytes=1, pool_bytes=2 * shape[2] * shape[3] * 8)   # 2 planes a band
+    banded = _pool_all(method, x, dy, kernel, stride, pad)
+    for one, many in zip(whole, banded):
+        np.testing.assert_array_equal(many, one)
+    np.testing.assert_allclose(banded[0], y_want, atol=1e-12)
+    np.testing.assert_allclose(banded[1], backward(dy), atol=1e-12)
+    if method == "MAX":
+        np.testing.assert_array_equal(banded[2], index_want)
+
+
+def test_pooling_float32_with_odd_band_count(tiny_bands):
+    x = RNG.standard_normal((3, 5, 11, 10)).astype(np.float32)
+    tiny_bands(depthwise_bytes=1, pool_bytes=4 * 11 * 10 * 4)                # 4 bands of 3-4
+    assert len(cpu._Pooling(x.shape, (3, 5, 6, 5), (3, 3), (2, 2), (1, 1), 4).bands) == 4
+    y_want, index_want, backward = reference_pool(x.astype(np.float64), (3, 3), (2, 2), (1, 1),
+                                                  "MAX")
+    dy = RNG.standard_normal(y_want.shape).astype(np.float32)
+    y, dx, index = _pool_all("MAX", x, dy, (3, 3), (2, 2), (1, 1))
+    assert y.dtype == dx.dtype == np.float32
+    np.testing.assert_array_equal(y, y_want.astype(np.float32))
+    np.testing.assert_array_equal(index, index_want)
+    np.testing.assert_allclose(dx, backward(dy.astype(np.float64)), rtol=1e-6, atol=1e-6)
