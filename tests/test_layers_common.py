@@ -376,9 +376,10 @@ def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch, parall
     np.testing.assert_allclose(whole, 1.0 + top[0].diff.T @ x, rtol=1e-13)
 
 
-@pytest.mark.parametrize("transpose, rows", [(False, 2), (True, 2), (False, 300)])
+@pytest.mark.parametrize("transpose, rows", [(False, 2), (True, 2), (False, 300), (True, 300)])
 def test_inner_product_in_column_or_row_blocks_matches(monkeypatch, transpose, rows):
-    """Few rows: blocks of columns; many: bands of rows, shared by the worker threads."""
+    """Few rows: blocks of columns, or bands of the inner dimension summed (backward-data, and
+    forward with transposed weights); many: bands of rows; on the worker threads."""
     from owlnet.kernels import cpu
     x = np.random.default_rng(7).standard_normal((rows, 9))
     layer, bottom, top = make_layer(f"""name: "ip" type: "InnerProduct" inner_product_param {{

@@ -109,15 +109,31 @@ _PRODUCT_BLOCK_ELEMENTS = 1 << 18
 
 
 def matmul(a, b, out):
-    """``out = a @ b`` (2-d): with at most ``_FEW_ROWS`` rows in ``a``, in blocks of ``b``'s
-    columns under ``_UNPACKED_MULTIPLY_ADDS``; otherwise, when big enough to share out, in four
-    bands of ``a``'s rows (of at least ``_PIECE_POSITIONS`` rows)."""
+    """``out = a @ b`` (2-d). With at most ``_FEW_ROWS`` rows in ``a``: if ``b``'s columns
+    are contiguous (a transposed weight matrix), in blocks of them under
+    ``_UNPACKED_MULTIPLY_ADDS``; else (blocks of columns strided in memory measured 3-4x slower
+    than one product), when big enough to share out, as a sum over four bands of the inner
+    dimension (bands of ``b``'s rows). With more rows, when big enough, in four bands of
+    ``a``'s rows (of at least ``_PIECE_POSITIONS``)."""
     rows, inner = a.shape
+    parallel = a.size * b.shape[1] >= _PARALLEL_MULTIPLY_ADDS
+    if rows <= _FEW_ROWS and b.strides[0] >= b.strides[1] and parallel:
+        edges = [inner * k // 4 for k in range(5)]
+
+        def add_band(band, total, accumulate):
+            product = a[:, band[0]:band[1]] @ b[band[0]:band[1]]
+            if accumulate:
+                total += product
+            else:
+                total[...] = product
+
+        _sum_of_pieces(list(zip(edges, edges[1:])), True, add_band, out)
+        return
     if rows <= _FEW_ROWS:
         width = max(1, _UNPACKED_MULTIPLY_ADDS // max(1, rows * inner))
         pieces = [(0, rows, start, min(start + width, b.shape[1]))
                   for start in range(0, b.shape[1], width)]
-    elif rows * inner * b.shape[1] >= _PARALLEL_MULTIPLY_ADDS:
+    elif parallel:
         band = max(_PIECE_POSITIONS, -(-rows // 4))
         pieces = [(start, min(start + band, rows), 0, b.shape[1])
                   for start in range(0, rows, band)]
@@ -128,7 +144,7 @@ def matmul(a, b, out):
         r0, r1, c0, c1 = bounds
         np.matmul(a[r0:r1], b[:, c0:c1], out=out[r0:r1, c0:c1])
 
-    threads.run_pieces(piece, pieces, parallel=a.size * b.shape[1] >= _PARALLEL_MULTIPLY_ADDS)
+    threads.run_pieces(piece, pieces, parallel)
 
 
 def add_matmul(out, a, b):

@@ -95,7 +95,8 @@ class InnerProductLayer(Layer):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.m, self.k)
-            backend.array_module(dy).matmul(dy, w.data.T if self.transpose else w.data, out=dx)
+            kernels.get(backend.array_module(dy)).matmul(
+                dy, w.data.T if self.transpose else w.data, dx)
 
 
 _PROD, _SUM, _MAX = 0, 1, 2
