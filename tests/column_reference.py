@@ -8,32 +8,31 @@ outside the image. ``col2im`` is the adjoint: every entry is added back onto its
 import numpy as np
 
 
-def _offsets(kernel, stride, dilation, out_size):
-    for i in range(kernel[0]):
-        rows = slice(i * dilation[0], i * dilation[0] + stride[0] * (out_size[0] - 1) + 1,
-                     stride[0])
-        for j in range(kernel[1]):
-            columns = slice(j * dilation[1], j * dilation[1] + stride[1] * (out_size[1] - 1) + 1,
-                            stride[1])
-            yield i, j, rows, columns
+def _read_pixels(kernel, stride, dilation, out_size):
+    """Row and column, in the zero-padded image, read for (i, j, oh, ow): index arrays that
+    broadcast to ``(kh, kw, OH, OW)``."""
+    i, j, oh, ow = np.ix_(*(np.arange(size) for size in (*kernel, *out_size)))
+    return oh * stride[0] + i * dilation[0], ow * stride[1] + j * dilation[1]
+
+
+def _padded(shape, pad, dtype):
+    n, c, h, w = shape
+    return np.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]), dtype=dtype)
 
 
 def im2col(images, kernel, pad, stride, dilation, out_size):
     n, c, h, w = images.shape
-    (ph, pw), (kh, kw) = pad, kernel
-    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=images.dtype)
-    padded[:, :, ph:ph + h, pw:pw + w] = images
-    cols = np.empty((c, kh, kw, n) + tuple(out_size), dtype=images.dtype)
-    for i, j, rows, columns in _offsets(kernel, stride, dilation, out_size):
-        cols[:, i, j] = padded[:, :, rows, columns].transpose(1, 0, 2, 3)
-    return cols.reshape(c * kh * kw, -1)
+    padded = _padded(images.shape, pad, images.dtype)
+    padded[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w] = images
+    rows, columns = _read_pixels(kernel, stride, dilation, out_size)
+    patches = padded[:, :, rows, columns]                       # (N, C, kh, kw, OH, OW)
+    return patches.transpose(1, 2, 3, 0, 4, 5).reshape(c * kernel[0] * kernel[1], -1)
 
 
 def col2im(cols, image_shape, kernel, pad, stride, dilation, out_size):
     n, c, h, w = image_shape
-    (ph, pw), (kh, kw) = pad, kernel
-    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
-    blocks = cols.reshape((c, kh, kw, n) + tuple(out_size))
-    for i, j, rows, columns in _offsets(kernel, stride, dilation, out_size):
-        padded[:, :, rows, columns] += blocks[:, i, j].transpose(1, 0, 2, 3)
-    return padded[:, :, ph:ph + h, pw:pw + w]
+    padded = _padded(image_shape, pad, cols.dtype)
+    rows, columns = _read_pixels(kernel, stride, dilation, out_size)
+    values = cols.reshape((c, *kernel, n, *out_size)).transpose(3, 0, 1, 2, 4, 5)
+    np.add.at(padded, (slice(None), slice(None), rows, columns), values)
+    return padded[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + w]
