@@ -100,7 +100,10 @@ class Net:
     ``backward(diffs=)`` and the blobs at their ``start``/``end`` layers) hold their values
     after a step. With ``source`` (the ``config.Source`` that ``config.read_net``
     returned with it), ``network`` is a NetParameter already read and upgraded, used as it is
-    (so a solver parses each net file once).
+    (so a solver parses each net file once). ``fuse`` (True unless $OWLNET_FUSE is 0 when
+    the net is built; may be set at any time) runs each convolution with the BatchNorm, Scale,
+    Bias and ReLU after it in place as one step where no layer of them runs backward
+    (``owlnet.fusion``; the blobs hold the same values).
     """
 
     def __init__(self, network, *args, phase=None, weights=None, level=None, stages=(),
