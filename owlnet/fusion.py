@@ -10,8 +10,10 @@ where the affine layers, taken in order, compose into a and b from the parameter
 at that forward (so edits to ``net.params`` between forwards count): the convolution's bias
 gives b = bias; BatchNorm (mu, s = 1 / sqrt(var + eps), its moving-average factor applied)
 maps (a, b) to (a s, (b - mu) s); Scale (gamma, beta) to (a gamma, b gamma + beta); Bias (beta)
-to (a, b + beta). The top blob ends with the values the layer-by-layer run gives, up to
-float32 rounding (the intermediate values of the chain are not kept: the chain is in place).
+to (a, b + beta). A Convolution with fewer weights than outputs has a folded into its weights
+instead, conv(x, w) * a = conv(x, w * a) (into a buffer; the parameter is not changed). The
+top blob ends with the values the layer-by-layer run gives, up to float32 rounding (the
+intermediate values of the chain are not kept: the chain is in place).
 
 The net's layers, blobs, parameters and files are unchanged; a chain is run layer by layer
 whenever its intermediate values can be observed: forward callbacks registered, or a
@@ -41,20 +43,36 @@ class FusedStep:
         self.first, self.last = first, first + len(affine) + (relu is not None)
         self.conv, self.bottom, self.top = conv, bottom, top
         self.affine, self.relu = affine, relu
+        self._scaled_weights = None
 
     def forward(self):
         """Run the chain on the current parameter values (see the module docstring)."""
         # The other layers work in place on the top, whose shape only the convolution sets.
         self.conv.reshape([self.bottom], [self.top])
-        y = self.conv.forward_without_bias(self.bottom, self.top)
-        xp = backend.array_module(y)
         scale, shift = self.per_channel_affine()
+        weights = self.conv.blobs[0].data
+        xp = backend.array_module(weights)
+        # conv(x, w) * a = conv(x, w * a) for a Convolution's weights (M, C/group, kh, kw):
+        # the smaller of the weights and the output is scaled.
+        if scale is not None and not self.conv.transposed and weights.size <= self.top.count:
+            weights = xp.multiply(weights, scale[:, None, None, None],
+                                  out=self._weights_buffer(xp, weights))
+            scale = None
+        y = self.conv.forward_without_bias(self.bottom, self.top, weights)
         if scale is not None:
             xp.multiply(y, scale[:, None, None], out=y)
         if shift is not None:
             xp.add(y, shift[:, None, None], out=y)
         if self.relu is not None:
             self.relu.forward([self.top], [self.top])
+
+    def _weights_buffer(self, xp, weights):
+        """An array like ``weights`` kept for the scaled weights."""
+        kept = self._scaled_weights
+        if kept is None or kept.shape != weights.shape or kept.dtype != weights.dtype \
+                or backend.array_module(kept) is not xp:
+            kept = self._scaled_weights = xp.empty_like(weights)
+        return kept
 
     def per_channel_affine(self):
         """``(a, b)``, each of length C or None (1, 0), with y -> y * a + b equal to the

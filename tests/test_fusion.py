@@ -16,7 +16,8 @@ def layer(name, kind, bottom, top, body=""):
 
 
 def chain_net(force_backward=False, loss=False):
-    """Chains of every kind, and one that cannot fuse (BatchNorm with batch statistics)."""
+    """Chains of every kind, and one that cannot fuse (BatchNorm with batch statistics).
+    Chain c has more weights than outputs (its output is scaled, the others' weights)."""
     text = ('name: "chains" layer { name: "data" type: "Input" top: "data" '
             'input_param { shape { dim: 2 dim: 3 dim: 6 dim: 5 } } }\n')
     if force_backward:
@@ -25,7 +26,7 @@ def chain_net(force_backward=False, loss=False):
     text += layer("a_bn", "BatchNorm", "a", "a", "batch_norm_param { eps: 0.01 }")
     text += layer("a_scale", "Scale", "a", "a", "scale_param { bias_term: true }")
     text += layer("a_relu", "ReLU", "a", "a")
-    text += layer("b", "Convolution", "a", "b", CONV.format(out=5, bias="false"))
+    text += layer("b", "Convolution", "a", "b", CONV.format(out=8, bias="false"))
     text += layer("b_bn", "BatchNorm", "b", "b")
     text += layer("b_scale", "Scale", "b", "b")
     text += layer("b_relu", "ReLU", "b", "b", "relu_param { negative_slope: 0.1 }")
@@ -194,3 +195,9 @@ def test_fused_forward_on_the_fake_gpu(monkeypatch):
         got = all_blobs(net, fuse=True)
     assert len(calls) == len(CHAINS)
     assert_same_blobs({k: backend.to_host(v) for k, v in got.items()}, expected, 1e-5)
+
+
+def test_scaled_weights_or_outputs():
+    net = build()
+    sizes = {name: (net.params[name][0].count, net.blobs[name].count) for name in "abce"}
+    assert [name for name, (weights, outputs) in sizes.items() if weights > outputs] == ["c"]

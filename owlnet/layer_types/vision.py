@@ -125,12 +125,14 @@ class _ConvolutionBase(Layer):
         for b, t in zip(bottom, top):
             self.add_bias(self.forward_without_bias(b, t))
 
-    def forward_without_bias(self, bottom_blob, top_blob):
-        """The convolution of one bottom written into its top, bias not added; the top's
-        array as images ``(num, M, OH, OW)``."""
+    def forward_without_bias(self, bottom_blob, top_blob, weights=None):
+        """The convolution of one bottom written into its top, bias not added, with the
+        layer's weights or ``weights`` of their shape; the top's array as images
+        ``(num, M, OH, OW)``."""
         role = "conv_backward_data" if self.transposed else "conv_forward"
         y = self.images(top_blob.data)
-        self.convolve(role, self.images(bottom_blob.data), self.blobs[0].data, y)
+        self.convolve(role, self.images(bottom_blob.data),
+                      self.blobs[0].data if weights is None else weights, y)
         return y
 
     def backward(self, top, propagate_down, bottom):
