@@ -131,6 +131,7 @@ def _runs_forward_only(net, li) -> bool:
 
 
 def _fusable_convolution(net, li, layer) -> bool:
+    # The exact types: a Convolution set up for other than 2 spatial axes changes class.
     return (type(layer) in (ConvolutionLayer, DeconvolutionLayer) and layer.axis == 1
             and len(net._bottoms[li]) == 1 and _runs_forward_only(net, li))
 
