@@ -2,7 +2,6 @@
 it in place give the values of the layer-by-layer run, and are run layer by layer wherever
 the intermediate values can be seen or a backward needs them."""
 import numpy as np
-import pytest
 
 import fakecupy
 import owlnet
