@@ -131,9 +131,10 @@ def test_fused_chain_follows_the_formula_and_the_current_params():
     at that forward."""
     with backend.dtype_scope(np.float64):
         net = build()
-        for edit in (None, "a_bn", "a_scale", "a"):
+        # BatchNorm's mean and moving-average factor, Scale's gamma, the convolution's bias
+        for edit in (None, ("a_bn", 0), ("a_bn", 2), ("a_scale", 0), ("a", 1)):
             if edit:
-                net.params[edit][1 if edit == "a_scale" else 0].data[...] += 0.75
+                net.params[edit[0]][edit[1]].data[...] += 0.75
             conv_output = net.forward(end="a")["a"].copy()
             net.fuse = True
             net.forward()
