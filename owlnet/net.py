@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import backend, config, fileio, memory, snapshot
+from . import backend, config, fileio, fusion, memory, snapshot
 from .arena import ParamArena
 from .blob import Blob, device_current
 from .errors import ConfigError, OwlnetError, ShapeError, SnapshotError
@@ -100,7 +100,10 @@ class Net:
     ``backward(diffs=)`` and the blobs at their ``start``/``end`` layers) hold their values
     after a step. With ``source`` (the ``config.Source`` that ``config.read_net``
     returned with it), ``network`` is a NetParameter already read and upgraded, used as it is
-    (so a solver parses each net file once).
+    (so a solver parses each net file once). ``fuse`` (True unless $OWLNET_FUSE is 0 when
+    the net is built; may be set at any time) runs each convolution with the BatchNorm, Scale,
+    Bias and ReLU after it in place as one step where no layer of them runs backward
+    (``owlnet.fusion``; the blobs hold the same values).
     """
 
     def __init__(self, network, *args, phase=None, weights=None, level=None, stages=(),
@@ -129,6 +132,7 @@ class Net:
         self.reuse_memory = bool(reuse_memory)
         self.keep_blobs = set(keep_blobs)
         self.memory_plan = None
+        self.fuse = fusion.enabled_by_environment()
         self._layer_callbacks = {"before_forward": [], "after_forward": [],
                                  "before_backward": [], "after_backward": []}
         self._build(param, kept)
@@ -172,6 +176,7 @@ class Net:
         self.outputs = list(available)
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         self._find_backward_layers()
+        self._fused_steps = fusion.plan(self)
         self.arena = ParamArena(self.learnable_params, self.params_lr, self.params_weight_decay,
                                 self.param_layers, self._param_views)
         self._plan_memory()
@@ -369,15 +374,26 @@ class Net:
         """Propagate input shapes through every layer (call after reshaping an input blob)."""
         for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
             layer.reshape(bottoms, tops)
+        self._fused_steps = fusion.plan(self)
         self._plan_memory()
 
     @backend.device_arrays()
     def forward_range(self, start: int, end: int):
-        """Run layers start..end (inclusive); the weighted loss as a 0-d array on the device."""
+        """Run layers start..end (inclusive); the weighted loss as a 0-d array on the device.
+
+        With ``fuse`` and no forward callbacks, a chain of ``owlnet.fusion`` wholly inside the
+        range runs as one step."""
         loss = 0.0
         before, after = self._layer_callbacks["before_forward"], self._layer_callbacks[
             "after_forward"]
-        for li in range(start, end + 1):
+        fused = self._fused_steps if self.fuse and not before and not after else {}
+        li = start
+        while li <= end:
+            step = fused.get(li)
+            if step is not None and step.last <= end:
+                step.forward()
+                li = step.last + 1
+                continue
             for callback in before:
                 callback(li)
             layer, bottoms, tops = self.layers[li], self._bottoms[li], self._tops[li]
@@ -387,6 +403,7 @@ class Net:
                 loss = loss + weight * tops[j].data.sum()
             for callback in after:
                 callback(li)
+            li += 1
         return loss
 
     @backend.device_arrays()

@@ -12,7 +12,7 @@ FLOORS = {
     "backend": 2, "config": 2, "fileio": 2, "views": 2,
     "blob": 3, "fillers": 3, "numerics": 3, "device_checks": 3, "kernels": 3, "data": 3,
     "layer_types": 4,
-    "net": 5, "arena": 5, "memory": 5, "snapshot": 5,
+    "net": 5, "fusion": 5, "arena": 5, "memory": 5, "snapshot": 5,
     "solver": 6, "parallel": 6,
     "io": 7, "net_spec": 7, "draw": 7, "coord_map": 7, "classifier": 7, "detector": 7,
     "nccl": 7, "onnx_export": 7, "__init__": 7,

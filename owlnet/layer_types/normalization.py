@@ -68,15 +68,12 @@ class BatchNormLayer(Layer):
         x3 = self._by_channel(bottom[0].data)
         y3 = self._by_channel(top[0].data)
         xp = backend.array_module(x3)
-        mean_blob, var_blob, count_blob = (b.data for b in self.blobs)
         if self.use_global_stats:
-            has_stats = count_blob != 0
-            inv_count = has_stats / xp.where(has_stats, count_blob, 1)
-            mean, var = mean_blob * inv_count, var_blob * inv_count
-            self._inv_std = 1 / xp.sqrt(var + self.eps)
+            mean, self._inv_std = self.global_statistics()
             xp.subtract(x3, mean[:, None], out=y3)          # two passes over the top, no copy
             y3 *= self._inv_std[:, None]
             return
+        mean_blob, var_blob, count_blob = (b.data for b in self.blobs)
         # The top holds x - mu (x is not read again; the top may be the bottom) and the
         # squares go to the buffer kept for backward: no fresh batch-sized temporaries.
         mean = x3.mean(axis=(0, 2))
@@ -97,6 +94,14 @@ class BatchNormLayer(Layer):
             # Kept apart from the top, which a following in-place layer (Scale, ReLU) overwrites.
             xp.copyto(squares, y3)
         self._normalized = squares
+
+    def global_statistics(self):
+        """``(mu, 1 / sqrt(var + eps))`` per channel from the stored statistics."""
+        mean_blob, var_blob, count_blob = (b.data for b in self.blobs)
+        xp = backend.array_module(mean_blob)
+        has_stats = count_blob != 0
+        inv_count = has_stats / xp.where(has_stats, count_blob, 1)
+        return mean_blob * inv_count, 1 / xp.sqrt(var_blob * inv_count + self.eps)
 
     def _normalized_buffer(self, xp, like):
         """The array backward reads the normalized input from, reused across iterations."""

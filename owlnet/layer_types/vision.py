@@ -122,11 +122,18 @@ class _ConvolutionBase(Layer):
             self.blobs[1].diff += self.images(top_blob.diff).sum(axis=(0, 2, 3))
 
     def forward(self, bottom, top):
-        role = "conv_backward_data" if self.transposed else "conv_forward"
         for b, t in zip(bottom, top):
-            y = self.images(t.data)
-            self.convolve(role, self.images(b.data), self.blobs[0].data, y)
-            self.add_bias(y)
+            self.add_bias(self.forward_without_bias(b, t))
+
+    def forward_without_bias(self, bottom_blob, top_blob, weights=None):
+        """The convolution of one bottom written into its top, bias not added, with the
+        layer's weights or ``weights`` of their shape; the top's array as images
+        ``(num, M, OH, OW)``."""
+        role = "conv_backward_data" if self.transposed else "conv_forward"
+        y = self.images(top_blob.data)
+        self.convolve(role, self.images(bottom_blob.data),
+                      self.blobs[0].data if weights is None else weights, y)
+        return y
 
     def backward(self, top, propagate_down, bottom):
         w = self.blobs[0].data

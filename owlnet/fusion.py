@@ -1,0 +1,151 @@
+"""Fused inference steps: a convolution and the per-channel layers that follow it in place.
+
+A deploy net's Convolution is usually followed, in place on its top, by BatchNorm (global
+statistics), Scale, Bias and ReLU. Where none of these layers runs backward, ``Net.forward_range``
+runs such a chain as one step:
+
+    y = conv(x);   y = y * a + b  (per channel c);   y = relu(y)  (the chain's ReLU, if any)
+
+where the affine layers, taken in order, compose into a and b from the parameter blobs' values
+at that forward (so edits to ``net.params`` between forwards count): the convolution's bias
+gives b = bias; BatchNorm (mu, s = 1 / sqrt(var + eps), its moving-average factor applied)
+maps (a, b) to (a s, (b - mu) s); Scale (gamma, beta) to (a gamma, b gamma + beta); Bias (beta)
+to (a, b + beta). A Convolution with fewer weights than outputs has a folded into its weights
+instead, conv(x, w) * a = conv(x, w * a) (into a buffer; the parameter is not changed). The
+top blob ends with the values the layer-by-layer run gives, up to float32 rounding (the
+intermediate values of the chain are not kept: the chain is in place).
+
+The net's layers, blobs, parameters and files are unchanged; a chain is run layer by layer
+whenever its intermediate values can be observed: forward callbacks registered, or a
+``forward_range`` that starts or ends inside it. ``net.fuse = False`` (or $OWLNET_FUSE=0 when
+the net is built) turns fusion off for a net.
+"""
+from __future__ import annotations
+
+import os
+
+from . import backend
+from .layer_types.normalization import BatchNormLayer, BiasLayer, ScaleLayer
+from .layer_types.neuron import ReLULayer
+from .layer_types.vision import ConvolutionLayer, DeconvolutionLayer
+
+
+def enabled_by_environment() -> bool:
+    """False when $OWLNET_FUSE is "0"."""
+    return os.environ.get("OWLNET_FUSE", "1") != "0"
+
+
+class FusedStep:
+    """Layers ``first..last`` of a net: a convolution, then in place on its top the per-channel
+    affine layers ``affine`` (BatchNorm, Scale, Bias) and at most one ReLU, ``relu``, last."""
+
+    def __init__(self, first, conv, bottom, top, affine, relu):
+        self.first, self.last = first, first + len(affine) + (relu is not None)
+        self.conv, self.bottom, self.top = conv, bottom, top
+        self.affine, self.relu = affine, relu
+        self._scaled_weights = None
+
+    def forward(self):
+        """Run the chain on the current parameter values (see the module docstring)."""
+        # The other layers work in place on the top, whose shape only the convolution sets.
+        self.conv.reshape([self.bottom], [self.top])
+        scale, shift = self.per_channel_affine()
+        weights = self.conv.blobs[0].data
+        xp = backend.array_module(weights)
+        # conv(x, w) * a = conv(x, w * a) for a Convolution's weights (M, C/group, kh, kw):
+        # the smaller of the weights and the output is scaled.
+        if scale is not None and not self.conv.transposed and weights.size <= self.top.count:
+            weights = xp.multiply(weights, scale[:, None, None, None],
+                                  out=self._weights_buffer(xp, weights))
+            scale = None
+        y = self.conv.forward_without_bias(self.bottom, self.top, weights)
+        if scale is not None:
+            xp.multiply(y, scale[:, None, None], out=y)
+        if shift is not None:
+            xp.add(y, shift[:, None, None], out=y)
+        if self.relu is not None:
+            self.relu.forward([self.top], [self.top])
+
+    def _weights_buffer(self, xp, weights):
+        """An array like ``weights`` kept for the scaled weights."""
+        kept = self._scaled_weights
+        if kept is None or kept.shape != weights.shape or kept.dtype != weights.dtype \
+                or backend.array_module(kept) is not xp:
+            kept = self._scaled_weights = xp.empty_like(weights)
+        return kept
+
+    def per_channel_affine(self):
+        """``(a, b)``, each of length C or None (1, 0), with y -> y * a + b equal to the
+        convolution's bias followed by the affine layers."""
+        scale = None
+        shift = self.conv.blobs[1].data if self.conv.bias_term else None
+        for layer in self.affine:
+            if isinstance(layer, BatchNormLayer):
+                mean, inv_std = layer.global_statistics()
+                factor, offset = inv_std, None
+                shift = -mean if shift is None else shift - mean
+            elif isinstance(layer, ScaleLayer):
+                factor = layer.blobs[0].data
+                offset = None if layer.bias_index is None else layer.blobs[layer.bias_index].data
+            else:
+                factor, offset = None, layer.blobs[0].data
+            if factor is not None:
+                scale = factor if scale is None else scale * factor
+                shift = None if shift is None else shift * factor
+            if offset is not None:
+                shift = offset if shift is None else shift + offset
+        return scale, shift
+
+
+def plan(net) -> dict:
+    """{first layer index: FusedStep} for every chain of ``net`` that can be fused: a
+    Convolution or Deconvolution (one bottom, one top, channels on axis 1, 2 spatial axes)
+    followed in place by at least one of BatchNorm with global statistics, Scale or Bias
+    with a learned operand of one value per channel, ReLU (ending the chain); no layer of it
+    runs backward or has a loss weight."""
+    steps = {}
+    for first, conv in enumerate(net.layers):
+        if not _fusable_convolution(net, first, conv):
+            continue
+        top, channels = net._tops[first][0], conv.num_output
+        affine, relu = [], None
+        for li in range(first + 1, len(net.layers)):
+            layer = net.layers[li]
+            bottoms, tops = net._bottoms[li], net._tops[li]
+            in_place = len(bottoms) == len(tops) == 1 and bottoms[0] is top and tops[0] is top
+            if not (in_place and _runs_forward_only(net, li)):
+                break
+            if isinstance(layer, ReLULayer):
+                relu = layer
+                break
+            if not _per_channel_affine(layer, top, channels):
+                break
+            affine.append(layer)
+        if affine or relu is not None:
+            steps[first] = FusedStep(first, conv, net._bottoms[first][0], top, affine, relu)
+    return steps
+
+
+def _runs_forward_only(net, li) -> bool:
+    return not net.layers[li].runs_backward and not net._loss_weights[li]
+
+
+def _fusable_convolution(net, li, layer) -> bool:
+    # The exact types: a Convolution set up for other than 2 spatial axes changes class.
+    return (type(layer) in (ConvolutionLayer, DeconvolutionLayer) and layer.axis == 1
+            and len(net._bottoms[li]) == 1 and _runs_forward_only(net, li))
+
+
+def _per_channel_affine(layer, top, channels) -> bool:
+    """Whether ``layer`` (in place on ``top``, channels on axis 1) maps each channel c by
+    y -> y * s_c + t_c with values read from its own blobs."""
+    if isinstance(layer, BatchNormLayer):
+        return layer.use_global_stats
+    if isinstance(layer, ScaleLayer):
+        axis = layer.param.scale_param.axis
+    elif isinstance(layer, BiasLayer):
+        axis = layer.param.bias_param.axis
+    else:
+        return False
+    return (len(layer.blobs) > 0 and layer.blobs[0].shape == (channels,)
+            and top.canonical_axis(axis) == 1)
