@@ -36,6 +36,10 @@ from . import threads
 _PIECE_ELEMENTS = 1 << 18
 _PIECE_POSITIONS = 128
 
+# An operation shared out is cut into at least this many pieces where its size allows (so
+# that two or more threads have work), whatever the number of threads.
+_MIN_PIECES = 4
+
 # Convolutions of fewer multiply-adds than this run as one piece, on the calling thread.
 _PARALLEL_MULTIPLY_ADDS = 1 << 23
 
@@ -167,13 +171,20 @@ def add_matmul(out, a, b):
 # slower for a 1024x1024 weight on 7x7 images); a big convolution runs as pieces (bands of
 # pixels of one image) on the worker threads.
 
+def _piece_positions(total, columns_per_position):
+    """Positions (rows of a column matrix, pixels) per piece: about ``_PIECE_ELEMENTS`` values,
+    fewer if that leaves under ``_MIN_PIECES`` pieces, never under ``_PIECE_POSITIONS``."""
+    return max(_PIECE_POSITIONS, min(_PIECE_ELEMENTS // columns_per_position,
+                                     -(-total // _MIN_PIECES)))
+
+
 def _pointwise_pieces(n, c, m, pixels):
     """``(pieces, parallel)``: ``(image, start, stop)`` pieces of about ``_PIECE_ELEMENTS``
     input values each (at least ``_PIECE_POSITIONS`` pixels) to run on the worker threads,
     or whole images in turn when the convolution is small."""
     if n * c * m * pixels < _PARALLEL_MULTIPLY_ADDS:
         return [(i, 0, pixels) for i in range(n)], False
-    band = max(_PIECE_POSITIONS, _PIECE_ELEMENTS // c)
+    band = _piece_positions(n * pixels, c)
     return [(i, s, min(s + band, pixels)) for i in range(n) for s in range(0, pixels, band)], True
 
 
@@ -547,7 +558,7 @@ class _Columns:
         n, (oh, ow) = self.n, self.out_size
         if not parallel:
             return [(0, n, 0, oh)]
-        positions = max(_PIECE_POSITIONS, _PIECE_ELEMENTS // columns_per_position)
+        positions = _piece_positions(n * oh * ow, columns_per_position)
         if self.layout == "batch-last":
             rows = -(-positions // (ow * n))
             return [(0, n, r, min(r + rows, oh)) for r in range(0, oh, rows)]
