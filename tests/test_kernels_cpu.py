@@ -96,6 +96,8 @@ def test_float32_stays_float32(x_shape, w_shape, pad, stride, dilation, group, a
     ((3, 2, 6, 20), (4, 2, 3, 3), (1, 1), (1, 1), 1, "channel-major"),    # C < kw
     ((3, 2, 9, 9), (4, 1, 3, 3), (1, 1), (1, 2), 2, "batch-last"),         # C < kw, short rows
     ((3, 4, 6, 20), (5, 4, 1, 1), (0, 0), (1, 1), 1, "pointwise"),
+    ((2, 4, 3, 3), (32, 2, 3, 3), (1, 1), (1, 1), 2, "channel bands"),   # few positions
+    ((2, 2, 3, 5), (16, 2, 3, 3), (1, 1), (1, 1), 1, "channel bands"),   # C < kw
 ])
 def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, group, layout):
     """Cut into pieces (bands of rows or pixels, images) and run on the worker threads, every
@@ -111,6 +113,11 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, grou
             monkeypatch.setattr(cpu, "_PIECE_POSITIONS", 2 * expected.shape[3])
             if layout == "pointwise":
                 pieces, parallel = cpu._pointwise_pieces(3, 4, 5, 120)
+            elif layout == "channel bands":
+                monkeypatch.setattr(cpu, "_PIECE_POSITIONS", 128)
+                columns = cpu._Columns(x, w.shape, pad, stride, dilation, group,
+                                       expected.shape[2:])
+                pieces, parallel = columns.channel_bands, columns.parallel
             else:
                 columns = cpu._Columns(x, w.shape, pad, stride, dilation, group,
                                        expected.shape[2:])
