@@ -197,21 +197,23 @@ def _pointwise_product(a, b, out, piece):
         out[i][:, start:stop] = a @ b[i][:, start:stop]
 
 
-def _images_as_matrices(images):
-    return images.reshape(images.shape[0], images.shape[1], -1)
+def _images_as_matrices(images, output=False):
+    """``(N, C, H, W)`` as ``(N, C, H*W)``; an output always as a view (never a copy)."""
+    return images.reshape(images.shape[:2] + (-1,), copy=False if output else None)
 
 
 def _pointwise_forward(x, w, y, pad, stride, dilation, group):
-    weights, x3, y3 = w.reshape(w.shape[0], -1), _images_as_matrices(x), _images_as_matrices(y)
+    weights, x3 = w.reshape(w.shape[0], -1), _images_as_matrices(x)
+    y3 = _images_as_matrices(y, output=True)
     threads.run_pieces(lambda piece: _pointwise_product(weights, x3, y3, piece),
-         *_pointwise_pieces(*x3.shape[:2], y3.shape[1], x3.shape[2]))
+                       *_pointwise_pieces(*x3.shape[:2], y3.shape[1], x3.shape[2]))
 
 
 def _pointwise_backward_data(dy, w, dx, pad, stride, dilation, group):
     weights_t = w.reshape(w.shape[0], -1).T
-    dy3, dx3 = _images_as_matrices(dy), _images_as_matrices(dx)
+    dy3, dx3 = _images_as_matrices(dy), _images_as_matrices(dx, output=True)
     threads.run_pieces(lambda piece: _pointwise_product(weights_t, dy3, dx3, piece),
-         *_pointwise_pieces(*dx3.shape[:2], dy3.shape[1], dx3.shape[2]))
+                       *_pointwise_pieces(*dx3.shape[:2], dy3.shape[1], dx3.shape[2]))
 
 
 def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
@@ -226,7 +228,7 @@ def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
             out[...] = product
 
     _sum_of_pieces(*_pointwise_pieces(*x3.shape[:2], dy3.shape[1], x3.shape[2]), add_piece,
-                   dw.reshape(dw.shape[0], -1))
+                   dw.reshape((dw.shape[0], -1), copy=False))
 
 
 # -- depthwise: a multiply-add per kernel offset ----------------------------------------------
@@ -502,7 +504,7 @@ def _depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
 # band of output rows), each piece's column matrix made just before its product so that it
 # is still in cache, the pieces run on the worker threads; it then uses channels-last where
 # C >= kw (the product's long side is then the positions, which OpenBLAS serves well on one
-# thread even for M of 16-64). Smaller ones are one product, which OpenBLAS parallelises.
+# thread even for M of 16-64). Smaller ones are one product on the calling thread.
 
 # Output rows narrower than this use the batch-last layout when the batch is one piece.
 _SHORT_ROW = 16
@@ -626,7 +628,7 @@ class _Columns:
         into ``y`` ``(N, M, OH, OW)``."""
         n0, n1, r0, r1 = piece
         g, mg, ow = self.group, self.mg, self.out_size[1]
-        target = y.reshape(y.shape[0], g, mg, *self.out_size)[n0:n1, :, :, r0:r1]
+        target = y.reshape((y.shape[0], g, mg) + self.out_size, copy=False)[n0:n1, :, :, r0:r1]
         if self.layout == "channels-last":
             target[...] = products.reshape(g, n1 - n0, r1 - r0, ow, mg).transpose(1, 0, 4, 2, 3)
         elif self.layout == "channel-major":
