@@ -213,7 +213,9 @@ layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
 """)
     path = tmp_path / "solver.prototxt"
-    path.write_text('net: "net.prototxt" base_lr: 0.1 lr_policy: "fixed" max_iter: 1\n')
+    # The snapshot at the end of training goes beside the solver, not into the working folder.
+    path.write_text('net: "net.prototxt" base_lr: 0.1 lr_policy: "fixed" max_iter: 1\n'
+                    f'snapshot_prefix: "{tmp_path / "tiny"}"\n')
     return path
 
 
