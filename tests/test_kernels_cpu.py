@@ -58,7 +58,7 @@ def _arrays(x_shape, w_shape, pad, stride, dilation, group, dtype=np.float64):
 @pytest.mark.parametrize("x_shape, w_shape, pad, stride, dilation, group, algorithm", CASES)
 def test_forward_matches_loops_and_backward_is_its_adjoint(x_shape, w_shape, pad, stride,
                                                           dilation, group, algorithm):
-    assert cpu._algorithm(x_shape, w_shape, pad, stride, group) == algorithm
+    assert cpu.convolution._algorithm(x_shape, w_shape, pad, stride, group) == algorithm
     x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group)
     y = np.full(expected.shape, np.nan)
     cpu.conv_forward(x, w, y, pad, stride, dilation, group)
@@ -108,18 +108,18 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, grou
     results = []
     for pieces in ("one", "many"):
         if pieces == "many":
-            monkeypatch.setattr(cpu, "_PARALLEL_MULTIPLY_ADDS", 0)
-            monkeypatch.setattr(cpu, "_PIECE_ELEMENTS", 1)
-            monkeypatch.setattr(cpu, "_PIECE_POSITIONS", 2 * expected.shape[3])
+            monkeypatch.setattr(cpu.shared, "PARALLEL_MULTIPLY_ADDS", 0)
+            monkeypatch.setattr(cpu.shared, "PIECE_ELEMENTS", 1)
+            monkeypatch.setattr(cpu.shared, "PIECE_POSITIONS", 2 * expected.shape[3])
             if layout == "pointwise":
-                pieces, parallel = cpu._pointwise_pieces(3, 4, 5, 120)
+                pieces, parallel = cpu.convolution._pointwise_pieces(3, 4, 5, 120)
             elif layout == "channel bands":
-                monkeypatch.setattr(cpu, "_PIECE_POSITIONS", 128)
-                columns = cpu._Columns(x, w.shape, pad, stride, dilation, group,
+                monkeypatch.setattr(cpu.shared, "PIECE_POSITIONS", 128)
+                columns = cpu.convolution._Columns(x, w.shape, pad, stride, dilation, group,
                                        expected.shape[2:])
                 pieces, parallel = columns.channel_bands, columns.parallel
             else:
-                columns = cpu._Columns(x, w.shape, pad, stride, dilation, group,
+                columns = cpu.convolution._Columns(x, w.shape, pad, stride, dilation, group,
                                        expected.shape[2:])
                 pieces, parallel = columns.pieces, columns.parallel
                 assert columns.layout == layout

@@ -15,10 +15,10 @@ RNG = np.random.default_rng(7)
 def tiny_bands(monkeypatch):
     """Every band a few planes, and bands split over the threads however small the input."""
     def force(depthwise_bytes, pool_bytes):
-        monkeypatch.setattr(cpu, "_DEPTHWISE_BAND_BYTES", depthwise_bytes)
-        monkeypatch.setattr(cpu, "_SHORT_ROW_BAND_BYTES", depthwise_bytes)
-        monkeypatch.setattr(cpu, "_POOL_BAND_BYTES", pool_bytes)
-        monkeypatch.setattr(cpu, "_SPLIT_BYTES", 0)
+        monkeypatch.setattr(cpu.depthwise, "_DEPTHWISE_BAND_BYTES", depthwise_bytes)
+        monkeypatch.setattr(cpu.depthwise, "_SHORT_ROW_BAND_BYTES", depthwise_bytes)
+        monkeypatch.setattr(cpu.pooling, "_POOL_BAND_BYTES", pool_bytes)
+        monkeypatch.setattr(cpu.shared, "SPLIT_BYTES", 0)
     return force
 
 
@@ -52,11 +52,11 @@ def test_depthwise_bands_match_loops(tiny_bands, x_shape, w_shape, pad, stride, 
     dy = RNG.standard_normal(expected.shape)
     whole = _depthwise_all(x, w, dy, pad, stride, dilation)
     tiny_bands(depthwise_bytes=1, pool_bytes=1)
-    if expected.shape[3] < cpu._DEPTHWISE_SHORT_ROW:
-        bands = cpu._channel_bands(x.shape, dy.shape, w_shape[0] // x_shape[1], x.itemsize)
+    if expected.shape[3] < cpu.depthwise._DEPTHWISE_SHORT_ROW:
+        bands = cpu.depthwise._channel_bands(x.shape, dy.shape, w_shape[0] // x_shape[1], x.itemsize)
         assert len(bands) == x_shape[1]                         # one channel per band
     else:
-        bands = cpu._Depthwise(x.shape, w.shape, dy.shape, pad, stride, dilation,
+        bands = cpu.depthwise._Depthwise(x.shape, w.shape, dy.shape, pad, stride, dilation,
                                x.itemsize).bands
         assert len(bands) == x_shape[0] * x_shape[1]            # one plane per band
     banded = _depthwise_all(x, w, dy, pad, stride, dilation)
@@ -86,7 +86,7 @@ def test_depthwise_uneven_bands_and_float32(tiny_bands):
     dy = RNG.standard_normal((3, 7, 6, 32)).astype(np.float32)
     whole = _depthwise_all(x, w, dy, *args)
     tiny_bands(depthwise_bytes=3 * 7 * 12 * 64 * 4 * 3 // 4, pool_bytes=1)
-    geometry = cpu._Depthwise(x.shape, w.shape, dy.shape, *args, x.itemsize)
+    geometry = cpu.depthwise._Depthwise(x.shape, w.shape, dy.shape, *args, x.itemsize)
     assert len(geometry.bands) > 2 and len({b.stop - b.start for b in geometry.bands}) == 2
     for one, many in zip(whole, _depthwise_all(x, w, dy, *args)):
         assert many.dtype == np.float32
@@ -181,7 +181,7 @@ def test_pooling_bands_match_loops(tiny_bands, method, shape, kernel, stride, pa
 def test_pooling_float32_with_odd_band_count(tiny_bands):
     x = RNG.standard_normal((3, 5, 11, 10)).astype(np.float32)
     tiny_bands(depthwise_bytes=1, pool_bytes=4 * 11 * 10 * 4)                # 4 bands of 3-4
-    assert len(cpu._Pooling(x.shape, (3, 5, 6, 5), (3, 3), (2, 2), (1, 1), 4).bands) == 4
+    assert len(cpu.pooling._Pooling(x.shape, (3, 5, 6, 5), (3, 3), (2, 2), (1, 1), 4).bands) == 4
     y_want, index_want, backward = reference_pool(x.astype(np.float64), (3, 3), (2, 2), (1, 1),
                                                   "MAX")
     dy = RNG.standard_normal(y_want.shape).astype(np.float32)

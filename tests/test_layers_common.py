@@ -367,9 +367,9 @@ def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch, parall
     layer.blobs[0].diff[...] = 1.0
     layer.backward(top, [False], bottom)
     whole = layer.blobs[0].diff.copy()
-    monkeypatch.setattr(cpu, "_PRODUCT_BLOCK_ELEMENTS", 3 * 7)     # 3 rows a block: 4 blocks
+    monkeypatch.setattr(cpu.products, "_PRODUCT_BLOCK_ELEMENTS", 3 * 7)     # 3 rows a block: 4 blocks
     if parallel:
-        monkeypatch.setattr(cpu, "_PARALLEL_MULTIPLY_ADDS", 0)
+        monkeypatch.setattr(cpu.shared, "PARALLEL_MULTIPLY_ADDS", 0)
     layer.blobs[0].diff[...] = 1.0
     layer.backward(top, [False], bottom)
     np.testing.assert_allclose(layer.blobs[0].diff, whole, rtol=1e-13)
@@ -388,8 +388,8 @@ def test_inner_product_in_column_or_row_blocks_matches(monkeypatch, transpose, r
     w = layer.blobs[0].data
     weights_t = w if transpose else w.T
     # 2 * 9 * 8 multiply-adds: blocks of 8, 8 and 5 columns; 300 rows: bands of 128 rows
-    monkeypatch.setattr(cpu, "_UNPACKED_MULTIPLY_ADDS", 2 * 9 * 8)
-    monkeypatch.setattr(cpu, "_PARALLEL_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(cpu.products, "_UNPACKED_MULTIPLY_ADDS", 2 * 9 * 8)
+    monkeypatch.setattr(cpu.shared, "PARALLEL_MULTIPLY_ADDS", 0)
     y = forward(layer, bottom, top)[0]
     np.testing.assert_allclose(y, x @ weights_t + layer.blobs[1].data, rtol=1e-13)
     top[0].diff[...] = np.random.default_rng(8).standard_normal(top[0].shape)

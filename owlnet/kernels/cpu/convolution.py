@@ -1,0 +1,392 @@
+"""Convolution: ``conv_forward``, ``conv_backward_data``, ``conv_backward_filter``, each shape
+served by its own algorithm.
+
+The entry points have ``kernels.gpu``'s signatures and contracts: ``conv_forward(x, w, y,
+...)`` writes ``y = conv(x, w)`` (no bias), ``conv_backward_data(dy, w, dx, ...)`` writes
+``dx``, ``conv_backward_filter(x, dy, dw, ...)`` writes ``dw``, with x ``(N, C, H, W)``, w
+``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; each overwrites its output and always
+succeeds. ``engine`` (the prototxt's engine name) does not change anything on the CPU. The
+algorithm follows from the shapes:
+
+* depthwise (one input channel per group): ``depthwise``;
+* pointwise (1x1, stride 1, no pad, one group): matrix products on the NCHW layout, with no
+  column matrix, big ones in bands of pixels;
+* anything else: im2col and a matrix product per group, piece by piece (a few images, or a
+  band of output rows), each piece's column matrix made just before its product so that it
+  is still in cache. Its backward-data with stride 1, one group and no more output than input
+  channels is the forward convolution of the output gradient with the flipped,
+  channel-swapped kernel (no col2im).
+
+Convolutions big enough to repay the hand-off run their pieces on the worker threads, smaller
+ones in turn, always with the BLAS held to one thread (``..threads``, ``shared``).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .. import threads
+from . import shared
+from .depthwise import depthwise_backward_data, depthwise_backward_filter, depthwise_forward
+
+# -- convolution: the choice ---------------------------------------------------------------
+def _algorithm(x_shape, w_shape, pad, stride, group):
+    """"depthwise", "pointwise" or "im2col" for this convolution (see the module doc)."""
+    if w_shape[1] == 1 and group == x_shape[1] and group > 1:
+        return "depthwise"
+    if group == 1 and w_shape[2:] == (1, 1) and tuple(stride) == (1, 1) and not any(pad):
+        return "pointwise"
+    return "im2col"
+
+
+def conv_forward(x, w, y, pad, stride, dilation, group, engine="default"):
+    """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
+    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``."""
+    run = _FORWARD[_algorithm(x.shape, w.shape, pad, stride, group)]
+    run(x, w, y, pad, stride, dilation, group)
+
+
+def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"):
+    """Gradient of ``conv(x, w)`` with respect to x for output gradient ``dy``, written (not
+    added) into ``dx``."""
+    run = _BACKWARD_DATA[_algorithm(dx.shape, w.shape, pad, stride, group)]
+    run(dy, w, dx, pad, stride, dilation, group)
+
+
+def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="default"):
+    """Gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``, written (not
+    added) into ``dw``."""
+    run = _BACKWARD_FILTER[_algorithm(x.shape, dw.shape, pad, stride, group)]
+    run(x, dy, dw, pad, stride, dilation, group)
+
+
+# -- pointwise: matrix products on the NCHW layout ---------------------------------------
+# 2-d products per image (NumPy's stacked matmul does not always reach BLAS: measured 8x
+# slower for a 1024x1024 weight on 7x7 images); a big convolution runs as pieces (bands of
+# pixels of one image) on the worker threads.
+
+def _pointwise_pieces(n, c, m, pixels):
+    """``(pieces, parallel)``: ``(image, start, stop)`` pieces of about ``shared.PIECE_ELEMENTS``
+    input values each (at least ``shared.PIECE_POSITIONS`` pixels) to run on the worker threads,
+    or whole images in turn when the convolution is small."""
+    if n * c * m * pixels < shared.PARALLEL_MULTIPLY_ADDS:
+        return [(i, 0, pixels) for i in range(n)], False
+    band = shared.piece_positions(n * pixels, c)
+    return [(i, s, min(s + band, pixels)) for i in range(n) for s in range(0, pixels, band)], True
+
+
+def _pointwise_product(a, b, out, piece):
+    """``out[i][:, s:e] = a @ b[i][:, s:e]`` for piece ``(i, s, e)``."""
+    i, start, stop = piece
+    if stop - start == out.shape[2]:
+        np.matmul(a, b[i], out=out[i])
+    else:
+        out[i][:, start:stop] = a @ b[i][:, start:stop]
+
+
+def _images_as_matrices(images, output=False):
+    """``(N, C, H, W)`` as ``(N, C, H*W)``; an output always as a view (never a copy)."""
+    return images.reshape(images.shape[:2] + (-1,), copy=False if output else None)
+
+
+def _pointwise_forward(x, w, y, pad, stride, dilation, group):
+    weights, x3 = w.reshape(w.shape[0], -1), _images_as_matrices(x)
+    y3 = _images_as_matrices(y, output=True)
+    threads.run_pieces(lambda piece: _pointwise_product(weights, x3, y3, piece),
+                       *_pointwise_pieces(*x3.shape[:2], y3.shape[1], x3.shape[2]))
+
+
+def _pointwise_backward_data(dy, w, dx, pad, stride, dilation, group):
+    weights_t = w.reshape(w.shape[0], -1).T
+    dy3, dx3 = _images_as_matrices(dy), _images_as_matrices(dx, output=True)
+    threads.run_pieces(lambda piece: _pointwise_product(weights_t, dy3, dx3, piece),
+                       *_pointwise_pieces(*dx3.shape[:2], dy3.shape[1], dx3.shape[2]))
+
+
+def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
+    x3, dy3 = _images_as_matrices(x), _images_as_matrices(dy)
+
+    def add_piece(piece, out, accumulate):
+        i, start, stop = piece
+        product = dy3[i][:, start:stop] @ x3[i][:, start:stop].T
+        if accumulate:
+            out += product
+        else:
+            out[...] = product
+
+    shared.sum_of_pieces(*_pointwise_pieces(*x3.shape[:2], dy3.shape[1], x3.shape[2]), add_piece,
+                   dw.reshape((dw.shape[0], -1), copy=False))
+
+
+# -- im2col + GEMM ---------------------------------------------------------------------------
+# The column matrix holds every output position's window, read from a zero-padded copy of
+# the images in one of three layouts (``_Columns``):
+# * "channels-last": images copied to (N, H, W, C); a (positions x K) matrix, windows in
+#   (i, j, c) order (copied in runs of kw*C values), product (positions x K) @ (K x M/g);
+# * "channel-major": NCHW images; a (K x positions) matrix, rows (c, i, j), positions
+#   (n, oh, ow) (runs of OW values), product (M/g x K) @ (K x positions);
+# * "batch-last": images copied to (C, H, W, N); as channel-major with positions ordered
+#   (oh, ow, n) (runs of OW*N values), for output rows shorter than ``_SHORT_ROW``.
+# A convolution big enough to repay the thread hand-off is cut into pieces (a few images, or a
+# band of output rows), each piece's column matrix made just before its product so that it
+# is still in cache, the pieces run on the worker threads; it then uses channels-last where
+# C >= kw (the product's long side is then the positions, which OpenBLAS serves well on one
+# thread even for M of 16-64). Smaller ones are one product on the calling thread.
+
+# Output rows narrower than this use the batch-last layout when the batch is one piece.
+_SHORT_ROW = 16
+
+
+class _Columns:
+    """The windows of ``images`` for a convolution of this geometry, in the layout chosen
+    for it, and the pieces it runs in."""
+
+    def __init__(self, images, w_shape, pad, stride, dilation, group, out_size):
+        n, c, h, wd = images.shape
+        m, cg, kh, kw = w_shape
+        self.n, self.group, self.cg, self.mg = n, group, cg, m // group
+        self.out_size = tuple(out_size)
+        multiply_adds = n * m * out_size[0] * out_size[1] * cg * kh * kw
+        self.parallel = parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
+        if parallel and c >= kw:
+            self.layout = "channels-last"
+        elif out_size[1] < _SHORT_ROW:
+            self.layout = "batch-last"
+        else:
+            self.layout = "channel-major"
+        self.windows = self._view(images, pad, (kh, kw), stride, dilation)
+        self.pieces = self._cut(cg * kh * kw, parallel)
+        # Too few positions for pieces (the small late layers): one column matrix, shared
+        # out by bands of output channels instead.
+        self.channel_bands = None
+        if parallel and len(self.pieces) == 1 and self.mg >= 2 * shared.MIN_PIECES:
+            edges = [self.mg * k // shared.MIN_PIECES for k in range(shared.MIN_PIECES + 1)]
+            self.channel_bands = [(g, slice(a, b)) for g in range(group)
+                                  for a, b in zip(edges, edges[1:])]
+
+    def _view(self, images, pad, kernel, stride, dilation):
+        n, c, h, w = images.shape
+        ph, pw = pad
+        oh, ow = self.out_size
+        (sh, sw), (dh, dw) = stride, dilation
+        if self.layout == "channel-major":
+            frame = np.ascontiguousarray(shared.zero_padded(images, pad))           # (N, C, H, W)
+            s_n, s_c, s_h, s_w = frame.strides
+            return as_strided(frame, shape=(c,) + kernel + (n, oh, ow), writeable=False,
+                              strides=(s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw))
+        if self.layout == "channels-last":
+            frame = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=images.dtype)
+            frame[:, ph:ph + h, pw:pw + w] = images.transpose(0, 2, 3, 1)
+            s_n, s_h, s_w, s_c = frame.strides
+            return as_strided(frame, shape=(n, oh, ow) + kernel + (c,), writeable=False,
+                              strides=(s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+        frame = np.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=images.dtype)   # batch-last
+        frame[:, ph:ph + h, pw:pw + w] = images.transpose(1, 2, 3, 0)
+        s_c, s_h, s_w, s_n = frame.strides
+        return as_strided(frame, shape=(c,) + kernel + (oh, ow, n), writeable=False,
+                          strides=(s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw, s_n))
+
+    def _cut(self, columns_per_position, parallel):
+        """``(n0, n1, r0, r1)``: images n0..n1-1, output rows r0..r1-1, covering the output.
+        In pieces, each column matrix holds about ``shared.PIECE_ELEMENTS`` values and at least
+        ``shared.PIECE_POSITIONS`` positions (a product must be long enough to repay packing the
+        weights); batch-last pieces are bands of rows of the whole batch."""
+        n, (oh, ow) = self.n, self.out_size
+        if not parallel:
+            return [(0, n, 0, oh)]
+        positions = shared.piece_positions(n * oh * ow, columns_per_position)
+        if self.layout == "batch-last":
+            rows = -(-positions // (ow * n))
+            return [(0, n, r, min(r + rows, oh)) for r in range(0, oh, rows)]
+        if oh * ow <= positions:
+            step = positions // (oh * ow)
+            return [(a, min(a + step, n), 0, oh) for a in range(0, n, step)]
+        rows = -(-positions // ow)
+        return [(a, a + 1, r, min(r + rows, oh)) for a in range(n) for r in range(0, oh, rows)]
+
+    @property
+    def positions_first(self):
+        """Whether column matrices are (positions x K) (else (K x positions))."""
+        return self.layout == "channels-last"
+
+    def matrix(self, piece, g):
+        """Group ``g``'s column matrix of a piece."""
+        n0, n1, r0, r1 = piece
+        part = slice(g * self.cg, (g + 1) * self.cg)
+        if self.layout == "channels-last":
+            block = self.windows[n0:n1, r0:r1, :, :, :, part]
+            return block.reshape(-1, block.shape[3] * block.shape[4] * block.shape[5])
+        if self.layout == "channel-major":
+            block = self.windows[part, :, :, n0:n1, r0:r1]
+        else:
+            block = self.windows[part, :, :, r0:r1]
+        return block.reshape(block.shape[0] * block.shape[1] * block.shape[2], -1)
+
+    def weights(self, w):
+        """``(M, C/g, kh, kw)`` as ``(g, M/g, K/g)``, each row in the windows' order (for
+        channels-last a copy with the channels moved last; measured half the time of moving
+        the output channels last as well, the products then read it transposed)."""
+        per_group = w.reshape(self.group, self.mg, self.cg, *w.shape[2:])
+        if self.positions_first:
+            per_group = np.ascontiguousarray(per_group.transpose(0, 1, 3, 4, 2))
+        return per_group.reshape(self.group, self.mg, -1)
+
+    def output_rows(self, images):
+        """An ``(N, M, OH, OW)`` array (dy) copied to the order of positions: ``(N, OH, OW,
+        M)`` if channels-last, else ``(M, N, OH, OW)`` or (batch-last) ``(M, OH, OW, N)``."""
+        if self.layout == "channels-last":
+            return np.ascontiguousarray(images.transpose(0, 2, 3, 1))      # (N, OH, OW, M)
+        order = (1, 0, 2, 3) if self.layout == "channel-major" else (1, 2, 3, 0)
+        return np.ascontiguousarray(images.transpose(order))              # (M, ...)
+
+    def piece_rows(self, rows, piece, g):
+        """Group ``g``'s part of ``output_rows`` for a piece: (positions x M/g) if
+        channels-last, else (M/g x positions)."""
+        n0, n1, r0, r1 = piece
+        part = slice(g * self.mg, (g + 1) * self.mg)
+        if self.layout == "channels-last":
+            return rows[n0:n1, r0:r1, :, part].reshape(-1, self.mg)
+        if self.layout == "channel-major":
+            return rows[part, n0:n1, r0:r1].reshape(self.mg, -1)
+        return rows[part, r0:r1].reshape(self.mg, -1)
+
+    def write(self, products, y, piece):
+        """Put a piece's products (``(g, positions, M/g)`` or ``(g, M/g, positions)``)
+        into ``y`` ``(N, M, OH, OW)``."""
+        n0, n1, r0, r1 = piece
+        g, mg, ow = self.group, self.mg, self.out_size[1]
+        target = y.reshape((y.shape[0], g, mg) + self.out_size, copy=False)[n0:n1, :, :, r0:r1]
+        if self.layout == "channels-last":
+            target[...] = products.reshape(g, n1 - n0, r1 - r0, ow, mg).transpose(1, 0, 4, 2, 3)
+        elif self.layout == "channel-major":
+            target[...] = products.reshape(g, mg, n1 - n0, r1 - r0, ow).transpose(2, 0, 1, 3, 4)
+        else:
+            target[...] = products.reshape(g, mg, r1 - r0, ow, n1 - n0).transpose(4, 0, 1, 2, 3)
+
+def _im2col_forward(x, w, y, pad, stride, dilation, group):
+    columns = _Columns(x, w.shape, pad, stride, dilation, group, y.shape[2:])
+    weights = columns.weights(w)
+    first = columns.positions_first
+
+    if columns.channel_bands:
+        whole = columns.pieces[0]
+        matrices = [columns.matrix(whole, g) for g in range(group)]
+        positions = matrices[0].shape[0 if first else 1]
+        products = np.empty((group,) + ((positions, columns.mg) if first
+                                        else (columns.mg, positions)), dtype=y.dtype)
+
+        def band(part):
+            g, channels = part
+            if first:
+                np.matmul(matrices[g], weights[g][channels].T, out=products[g][:, channels])
+            else:
+                np.matmul(weights[g][channels], matrices[g], out=products[g][channels])
+
+        threads.run_pieces(band, columns.channel_bands)
+        columns.write(products, y, whole)
+        return
+
+    def piece(bounds):
+        products = [columns.matrix(bounds, g) @ weights[g].T if first
+                    else weights[g] @ columns.matrix(bounds, g) for g in range(group)]
+        columns.write(np.stack(products), y, bounds)
+
+    threads.run_pieces(piece, columns.pieces, columns.parallel)
+
+
+def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
+    """The gradient as ``(g, M/g, K/g)`` rows in the windows' order, then put into dw's."""
+    columns = _Columns(x, dw.shape, pad, stride, dilation, group, dy.shape[2:])
+    rows = columns.output_rows(dy)
+    first = columns.positions_first
+    m, cg, kh, kw = dw.shape
+    total = np.empty((group, m // group, cg * kh * kw), dtype=dw.dtype)
+
+    def product(cols, grads):
+        return grads.T @ cols if first else grads @ cols.T
+
+    if columns.channel_bands:
+        whole = columns.pieces[0]
+        matrices = [columns.matrix(whole, g) for g in range(group)]
+
+        def band(part):
+            g, channels = part
+            grads = columns.piece_rows(rows, whole, g)
+            total[g][channels] = product(matrices[g],
+                                         grads[:, channels] if first else grads[channels])
+
+        threads.run_pieces(band, columns.channel_bands)
+    else:
+        def add_piece(bounds, out, accumulate):
+            for g in range(group):
+                term = product(columns.matrix(bounds, g), columns.piece_rows(rows, bounds, g))
+                if accumulate:
+                    out[g] += term
+                else:
+                    out[g] = term
+
+        shared.sum_of_pieces(columns.pieces, columns.parallel, add_piece, total)
+    if first:
+        dw[...] = total.reshape(group, m // group, kh, kw, cg).transpose(0, 1, 4, 2, 3) \
+            .reshape(dw.shape)
+    else:
+        dw[...] = total.reshape(dw.shape)
+
+
+def _im2col_backward_data(dy, w, dx, pad, stride, dilation, group):
+    flipped_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], pad))
+    if (group == 1 and tuple(stride) == (1, 1) and min(flipped_pad) >= 0
+            and w.shape[0] <= w.shape[1]):
+        # With stride 1, dx is the convolution of dy (padded by d*(k-1) - p) with the kernel
+        # flipped in space and with input and output channels swapped: an im2col of dy and a
+        # product replace col2im, whose scattered adds cost more whenever M <= C (measured
+        # 1.2-1.8x faster; slower when M > C, where the column matrix of dy is the larger).
+        flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        _im2col_forward(dy, flipped, dx, flipped_pad, stride, dilation, 1)
+        return
+    n, m, oh, ow = dy.shape
+    parallel = n * m * oh * ow * w[0].size >= shared.PARALLEL_MULTIPLY_ADDS and n > 1
+    # Whole images per piece (the windows of neighbouring rows overlap), about
+    # shared.PIECE_ELEMENTS column values each.
+    step = max(1, shared.PIECE_ELEMENTS // (oh * ow * w[0].size)) if parallel else n
+    images = [(a, min(a + step, n)) for a in range(0, n, step)]
+    threads.run_pieces(lambda part: _col2im_backward_data(
+        dy[part[0]:part[1]], w, dx[part[0]:part[1]], pad, stride, dilation, group), images,
+        parallel)
+
+
+# Backward-data by col2im on columns in the channel-major or (short rows) batch-last layout.
+def _col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
+    n, c, h, wd = dx.shape
+    m, cg, kh, kw = w.shape
+    ph, pw = pad
+    oh, ow = dy.shape[2:]
+    batch_last = ow < _SHORT_ROW
+    order = (1, 2, 3, 0) if batch_last else (1, 0, 2, 3)
+    dy_groups = np.ascontiguousarray(dy.transpose(order)).reshape(group, m // group, -1)
+    weights = w.reshape(group, m // group, -1)
+    dcols = np.empty((group, weights.shape[2], dy_groups.shape[2]), dtype=dx.dtype)
+    for g in range(group):
+        np.matmul(weights[g].T, dy_groups[g], out=dcols[g])
+    windows = shared.kernel_windows((kh, kw), stride, dilation, (oh, ow))
+    if batch_last:
+        padded = np.zeros((c, h + 2 * ph, wd + 2 * pw, n), dtype=dx.dtype)
+        blocks = dcols.reshape(c, kh, kw, oh, ow, n)
+        for i, j, rows, columns in windows:
+            padded[:, rows, columns] += blocks[:, i, j]
+        dx[...] = padded[:, ph:ph + h, pw:pw + wd].transpose(3, 0, 1, 2)
+        return
+    padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dx.dtype)
+    blocks = dcols.reshape(c, kh, kw, n, oh, ow)
+    for i, j, rows, columns in windows:
+        padded[:, :, rows, columns] += blocks[:, i, j].transpose(1, 0, 2, 3)
+    dx[...] = padded[:, :, ph:ph + h, pw:pw + wd]
+
+
+# Each algorithm's three kernels, all with the entry points' arguments (less ``engine``).
+_FORWARD = {"depthwise": depthwise_forward, "pointwise": _pointwise_forward,
+            "im2col": _im2col_forward}
+_BACKWARD_DATA = {"depthwise": depthwise_backward_data, "pointwise": _pointwise_backward_data,
+                  "im2col": _im2col_backward_data}
+_BACKWARD_FILTER = {"depthwise": depthwise_backward_filter,
+                    "pointwise": _pointwise_backward_filter, "im2col": _im2col_backward_filter}

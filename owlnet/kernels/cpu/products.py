@@ -1,0 +1,72 @@
+"""Matrix products of the fully connected layers (``matmul``, ``add_matmul``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import threads
+from . import shared
+
+# OpenBLAS copies ("packs") both operands of a product unless it is small (about a million
+# multiply-adds); with a few rows on the left, packing the large right operand costs several
+# times the product itself (AlexNet fc6 at batch 2: 31 ms single-threaded, 7 ms in blocks of
+# columns; measured a gain up to 8 rows, a loss from 16). Blocks of columns or rows are also
+# the pieces the worker threads share.
+_UNPACKED_MULTIPLY_ADDS = 1 << 19
+_FEW_ROWS = 8
+
+# Rows of the product that add_matmul forms at once (64 KiB-row blocks of float32 and up).
+_PRODUCT_BLOCK_ELEMENTS = 1 << 18
+
+
+def matmul(a, b, out):
+    """``out = a @ b`` (2-d). With at most ``_FEW_ROWS`` rows in ``a``: if ``b``'s columns
+    are contiguous (a transposed weight matrix), in blocks of them under
+    ``_UNPACKED_MULTIPLY_ADDS``; else (blocks of columns strided in memory measured 3-4x slower
+    than one product), when big enough to share out, as a sum over four bands of the inner
+    dimension (bands of ``b``'s rows). With more rows, when big enough, in four bands of
+    ``a``'s rows (of at least ``shared.PIECE_POSITIONS``)."""
+    rows, inner = a.shape
+    parallel = a.size * b.shape[1] >= shared.PARALLEL_MULTIPLY_ADDS
+    if rows <= _FEW_ROWS and b.strides[0] >= b.strides[1] and parallel:
+        edges = [inner * k // 4 for k in range(5)]
+
+        def add_band(band, total, accumulate):
+            product = a[:, band[0]:band[1]] @ b[band[0]:band[1]]
+            if accumulate:
+                total += product
+            else:
+                total[...] = product
+
+        shared.sum_of_pieces(list(zip(edges, edges[1:])), True, add_band, out)
+        return
+    if rows <= _FEW_ROWS:
+        width = max(1, _UNPACKED_MULTIPLY_ADDS // max(1, rows * inner))
+        pieces = [(0, rows, start, min(start + width, b.shape[1]))
+                  for start in range(0, b.shape[1], width)]
+    elif parallel:
+        band = max(shared.PIECE_POSITIONS, -(-rows // 4))
+        pieces = [(start, min(start + band, rows), 0, b.shape[1])
+                  for start in range(0, rows, band)]
+    else:
+        pieces = [(0, rows, 0, b.shape[1])]
+
+    def piece(bounds):
+        r0, r1, c0, c1 = bounds
+        np.matmul(a[r0:r1], b[:, c0:c1], out=out[r0:r1, c0:c1])
+
+    threads.run_pieces(piece, pieces, parallel)
+
+
+def add_matmul(out, a, b):
+    """``out += a @ b`` (2-d) in bands of ``out``'s rows, each through a block-sized
+    temporary of its own, instead of a temporary as large as ``out`` (fc6's weight gradient
+    is 151 MB: its allocation, page faults and the extra pass over memory cost more than the
+    product itself)."""
+    band = max(1, _PRODUCT_BLOCK_ELEMENTS // max(1, out.shape[1]))
+
+    def piece(start):
+        part = out[start:start + band]
+        part += a[start:start + band] @ b
+
+    threads.run_pieces(piece, range(0, out.shape[0], band),
+                       parallel=out.size * a.shape[1] >= shared.PARALLEL_MULTIPLY_ADDS)
