@@ -53,7 +53,8 @@ def test_depthwise_bands_match_loops(tiny_bands, x_shape, w_shape, pad, stride, 
     whole = _depthwise_all(x, w, dy, pad, stride, dilation)
     tiny_bands(depthwise_bytes=1, pool_bytes=1)
     if expected.shape[3] < cpu.depthwise._DEPTHWISE_SHORT_ROW:
-        bands = cpu.depthwise._channel_bands(x.shape, dy.shape, w_shape[0] // x_shape[1], x.itemsize)
+        bands = cpu.depthwise._channel_bands(x.shape, dy.shape, w_shape[0] // x_shape[1],
+                                             x.itemsize)
         assert len(bands) == x_shape[1]                         # one channel per band
     else:
         bands = cpu.depthwise._Depthwise(x.shape, w.shape, dy.shape, pad, stride, dilation,

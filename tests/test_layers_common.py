@@ -367,7 +367,7 @@ def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch, parall
     layer.blobs[0].diff[...] = 1.0
     layer.backward(top, [False], bottom)
     whole = layer.blobs[0].diff.copy()
-    monkeypatch.setattr(cpu.products, "_PRODUCT_BLOCK_ELEMENTS", 3 * 7)     # 3 rows a block: 4 blocks
+    monkeypatch.setattr(cpu.products, "_PRODUCT_BLOCK_ELEMENTS", 3 * 7)   # 3 rows a block: 4
     if parallel:
         monkeypatch.setattr(cpu.shared, "PARALLEL_MULTIPLY_ADDS", 0)
     layer.blobs[0].diff[...] = 1.0

@@ -8,10 +8,11 @@ two BLAS threads while other processes ran, against 0.2 ms with one. So the kern
 pieces to :func:`run_pieces`, which runs them on ``workers()`` Python threads, or in turn on
 the calling thread, always with the BLAS held to one thread (NumPy releases the GIL in its
 copies and BLAS calls), then gives the BLAS its threads back. Lanes take pieces as they free
-up, so a thread that the machine holds up simply runs fewer of them. Pieces must write disjoint outputs: a piece's result then does not depend on
-which thread ran it or when, so results are the same with one worker or many.
+up, so a thread that the machine holds up simply runs fewer of them. Pieces must write
+disjoint outputs: a piece's result then does not depend on which thread ran it or when, so
+results are the same with one worker or many.
 
-The number of workers is the BLAS's own thread count when owlnet was imported (as set by
+The number of workers is the BLAS's own thread count when a kernel first asks (as set by
 $OPENBLAS_NUM_THREADS / $OMP_NUM_THREADS, else one per core), overridden by
 $OWLNET_CPU_THREADS. Where the BLAS cannot be told its thread count (threadpoolctl finds no
 controllable library), pieces run one after another.
