@@ -138,12 +138,19 @@ def data_share(steps):
     owlnet.logging.configure(level=logging.WARNING)
     solver = owlnet.get_solver(str(SOLVER))
     net = solver.net
-    data = net._layer_names.index("mnist")
+    data = list(net.layer_dict).index("mnist")
     spent, started = [0.0], [0.0]
-    net.before_forward(lambda li: started.__setitem__(0, time.perf_counter())
-                       if li == data else None)
-    net.after_forward(lambda li: spent.__setitem__(0, spent[0] + time.perf_counter()
-                                                   - started[0]) if li == data else None)
+
+    def before(li):
+        if li == data:
+            started[0] = time.perf_counter()
+
+    def after(li):
+        if li == data:
+            spent[0] += time.perf_counter() - started[0]
+
+    net.before_forward(before)
+    net.after_forward(after)
     solver.step(20)
     spent[0] = 0.0
     start = time.perf_counter()

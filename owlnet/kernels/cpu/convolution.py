@@ -108,14 +108,10 @@ def _pointwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
 
     def add_piece(piece, out, accumulate):
         i, start, stop = piece
-        product = dy3[i][:, start:stop] @ x3[i][:, start:stop].T
-        if accumulate:
-            out += product
-        else:
-            out[...] = product
+        shared.write_or_add(out, dy3[i][:, start:stop] @ x3[i][:, start:stop].T, accumulate)
 
-    shared.sum_of_pieces(*_pointwise_pieces(*x3.shape[:2], dy3.shape[1], x3.shape[2]), add_piece,
-                   dw.reshape((dw.shape[0], -1), copy=False))
+    shared.sum_of_pieces(*_pointwise_pieces(*x3.shape[:2], dy3.shape[1], x3.shape[2]),
+                         add_piece, dw.reshape((dw.shape[0], -1), copy=False))
 
 
 # -- im2col + GEMM ---------------------------------------------------------------------------
@@ -250,6 +246,13 @@ class _Columns:
             return rows[part, n0:n1, r0:r1].reshape(self.mg, -1)
         return rows[part, r0:r1].reshape(self.mg, -1)
 
+    def products(self, piece, dtype):
+        """An empty array for a piece's products, as :func:`write` takes them."""
+        n0, n1, r0, r1 = piece
+        positions = (n1 - n0) * (r1 - r0) * self.out_size[1]
+        shape = (positions, self.mg) if self.positions_first else (self.mg, positions)
+        return np.empty((self.group,) + shape, dtype=dtype)
+
     def write(self, products, y, piece):
         """Put a piece's products (``(g, positions, M/g)`` or ``(g, M/g, positions)``)
         into ``y`` ``(N, M, OH, OW)``."""
@@ -263,33 +266,32 @@ class _Columns:
         else:
             target[...] = products.reshape(g, mg, r1 - r0, ow, n1 - n0).transpose(4, 0, 1, 2, 3)
 
+
 def _im2col_forward(x, w, y, pad, stride, dilation, group):
     columns = _Columns(x, w.shape, pad, stride, dilation, group, y.shape[2:])
     weights = columns.weights(w)
-    first = columns.positions_first
+
+    def multiply(g, matrix, products, channels=slice(None)):
+        """Group ``g``'s products for output channels ``channels`` into ``products[g]``."""
+        if columns.positions_first:
+            np.matmul(matrix, weights[g][channels].T, out=products[g][:, channels])
+        else:
+            np.matmul(weights[g][channels], matrix, out=products[g][channels])
 
     if columns.channel_bands:
         whole = columns.pieces[0]
         matrices = [columns.matrix(whole, g) for g in range(group)]
-        positions = matrices[0].shape[0 if first else 1]
-        products = np.empty((group,) + ((positions, columns.mg) if first
-                                        else (columns.mg, positions)), dtype=y.dtype)
-
-        def band(part):
-            g, channels = part
-            if first:
-                np.matmul(matrices[g], weights[g][channels].T, out=products[g][:, channels])
-            else:
-                np.matmul(weights[g][channels], matrices[g], out=products[g][channels])
-
-        threads.run_pieces(band, columns.channel_bands)
+        products = columns.products(whole, y.dtype)
+        threads.run_pieces(lambda part: multiply(part[0], matrices[part[0]], products, part[1]),
+                           columns.channel_bands)
         columns.write(products, y, whole)
         return
 
     def piece(bounds):
-        products = [columns.matrix(bounds, g) @ weights[g].T if first
-                    else weights[g] @ columns.matrix(bounds, g) for g in range(group)]
-        columns.write(np.stack(products), y, bounds)
+        products = columns.products(bounds, y.dtype)
+        for g in range(group):
+            multiply(g, columns.matrix(bounds, g), products)
+        columns.write(products, y, bounds)
 
     threads.run_pieces(piece, columns.pieces, columns.parallel)
 
@@ -319,11 +321,9 @@ def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
     else:
         def add_piece(bounds, out, accumulate):
             for g in range(group):
-                term = product(columns.matrix(bounds, g), columns.piece_rows(rows, bounds, g))
-                if accumulate:
-                    out[g] += term
-                else:
-                    out[g] = term
+                shared.write_or_add(out[g], product(columns.matrix(bounds, g),
+                                                    columns.piece_rows(rows, bounds, g)),
+                                    accumulate)
 
         shared.sum_of_pieces(columns.pieces, columns.parallel, add_piece, total)
     if first:

@@ -24,26 +24,22 @@ def matmul(a, b, out):
     ``_UNPACKED_MULTIPLY_ADDS``; else (blocks of columns strided in memory measured 3-4x slower
     than one product), when big enough to share out, as a sum over four bands of the inner
     dimension (bands of ``b``'s rows). With more rows, when big enough, in four bands of
-    ``a``'s rows (of at least ``shared.PIECE_POSITIONS``)."""
+    ``a``'s rows (of at least ``shared.PIECE_POSITIONS``). Otherwise one product."""
     rows, inner = a.shape
     parallel = a.size * b.shape[1] >= shared.PARALLEL_MULTIPLY_ADDS
-    if rows <= _FEW_ROWS and b.strides[0] >= b.strides[1] and parallel:
+    few_rows, columns_contiguous = rows <= _FEW_ROWS, b.strides[0] < b.strides[1]
+    if few_rows and not columns_contiguous and parallel:
         edges = [inner * k // 4 for k in range(5)]
-
-        def add_band(band, total, accumulate):
-            product = a[:, band[0]:band[1]] @ b[band[0]:band[1]]
-            if accumulate:
-                total += product
-            else:
-                total[...] = product
-
-        shared.sum_of_pieces(list(zip(edges, edges[1:])), True, add_band, out)
+        shared.sum_of_pieces(
+            list(zip(edges, edges[1:])), True,
+            lambda band, total, accumulate: shared.write_or_add(
+                total, a[:, band[0]:band[1]] @ b[band[0]:band[1]], accumulate), out)
         return
-    if rows <= _FEW_ROWS:
+    if few_rows and columns_contiguous:
         width = max(1, _UNPACKED_MULTIPLY_ADDS // max(1, rows * inner))
         pieces = [(0, rows, start, min(start + width, b.shape[1]))
                   for start in range(0, b.shape[1], width)]
-    elif parallel:
+    elif parallel and not few_rows:
         band = max(shared.PIECE_POSITIONS, -(-rows // 4))
         pieces = [(start, min(start + band, rows), 0, b.shape[1])
                   for start in range(0, rows, band)]

@@ -55,27 +55,37 @@ def piece_positions(total, columns_per_position):
     return max(PIECE_POSITIONS, min(PIECE_ELEMENTS // columns_per_position,
                                      -(-total // MIN_PIECES)))
 
+
 # Work of fewer bytes than this runs as one piece (a thread hand-off costs more than it saves).
 SPLIT_BYTES = 1 << 19
 
 
 def bands(count, item_bytes, band_bytes):
-    """``count`` items (planes, channels) as slices of near-equal length: two per worker
-    thread (so that a thread slowed by other work on its core is helped out), or more where a
-    band would hold over ``band_bytes``; one below SPLIT_BYTES."""
+    """``count`` items (planes, channels) as slices of near-equal length: ``MIN_PIECES`` (two
+    per thread on two cores, so that a thread slowed by other work on its core is helped
+    out), or more where a band would hold over ``band_bytes``; one below SPLIT_BYTES."""
     total = count * item_bytes
     if total < SPLIT_BYTES:
         return [slice(0, count)]
-    pieces = min(count, max(2 * threads.workers(), -(-total // band_bytes)))
+    pieces = min(count, max(MIN_PIECES, -(-total // band_bytes)))
     edges = [count * k // pieces for k in range(pieces + 1)]
     return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
 
+
+def write_or_add(out, term, accumulate):
+    """``out[...] = term``, or ``out += term``."""
+    if accumulate:
+        out += term
+    else:
+        out[...] = term
+
+
 def sum_of_pieces(pieces, parallel, add_piece, total):
-    """``total`` = the sum over pieces of ``add_piece(piece, out, accumulate)`` (which writes
-    its term into ``out``, or adds it when ``accumulate``). In parallel, the pieces are cut
-    into at most ``REDUCTION_RUNS`` runs, each summed in order by one thread into its own
-    buffer, and the buffers are added in run order: the same result whatever the threads
-    do; else they are summed in order into ``total``."""
+    """``total`` = the sum over pieces of ``add_piece(piece, out, accumulate)``, which writes
+    its term into ``out``, or adds it when ``accumulate`` (``write_or_add``). In parallel,
+    the pieces are cut into at most ``REDUCTION_RUNS`` runs, each summed in order by one
+    thread into its own buffer, and the buffers are added in run order: the same result
+    whatever the threads do; else they are summed in order into ``total``."""
     if not parallel:
         threads.run_pieces(lambda item: add_piece(item[1], total, item[0] > 0),
                            list(enumerate(pieces)), parallel=False)
