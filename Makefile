@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 
 .PHONY: test demo install clean proto
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml owlnet/kernels/cpu/native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'

@@ -1,5 +1,7 @@
-"""The NumPy convolution kernels: every algorithm against a loop reference, the two backward
-kernels as exact adjoints of the forward one, and pieces run on worker threads."""
+"""The CPU convolution kernels: every algorithm against a loop reference, the two backward
+kernels as exact adjoints of the forward one, and pieces run on worker threads. The cases
+written "im2col" run twice, as im2col and as direct (the compiled loops), the window size that
+chooses between them forced either way."""
 import numpy as np
 import pytest
 
@@ -45,7 +47,21 @@ CASES = [
     # M <= C, stride 1: backward data as a convolution with the flipped kernel
     ((2, 5, 6, 7), (4, 5, 3, 2), (1, 0), (1, 1), (2, 1), 1, "im2col"),      # dilated
     ((2, 4, 3, 20), (4, 4, 3, 3), (1, 3), (1, 1), (1, 1), 1, "im2col"),     # pad > k - 1: col2im
+    ((2, 6, 11, 21), (14, 3, 3, 5), (1, 2), (2, 3), (1, 2), 2, "im2col"),   # channel tiles, tails
 ]
+CASES = [case for case in CASES for algorithm in (
+    ("im2col", "direct") if case[-1] == "im2col" else (case[-1],))
+    for case in [case[:-1] + (algorithm,)]]
+
+
+@pytest.fixture(autouse=True)
+def window_choice(request, monkeypatch):
+    """For a case of algorithm "im2col" or "direct", the window size between them set so that
+    the case gets that algorithm."""
+    algorithm = request.node.callspec.params.get("algorithm") \
+        if hasattr(request.node, "callspec") else None
+    if algorithm in ("im2col", "direct"):
+        monkeypatch.setattr(cpu.convolution, "_DIRECT_WINDOW", 0 if algorithm == "im2col" else 10 ** 9)
 
 
 def _arrays(x_shape, w_shape, pad, stride, dilation, group, dtype=np.float64):
@@ -92,6 +108,8 @@ def test_float32_stays_float32(x_shape, w_shape, pad, stride, dilation, group, a
 
 
 @pytest.mark.parametrize("x_shape, w_shape, pad, stride, group, layout", [
+    ((5, 4, 9, 7), (6, 2, 3, 3), (1, 1), (2, 1), 2, "direct"),              # images
+    ((2, 3, 9, 20), (13, 3, 3, 3), (1, 1), (1, 1), 1, "direct"),            # bands of rows
     ((5, 4, 9, 7), (6, 2, 3, 3), (1, 1), (2, 1), 2, "channels-last"),
     ((3, 2, 6, 20), (4, 2, 3, 3), (1, 1), (1, 1), 1, "channel-major"),    # C < kw
     ((3, 2, 9, 9), (4, 1, 3, 3), (1, 1), (1, 2), 2, "batch-last"),         # C < kw, short rows
@@ -103,6 +121,8 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, grou
     """Cut into pieces (bands of rows or pixels, images) and run on the worker threads, every
     kernel gives what one piece gives, to rounding (the products differ in size)."""
     dilation = (1, 1)
+    if layout != "direct":
+        monkeypatch.setattr(cpu.convolution, "_DIRECT_WINDOW", 0)
     x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group)
     dy = RNG.standard_normal(expected.shape)
     results = []
@@ -111,7 +131,11 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, grou
             monkeypatch.setattr(cpu.shared, "PARALLEL_MULTIPLY_ADDS", 0)
             monkeypatch.setattr(cpu.shared, "PIECE_ELEMENTS", 1)
             monkeypatch.setattr(cpu.shared, "PIECE_POSITIONS", 2 * expected.shape[3])
-            if layout == "pointwise":
+            if layout == "direct":
+                monkeypatch.setattr(cpu.direct, "_PIECE_MULTIPLY_ADDS", 1)
+                pieces, parallel = cpu.direct._pieces(x_shape[0], group, expected.shape[2],
+                                                      expected.size * w[0].size), True
+            elif layout == "pointwise":
                 pieces, parallel = cpu.convolution._pointwise_pieces(3, 4, 5, 120)
             elif layout == "channel bands":
                 monkeypatch.setattr(cpu.shared, "PIECE_POSITIONS", 128)

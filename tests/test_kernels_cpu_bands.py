@@ -1,4 +1,4 @@
-"""The NumPy depthwise and pooling kernels cut into bands of planes: against float64 loop
+"""The CPU depthwise and pooling kernels cut into bands of planes: against float64 loop
 references on awkward geometries, with bands forced small (uneven plane counts, one plane per
 band) and the threads on, and the same results as with a single band."""
 import numpy as np
@@ -182,7 +182,7 @@ def test_pooling_bands_match_loops(tiny_bands, method, shape, kernel, stride, pa
 def test_pooling_float32_with_odd_band_count(tiny_bands):
     x = RNG.standard_normal((3, 5, 11, 10)).astype(np.float32)
     tiny_bands(depthwise_bytes=1, pool_bytes=4 * 11 * 10 * 4)                # 4 bands of 3-4
-    assert len(cpu.pooling._Pooling(x.shape, (3, 5, 6, 5), (3, 3), (2, 2), (1, 1), 4).bands) == 4
+    assert len(cpu.shared.bands(15, 11 * 10 * 4, cpu.pooling._POOL_BAND_BYTES)) == 4
     y_want, index_want, backward = reference_pool(x.astype(np.float64), (3, 3), (2, 2), (1, 1),
                                                   "MAX")
     dy = RNG.standard_normal(y_want.shape).astype(np.float32)

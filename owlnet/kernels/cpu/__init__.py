@@ -1,12 +1,14 @@
-"""NumPy kernels, with ``kernels.gpu``'s entry points: convolution (``convolution``, whose
-depthwise case is ``depthwise``), the fully connected layers' products (``products``) and
-pooling (``pooling``); ``shared`` cuts their work into pieces for the worker threads.
+"""CPU kernels, with ``kernels.gpu``'s entry points: convolution (``convolution``, whose
+depthwise case is ``depthwise`` and whose small windows are ``direct``), the fully connected
+layers' products (``products``) and pooling (``pooling``); ``shared`` cuts their work into
+pieces for the worker threads; ``native`` loads the compiled loops of ``native.c`` that
+``direct`` and ``pooling`` run on.
 """
-from . import convolution, depthwise, pooling, products, shared
+from . import convolution, depthwise, direct, native, pooling, products, shared
 from .convolution import conv_backward_data, conv_backward_filter, conv_forward
 from .pooling import ave_pool_backward, ave_pool_forward, max_pool_backward, max_pool_forward
 from .products import add_matmul, matmul
 
-__all__ = ["convolution", "depthwise", "pooling", "products", "shared", "conv_forward",
+__all__ = ["convolution", "depthwise", "direct", "native", "pooling", "products", "shared", "conv_forward",
            "conv_backward_data", "conv_backward_filter", "matmul", "add_matmul",
            "max_pool_forward", "max_pool_backward", "ave_pool_forward", "ave_pool_backward"]

@@ -1,0 +1,144 @@
+"""Direct convolution on the compiled kernels of ``native.c``: no column matrix.
+
+The images are copied once into a zero-padded frame split into column phases (``_Frame``);
+every window entry k = (c, i, j) is then an offset into it, and a run of outputs along a row
+reads a contiguous run of the frame. The forward sums, for a tile of output channels and one
+or two vectors of outputs along a row, the weight times the frame over every k; the
+backward-filter sums, for a tile of output channels and of window entries, the output
+gradient times the frame over every output. Small channel counts (the first layers, CIFAR and
+MNIST nets, ResNets for CIFAR) waste most of an im2col product's time on copies; here the
+only copy is the frame.
+
+Work is cut by shape alone into pieces (images, bands of output rows, groups) that run on the
+worker threads; the forward writes each output once, the backward-filter's pieces are summed
+in a fixed order (``shared.sum_of_pieces``): results do not depend on the threads.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import threads
+from . import native, shared
+
+# Pieces carry at least this many multiply-adds (a hand-off and a native call cost ~0.1 ms).
+_PIECE_MULTIPLY_ADDS = 1 << 21
+# ... and an operation is cut into at most this many.
+_MAX_PIECES = 8
+
+
+def lanes(dtype):
+    """Values per vector (32 bytes)."""
+    return 32 // np.dtype(dtype).itemsize
+
+
+def _channel_tile(out_width, dtype):
+    """Output channels per forward tile: 6 with two vectors of outputs, 12 with one."""
+    return 6 if out_width > lanes(dtype) else 12
+
+
+class _Frame:
+    """The images zero-padded and split into ``sw`` column phases, ``(N, C, sw, hf, q)``, and
+    the offset of every window entry of one group (``koff``)."""
+
+    def __init__(self, images, w_shape, pad, stride, dilation, parallel):
+        n, c, h, w = images.shape
+        _, cg, kh, kw = w_shape
+        (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
+        self.rows, self.sh = h + 2 * ph, sh
+        # Two vectors of zero columns past the widest row: tiles read up to there.
+        self.q = -(-(w + 2 * pw) // sw) + 2 * lanes(images.dtype)
+        self.array = np.empty((n, c, sw, self.rows, self.q), dtype=images.dtype)
+        source = np.ascontiguousarray(images)
+        plane = sw * self.rows * self.q
+        compiled = native.function("conv_frame", images.dtype)
+
+        def band(part):
+            compiled(native.address(source, part.start * h * w),
+                     native.address(self.array, part.start * plane), part.stop - part.start,
+                     h, w, ph, pw, sw, self.rows, self.q)
+
+        threads.run_pieces(band, shared.bands(n * c, h * w * images.itemsize, 1 << 22), parallel)
+        self.group_stride = cg * plane             # elements from one group's channels to the next
+        self.image_stride = c * plane
+        k_c, k_i, k_j = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")
+        column = k_j * dw
+        self.koff = np.ascontiguousarray(
+            (((k_c * sw + column % sw) * self.rows + k_i * dh) * self.q + column // sw).ravel(),
+            dtype=np.int64)
+
+
+def _pieces(n, group, out_rows, multiply_adds):
+    """``(n0, n1, g, r0, r1)``: images n0..n1-1 of group g, output rows r0..r1-1; by shape."""
+    count = int(min(_MAX_PIECES, max(1, multiply_adds // _PIECE_MULTIPLY_ADDS)))
+    if count == 1:
+        return [(0, n, g, 0, out_rows) for g in range(group)]
+    units = n * group
+    if units >= count:
+        step = -(-n // max(1, count // group))
+        return [(a, min(a + step, n), g, 0, out_rows) for g in range(group)
+                for a in range(0, n, step)]
+    bands = min(out_rows, -(-count // units))
+    edges = [out_rows * b // bands for b in range(bands + 1)]
+    return [(a, a + 1, g, r0, r1) for g in range(group) for a in range(n)
+            for r0, r1 in zip(edges, edges[1:])]
+
+
+def forward(x, w, y, pad, stride, dilation, group):
+    """``y = conv(x, w)``, written."""
+    n, m, oh, ow = y.shape
+    mg, k = m // group, w[0].size
+    multiply_adds = n * m * oh * ow * k
+    parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
+    frame = _Frame(x, w.shape, pad, stride, dilation, parallel)
+    tile = _channel_tile(ow, y.dtype)
+    tiles = -(-mg // tile)
+    # Weights as (group, tiles, K, tile), zero rows past each group's channels.
+    packed = np.zeros((group, tiles * tile, k), dtype=y.dtype)
+    packed[:, :mg] = w.reshape(group, mg, k)
+    packed = np.ascontiguousarray(packed.reshape(group, tiles, tile, k).transpose(0, 1, 3, 2))
+    if not y.flags.c_contiguous:
+        raise ValueError("conv_forward writes into a C-contiguous y")
+    compiled = native.function("conv_direct_forward", y.dtype)
+    image_out = m * oh * ow
+
+    def piece(part):
+        n0, n1, g, r0, r1 = part
+        compiled(native.address(frame.array, n0 * frame.image_stride + g * frame.group_stride),
+                 frame.image_stride, native.address(frame.koff), k,
+                 native.address(packed, g * tiles * tile * k),
+                 native.address(y, n0 * image_out + g * mg * oh * ow), image_out, n1 - n0, 0, mg,
+                 oh, ow, r0, r1, frame.sh, frame.q)
+
+    threads.run_pieces(piece, _pieces(n, group, oh, multiply_adds), parallel)
+
+
+def backward_filter(x, dy, dw, pad, stride, dilation, group):
+    """``dw`` = the gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``,
+    written."""
+    n, m, oh, ow = dy.shape
+    mg, k = m // group, dw[0].size
+    multiply_adds = n * m * oh * ow * k
+    parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
+    frame = _Frame(x, dw.shape, pad, stride, dilation, parallel)
+    # Rows padded with zeros to whole vectors: the kernel then has no partial vectors.
+    padded_width = -(-ow // lanes(dy.dtype)) * lanes(dy.dtype)
+    grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
+    grads[..., :ow] = dy
+    compiled = native.function("conv_direct_backward_filter", dw.dtype)
+    image_out = m * oh * padded_width
+    pieces = _pieces(n, 1, oh, multiply_adds)
+
+    def add_piece(part, out, accumulate):
+        n0, n1, _, r0, r1 = part
+        for g in range(group):
+            compiled(native.address(frame.array, n0 * frame.image_stride + g * frame.group_stride),
+                     frame.image_stride, native.address(frame.koff), k,
+                     native.address(grads, n0 * image_out + g * mg * oh * padded_width),
+                     image_out, native.address(out, g * mg * k), int(accumulate), n1 - n0, mg, oh,
+                     padded_width,
+                     r0, r1, frame.sh, frame.q)
+
+    total = dw if dw.flags.c_contiguous else np.empty(dw.shape, dtype=dw.dtype)
+    shared.sum_of_pieces(pieces, parallel and len(pieces) > 1, add_piece, total)
+    if total is not dw:
+        dw[...] = total

@@ -1,0 +1,325 @@
+/* owlnet's compiled CPU kernels: the loops NumPy cannot run in one pass over memory.
+ *
+ * Built with the package (pyproject.toml's ext-modules) and called through ctypes by
+ * native.py, which releases the GIL for the call: the worker threads of kernels/threads.py
+ * each run a band of planes or positions at once. Every function exists for float ("_f32")
+ * and double ("_f64"), written once as a macro over the element type T. A function writes
+ * only its own band of the output, and sums run in a fixed order, so results do not depend
+ * on how work is cut among threads.
+ *
+ * Pooling follows Caffe's windows: output (py, px) of a plane covers rows py*sh - ph ..
+ * + kh and columns px*sw - pw .. + kw. MAX reads the part inside the image, keeps the first
+ * maximum in row-major order (strictly larger replaces) and its plane index y*w + x; AVE
+ * divides the in-image sum by the area of the window clipped to the padded image
+ * (min(start + k, size + pad) - start per side). Backward passes scatter each output's
+ * gradient in output order, adding in T, as Caffe's CPU layer does.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef int64_t i64;
+typedef int32_t i32;
+
+#define POOL_GEOMETRY int h, int w, int oh, int ow, int kh, int kw, int sh, int sw, int ph, \
+    int pw
+
+#define DEFINE_POOLING(T, S)                                                                  \
+void max_pool_forward_##S(const T *x, T *y, i32 *argmax, i64 planes, POOL_GEOMETRY)           \
+{                                                                                             \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        const T *image = x + p * h * w;                                                       \
+        for (int py = 0; py < oh; ++py) {                                                     \
+            int y0 = py * sh - ph, y1 = y0 + kh < h ? y0 + kh : h;                            \
+            y0 = y0 > 0 ? y0 : 0;                                                             \
+            for (int px = 0; px < ow; ++px) {                                                 \
+                int x0 = px * sw - pw, x1 = x0 + kw < w ? x0 + kw : w;                        \
+                x0 = x0 > 0 ? x0 : 0;                                                         \
+                int best_at = y0 * w + x0;                                                    \
+                T best = image[best_at];                                                      \
+                for (int yy = y0; yy < y1; ++yy)                                              \
+                    for (int xx = x0; xx < x1; ++xx)                                          \
+                        if (image[yy * w + xx] > best) {                                      \
+                            best = image[yy * w + xx];                                        \
+                            best_at = yy * w + xx;                                            \
+                        }                                                                     \
+                y[(p * oh + py) * ow + px] = best;                                            \
+                if (argmax) argmax[(p * oh + py) * ow + px] = best_at;                        \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes, POOL_GEOMETRY)  \
+{                                                                                             \
+    (void)kh; (void)kw; (void)sh; (void)sw; (void)ph; (void)pw;                               \
+    memset(dx, 0, sizeof(T) * planes * h * w);                                                \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        T *image = dx + p * h * w;                                                            \
+        const i64 first = p * oh * ow;                                                        \
+        for (i64 o = 0; o < (i64)oh * ow; ++o) image[argmax[first + o]] += dy[first + o];     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+void ave_pool_forward_##S(const T *x, T *y, i64 planes, POOL_GEOMETRY)                        \
+{                                                                                             \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        const T *image = x + p * h * w;                                                       \
+        for (int py = 0; py < oh; ++py) {                                                     \
+            int y0 = py * sh - ph, y1 = y0 + kh < h + ph ? y0 + kh : h + ph;                  \
+            const int rows = y1 - y0;                                                         \
+            y0 = y0 > 0 ? y0 : 0;                                                             \
+            y1 = y1 < h ? y1 : h;                                                             \
+            for (int px = 0; px < ow; ++px) {                                                 \
+                int x0 = px * sw - pw, x1 = x0 + kw < w + pw ? x0 + kw : w + pw;              \
+                const int area = rows * (x1 - x0);                                            \
+                x0 = x0 > 0 ? x0 : 0;                                                         \
+                x1 = x1 < w ? x1 : w;                                                         \
+                T total = 0;                                                                  \
+                for (int yy = y0; yy < y1; ++yy)                                              \
+                    for (int xx = x0; xx < x1; ++xx) total += image[yy * w + xx];             \
+                y[(p * oh + py) * ow + px] = total / (T)area;                                 \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+void ave_pool_backward_##S(const T *dy, T *dx, i64 planes, POOL_GEOMETRY)                     \
+{                                                                                             \
+    memset(dx, 0, sizeof(T) * planes * h * w);                                                \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        T *image = dx + p * h * w;                                                            \
+        for (int py = 0; py < oh; ++py) {                                                     \
+            int y0 = py * sh - ph, y1 = y0 + kh < h + ph ? y0 + kh : h + ph;                  \
+            const int rows = y1 - y0;                                                         \
+            y0 = y0 > 0 ? y0 : 0;                                                             \
+            y1 = y1 < h ? y1 : h;                                                             \
+            for (int px = 0; px < ow; ++px) {                                                 \
+                int x0 = px * sw - pw, x1 = x0 + kw < w + pw ? x0 + kw : w + pw;              \
+                const int area = rows * (x1 - x0);                                            \
+                x0 = x0 > 0 ? x0 : 0;                                                         \
+                x1 = x1 < w ? x1 : w;                                                         \
+                const T share = dy[(p * oh + py) * ow + px] / (T)area;                        \
+                for (int yy = y0; yy < y1; ++yy)                                              \
+                    for (int xx = x0; xx < x1; ++xx) image[yy * w + xx] += share;             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+DEFINE_POOLING(float, f32)
+DEFINE_POOLING(double, f64)
+
+/* -- direct convolution (no column matrix) --------------------------------------------------
+ * The images are first copied into a "frame": zero-padded and split into sw column phases,
+ * (images, channels, sw, hf, q) with padded column u at phase u % sw, position u / sw, and at
+ * least one tile of zero columns past the last (so tiles may read past a row's end). Window
+ * entry k = (c, i, j) of output (oy, ox) then lies at frame offset koff[k] + oy*sh*q + ox,
+ * koff[k] = ((c*sw + (j*dw) % sw)*hf + i*dh)*q + (j*dw) / sw: for a run of outputs along a row
+ * the inputs are contiguous, so the kernels run vectors of L outputs (L = 32 bytes / sizeof(T))
+ * along a row.
+ *
+ * Forward: a tile of MT output channels x PV vectors of outputs, summed over k in order into
+ * registers (weights packed by conv_forward's caller as (tiles, K, MT), zero rows past M).
+ * Backward-filter: a tile of MT2 output channels x KT window entries, each a vector of partial
+ * sums over the outputs (lane l gets the outputs with ox % L == l, in order of images, rows,
+ * columns), whose lanes are then added in order: dw[m][k] is written, or added to.
+ */
+typedef float vf32 __attribute__((vector_size(32)));
+typedef double vf64 __attribute__((vector_size(32)));
+typedef float vf32u __attribute__((vector_size(32), aligned(4)));
+typedef double vf64u __attribute__((vector_size(32), aligned(8)));
+
+/* Each direct kernel is built twice: for AVX2 with FMA, chosen at run time where the CPU has
+ * them, and for the baseline instruction set. */
+#define FAST __attribute__((target("avx2,fma")))
+#define BASELINE
+static int has_avx2_fma(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+#define DEFINE_FRAME(T, S)                                                                    \
+void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw,   \
+                    int hf, int q)                                                            \
+{                                                                                             \
+    memset(frame, 0, sizeof(T) * planes * sw * hf * q);                                       \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        const T *plane = x + p * h * w;                                                       \
+        T *out = frame + p * sw * hf * q;                                                     \
+        for (int yy = 0; yy < h; ++yy) {                                                      \
+            T *row = out + (i64)(yy + ph) * q;                                                \
+            if (sw == 1) {                                                                    \
+                memcpy(row + pw, plane + (i64)yy * w, sizeof(T) * w);                         \
+                continue;                                                                     \
+            }                                                                                 \
+            for (int xx = 0; xx < w; ++xx) {                                                  \
+                const int u = xx + pw;                                                        \
+                row[(i64)(u % sw) * hf * q + u / sw] = plane[(i64)yy * w + xx];               \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+/* One forward tile: acc[MT][PV] over all k, then stored (``valid`` outputs, ``mt`` rows). */
+#define FORWARD_TILE(T, V, VU, MT, PV)                                                        \
+    {                                                                                         \
+        V acc[MT][PV];                                                                        \
+        for (int a = 0; a < MT; ++a)                                                          \
+            for (int b = 0; b < PV; ++b) acc[a][b] = (V){0};                                  \
+        const T *base = image + (i64)oy * sh * q + ox;                                        \
+        const T *wk = packed + (i64)(m0 / MT) * K * MT;                                       \
+        for (int k = 0; k < K; ++k, wk += MT) {                                               \
+            V xv[PV];                                                                         \
+            for (int b = 0; b < PV; ++b) xv[b] = *(const VU *)(base + koff[k] + b * L);       \
+            for (int a = 0; a < MT; ++a)                                                      \
+                for (int b = 0; b < PV; ++b) acc[a][b] += xv[b] * wk[a];                      \
+        }                                                                                     \
+        const int valid = ow - ox < PV * L ? ow - ox : PV * L;                                \
+        for (int a = 0; a < MT && m0 + a < m1; ++a) {                                         \
+            T *out = y + img * y_image + ((i64)(m0 + a) * oh + oy) * ow + ox;                 \
+            if (valid == PV * L) {                                                            \
+                for (int b = 0; b < PV; ++b) *(VU *)(out + b * L) = acc[a][b];                \
+            } else {                                                                          \
+                T lanes[PV * L];                                                              \
+                memcpy(lanes, acc[a], sizeof lanes);                                          \
+                memcpy(out, lanes, sizeof(T) * valid);                                        \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+#define DEFINE_DIRECT(T, S, V, VU, ISA, TARGET)                                               \
+/* y[img][m][oy][ox] for images 0..images-1, channels m0..m1-1 (m0 a multiple of the tile:  \
+ * 6 channels when a row holds more than one vector, else 12), rows r0..r1-1. */              \
+static TARGET void direct_forward_##S##_##ISA(                                                \
+    const T *frame, i64 frame_image, const i64 *koff, int K, const T *packed, T *y,           \
+    i64 y_image, i64 images, int m0_first, int m1, int oh, int ow, int r0, int r1, int sh,    \
+    int q)                                                                                    \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const int tile = ow > L ? 6 : 12;                                                         \
+    for (int m0 = m0_first; m0 < m1; m0 += tile) {                                            \
+        for (i64 img = 0; img < images; ++img) {                                              \
+            const T *image = frame + img * frame_image;                                       \
+            for (int oy = r0; oy < r1; ++oy) {                                                \
+                if (ow > L) {                                                                 \
+                    for (int ox = 0; ox < ow; ox += 2 * L) FORWARD_TILE(T, V, VU, 6, 2)       \
+                } else {                                                                      \
+                    const int ox = 0;                                                         \
+                    FORWARD_TILE(T, V, VU, 12, 1)                                             \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* dw[m][k] (= or +=) the sum over images, rows r0..r1-1 and columns of                      \
+ * dy[img][m][oy][ox] * frame[img][koff[k] + oy*sh*q + ox], for channels 0..m-1. The rows of  \
+ * dy are padded with zeros to a whole number of vectors (width owp); the frame values that  \
+ * the padding meets are multiplied by zero (finite inputs assumed). */                      \
+static TARGET void direct_backward_filter_##S##_##ISA(                                        \
+    const T *frame, i64 frame_image, const i64 *koff, int K, const T *dy, i64 dy_image,       \
+    T *dw, int accumulate, i64 images, int m, int oh, int owp, int r0, int r1, int sh, int q) \
+{                                                                                             \
+    enum { MT2 = 2, KT = 6 };                                                                 \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    for (int k0 = 0; k0 < K; k0 += KT) {                                                      \
+        i64 offsets[KT];                                                                      \
+        for (int b = 0; b < KT; ++b) offsets[b] = koff[k0 + b < K ? k0 + b : K - 1];          \
+        for (int m0 = 0; m0 < m; m0 += MT2) {                                                 \
+            V acc[MT2][KT];                                                                   \
+            for (int a = 0; a < MT2; ++a)                                                     \
+                for (int b = 0; b < KT; ++b) acc[a][b] = (V){0};                              \
+            const int m_last = m0 + MT2 <= m ? MT2 - 1 : m - 1 - m0;                          \
+            for (i64 img = 0; img < images; ++img) {                                          \
+                const T *image = frame + img * frame_image;                                   \
+                for (int oy = r0; oy < r1; ++oy) {                                            \
+                    const T *base = image + (i64)oy * sh * q;                                 \
+                    const T *grads[MT2];                                                      \
+                    for (int a = 0; a < MT2; ++a)                                             \
+                        grads[a] = dy + img * dy_image                                        \
+                            + ((i64)(m0 + (a < m_last ? a : m_last)) * oh + oy) * owp;        \
+                    for (int ox = 0; ox < owp; ox += L) {                                     \
+                        V gv[MT2];                                                            \
+                        for (int a = 0; a < MT2; ++a) gv[a] = *(const VU *)(grads[a] + ox);   \
+                        for (int b = 0; b < KT; ++b) {                                        \
+                            const V xv = *(const VU *)(base + offsets[b] + ox);               \
+                            for (int a = 0; a < MT2; ++a) acc[a][b] += gv[a] * xv;            \
+                        }                                                                     \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+            for (int a = 0; a <= m_last; ++a)                                                 \
+                for (int b = 0; b < KT && k0 + b < K; ++b) {                                  \
+                    T total = 0;                                                              \
+                    for (int l = 0; l < L; ++l) total += acc[a][b][l];                        \
+                    T *out = dw + (i64)(m0 + a) * K + k0 + b;                                 \
+                    *out = accumulate ? *out + total : total;                                 \
+                }                                                                             \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+#define FORWARD_ARGS(T) const T *frame, i64 frame_image, const i64 *koff, int K, const T *packed, \
+    T *y, i64 y_image, i64 images, int m0_first, int m1, int oh, int ow, int r0, int r1, int sh, \
+    int q
+#define FORWARD_NAMES frame, frame_image, koff, K, packed, y, y_image, images, m0_first, m1, oh, \
+    ow, r0, r1, sh, q
+#define FILTER_ARGS(T) const T *frame, i64 frame_image, const i64 *koff, int K, const T *dy,      \
+    i64 dy_image, T *dw, int accumulate, i64 images, int m, int oh, int owp, int r0, int r1,     \
+    int sh, int q
+#define FILTER_NAMES frame, frame_image, koff, K, dy, dy_image, dw, accumulate, images, m, oh,    \
+    owp, r0, r1, sh, q
+
+#define DEFINE_DIRECT_ENTRIES(T, S, V, VU)                                                    \
+DEFINE_FRAME(T, S)                                                                            \
+DEFINE_DIRECT(T, S, V, VU, fast, FAST)                                                        \
+DEFINE_DIRECT(T, S, V, VU, baseline, BASELINE)                                                \
+void conv_direct_forward_##S(FORWARD_ARGS(T))                                                 \
+{                                                                                             \
+    (has_avx2_fma() ? direct_forward_##S##_fast : direct_forward_##S##_baseline)(FORWARD_NAMES); \
+}                                                                                             \
+void conv_direct_backward_filter_##S(FILTER_ARGS(T))                                          \
+{                                                                                             \
+    (has_avx2_fma() ? direct_backward_filter_##S##_fast                                       \
+                    : direct_backward_filter_##S##_baseline)(FILTER_NAMES);                   \
+}
+
+DEFINE_DIRECT_ENTRIES(float, f32, vf32, vf32u)
+DEFINE_DIRECT_ENTRIES(double, f64, vf64, vf64u)
+
+/* -- col2im: a column matrix's window entries added back into the images ----------------------
+ * cols holds rows (c, i, j) of (n, oh, ow) columns; dx (n, c, h, w) gets, for channels c0..c1-1,
+ * the sum over window entries (in order i, j) of the entries that read each pixel: written. */
+#define DEFINE_COL2IM(T, S)                                                                   \
+void col2im_##S(const T *cols, T *dx, int n, int c, int c0, int c1, int h, int w, int kh,     \
+                int kw, int oh, int ow, int sh, int sw, int ph, int pw, int dh, int dw)       \
+{                                                                                             \
+    for (int ch = c0; ch < c1; ++ch)                                                          \
+        for (int img = 0; img < n; ++img) {                                                   \
+            T *plane = dx + ((i64)img * c + ch) * h * w;                                      \
+            memset(plane, 0, sizeof(T) * h * w);                                              \
+            for (int i = 0; i < kh; ++i)                                                      \
+                for (int j = 0; j < kw; ++j) {                                                \
+                    const T *src = cols + (((i64)(ch * kh + i) * kw + j) * n + img) * oh * ow;\
+                    /* outputs whose column ox*sw - pw + j*dw lies in 0..w-1 */               \
+                    const int shift = j * dw - pw;                                            \
+                    int lo = shift >= 0 ? 0 : (-shift + sw - 1) / sw;                         \
+                    int hi = w - 1 - shift < 0 ? 0 : (w - 1 - shift) / sw + 1;                \
+                    hi = hi < ow ? hi : ow;                                                   \
+                    for (int oy = 0; oy < oh; ++oy) {                                         \
+                        const int yy = oy * sh - ph + i * dh;                                 \
+                        if (yy < 0 || yy >= h) continue;                                      \
+                        T *row = plane + (i64)yy * w;                                         \
+                        const T *in = src + (i64)oy * ow;                                     \
+                        if (sw == 1)                                                          \
+                            for (int ox = lo; ox < hi; ++ox) row[ox + shift] += in[ox];       \
+                        else                                                                  \
+                            for (int ox = lo; ox < hi; ++ox) row[ox * sw + shift] += in[ox];  \
+                    }                                                                         \
+                }                                                                             \
+        }                                                                                     \
+}
+
+DEFINE_COL2IM(float, f32)
+DEFINE_COL2IM(double, f64)

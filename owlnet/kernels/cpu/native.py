@@ -1,0 +1,84 @@
+"""The compiled CPU kernels of ``native.c``, loaded through ctypes.
+
+``native.c`` is built into ``_native<suffix>.so`` beside this file when owlnet is installed
+(``pip install`` / ``make install``: pyproject.toml's ext-modules, a C compiler needed).
+ctypes releases the GIL for the length of a call, so pieces of one operation run side by side
+on the worker threads of ``..threads``. Arrays travel as addresses (``address``): the caller
+makes sure they are C-contiguous and of the function's element type.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import OwlnetError
+
+_POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_POOL_GEOMETRY = [_INT] * 10
+
+# Argument types of every function (each exists as name_f32 and name_f64).
+_SIGNATURES = {
+    "max_pool_forward": [_POINTER, _POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
+    "max_pool_backward": [_POINTER, _POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
+    "ave_pool_forward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
+    "ave_pool_backward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
+    "conv_frame": [_POINTER, _POINTER, _I64] + [_INT] * 7,
+    "conv_direct_forward": [_POINTER, _I64, _POINTER, _INT, _POINTER, _POINTER, _I64, _I64]
+    + [_INT] * 8,
+    "conv_direct_backward_filter": [_POINTER, _I64, _POINTER, _INT, _POINTER, _I64, _POINTER,
+                                    _INT, _I64] + [_INT] * 7,
+    "col2im": [_POINTER, _POINTER] + [_INT] * 16,
+}
+_SUFFIXES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+_functions = {}
+_lock = threading.Lock()
+
+
+class NativeKernelsMissing(OwlnetError):
+    """owlnet was installed without its compiled CPU kernels."""
+
+
+def _library_path() -> Path:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_native{suffix}"
+        if path.exists():
+            return path
+    raise NativeKernelsMissing(
+        f"owlnet's compiled CPU kernels are missing: no _native library beside {here / 'native.c'}"
+        " (they are built when owlnet is installed: run `make install` or "
+        "`pip install -e .` with a C compiler on the PATH)")
+
+
+def _load():
+    library = ctypes.CDLL(str(_library_path()))
+    loaded = {}
+    for name, arguments in _SIGNATURES.items():
+        for dtype, suffix in _SUFFIXES.items():
+            function = getattr(library, f"{name}_{suffix}")
+            function.argtypes, function.restype = arguments, None
+            loaded[name, dtype] = function
+    _functions.update(loaded)
+
+
+def function(name, dtype):
+    """The compiled ``name`` for elements of ``dtype`` (float32 or float64)."""
+    if not _functions:
+        with _lock:
+            if not _functions:
+                _load()
+    try:
+        return _functions[name, np.dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"owlnet's CPU kernel {name} takes float32 or float64 arrays, "
+                        f"not {np.dtype(dtype)}") from None
+
+
+def address(array, first=0):
+    """The address of ``array``'s element ``first`` (flat, C order)."""
+    return array.ctypes.data + first * array.itemsize
