@@ -426,6 +426,44 @@ def ave_pool_backward(dy, dx, kernel, stride, pad):
     elementwise(cuda_sources.AVE_POOL_BACKWARD)(_contiguous(dy), *geometry, dx)
 
 
+# -- per-channel passes of the training step (kernels.cpu.normalization's entry points) ------
+def batch_norm_forward(x3, y3, kept, eps):
+    """Batch statistics per channel of ``x3`` (outer, C, inner): ``(mean, var, inv_std)``,
+    var biased, inv_std = 1 / sqrt(var + eps); ``y3`` = (x - mean) * inv_std (may be
+    ``x3``), also copied into ``kept`` unless None."""
+    cupy = backend.import_cupy()
+    mean = x3.mean(axis=(0, 2))
+    cupy.subtract(x3, mean[:, None], out=y3)
+    var = cupy.multiply(y3, y3, out=kept).mean(axis=(0, 2))
+    inv_std = 1 / cupy.sqrt(var + eps)
+    y3 *= inv_std[:, None]
+    if kept is not None:
+        cupy.copyto(kept, y3)
+    return mean, var, inv_std
+
+
+def batch_norm_backward(dy3, normalized3, inv_std, dx3):
+    """``dx3`` = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv_std per channel (``dx3`` may
+    be ``dy3``: both means are taken first)."""
+    cupy = backend.import_cupy()
+    mean_dy = dy3.mean(axis=(0, 2))[:, None]
+    products = dy3 * normalized3
+    mean_dy_xhat = products.mean(axis=(0, 2))[:, None]
+    cupy.subtract(dy3, mean_dy, out=dx3)
+    dx3 -= cupy.multiply(normalized3, mean_dy_xhat, out=products)
+    dx3 *= inv_std[:, None]
+
+
+def channel_sums(a3, b3=None):
+    """The sum over outer and inner of ``a3`` (times ``b3`` when given) per channel."""
+    return (a3 if b3 is None else a3 * b3).sum(axis=(0, 2))
+
+
+def relu_backward(dy, x, dx):
+    """``dx`` = dy * (x > 0) (``dx`` may be ``dy``)."""
+    backend.import_cupy().multiply(dy, x > 0, out=dx)
+
+
 def _softmax_layout(shape, axis):
     """(outer, channels, inner) of an array softmaxed along ``axis``."""
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])

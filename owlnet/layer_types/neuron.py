@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..errors import ConfigError
 from ..proto import caffe_pb2
 from .base import Layer, register
@@ -99,7 +99,7 @@ class ReLULayer(_Neuron):
         dy = top[0].diff
         xp = backend.array_module(dy)
         if self.negative_slope == 0:
-            xp.multiply(dy, x > 0, out=bottom[0].diff)
+            kernels.get(xp).relu_backward(dy, x, bottom[0].diff)
         else:
             slope = x.dtype.type(self.negative_slope)
             xp.multiply(dy, _slope_factor(x, slope), out=bottom[0].diff)

@@ -6,7 +6,7 @@ axes before and after that span, which the code views as ``(outer, dim, inner)``
 """
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, kernels
 from ..errors import ConfigError
 from ..proto import caffe_pb2
 from .base import Layer, register
@@ -74,12 +74,10 @@ class BatchNormLayer(Layer):
             y3 *= self._inv_std[:, None]
             return
         mean_blob, var_blob, count_blob = (b.data for b in self.blobs)
-        # The top holds x - mu (x is not read again; the top may be the bottom) and the
-        # squares go to the buffer kept for backward: no fresh batch-sized temporaries.
-        mean = x3.mean(axis=(0, 2))
-        xp.subtract(x3, mean[:, None], out=y3)
-        squares = self._normalized_buffer(xp, y3) if self.runs_backward else None
-        var = xp.multiply(y3, y3, out=squares).mean(axis=(0, 2))
+        # The normalized input is kept for backward apart from the top, which a following
+        # in-place layer (Scale, ReLU) overwrites.
+        kept = self._normalized_buffer(xp, y3) if self.runs_backward else None
+        mean, var, self._inv_std = kernels.get(xp).batch_norm_forward(x3, y3, kept, self.eps)
         m = x3.size // self.channels
         maf = self.moving_average_fraction
         count_blob *= maf
@@ -88,12 +86,7 @@ class BatchNormLayer(Layer):
         mean_blob += mean
         var_blob *= maf
         var_blob += (m / (m - 1) if m > 1 else 1.0) * var
-        self._inv_std = 1 / xp.sqrt(var + self.eps)
-        y3 *= self._inv_std[:, None]
-        if squares is not None:
-            # Kept apart from the top, which a following in-place layer (Scale, ReLU) overwrites.
-            xp.copyto(squares, y3)
-        self._normalized = squares
+        self._normalized = kept
 
     def global_statistics(self):
         """``(mu, 1 / sqrt(var + eps))`` per channel from the stored statistics."""
@@ -116,18 +109,10 @@ class BatchNormLayer(Layer):
             return
         dy3, dx3 = self._by_channel(top[0].diff), self._by_channel(bottom[0].diff)
         xp = backend.array_module(dy3)
-        inv_std = self._inv_std[:, None]
         if self.use_global_stats:
-            xp.multiply(dy3, inv_std, out=dx3)
+            xp.multiply(dy3, self._inv_std[:, None], out=dx3)
             return
-        y3 = self._normalized
-        mean_dy = dy3.mean(axis=(0, 2))[:, None]
-        products = dy3 * y3
-        mean_dy_y = products.mean(axis=(0, 2))[:, None]
-        # Written into dx in place (dx may be dy: both means are taken first).
-        xp.subtract(dy3, mean_dy, out=dx3)
-        dx3 -= xp.multiply(y3, mean_dy_y, out=products)
-        dx3 *= inv_std
+        kernels.get(xp).batch_norm_backward(dy3, self._normalized, self._inv_std, dx3)
 
 
 class _Broadcast(Layer):
@@ -203,14 +188,15 @@ class ScaleLayer(_Broadcast):
         outer, dim, inner = self.layout
         dy3 = top[0].diff.reshape(outer, dim, inner)
         scale = self._scale(bottom)
+        k = kernels.get(backend.array_module(dy3))
         # Parameter gradients first: in place, bottom[0].diff is top[0].diff.
         if self.bias_index is not None and self.param_propagate_down[self.bias_index]:
             bias = self.blobs[self.bias_index]
-            bias.diff[...] += dy3.sum(axis=(0, 2)).reshape(bias.shape)
+            bias.diff[...] += k.channel_sums(dy3).reshape(bias.shape)
         two_bottoms = len(bottom) > 1
         if (propagate_down[1] if two_bottoms else self.param_propagate_down[0]):
             x = bottom[0].data if self._saved_input is None else self._saved_input
-            grad = (dy3 * x.reshape(outer, dim, inner)).sum(axis=(0, 2)).reshape(scale.shape)
+            grad = k.channel_sums(dy3, x.reshape(outer, dim, inner)).reshape(scale.shape)
             if two_bottoms:
                 scale.diff[...] = grad
             else:
@@ -250,7 +236,7 @@ class BiasLayer(_Broadcast):
         bias = self._bias(bottom)
         two_bottoms = len(bottom) > 1
         if (propagate_down[1] if two_bottoms else self.param_propagate_down[0]):
-            grad = dy3.sum(axis=(0, 2)).reshape(bias.shape)
+            grad = kernels.get(backend.array_module(dy3)).channel_sums(dy3).reshape(bias.shape)
             if two_bottoms:
                 bias.diff[...] = grad
             else:

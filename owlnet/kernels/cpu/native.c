@@ -15,6 +15,7 @@
  * gradient in output order, adding in T, as Caffe's CPU layer does.
  */
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 typedef int64_t i64;
@@ -37,11 +38,12 @@ void max_pool_forward_##S(const T *x, T *y, i32 *argmax, i64 planes, POOL_GEOMET
                 int best_at = y0 * w + x0;                                                    \
                 T best = image[best_at];                                                      \
                 for (int yy = y0; yy < y1; ++yy)                                              \
-                    for (int xx = x0; xx < x1; ++xx)                                          \
-                        if (image[yy * w + xx] > best) {                                      \
-                            best = image[yy * w + xx];                                        \
-                            best_at = yy * w + xx;                                            \
-                        }                                                                     \
+                    for (int xx = x0; xx < x1; ++xx) {  /* no branch: maxima come at random */\
+                        const T value = image[yy * w + xx];                                   \
+                        const int larger = value > best;                                      \
+                        best = larger ? value : best;                                         \
+                        best_at = larger ? yy * w + xx : best_at;                             \
+                    }                                                                         \
                 y[(p * oh + py) * ow + px] = best;                                            \
                 if (argmax) argmax[(p * oh + py) * ow + px] = best_at;                        \
             }                                                                                 \
@@ -323,3 +325,117 @@ void col2im_##S(const T *cols, T *dx, int n, int c, int c0, int c1, int h, int w
 
 DEFINE_COL2IM(float, f32)
 DEFINE_COL2IM(double, f64)
+
+/* -- per-channel passes: BatchNorm with batch statistics, channel sums, ReLU's gradient --------
+ * Arrays are (outer, dim, inner) with channel c the middle index; each function handles
+ * channels c0..c1-1, whose values (outer runs of inner) are read once per pass while they are
+ * still in cache. Sums run in double, in order, over 8 lanes (lane l takes every 8th value of a
+ * run), and are rounded to T once. */
+#define CHANNEL_RUNS(c) for (i64 o = 0; o < outer; ++o) {                                     \
+        const i64 at = (o * dim + (c)) * inner;
+
+#define DEFINE_CHANNEL_SUM(T, S)                                                              \
+/* the sum of a[i] (* b[i] when b) over one run of n values, added to lanes */                \
+static void add_run_##S(double *lanes, const T *a, const T *b, i64 n)                         \
+{                                                                                             \
+    i64 i = 0;                                                                                \
+    if (b) {                                                                                  \
+        for (; i + 8 <= n; i += 8)                                                            \
+            for (int l = 0; l < 8; ++l) lanes[l] += (double)a[i + l] * (double)b[i + l];      \
+        for (; i < n; ++i) lanes[i % 8] += (double)a[i] * (double)b[i];                       \
+    } else {                                                                                  \
+        for (; i + 8 <= n; i += 8)                                                            \
+            for (int l = 0; l < 8; ++l) lanes[l] += (double)a[i + l];                         \
+        for (; i < n; ++i) lanes[i % 8] += (double)a[i];                                      \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* the sum of (a[i] - mu)^2 over one run of n values, added to lanes */                       \
+static void add_squares_##S(double *lanes, const T *a, T mu, i64 n)                           \
+{                                                                                             \
+    i64 i = 0;                                                                                \
+    for (; i + 8 <= n; i += 8)                                                                \
+        for (int l = 0; l < 8; ++l) {                                                         \
+            const double d = (double)(a[i + l] - mu);                                         \
+            lanes[l] += d * d;                                                                \
+        }                                                                                     \
+    for (; i < n; ++i) {                                                                      \
+        const double d = (double)(a[i] - mu);                                                 \
+        lanes[i % 8] += d * d;                                                                \
+    }                                                                                         \
+}
+
+static double lane_total(const double *lanes)
+{
+    double total = 0;
+    for (int l = 0; l < 8; ++l) total += lanes[l];
+    return total;
+}
+
+#define DEFINE_NORMALIZATION(T, S, SQRT)                                                      \
+DEFINE_CHANNEL_SUM(T, S)                                                                      \
+                                                                                              \
+/* mean = sum x / m, var = sum (x - mean)^2 / m (biased), inv = 1 / sqrt(var + eps) per      \
+ * channel, m = outer * inner; y = (x - mean) * inv (y may be x) and, when kept, a copy. */   \
+void batch_norm_forward_##S(const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer,    \
+                            int dim, i64 inner, int c0, int c1, T eps)                        \
+{                                                                                             \
+    const double m = (double)outer * inner;                                                   \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        double lanes[8] = {0};                                                                \
+        CHANNEL_RUNS(c) add_run_##S(lanes, x + at, 0, inner); }                               \
+        const T mu = (T)(lane_total(lanes) / m);                                              \
+        memset(lanes, 0, sizeof lanes);                                                       \
+        CHANNEL_RUNS(c) add_squares_##S(lanes, x + at, mu, inner); }                          \
+        const T sigma2 = (T)(lane_total(lanes) / m);                                          \
+        const T scale = (T)1 / SQRT(sigma2 + eps);                                            \
+        CHANNEL_RUNS(c)                                                                       \
+            for (i64 i = 0; i < inner; ++i) y[at + i] = (x[at + i] - mu) * scale;             \
+            if (kept) memcpy(kept + at, y + at, sizeof(T) * inner);                           \
+        }                                                                                     \
+        mean[c] = mu;                                                                         \
+        var[c] = sigma2;                                                                      \
+        inv[c] = scale;                                                                       \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv per channel (dx may be dy). */         \
+void batch_norm_backward_##S(const T *dy, const T *xhat, const T *inv, T *dx, i64 outer,      \
+                             int dim, i64 inner, int c0, int c1)                              \
+{                                                                                             \
+    const double m = (double)outer * inner;                                                   \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        double sum_dy[8] = {0}, sum_dy_xhat[8] = {0};                                         \
+        CHANNEL_RUNS(c)                                                                       \
+            add_run_##S(sum_dy, dy + at, 0, inner);                                           \
+            add_run_##S(sum_dy_xhat, dy + at, xhat + at, inner);                              \
+        }                                                                                     \
+        const T mean_dy = (T)(lane_total(sum_dy) / m);                                        \
+        const T mean_dy_xhat = (T)(lane_total(sum_dy_xhat) / m);                              \
+        const T scale = inv[c];                                                               \
+        CHANNEL_RUNS(c)                                                                       \
+            for (i64 i = 0; i < inner; ++i)                                                   \
+                dx[at + i] = (dy[at + i] - mean_dy - xhat[at + i] * mean_dy_xhat) * scale;    \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* Per channel: sums[c] = sum of a (a * b when b is given). */                                \
+void channel_sums_##S(const T *a, const T *b, T *sums, i64 outer, int dim, i64 inner, int c0, \
+                      int c1)                                                                 \
+{                                                                                             \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        double lanes[8] = {0};                                                                \
+        CHANNEL_RUNS(c) add_run_##S(lanes, a + at, b ? b + at : 0, inner); }                  \
+        sums[c] = (T)lane_total(lanes);                                                       \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* ReLU's gradient: dx = dy * (x > 0), for n values (dx may be dy). */                        \
+void relu_backward_##S(const T *dy, const T *x, T *dx, i64 n)                                 \
+{                                                                                             \
+    for (i64 i = 0; i < n; ++i) dx[i] = dy[i] * (T)(x[i] > 0);                                \
+}
+
+DEFINE_NORMALIZATION(float, f32, sqrtf)
+DEFINE_NORMALIZATION(double, f64, sqrt)

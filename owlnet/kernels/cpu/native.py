@@ -32,7 +32,13 @@ _SIGNATURES = {
     "conv_direct_backward_filter": [_POINTER, _I64, _POINTER, _INT, _POINTER, _I64, _POINTER,
                                     _INT, _I64] + [_INT] * 7,
     "col2im": [_POINTER, _POINTER] + [_INT] * 16,
+    "batch_norm_backward": [_POINTER] * 4 + [_I64, _INT, _I64, _INT, _INT],
+    "channel_sums": [_POINTER] * 3 + [_I64, _INT, _I64, _INT, _INT],
+    "relu_backward": [_POINTER] * 3 + [_I64],
 }
+# batch_norm_forward's last argument (eps) is of the element type.
+_TYPED_LAST = {"batch_norm_forward": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT]}
+_SCALARS = {"f32": ctypes.c_float, "f64": ctypes.c_double}
 _SUFFIXES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 _functions = {}
@@ -58,8 +64,11 @@ def _library_path() -> Path:
 def _load():
     library = ctypes.CDLL(str(_library_path()))
     loaded = {}
-    for name, arguments in _SIGNATURES.items():
-        for dtype, suffix in _SUFFIXES.items():
+    for dtype, suffix in _SUFFIXES.items():
+        signatures = dict(_SIGNATURES)
+        signatures.update({name: arguments + [_SCALARS[suffix]]
+                           for name, arguments in _TYPED_LAST.items()})
+        for name, arguments in signatures.items():
             function = getattr(library, f"{name}_{suffix}")
             function.argtypes, function.restype = arguments, None
             loaded[name, dtype] = function

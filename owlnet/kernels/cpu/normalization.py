@@ -1,0 +1,96 @@
+"""Per-channel passes of the training step on the compiled loops of ``native.c``: BatchNorm
+with batch statistics, the per-channel sums of Scale and Bias gradients, ReLU's gradient.
+``kernels.gpu`` has the same entry points.
+
+Arrays are viewed as ``(outer, C, inner)`` (channel c the middle index). Channels are cut into
+bands by shape (``shared.bands``) run on the worker threads, each band's values read once per
+pass while still in cache; sums run in float64 in a fixed order, so results do not depend on
+the threads.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import threads
+from . import native, shared
+
+_BAND_BYTES = 1 << 21
+
+
+def _channel_bands(array3):
+    outer, channels, inner = array3.shape
+    return shared.bands(channels, outer * inner * array3.itemsize, _BAND_BYTES)
+
+
+def _contiguous_output(array):
+    if not array.flags.c_contiguous:
+        raise ValueError("the per-channel kernels write into C-contiguous arrays")
+    return array
+
+
+def batch_norm_forward(x3, y3, kept, eps):
+    """Batch statistics per channel c of ``x3`` (outer, C, inner), m = outer * inner values:
+    mean = sum x / m, var = sum (x - mean)^2 / m, inv_std = 1 / sqrt(var + eps);
+    ``y3`` = (x - mean) * inv_std (``y3`` may be ``x3``), also copied into ``kept`` unless
+    None. Returns ``(mean, var, inv_std)``, each (C,) of x's type."""
+    x3 = np.ascontiguousarray(x3)
+    outer, channels, inner = x3.shape
+    stats = np.empty((3, channels), dtype=x3.dtype)
+    compiled = native.function("batch_norm_forward", x3.dtype)
+    outputs = [_contiguous_output(y3)] + ([] if kept is None else [_contiguous_output(kept)])
+
+    def band(part):
+        compiled(native.address(x3), native.address(outputs[0]),
+                 None if kept is None else native.address(kept), native.address(stats[0]),
+                 native.address(stats[1]), native.address(stats[2]), outer, channels, inner,
+                 part.start, part.stop, eps)
+
+    threads.run_pieces(band, _channel_bands(x3))
+    return stats[0], stats[1], stats[2]
+
+
+def batch_norm_backward(dy3, normalized3, inv_std, dx3):
+    """``dx3`` = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv_std per channel, xhat
+    ``normalized3`` (``dx3`` may be ``dy3``)."""
+    dy3, normalized3 = np.ascontiguousarray(dy3), np.ascontiguousarray(normalized3)
+    inv_std = np.ascontiguousarray(inv_std, dtype=dy3.dtype)
+    outer, channels, inner = dy3.shape
+    compiled = native.function("batch_norm_backward", dy3.dtype)
+    _contiguous_output(dx3)
+
+    def band(part):
+        compiled(native.address(dy3), native.address(normalized3), native.address(inv_std),
+                 native.address(dx3), outer, channels, inner, part.start, part.stop)
+
+    threads.run_pieces(band, _channel_bands(dy3))
+
+
+def channel_sums(a3, b3=None):
+    """The sum over outer and inner of ``a3`` (times ``b3`` when given) per channel: (C,)."""
+    a3 = np.ascontiguousarray(a3)
+    b3 = None if b3 is None else np.ascontiguousarray(b3, dtype=a3.dtype)
+    outer, channels, inner = a3.shape
+    sums = np.empty(channels, dtype=a3.dtype)
+    compiled = native.function("channel_sums", a3.dtype)
+
+    def band(part):
+        compiled(native.address(a3), None if b3 is None else native.address(b3),
+                 native.address(sums), outer, channels, inner, part.start, part.stop)
+
+    threads.run_pieces(band, _channel_bands(a3))
+    return sums
+
+
+def relu_backward(dy, x, dx):
+    """ReLU's gradient (no negative slope): ``dx`` = dy * (x > 0) (``dx`` may be ``dy``)."""
+    dy, x = np.ascontiguousarray(dy), np.ascontiguousarray(x)
+    compiled = native.function("relu_backward", dy.dtype)
+    _contiguous_output(dx)
+    size = dy.size
+    pieces = shared.bands(size, dy.itemsize, _BAND_BYTES)
+
+    def band(part):
+        compiled(native.address(dy, part.start), native.address(x, part.start),
+                 native.address(dx, part.start), part.stop - part.start)
+
+    threads.run_pieces(band, pieces)

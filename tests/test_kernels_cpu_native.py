@@ -1,0 +1,90 @@
+"""The compiled per-channel kernels (BatchNorm's batch statistics, channel sums, ReLU's
+gradient) against float64 NumPy references, cut into bands or not, and the loader's error when
+the compiled library is missing."""
+import importlib.machinery
+
+import numpy as np
+import pytest
+
+from owlnet.errors import OwlnetError
+from owlnet.kernels import cpu
+
+RNG = np.random.default_rng(5)
+SHAPES = [(2, 3, 13), (4, 5, 64), (1, 2, 1), (3, 7, 29)]   # (outer, C, inner): runs of 8 and not
+
+
+@pytest.fixture(params=["one band", "many bands"])
+def bands(request, monkeypatch):
+    if request.param == "many bands":
+        monkeypatch.setattr(cpu.normalization, "_BAND_BYTES", 1)
+        monkeypatch.setattr(cpu.shared, "SPLIT_BYTES", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_against_float64(bands, shape, dtype):
+    x = (RNG.standard_normal(shape) * 3 + 1).astype(dtype)
+    eps = 1e-5
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2))
+    var = ((x64 - mean[:, None]) ** 2).mean(axis=(0, 2))
+    normalized = (x64 - mean[:, None]) / np.sqrt(var[:, None] + eps)
+    y, kept = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    got = cpu.batch_norm_forward(x, y, kept, eps)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    for value, want in zip(got, (mean, var, 1 / np.sqrt(var + eps))):
+        assert value.dtype == dtype
+        np.testing.assert_allclose(value, want, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(y, normalized, rtol=tolerance * 10, atol=tolerance * 10)
+    np.testing.assert_array_equal(kept, y)
+    in_place = x.copy()
+    cpu.batch_norm_forward(in_place, in_place, None, eps)
+    np.testing.assert_array_equal(in_place, y)
+
+    dy = RNG.standard_normal(shape).astype(dtype)
+    dy64 = dy.astype(np.float64)
+    inv_std = got[2]
+    want = (dy64 - dy64.mean(axis=(0, 2))[:, None]
+            - y * (dy64 * y).mean(axis=(0, 2))[:, None]) * inv_std[:, None]
+    dx = np.full_like(x, np.nan)
+    cpu.batch_norm_backward(dy, y, inv_std, dx)
+    np.testing.assert_allclose(dx, want, rtol=tolerance * 10, atol=tolerance * 10)
+    cpu.batch_norm_backward(dy, y, inv_std, dy)                    # dx is dy
+    np.testing.assert_array_equal(dy, dx)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channel_sums(bands, shape):
+    a = RNG.standard_normal(shape).astype(np.float32)
+    b = RNG.standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(cpu.channel_sums(a), a.astype(np.float64).sum(axis=(0, 2)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cpu.channel_sums(a, b),
+                               (a.astype(np.float64) * b).sum(axis=(0, 2)), rtol=1e-6, atol=1e-6)
+
+
+def test_relu_backward_is_dy_times_the_sign_test(bands):
+    x = RNG.standard_normal(1001).astype(np.float32)
+    x[:5] = [0, -0.0, np.nan, np.inf, -np.inf]
+    dy = RNG.standard_normal(1001).astype(np.float32)
+    dy[5:8] = [np.nan, np.inf, np.nan]
+    x[5], x[6], x[7] = -1, -1, 1                  # NaN * 0, inf * 0 are NaN, as dy * (x > 0)
+    dx = np.empty_like(dy)
+    cpu.relu_backward(dy, x, dx)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(dx, dy * (x > 0))
+    cpu.relu_backward(dy, x, dy)
+    np.testing.assert_array_equal(dy, dx)
+
+
+def test_missing_library_says_how_to_build_it(monkeypatch):
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".not-built.so"])
+    with pytest.raises(OwlnetError, match="make install"):
+        cpu.native._library_path()
+
+
+def test_kernels_reject_other_element_types():
+    x = np.zeros((2, 3, 4), dtype=np.float16)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cpu.channel_sums(x)
