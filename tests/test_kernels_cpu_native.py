@@ -17,6 +17,7 @@ SHAPES = [(2, 3, 13), (4, 5, 64), (1, 2, 1), (3, 7, 29)]   # (outer, C, inner): 
 def bands(request, monkeypatch):
     if request.param == "many bands":
         monkeypatch.setattr(cpu.normalization, "_BAND_BYTES", 1)
+        monkeypatch.setattr(cpu.normalization, "_PARALLEL_BYTES", 0)
         monkeypatch.setattr(cpu.shared, "SPLIT_BYTES", 0)
     return request.param
 

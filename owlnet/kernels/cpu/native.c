@@ -326,44 +326,35 @@ void col2im_##S(const T *cols, T *dx, int n, int c, int c0, int c1, int h, int w
 DEFINE_COL2IM(float, f32)
 DEFINE_COL2IM(double, f64)
 
-/* -- per-channel passes: BatchNorm with batch statistics, channel sums, ReLU's gradient --------
+/* -- per-channel passes: BatchNorm with batch statistics, channel sums ------------------------
  * Arrays are (outer, dim, inner) with channel c the middle index; each function handles
  * channels c0..c1-1, whose values (outer runs of inner) are read once per pass while they are
- * still in cache. Sums run in double, in order, over 8 lanes (lane l takes every 8th value of a
- * run), and are rounded to T once. */
+ * still in cache. A sum over a run adds blocks of up to 64 vectors in T (four vectors side by
+ * side) and each block's lanes into double lanes, in order; the lanes are added last: the
+ * same result however the channels are shared out. */
 #define CHANNEL_RUNS(c) for (i64 o = 0; o < outer; ++o) {                                     \
         const i64 at = (o * dim + (c)) * inner;
 
-#define DEFINE_CHANNEL_SUM(T, S)                                                              \
-/* the sum of a[i] (* b[i] when b) over one run of n values, added to lanes */                \
-static void add_run_##S(double *lanes, const T *a, const T *b, i64 n)                         \
-{                                                                                             \
-    i64 i = 0;                                                                                \
-    if (b) {                                                                                  \
-        for (; i + 8 <= n; i += 8)                                                            \
-            for (int l = 0; l < 8; ++l) lanes[l] += (double)a[i + l] * (double)b[i + l];      \
-        for (; i < n; ++i) lanes[i % 8] += (double)a[i] * (double)b[i];                       \
-    } else {                                                                                  \
-        for (; i + 8 <= n; i += 8)                                                            \
-            for (int l = 0; l < 8; ++l) lanes[l] += (double)a[i + l];                         \
-        for (; i < n; ++i) lanes[i % 8] += (double)a[i];                                      \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-/* the sum of (a[i] - mu)^2 over one run of n values, added to lanes */                       \
-static void add_squares_##S(double *lanes, const T *a, T mu, i64 n)                           \
-{                                                                                             \
-    i64 i = 0;                                                                                \
-    for (; i + 8 <= n; i += 8)                                                                \
-        for (int l = 0; l < 8; ++l) {                                                         \
-            const double d = (double)(a[i + l] - mu);                                         \
-            lanes[l] += d * d;                                                                \
+/* lanes[l] += the terms of a run of n values: TERM(i), a T expression of index i, and
+ * TERM_V(VU, i), the vector of terms i .. i + L - 1 */
+#define ADD_RUN(T, V, VU, TERM_V, TERM)                                                       \
+    {                                                                                         \
+        const int L = (int)(sizeof(V) / sizeof(T));                                           \
+        i64 i = 0;                                                                            \
+        while (i + 4 * L <= n) {                                                              \
+            V p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};                                         \
+            const i64 end = i + 64 * L <= n ? i + 64 * L : n - (n - i) % (4 * L);             \
+            for (; i < end; i += 4 * L) {                                                     \
+                p0 += TERM_V(VU, i);                                                              \
+                p1 += TERM_V(VU, i + L);                                                          \
+                p2 += TERM_V(VU, i + 2 * L);                                                      \
+                p3 += TERM_V(VU, i + 3 * L);                                                      \
+            }                                                                                 \
+            const V block = (p0 + p1) + (p2 + p3);                                            \
+            for (int l = 0; l < L; ++l) lanes[l] += (double)block[l];                         \
         }                                                                                     \
-    for (; i < n; ++i) {                                                                      \
-        const double d = (double)(a[i] - mu);                                                 \
-        lanes[i % 8] += d * d;                                                                \
-    }                                                                                         \
-}
+        for (; i < n; ++i) lanes[i % L] += (double)(TERM(i));                                 \
+    }
 
 static double lane_total(const double *lanes)
 {
@@ -372,21 +363,32 @@ static double lane_total(const double *lanes)
     return total;
 }
 
-#define DEFINE_NORMALIZATION(T, S, SQRT)                                                      \
-DEFINE_CHANNEL_SUM(T, S)                                                                      \
+#define DEFINE_NORMALIZATION(T, S, SQRT, V, VU, ISA, TARGET)                                  \
+static TARGET void add_run_##S##_##ISA(double *lanes, const T *a, const T *b, i64 n)          \
+{                                                                                             \
+    if (b) {                                                                                  \
+        ADD_RUN(T, V, VU, PRODUCT_V, PRODUCT)                                                 \
+    } else {                                                                                  \
+        ADD_RUN(T, V, VU, VALUE_V, VALUE)                                                     \
+    }                                                                                         \
+}                                                                                             \
                                                                                               \
-/* mean = sum x / m, var = sum (x - mean)^2 / m (biased), inv = 1 / sqrt(var + eps) per      \
- * channel, m = outer * inner; y = (x - mean) * inv (y may be x) and, when kept, a copy. */   \
-void batch_norm_forward_##S(const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer,    \
-                            int dim, i64 inner, int c0, int c1, T eps)                        \
+static TARGET void add_squares_##S##_##ISA(double *lanes, const T *a, T mu, i64 n)            \
+{                                                                                             \
+    ADD_RUN(T, V, VU, SQUARE_V, SQUARE)                                                       \
+}                                                                                             \
+                                                                                              \
+static TARGET void batch_norm_forward_##S##_##ISA(                                            \
+    const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer, int dim, i64 inner,        \
+    int c0, int c1, T eps)                                                                    \
 {                                                                                             \
     const double m = (double)outer * inner;                                                   \
     for (int c = c0; c < c1; ++c) {                                                           \
         double lanes[8] = {0};                                                                \
-        CHANNEL_RUNS(c) add_run_##S(lanes, x + at, 0, inner); }                               \
+        CHANNEL_RUNS(c) add_run_##S##_##ISA(lanes, x + at, 0, inner); }                       \
         const T mu = (T)(lane_total(lanes) / m);                                              \
         memset(lanes, 0, sizeof lanes);                                                       \
-        CHANNEL_RUNS(c) add_squares_##S(lanes, x + at, mu, inner); }                          \
+        CHANNEL_RUNS(c) add_squares_##S##_##ISA(lanes, x + at, mu, inner); }                  \
         const T sigma2 = (T)(lane_total(lanes) / m);                                          \
         const T scale = (T)1 / SQRT(sigma2 + eps);                                            \
         CHANNEL_RUNS(c)                                                                       \
@@ -399,16 +401,16 @@ void batch_norm_forward_##S(const T *x, T *y, T *kept, T *mean, T *var, T *inv, 
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv per channel (dx may be dy). */         \
-void batch_norm_backward_##S(const T *dy, const T *xhat, const T *inv, T *dx, i64 outer,      \
-                             int dim, i64 inner, int c0, int c1)                              \
+static TARGET void batch_norm_backward_##S##_##ISA(                                           \
+    const T *dy, const T *xhat, const T *inv, T *dx, i64 outer, int dim, i64 inner, int c0,   \
+    int c1)                                                                                   \
 {                                                                                             \
     const double m = (double)outer * inner;                                                   \
     for (int c = c0; c < c1; ++c) {                                                           \
         double sum_dy[8] = {0}, sum_dy_xhat[8] = {0};                                         \
         CHANNEL_RUNS(c)                                                                       \
-            add_run_##S(sum_dy, dy + at, 0, inner);                                           \
-            add_run_##S(sum_dy_xhat, dy + at, xhat + at, inner);                              \
+            add_run_##S##_##ISA(sum_dy, dy + at, 0, inner);                                   \
+            add_run_##S##_##ISA(sum_dy_xhat, dy + at, xhat + at, inner);                      \
         }                                                                                     \
         const T mean_dy = (T)(lane_total(sum_dy) / m);                                        \
         const T mean_dy_xhat = (T)(lane_total(sum_dy_xhat) / m);                              \
@@ -420,22 +422,85 @@ void batch_norm_backward_##S(const T *dy, const T *xhat, const T *inv, T *dx, i6
     }                                                                                         \
 }                                                                                             \
                                                                                               \
+static TARGET void channel_sums_##S##_##ISA(const T *a, const T *b, T *sums, i64 outer,       \
+                                            int dim, i64 inner, int c0, int c1)               \
+{                                                                                             \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        double lanes[8] = {0};                                                                \
+        CHANNEL_RUNS(c) add_run_##S##_##ISA(lanes, a + at, b ? b + at : 0, inner); }          \
+        sums[c] = (T)lane_total(lanes);                                                       \
+    }                                                                                         \
+}
+
+/* The terms of ADD_RUN: a value, a product of a and b, a squared difference from mu. */
+#define VALUE_V(VU, i) (*(const VU *)(a + (i)))
+#define VALUE(i) a[i]
+#define PRODUCT_V(VU, i) (*(const VU *)(a + (i)) * *(const VU *)(b + (i)))
+#define PRODUCT(i) (a[i] * b[i])
+#define SQUARE_V(VU, i) ((*(const VU *)(a + (i)) - mu) * (*(const VU *)(a + (i)) - mu))
+#define SQUARE(i) ((a[i] - mu) * (a[i] - mu))
+
+DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, fast, FAST)
+DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, baseline, BASELINE)
+DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, fast, FAST)
+DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, baseline, BASELINE)
+
+#define DEFINE_NORMALIZATION_ENTRIES(T, S)                                                    \
+/* mean = sum x / m, var = sum (x - mean)^2 / m (biased), inv = 1 / sqrt(var + eps) per      \
+ * channel, m = outer * inner; y = (x - mean) * inv (y may be x) and, when kept, a copy. */   \
+void batch_norm_forward_##S(const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer,    \
+                            int dim, i64 inner, int c0, int c1, T eps)                        \
+{                                                                                             \
+    (has_avx2_fma() ? batch_norm_forward_##S##_fast : batch_norm_forward_##S##_baseline)(     \
+        x, y, kept, mean, var, inv, outer, dim, inner, c0, c1, eps);                          \
+}                                                                                             \
+/* dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv per channel (dx may be dy). */         \
+void batch_norm_backward_##S(const T *dy, const T *xhat, const T *inv, T *dx, i64 outer,      \
+                             int dim, i64 inner, int c0, int c1)                              \
+{                                                                                             \
+    (has_avx2_fma() ? batch_norm_backward_##S##_fast : batch_norm_backward_##S##_baseline)(   \
+        dy, xhat, inv, dx, outer, dim, inner, c0, c1);                                        \
+}                                                                                             \
 /* Per channel: sums[c] = sum of a (a * b when b is given). */                                \
 void channel_sums_##S(const T *a, const T *b, T *sums, i64 outer, int dim, i64 inner, int c0, \
                       int c1)                                                                 \
 {                                                                                             \
-    for (int c = c0; c < c1; ++c) {                                                           \
-        double lanes[8] = {0};                                                                \
-        CHANNEL_RUNS(c) add_run_##S(lanes, a + at, b ? b + at : 0, inner); }                  \
-        sums[c] = (T)lane_total(lanes);                                                       \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-/* ReLU's gradient: dx = dy * (x > 0), for n values (dx may be dy). */                        \
-void relu_backward_##S(const T *dy, const T *x, T *dx, i64 n)                                 \
-{                                                                                             \
-    for (i64 i = 0; i < n; ++i) dx[i] = dy[i] * (T)(x[i] > 0);                                \
+    (has_avx2_fma() ? channel_sums_##S##_fast : channel_sums_##S##_baseline)(                 \
+        a, b, sums, outer, dim, inner, c0, c1);                                               \
 }
 
-DEFINE_NORMALIZATION(float, f32, sqrtf)
-DEFINE_NORMALIZATION(double, f64, sqrt)
+DEFINE_NORMALIZATION_ENTRIES(float, f32)
+DEFINE_NORMALIZATION_ENTRIES(double, f64)
+
+/* ReLU's gradient: dx = dy * (x > 0 ? 1 : 0), for n values (dx may be dy); a product, not a
+ * choice, so that NaN or inf in dy stays NaN where x <= 0, as in NumPy and Caffe. Written on
+ * vectors (the compiler turns the scalar form into a branch). */
+#define DEFINE_RELU_BACKWARD(T, S, V, VU, VI, ISA, TARGET)                                    \
+static TARGET void relu_backward_##S##_##ISA(const T *dy, const T *x, T *dx, i64 n)          \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const V zero = {0};                                                                       \
+    i64 i = 0;                                                                                \
+    for (; i + L <= n; i += L) {                                                              \
+        const VI positive = -(*(const VU *)(x + i) > zero);                                   \
+        *(VU *)(dx + i) = *(const VU *)(dy + i) * __builtin_convertvector(positive, V);       \
+    }                                                                                         \
+    for (; i < n; ++i) dx[i] = dy[i] * (T)(x[i] > 0);                                         \
+}
+
+typedef int32_t vi32 __attribute__((vector_size(32)));
+typedef int64_t vi64 __attribute__((vector_size(32)));
+DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, fast, FAST)
+DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, baseline, BASELINE)
+DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, fast, FAST)
+DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, baseline, BASELINE)
+
+void relu_backward_f32(const float *dy, const float *x, float *dx, i64 n)
+{
+    (has_avx2_fma() ? relu_backward_f32_fast : relu_backward_f32_baseline)(dy, x, dx, n);
+}
+
+void relu_backward_f64(const double *dy, const double *x, double *dx, i64 n)
+{
+    (has_avx2_fma() ? relu_backward_f64_fast : relu_backward_f64_baseline)(dy, x, dx, n);
+}

@@ -15,11 +15,20 @@ from .. import threads
 from . import native, shared
 
 _BAND_BYTES = 1 << 21
+# These passes run at memory speed (a 2 MB sum in 0.04 ms on one thread, against ~0.09 ms for
+# a hand-off to the worker threads): arrays smaller than this are one band.
+_PARALLEL_BYTES = 1 << 23
+
+
+def _bands(count, item_bytes):
+    if count * item_bytes < _PARALLEL_BYTES:
+        return [slice(0, count)]
+    return shared.bands(count, item_bytes, _BAND_BYTES)
 
 
 def _channel_bands(array3):
     outer, channels, inner = array3.shape
-    return shared.bands(channels, outer * inner * array3.itemsize, _BAND_BYTES)
+    return _bands(channels, outer * inner * array3.itemsize)
 
 
 def _contiguous_output(array):
@@ -87,7 +96,7 @@ def relu_backward(dy, x, dx):
     compiled = native.function("relu_backward", dy.dtype)
     _contiguous_output(dx)
     size = dy.size
-    pieces = shared.bands(size, dy.itemsize, _BAND_BYTES)
+    pieces = _bands(size, dy.itemsize)
 
     def band(part):
         compiled(native.address(dy, part.start), native.address(x, part.start),
