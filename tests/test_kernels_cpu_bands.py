@@ -1,6 +1,6 @@
-"""The CPU depthwise and pooling kernels cut into bands of planes: against float64 loop
-references on awkward geometries, with bands forced small (uneven plane counts, one plane per
-band) and the threads on, and the same results as with a single band."""
+"""The CPU depthwise and pooling kernels cut into pieces (images, bands of channels or planes):
+against float64 loop references on awkward geometries, with pieces forced small (uneven
+counts) and the threads on, and the same results as in one piece."""
 import numpy as np
 import pytest
 
@@ -13,16 +13,16 @@ RNG = np.random.default_rng(7)
 
 @pytest.fixture
 def tiny_bands(monkeypatch):
-    """Every band a few planes, and bands split over the threads however small the input."""
-    def force(depthwise_bytes, pool_bytes):
-        monkeypatch.setattr(cpu.depthwise, "_DEPTHWISE_BAND_BYTES", depthwise_bytes)
-        monkeypatch.setattr(cpu.depthwise, "_SHORT_ROW_BAND_BYTES", depthwise_bytes)
+    """Depthwise pieces of ``depthwise_work`` multiply-adds, pooling bands of ``pool_bytes``,
+    split over the threads however small the input."""
+    def force(depthwise_work, pool_bytes):
+        monkeypatch.setattr(cpu.depthwise, "_PIECE_MULTIPLY_ADDS", depthwise_work)
         monkeypatch.setattr(cpu.pooling, "_POOL_BAND_BYTES", pool_bytes)
         monkeypatch.setattr(cpu.shared, "SPLIT_BYTES", 0)
     return force
 
 
-# -- depthwise: bands of planes (rows of 32 outputs or more), bands of channels (shorter) -----
+# -- depthwise: pieces of images or bands of channels -----------------------------------------
 # (x shape, w shape, pad, stride, dilation)
 DEPTHWISE = [
     ((2, 6, 7, 8), (6, 1, 3, 3), (1, 1), (1, 1), (1, 1)),
@@ -51,15 +51,8 @@ def test_depthwise_bands_match_loops(tiny_bands, x_shape, w_shape, pad, stride, 
     expected = reference_conv(x, w, pad, stride, dilation, x_shape[1])
     dy = RNG.standard_normal(expected.shape)
     whole = _depthwise_all(x, w, dy, pad, stride, dilation)
-    tiny_bands(depthwise_bytes=1, pool_bytes=1)
-    if expected.shape[3] < cpu.depthwise._DEPTHWISE_SHORT_ROW:
-        bands = cpu.depthwise._channel_bands(x.shape, dy.shape, w_shape[0] // x_shape[1],
-                                             x.itemsize)
-        assert len(bands) == x_shape[1]                         # one channel per band
-    else:
-        bands = cpu.depthwise._Depthwise(x.shape, w.shape, dy.shape, pad, stride, dilation,
-                               x.itemsize).bands
-        assert len(bands) == x_shape[0] * x_shape[1]            # one plane per band
+    tiny_bands(depthwise_work=1, pool_bytes=1)
+    assert len(cpu.depthwise._pieces(x_shape[0], w_shape[0], dy.size * w[0].size)) > 1
     banded = _depthwise_all(x, w, dy, pad, stride, dilation)
     for one, many in zip(whole, banded):
         np.testing.assert_array_equal(many, one)
@@ -86,9 +79,9 @@ def test_depthwise_uneven_bands_and_float32(tiny_bands):
     args = ((1, 1), (2, 2), (1, 1))
     dy = RNG.standard_normal((3, 7, 6, 32)).astype(np.float32)
     whole = _depthwise_all(x, w, dy, *args)
-    tiny_bands(depthwise_bytes=3 * 7 * 12 * 64 * 4 * 3 // 4, pool_bytes=1)
-    geometry = cpu.depthwise._Depthwise(x.shape, w.shape, dy.shape, *args, x.itemsize)
-    assert len(geometry.bands) > 2 and len({b.stop - b.start for b in geometry.bands}) == 2
+    tiny_bands(depthwise_work=1, pool_bytes=1)
+    pieces = cpu.depthwise._pieces(3, 7, dy.size * 9)             # bands of 2, 2, 3 channels
+    assert len(pieces) == 9 and len({stop - start for _, _, start, stop in pieces}) == 2
     for one, many in zip(whole, _depthwise_all(x, w, dy, *args)):
         assert many.dtype == np.float32
         np.testing.assert_array_equal(many, one)
@@ -169,7 +162,7 @@ def test_pooling_bands_match_loops(tiny_bands, method, shape, kernel, stride, pa
     y_want, index_want, backward = reference_pool(x, kernel, stride, pad, method)
     dy = RNG.standard_normal(y_want.shape)
     whole = _pool_all(method, x, dy, kernel, stride, pad)
-    tiny_bands(depthwise_bytes=1, pool_bytes=2 * shape[2] * shape[3] * 8)   # 2 planes a band
+    tiny_bands(depthwise_work=1, pool_bytes=2 * shape[2] * shape[3] * 8)   # 2 planes a band
     banded = _pool_all(method, x, dy, kernel, stride, pad)
     for one, many in zip(whole, banded):
         np.testing.assert_array_equal(many, one)
@@ -181,7 +174,7 @@ def test_pooling_bands_match_loops(tiny_bands, method, shape, kernel, stride, pa
 
 def test_pooling_float32_with_odd_band_count(tiny_bands):
     x = RNG.standard_normal((3, 5, 11, 10)).astype(np.float32)
-    tiny_bands(depthwise_bytes=1, pool_bytes=4 * 11 * 10 * 4)                # 4 bands of 3-4
+    tiny_bands(depthwise_work=1, pool_bytes=4 * 11 * 10 * 4)                # 4 bands of 3-4
     assert len(cpu.shared.bands(15, 11 * 10 * 4, cpu.pooling._POOL_BAND_BYTES)) == 4
     y_want, index_want, backward = reference_pool(x.astype(np.float64), (3, 3), (2, 2), (1, 1),
                                                   "MAX")

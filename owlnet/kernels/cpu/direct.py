@@ -1,6 +1,6 @@
 """Direct convolution on the compiled kernels of ``native.c``: no column matrix.
 
-The images are copied once into a zero-padded frame split into column phases (``_Frame``);
+The images are copied once into a zero-padded frame split into column phases (``Frame``);
 every window entry k = (c, i, j) is then an offset into it, and a run of outputs along a row
 reads a contiguous run of the frame. The forward sums, for a tile of output channels and one
 or two vectors of outputs along a row, the weight times the frame over every k; the
@@ -36,17 +36,18 @@ def _channel_tile(out_width, dtype):
     return 6 if out_width > lanes(dtype) else 12
 
 
-class _Frame:
+class Frame:
     """The images zero-padded and split into ``sw`` column phases, ``(N, C, sw, hf, q)``, and
     the offset of every window entry of one group (``koff``)."""
 
-    def __init__(self, images, w_shape, pad, stride, dilation, parallel):
+    def __init__(self, images, w_shape, pad, stride, dilation, parallel, vectors=2):
         n, c, h, w = images.shape
         _, cg, kh, kw = w_shape
         (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
         self.rows, self.sh = h + 2 * ph, sh
-        # Two vectors of zero columns past the widest row: tiles read up to there.
-        self.q = -(-(w + 2 * pw) // sw) + 2 * lanes(images.dtype)
+        # ``vectors`` vectors of zero columns past the widest row: a tile of that many vectors
+        # starting at the last output reads up to there.
+        self.q = -(-(w + 2 * pw) // sw) + vectors * lanes(images.dtype)
         self.array = np.empty((n, c, sw, self.rows, self.q), dtype=images.dtype)
         source = np.ascontiguousarray(images)
         plane = sw * self.rows * self.q
@@ -89,7 +90,7 @@ def forward(x, w, y, pad, stride, dilation, group):
     mg, k = m // group, w[0].size
     multiply_adds = n * m * oh * ow * k
     parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
-    frame = _Frame(x, w.shape, pad, stride, dilation, parallel)
+    frame = Frame(x, w.shape, pad, stride, dilation, parallel)
     tile = _channel_tile(ow, y.dtype)
     tiles = -(-mg // tile)
     # Weights as (group, tiles, K, tile), zero rows past each group's channels.
@@ -119,7 +120,7 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     mg, k = m // group, dw[0].size
     multiply_adds = n * m * oh * ow * k
     parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
-    frame = _Frame(x, dw.shape, pad, stride, dilation, parallel)
+    frame = Frame(x, dw.shape, pad, stride, dilation, parallel)
     # Rows padded with zeros to whole vectors: the kernel then has no partial vectors.
     padded_width = -(-ow // lanes(dy.dtype)) * lanes(dy.dtype)
     grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)

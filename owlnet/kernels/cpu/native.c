@@ -155,9 +155,12 @@ void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int 
                 memcpy(row + pw, plane + (i64)yy * w, sizeof(T) * w);                         \
                 continue;                                                                     \
             }                                                                                 \
-            for (int xx = 0; xx < w; ++xx) {                                                  \
-                const int u = xx + pw;                                                        \
-                row[(i64)(u % sw) * hf * q + u / sw] = plane[(i64)yy * w + xx];               \
+            for (int phase = 0; phase < sw; ++phase) {                                        \
+                /* image columns xx with (xx + pw) % sw == phase, at position (xx + pw) / sw */   \
+                const int first = ((phase - pw) % sw + sw) % sw;                              \
+                T *out_row = row + (i64)phase * hf * q + (first + pw) / sw;                   \
+                const T *in = plane + (i64)yy * w;                                            \
+                for (int xx = first, at = 0; xx < w; xx += sw, ++at) out_row[at] = in[xx];    \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
@@ -504,3 +507,158 @@ void relu_backward_f64(const double *dy, const double *x, double *dx, i64 n)
 {
     (has_avx2_fma() ? relu_backward_f64_fast : relu_backward_f64_baseline)(dy, x, dx, n);
 }
+
+/* -- depthwise convolution: one input channel per group ---------------------------------------
+ * Output channel mo reads input channel mo / mult of the frame of conv_frame (planes of
+ * frame_plane values); w is (M, K) with K = kh * kw window entries at offsets koff. Forward:
+ * for a run of 4 vectors of outputs along a row (then single vectors, the last one partial),
+ * the sum over k of w[mo][k] times the frame. Backward-filter: per output channel, K vectors
+ * of partial sums over the outputs (dy rows padded with zeros to owp, as for the direct
+ * convolution), their lanes added last. Backward-data: each output gradient times each weight
+ * added into a zero-padded plane (hp x wp; output (oy, ox) with entry (i, j) lands at row
+ * oy*sh + i*dh, column ox*sw + j*dw), in order of output channel, entry, row, column; the
+ * image part is then copied out. */
+#define DEFINE_DEPTHWISE(T, S, V, VU, ISA, TARGET)                                            \
+static TARGET void depthwise_forward_##S##_##ISA(                                             \
+    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *w, T *y, i64 images,    \
+    int c, int mult, int m0, int m1, int oh, int ow, int sh, int q)                           \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const int m = c * mult;                                                                   \
+    for (i64 img = 0; img < images; ++img)                                                    \
+        for (int mo = m0; mo < m1; ++mo) {                                                    \
+            const T *plane = frame + (img * c + mo / mult) * frame_plane;                     \
+            const T *wk = w + (i64)mo * K;                                                    \
+            T *out = y + (img * m + mo) * oh * ow;                                            \
+            for (int oy = 0; oy < oh; ++oy) {                                                 \
+                const T *base = plane + (i64)oy * sh * q;                                     \
+                T *row = out + (i64)oy * ow;                                                  \
+                int ox = 0;                                                                   \
+                for (; ox + 4 * L <= ow; ox += 4 * L) {                                       \
+                    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                 \
+                    for (int k = 0; k < K; ++k) {                                             \
+                        const T *src = base + koff[k] + ox;                                   \
+                        a0 += *(const VU *)src * wk[k];                                       \
+                        a1 += *(const VU *)(src + L) * wk[k];                                 \
+                        a2 += *(const VU *)(src + 2 * L) * wk[k];                             \
+                        a3 += *(const VU *)(src + 3 * L) * wk[k];                             \
+                    }                                                                         \
+                    *(VU *)(row + ox) = a0;                                                   \
+                    *(VU *)(row + ox + L) = a1;                                               \
+                    *(VU *)(row + ox + 2 * L) = a2;                                           \
+                    *(VU *)(row + ox + 3 * L) = a3;                                           \
+                }                                                                             \
+                for (; ox < ow; ox += L) {                                                    \
+                    V a0 = {0};                                                               \
+                    for (int k = 0; k < K; ++k) a0 += *(const VU *)(base + koff[k] + ox) * wk[k]; \
+                    if (ox + L <= ow) {                                                       \
+                        *(VU *)(row + ox) = a0;                                               \
+                    } else {                                                                  \
+                        T lanes[sizeof(V) / sizeof(T)];                                       \
+                        memcpy(lanes, &a0, sizeof lanes);                                     \
+                        memcpy(row + ox, lanes, sizeof(T) * (ow - ox));                       \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+}                                                                                             \
+                                                                                              \
+static TARGET void depthwise_backward_filter_##S##_##ISA(                                     \
+    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *dy, T *dw, int accumulate, \
+    i64 images, int c, int mult, int m0, int m1, int oh, int owp, int sh, int q)              \
+{                                                                                             \
+    enum { MAX_K = 64 };                                                                      \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const int m = c * mult;                                                                   \
+    for (int mo = m0; mo < m1; ++mo)                                                          \
+        for (int k0 = 0; k0 < K; k0 += MAX_K) {                                               \
+            const int kn = K - k0 < MAX_K ? K - k0 : MAX_K;                                   \
+            V acc[MAX_K];                                                                     \
+            for (int k = 0; k < kn; ++k) acc[k] = (V){0};                                     \
+            for (i64 img = 0; img < images; ++img) {                                          \
+                const T *plane = frame + (img * c + mo / mult) * frame_plane;                 \
+                const T *grads = dy + (img * m + mo) * oh * owp;                              \
+                for (int oy = 0; oy < oh; ++oy) {                                             \
+                    const T *base = plane + (i64)oy * sh * q;                                 \
+                    for (int ox = 0; ox < owp; ox += L) {                                     \
+                        const V g = *(const VU *)(grads + (i64)oy * owp + ox);                \
+                        for (int k = 0; k < kn; ++k)                                          \
+                            acc[k] += g * *(const VU *)(base + koff[k0 + k] + ox);            \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+            for (int k = 0; k < kn; ++k) {                                                    \
+                T total = 0;                                                                  \
+                for (int l = 0; l < L; ++l) total += acc[k][l];                               \
+                T *out = dw + (i64)mo * K + k0 + k;                                           \
+                *out = accumulate ? *out + total : total;                                     \
+            }                                                                                 \
+        }                                                                                     \
+}                                                                                             \
+                                                                                              \
+static TARGET void depthwise_backward_data_##S##_##ISA(                                       \
+    const T *dy, const T *w, T *dx, T *padded, i64 images, int c, int mult, int c0, int c1,   \
+    int h, int wd, int kh, int kw, int oh, int ow, int sh, int sw, int ph, int pw, int dh,    \
+    int dw, int hp, int wp)                                                                   \
+{                                                                                             \
+    const int m = c * mult;                                                                   \
+    for (i64 img = 0; img < images; ++img)                                                    \
+        for (int ci = c0; ci < c1; ++ci) {                                                    \
+            memset(padded, 0, sizeof(T) * hp * wp);                                           \
+            for (int mo = ci * mult; mo < (ci + 1) * mult; ++mo) {                            \
+                const T *grads = dy + (img * m + mo) * oh * ow;                               \
+                for (int i = 0; i < kh; ++i)                                                  \
+                    for (int j = 0; j < kw; ++j) {                                            \
+                        const T weight = w[((i64)mo * kh + i) * kw + j];                      \
+                        for (int oy = 0; oy < oh; ++oy) {                                     \
+                            T *row = padded + (i64)(oy * sh + i * dh) * wp + j * dw;          \
+                            const T *in = grads + (i64)oy * ow;                               \
+                            if (sw == 1)                                                      \
+                                for (int ox = 0; ox < ow; ++ox) row[ox] += weight * in[ox];   \
+                            else                                                              \
+                                for (int ox = 0; ox < ow; ++ox) row[ox * sw] += weight * in[ox]; \
+                        }                                                                     \
+                    }                                                                         \
+            }                                                                                 \
+            T *image = dx + (img * c + ci) * h * wd;                                          \
+            for (int yy = 0; yy < h; ++yy)                                                    \
+                memcpy(image + (i64)yy * wd, padded + (i64)(yy + ph) * wp + pw, sizeof(T) * wd); \
+        }                                                                                     \
+}
+
+#define DEPTHWISE_FORWARD_ARGS(T) const T *frame, i64 frame_plane, const i64 *koff, int K,      \
+    const T *w, T *y, i64 images, int c, int mult, int m0, int m1, int oh, int ow, int sh, int q
+#define DEPTHWISE_FORWARD_NAMES frame, frame_plane, koff, K, w, y, images, c, mult, m0, m1, oh,  \
+    ow, sh, q
+#define DEPTHWISE_FILTER_ARGS(T) const T *frame, i64 frame_plane, const i64 *koff, int K,       \
+    const T *dy, T *dw, int accumulate, i64 images, int c, int mult, int m0, int m1, int oh,     \
+    int owp, int sh, int q
+#define DEPTHWISE_FILTER_NAMES frame, frame_plane, koff, K, dy, dw, accumulate, images, c, mult, \
+    m0, m1, oh, owp, sh, q
+#define DEPTHWISE_DATA_ARGS(T) const T *dy, const T *w, T *dx, T *padded, i64 images, int c,     \
+    int mult, int c0, int c1, int h, int wd, int kh, int kw, int oh, int ow, int sh, int sw,    \
+    int ph, int pw, int dh, int dw, int hp, int wp
+#define DEPTHWISE_DATA_NAMES dy, w, dx, padded, images, c, mult, c0, c1, h, wd, kh, kw, oh, ow,   \
+    sh, sw, ph, pw, dh, dw, hp, wp
+
+#define DEFINE_DEPTHWISE_ENTRIES(T, S, V, VU)                                                 \
+DEFINE_DEPTHWISE(T, S, V, VU, fast, FAST)                                                     \
+DEFINE_DEPTHWISE(T, S, V, VU, baseline, BASELINE)                                             \
+void depthwise_forward_##S(DEPTHWISE_FORWARD_ARGS(T))                                         \
+{                                                                                             \
+    (has_avx2_fma() ? depthwise_forward_##S##_fast                                            \
+                    : depthwise_forward_##S##_baseline)(DEPTHWISE_FORWARD_NAMES);             \
+}                                                                                             \
+void depthwise_backward_filter_##S(DEPTHWISE_FILTER_ARGS(T))                                  \
+{                                                                                             \
+    (has_avx2_fma() ? depthwise_backward_filter_##S##_fast                                    \
+                    : depthwise_backward_filter_##S##_baseline)(DEPTHWISE_FILTER_NAMES);      \
+}                                                                                             \
+void depthwise_backward_data_##S(DEPTHWISE_DATA_ARGS(T))                                      \
+{                                                                                             \
+    (has_avx2_fma() ? depthwise_backward_data_##S##_fast                                      \
+                    : depthwise_backward_data_##S##_baseline)(DEPTHWISE_DATA_NAMES);          \
+}
+
+DEFINE_DEPTHWISE_ENTRIES(float, f32, vf32, vf32u)
+DEFINE_DEPTHWISE_ENTRIES(double, f64, vf64, vf64u)

@@ -35,6 +35,10 @@ _SIGNATURES = {
     "batch_norm_backward": [_POINTER] * 4 + [_I64, _INT, _I64, _INT, _INT],
     "channel_sums": [_POINTER] * 3 + [_I64, _INT, _I64, _INT, _INT],
     "relu_backward": [_POINTER] * 3 + [_I64],
+    "depthwise_forward": [_POINTER, _I64, _POINTER, _INT, _POINTER, _POINTER, _I64] + [_INT] * 8,
+    "depthwise_backward_filter": [_POINTER, _I64, _POINTER, _INT, _POINTER, _POINTER, _INT, _I64]
+    + [_INT] * 8,
+    "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
 }
 # batch_norm_forward's last argument (eps) is of the element type.
 _TYPED_LAST = {"batch_norm_forward": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT]}
