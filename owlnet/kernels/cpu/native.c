@@ -25,32 +25,6 @@ typedef int32_t i32;
     int pw
 
 #define DEFINE_POOLING(T, S)                                                                  \
-void max_pool_forward_##S(const T *x, T *y, i32 *argmax, i64 planes, POOL_GEOMETRY)           \
-{                                                                                             \
-    for (i64 p = 0; p < planes; ++p) {                                                        \
-        const T *image = x + p * h * w;                                                       \
-        for (int py = 0; py < oh; ++py) {                                                     \
-            int y0 = py * sh - ph, y1 = y0 + kh < h ? y0 + kh : h;                            \
-            y0 = y0 > 0 ? y0 : 0;                                                             \
-            for (int px = 0; px < ow; ++px) {                                                 \
-                int x0 = px * sw - pw, x1 = x0 + kw < w ? x0 + kw : w;                        \
-                x0 = x0 > 0 ? x0 : 0;                                                         \
-                int best_at = y0 * w + x0;                                                    \
-                T best = image[best_at];                                                      \
-                for (int yy = y0; yy < y1; ++yy)                                              \
-                    for (int xx = x0; xx < x1; ++xx) {  /* no branch: maxima come at random */\
-                        const T value = image[yy * w + xx];                                   \
-                        const int larger = value > best;                                      \
-                        best = larger ? value : best;                                         \
-                        best_at = larger ? yy * w + xx : best_at;                             \
-                    }                                                                         \
-                y[(p * oh + py) * ow + px] = best;                                            \
-                if (argmax) argmax[(p * oh + py) * ow + px] = best_at;                        \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
 void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes, POOL_GEOMETRY)  \
 {                                                                                             \
     (void)kh; (void)kw; (void)sh; (void)sw; (void)ph; (void)pw;                               \
@@ -59,29 +33,6 @@ void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes, PO
         T *image = dx + p * h * w;                                                            \
         const i64 first = p * oh * ow;                                                        \
         for (i64 o = 0; o < (i64)oh * ow; ++o) image[argmax[first + o]] += dy[first + o];     \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-void ave_pool_forward_##S(const T *x, T *y, i64 planes, POOL_GEOMETRY)                        \
-{                                                                                             \
-    for (i64 p = 0; p < planes; ++p) {                                                        \
-        const T *image = x + p * h * w;                                                       \
-        for (int py = 0; py < oh; ++py) {                                                     \
-            int y0 = py * sh - ph, y1 = y0 + kh < h + ph ? y0 + kh : h + ph;                  \
-            const int rows = y1 - y0;                                                         \
-            y0 = y0 > 0 ? y0 : 0;                                                             \
-            y1 = y1 < h ? y1 : h;                                                             \
-            for (int px = 0; px < ow; ++px) {                                                 \
-                int x0 = px * sw - pw, x1 = x0 + kw < w + pw ? x0 + kw : w + pw;              \
-                const int area = rows * (x1 - x0);                                            \
-                x0 = x0 > 0 ? x0 : 0;                                                         \
-                x1 = x1 < w ? x1 : w;                                                         \
-                T total = 0;                                                                  \
-                for (int yy = y0; yy < y1; ++yy)                                              \
-                    for (int xx = x0; xx < x1; ++xx) total += image[yy * w + xx];             \
-                y[(p * oh + py) * ow + px] = total / (T)area;                                 \
-            }                                                                                 \
-        }                                                                                     \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
@@ -662,3 +613,145 @@ void depthwise_backward_data_##S(DEPTHWISE_DATA_ARGS(T))                        
 
 DEFINE_DEPTHWISE_ENTRIES(float, f32, vf32, vf32u)
 DEFINE_DEPTHWISE_ENTRIES(double, f64, vf64, vf64u)
+
+/* -- pooling forward, separable ----------------------------------------------------------------
+ * A window is combined along its row first, then down its column: per plane, every image row
+ * yy gets the combination over the kernel columns of each output column px (hval, and for MAX
+ * the column of the first maximum, hcol), then each output combines the rows of its window in
+ * order. For MAX the first maximum of the first row holding the window's maximum is the first
+ * in row-major order (strictly larger replaces); AVE adds row sums, then divides by Caffe's
+ * area (the window clipped to the padded image). Rows of outputs are vectors. */
+/* The interior columns lo..hi-1 of a row for a constant column stride STEP (so that the
+ * compiler can make vectors of them), kernel column after kernel column. */
+#define INTERIOR_ROWS(T, STEP)                                                                \
+    for (int px = lo; px < hi; ++px) out[px] = row[px * STEP - pw];                           \
+    if (col) for (int px = lo; px < hi; ++px) col[px] = px * STEP - pw;                       \
+    for (int j = 1; j < kw; ++j) {                                                            \
+        if (is_max && col) {                                                                  \
+            for (int px = lo; px < hi; ++px) {                                                \
+                const T value = row[px * STEP - pw + j];                                      \
+                const int larger = value > out[px];                                           \
+                out[px] = larger ? value : out[px];                                           \
+                col[px] = larger ? px * STEP - pw + j : col[px];                              \
+            }                                                                                 \
+        } else if (is_max) {                                                                  \
+            for (int px = lo; px < hi; ++px) {                                                \
+                const T value = row[px * STEP - pw + j];                                      \
+                out[px] = value > out[px] ? value : out[px];                                  \
+            }                                                                                 \
+        } else {                                                                              \
+            for (int px = lo; px < hi; ++px) out[px] += row[px * STEP - pw + j];              \
+        }                                                                                     \
+    }
+
+#define DEFINE_POOL_FORWARD(T, S, ISA, TARGET)                                                \
+static TARGET void pool_rows_##S##_##ISA(const T *image, T *hval, i32 *hcol, int is_max,      \
+                                          int h, int w, int ow, int kw, int sw, int pw)       \
+{                                                                                             \
+    /* interior columns: the window lies inside the row */                                    \
+    int lo = (pw + sw - 1) / sw, hi = w - kw + pw < 0 ? 0 : (w - kw + pw) / sw + 1;          \
+    hi = hi < ow ? hi : ow;                                                                   \
+    lo = lo < hi ? lo : hi;                                                                   \
+    for (int yy = 0; yy < h; ++yy) {                                                          \
+        const T *row = image + (i64)yy * w;                                                   \
+        T *out = hval + (i64)yy * ow;                                                         \
+        i32 *col = hcol ? hcol + (i64)yy * ow : 0;                                            \
+        for (int px = 0; px < ow; ++px) {                                                     \
+            if (px == lo && lo < hi) px = hi;        /* the interior is done below */          \
+            if (px >= ow) break;                                                              \
+            int x0 = px * sw - pw, x1 = x0 + kw < w ? x0 + kw : w;                            \
+            x0 = x0 > 0 ? x0 : 0;                                                             \
+            T best = row[x0];                                                                 \
+            i32 at = x0;                                                                      \
+            for (int xx = x0 + 1; xx < x1; ++xx) {                                            \
+                if (is_max) {                                                                 \
+                    const int larger = row[xx] > best;                                        \
+                    best = larger ? row[xx] : best;                                           \
+                    at = larger ? xx : at;                                                    \
+                } else {                                                                      \
+                    best += row[xx];                                                          \
+                }                                                                             \
+            }                                                                                 \
+            out[px] = best;                                                                   \
+            if (col) col[px] = at;                                                            \
+        }                                                                                     \
+        if (sw == 1) {                                                                        \
+            INTERIOR_ROWS(T, 1)                                                               \
+        } else if (sw == 2 && !col) {   /* (with columns: measured slower than scalar) */     \
+            INTERIOR_ROWS(T, 2)                                                               \
+        } else {                                                                              \
+            for (int px = lo; px < hi; ++px) {                                                \
+                const int x0 = px * sw - pw;                                                  \
+                T best = row[x0];                                                             \
+                i32 at = x0;                                                                  \
+                for (int j = 1; j < kw; ++j) {                                                \
+                    if (is_max) {                                                             \
+                        const int larger = row[x0 + j] > best;                                \
+                        best = larger ? row[x0 + j] : best;                                   \
+                        at = larger ? x0 + j : at;                                            \
+                    } else {                                                                  \
+                        best += row[x0 + j];                                                  \
+                    }                                                                         \
+                }                                                                             \
+                out[px] = best;                                                               \
+                if (col) col[px] = at;                                                        \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+static TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval,          \
+                                             i32 *hcol, int is_max, i64 planes, POOL_GEOMETRY)\
+{                                                                                             \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        pool_rows_##S##_##ISA(x + p * h * w, hval, hcol, is_max, h, w, ow, kw, sw, pw);       \
+        for (int py = 0; py < oh; ++py) {                                                     \
+            int y0 = py * sh - ph, y1 = y0 + kh < h ? y0 + kh : h;                            \
+            const int padded_end = y0 + kh < h + ph ? y0 + kh : h + ph;                       \
+            const int rows = padded_end - y0;                                                 \
+            y0 = y0 > 0 ? y0 : 0;                                                             \
+            T *out = y + (p * oh + py) * ow;                                                  \
+            i32 *at = argmax ? argmax + (p * oh + py) * ow : 0;                               \
+            memcpy(out, hval + (i64)y0 * ow, sizeof(T) * ow);                                 \
+            if (at)                                                                           \
+                for (int px = 0; px < ow; ++px) at[px] = y0 * w + hcol[(i64)y0 * ow + px];    \
+            for (int yy = y0 + 1; yy < y1; ++yy) {                                            \
+                const T *in = hval + (i64)yy * ow;                                            \
+                if (at) {                                                                     \
+                    const i32 *cols = hcol + (i64)yy * ow;                                    \
+                    for (int px = 0; px < ow; ++px) {                                         \
+                        const int larger = in[px] > out[px];                                  \
+                        out[px] = larger ? in[px] : out[px];                                  \
+                        at[px] = larger ? yy * w + cols[px] : at[px];                         \
+                    }                                                                         \
+                } else if (is_max) {                                                          \
+                    for (int px = 0; px < ow; ++px) out[px] = in[px] > out[px] ? in[px] : out[px]; \
+                } else {                                                                      \
+                    for (int px = 0; px < ow; ++px) out[px] += in[px];                        \
+                }                                                                             \
+            }                                                                                 \
+            if (!is_max)                                                                      \
+                for (int px = 0; px < ow; ++px) {                                             \
+                    const int x0 = px * sw - pw;                                              \
+                    const int x1 = x0 + kw < w + pw ? x0 + kw : w + pw;                       \
+                    out[px] /= (T)(rows * (x1 - x0));                                         \
+                }                                                                             \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+#define DEFINE_POOL_FORWARD_ENTRIES(T, S)                                                     \
+DEFINE_POOL_FORWARD(T, S, fast, FAST)                                                         \
+DEFINE_POOL_FORWARD(T, S, baseline, BASELINE)                                                 \
+/* MAX: each window's largest in-image value and (argmax not null) its plane index; AVE      \
+ * (argmax null): its in-image sum over its area clipped to the padded image. Scratch: hval   \
+ * (h * ow values) and, for an argmax, hcol (h * ow). */                                      \
+void pool_forward_##S(const T *x, T *y, i32 *argmax, T *hval, i32 *hcol, int is_max,          \
+                      i64 planes, POOL_GEOMETRY)                                              \
+{                                                                                             \
+    (has_avx2_fma() ? pool_forward_##S##_fast : pool_forward_##S##_baseline)(                 \
+        x, y, argmax, hval, hcol, is_max, planes, h, w, oh, ow, kh, kw, sh, sw, ph, pw);      \
+}
+
+DEFINE_POOL_FORWARD_ENTRIES(float, f32)
+DEFINE_POOL_FORWARD_ENTRIES(double, f64)

@@ -22,9 +22,8 @@ _POOL_GEOMETRY = [_INT] * 10
 
 # Argument types of every function (each exists as name_f32 and name_f64).
 _SIGNATURES = {
-    "max_pool_forward": [_POINTER, _POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
+    "pool_forward": [_POINTER] * 5 + [_INT, _I64] + _POOL_GEOMETRY,
     "max_pool_backward": [_POINTER, _POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
-    "ave_pool_forward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
     "ave_pool_backward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
     "conv_frame": [_POINTER, _POINTER, _I64] + [_INT] * 7,
     "conv_direct_forward": [_POINTER, _I64, _POINTER, _INT, _POINTER, _POINTER, _I64, _I64]

@@ -16,11 +16,12 @@ from . import native, shared
 _POOL_BAND_BYTES = 1 << 22
 
 
-def _pool(name, inputs, outputs, kernel, stride, pad, size, pooled):
+def _pool(name, inputs, outputs, kernel, stride, pad, size, pooled, options=()):
     """Run native ``name`` over bands of planes: ``inputs`` then ``outputs`` are (N, C, ...)
     arrays (a None output goes as a null pointer), the first input giving the element type;
     ``size`` (H, W) and ``pooled`` (OH, OW) are the plane sizes of the image and the pooled
-    arrays."""
+    arrays. The forward gets two scratch rows per band (the rows combined along the kernel's
+    columns, and for an argmax their columns) and the ``options`` (MAX or not)."""
     for a in outputs:
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"pooling writes into C-contiguous arrays, not strides {a.strides}")
@@ -32,7 +33,12 @@ def _pool(name, inputs, outputs, kernel, stride, pad, size, pooled):
     def band(part):
         pointers = [None if a is None else native.address(a, part.start * (a.size // planes))
                     for a in arrays]
-        compiled(*pointers, part.stop - part.start, *geometry)
+        if name == "pool_forward":
+            values = np.empty(size[0] * pooled[1], dtype=inputs[0].dtype)
+            columns = np.empty(size[0] * pooled[1], dtype=np.int32) if pointers[2] else None
+            pointers += [native.address(values),
+                         None if columns is None else native.address(columns)]
+        compiled(*pointers, *options, part.stop - part.start, *geometry)
 
     plane_bytes = max(size[0] * size[1], pooled[0] * pooled[1]) * inputs[0].itemsize
     threads.run_pieces(band, shared.bands(planes, plane_bytes, _POOL_BAND_BYTES))
@@ -42,7 +48,7 @@ def max_pool_forward(x, y, argmax, kernel, stride, pad):
     """Caffe's MAX pooling of ``x`` (N, C, H, W) into ``y`` (N, C, OH, OW): each window's
     largest in-image value, and in ``argmax`` (int32, y's shape) its index h*W + w in the
     plane (the first in row-major order on ties); ``argmax`` None: the maximum alone."""
-    _pool("max_pool_forward", [x], [y, argmax], kernel, stride, pad, x.shape[2:], y.shape[2:])
+    _pool("pool_forward", [x], [y, argmax], kernel, stride, pad, x.shape[2:], y.shape[2:], (1,))
 
 
 def max_pool_backward(dy, argmax, dx, kernel, stride, pad):
@@ -55,7 +61,7 @@ def max_pool_backward(dy, argmax, dx, kernel, stride, pad):
 def ave_pool_forward(x, y, kernel, stride, pad):
     """Caffe's AVE pooling: the in-image sum of each window over the area of the window
     clipped to the padded image."""
-    _pool("ave_pool_forward", [x], [y], kernel, stride, pad, x.shape[2:], y.shape[2:])
+    _pool("pool_forward", [x], [y, None], kernel, stride, pad, x.shape[2:], y.shape[2:], (0,))
 
 
 def ave_pool_backward(dy, dx, kernel, stride, pad):
