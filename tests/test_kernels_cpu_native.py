@@ -1,6 +1,6 @@
 """The compiled per-channel kernels (BatchNorm's batch statistics, channel sums, ReLU's
-gradient) against float64 NumPy references, cut into bands or not, and the loader's error when
-the compiled library is missing."""
+gradient, LRN across channels) against float64 NumPy references, cut into bands or not, and
+the loader's error when the compiled library is missing."""
 import importlib.machinery
 
 import numpy as np
@@ -89,3 +89,23 @@ def test_kernels_reject_other_element_types():
     x = np.zeros((2, 3, 4), dtype=np.float16)
     with pytest.raises(TypeError, match="float32 or float64"):
         cpu.channel_sums(x)
+
+
+@pytest.mark.parametrize("size, beta", [(5, 0.75), (3, 0.6), (7, 0.75)])
+def test_lrn_across_channels_against_float64(size, beta):
+    x = RNG.standard_normal((2, 6, 5, 67)).astype(np.float32)    # 335 positions: blocks of 256
+    coeff, shift = 1e-2 / size, 2.0
+    x64 = x.astype(np.float64)
+    squares = x64 * x64
+    sums = np.zeros_like(x64)
+    for c in range(x.shape[1]):
+        sums[:, c] = squares[:, max(0, c - size // 2):c + size // 2 + 1].sum(axis=1)
+    scale_want = shift + coeff * sums
+    y, scale, power = (np.full_like(x, np.nan) for _ in range(3))
+    cpu.lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta)
+    np.testing.assert_allclose(scale, scale_want, rtol=1e-6)
+    np.testing.assert_allclose(power, scale_want ** -beta, rtol=1e-6)
+    np.testing.assert_allclose(y, x64 * scale_want ** -beta, rtol=1e-6, atol=1e-7)
+    alone = np.full_like(x, np.nan)
+    cpu.lrn_across_channels_forward(x, alone, None, None, size, coeff, shift, beta)
+    np.testing.assert_array_equal(alone, y)

@@ -464,6 +464,25 @@ def relu_backward(dy, x, dx):
     backend.import_cupy().multiply(dy, x > 0, out=dx)
 
 
+def lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta):
+    """LRN across channels: s = shift + coeff * (sum of x^2 over the ``size`` channels centred
+    on each, inside the blob), ``y`` = x * s^-beta; ``scale`` and ``power`` (both None, or
+    arrays like x) get s and s^-beta."""
+    cupy = backend.import_cupy()
+    squares = x * x
+    sums = squares.copy()
+    for shift_by in range(1, min(size // 2, x.shape[1] - 1) + 1):
+        sums[:, shift_by:] += squares[:, :-shift_by]
+        sums[:, :-shift_by] += squares[:, shift_by:]
+    sums *= coeff
+    sums += shift
+    factor = sums ** -beta
+    cupy.multiply(x, factor, out=y)
+    if scale is not None:
+        scale[...] = sums
+        power[...] = factor
+
+
 def _softmax_layout(shape, axis):
     """(outer, channels, inner) of an array softmaxed along ``axis``."""
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])

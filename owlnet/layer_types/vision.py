@@ -360,6 +360,16 @@ class LRNLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         xp = backend.array_module(x)
+        if self.axes == (1,):
+            kept = self.runs_backward
+            if kept and (getattr(self, "scale", None) is None or self.scale.shape != x.shape
+                         or self.scale.dtype != x.dtype
+                         or backend.array_module(self.scale) is not xp):
+                self.scale, self.scale_power = xp.empty_like(x), xp.empty_like(x)
+            kernels.get(xp).lrn_across_channels_forward(
+                x, top[0].data, self.scale if kept else None, self.scale_power if kept else None,
+                self.size, self.coeff, self.shift, self.beta)
+            return
         scale = self._neighbourhood_sum(xp, x * x)
         scale *= self.coeff
         scale += self.shift

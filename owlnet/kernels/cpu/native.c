@@ -755,3 +755,62 @@ void pool_forward_##S(const T *x, T *y, i32 *argmax, T *hval, i32 *hcol, int is_
 
 DEFINE_POOL_FORWARD_ENTRIES(float, f32)
 DEFINE_POOL_FORWARD_ENTRIES(double, f64)
+
+/* -- LRN across channels ------------------------------------------------------------------------
+ * s = shift + coeff * (sum of x^2 over channels ch - size/2 .. ch + size/2, inside the blob,
+ * in channel order), y = x * s^-beta, for images of c channels of hw positions; scale and
+ * power (both or neither) keep s and s^-beta for backward. With beta = 0.75 (the BVLC nets),
+ * s^-0.75 is 1 / sqrt(s * sqrt(s)), which vectorizes; else pow. Positions go in blocks of 256
+ * (a row of window sums in cache). */
+#define DEFINE_LRN(T, S, SQRT, POW, ISA, TARGET)                                              \
+static TARGET void lrn_forward_##S##_##ISA(const T *x, T *y, T *scale, T *power, i64 images,  \
+                                           int c, i64 hw, int size, T coeff, T shift, T beta) \
+{                                                                                             \
+    enum { BLOCK = 256 };                                                                     \
+    const int half = size / 2, three_quarters = beta == (T)0.75;                              \
+    T sums[BLOCK], factors[BLOCK];                                                            \
+    for (i64 img = 0; img < images; ++img)                                                    \
+        for (int ch = 0; ch < c; ++ch) {                                                      \
+            const int c0 = ch - half > 0 ? ch - half : 0;                                     \
+            const int c1 = ch + half < c - 1 ? ch + half : c - 1;                             \
+            const T *first = x + img * c * hw;                                                \
+            const i64 at = (img * c + ch) * hw;                                               \
+            for (i64 p0 = 0; p0 < hw; p0 += BLOCK) {                                          \
+                const int n = hw - p0 < BLOCK ? (int)(hw - p0) : BLOCK;                       \
+                for (int p = 0; p < n; ++p) sums[p] = 0;                                      \
+                for (int cc = c0; cc <= c1; ++cc) {                                           \
+                    const T *in = first + (i64)cc * hw + p0;                                  \
+                    for (int p = 0; p < n; ++p) sums[p] += in[p] * in[p];                     \
+                }                                                                             \
+                for (int p = 0; p < n; ++p) sums[p] = shift + coeff * sums[p];                \
+                if (three_quarters) /* separate loops: a call to pow stops vectors */         \
+                    for (int p = 0; p < n; ++p) factors[p] = (T)1 / SQRT(sums[p] * SQRT(sums[p])); \
+                else                                                                          \
+                    for (int p = 0; p < n; ++p) factors[p] = POW(sums[p], -beta);             \
+                for (int p = 0; p < n; ++p) y[at + p0 + p] = x[at + p0 + p] * factors[p];     \
+                if (scale) {                                                                  \
+                    memcpy(scale + at + p0, sums, sizeof(T) * n);                             \
+                    memcpy(power + at + p0, factors, sizeof(T) * n);                          \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+}
+
+DEFINE_LRN(float, f32, sqrtf, powf, fast, FAST)
+DEFINE_LRN(float, f32, sqrtf, powf, baseline, BASELINE)
+DEFINE_LRN(double, f64, sqrt, pow, fast, FAST)
+DEFINE_LRN(double, f64, sqrt, pow, baseline, BASELINE)
+
+void lrn_forward_f32(const float *x, float *y, float *scale, float *power, i64 images, int c,
+                     i64 hw, int size, float coeff, float shift, float beta)
+{
+    (has_avx2_fma() ? lrn_forward_f32_fast : lrn_forward_f32_baseline)(
+        x, y, scale, power, images, c, hw, size, coeff, shift, beta);
+}
+
+void lrn_forward_f64(const double *x, double *y, double *scale, double *power, i64 images,
+                     int c, i64 hw, int size, double coeff, double shift, double beta)
+{
+    (has_avx2_fma() ? lrn_forward_f64_fast : lrn_forward_f64_baseline)(
+        x, y, scale, power, images, c, hw, size, coeff, shift, beta);
+}

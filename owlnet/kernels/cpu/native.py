@@ -39,8 +39,9 @@ _SIGNATURES = {
     + [_INT] * 8,
     "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
 }
-# batch_norm_forward's last argument (eps) is of the element type.
-_TYPED_LAST = {"batch_norm_forward": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT]}
+# Functions whose last arguments are of the element type: (other arguments, how many).
+_TYPED_LAST = {"batch_norm_forward": ([_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT], 1),
+               "lrn_forward": ([_POINTER] * 4 + [_I64, _INT, _I64, _INT], 3)}
 _SCALARS = {"f32": ctypes.c_float, "f64": ctypes.c_double}
 _SUFFIXES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
@@ -69,8 +70,8 @@ def _load():
     loaded = {}
     for dtype, suffix in _SUFFIXES.items():
         signatures = dict(_SIGNATURES)
-        signatures.update({name: arguments + [_SCALARS[suffix]]
-                           for name, arguments in _TYPED_LAST.items()})
+        signatures.update({name: arguments + [_SCALARS[suffix]] * count
+                           for name, (arguments, count) in _TYPED_LAST.items()})
         for name, arguments in signatures.items():
             function = getattr(library, f"{name}_{suffix}")
             function.argtypes, function.restype = arguments, None

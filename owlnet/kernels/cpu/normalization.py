@@ -1,5 +1,5 @@
-"""Per-channel passes of the training step on the compiled loops of ``native.c``: BatchNorm
-with batch statistics, the per-channel sums of Scale and Bias gradients, ReLU's gradient.
+"""Per-channel passes on the compiled loops of ``native.c``: BatchNorm with batch statistics,
+the per-channel sums of Scale and Bias gradients, ReLU's gradient, LRN across channels.
 ``kernels.gpu`` has the same entry points.
 
 Arrays are viewed as ``(outer, C, inner)`` (channel c the middle index). Channels are cut into
@@ -103,3 +103,26 @@ def relu_backward(dy, x, dx):
                  native.address(dx, part.start), part.stop - part.start)
 
     threads.run_pieces(band, pieces)
+
+
+def lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta):
+    """LRN across channels of ``x`` (N, C, H, W): s = shift + coeff * (sum of x^2 over the
+    ``size`` channels centred on each, inside the blob), ``y`` = x * s^-beta; ``scale`` and
+    ``power`` (both None, or arrays like x) get s and s^-beta. Pieces: images."""
+    x = np.ascontiguousarray(x)
+    n, c = x.shape[:2]
+    positions = x[0, 0].size
+    for output in (y, scale, power):
+        if output is not None:
+            _contiguous_output(output)
+    compiled = native.function("lrn_forward", x.dtype)
+    image = c * positions
+
+    def piece(part):
+        compiled(*[None if a is None else native.address(a, part.start * image)
+                   for a in (x, y, scale, power)],
+                 part.stop - part.start, c, positions, size, coeff, shift, beta)
+
+    pieces = [slice(i, i + 1) for i in range(n)] if x.nbytes >= shared.SPLIT_BYTES \
+        else [slice(0, n)]
+    threads.run_pieces(piece, pieces, len(pieces) > 1)
