@@ -3,9 +3,11 @@
  * Built with the package (pyproject.toml's ext-modules) and called through ctypes by
  * native.py, which releases the GIL for the call: the worker threads of kernels/threads.py
  * each run a band of planes or positions at once. Every function exists for float ("_f32")
- * and double ("_f64"), written once as a macro over the element type T. A function writes
- * only its own band of the output, and sums run in a fixed order, so results do not depend
- * on how work is cut among threads.
+ * and double ("_f64"), written once as a macro over the element type T; the vectorised ones
+ * are built for AVX2 with FMA and for the baseline, one bound at load time. A function
+ * writes only its own band of the output, and sums run in a fixed order, so results do not
+ * depend on how work is cut among threads. Sections: pooling, direct convolution, col2im,
+ * depthwise convolution, per-channel passes (BatchNorm, channel sums, ReLU's gradient), LRN.
  *
  * Pooling follows Caffe's windows: output (py, px) of a plane covers rows py*sh - ph ..
  * + kh and columns px*sw - pw .. + kw. MAX reads the part inside the image, keeps the first
@@ -21,598 +23,26 @@
 typedef int64_t i64;
 typedef int32_t i32;
 
-#define POOL_GEOMETRY int h, int w, int oh, int ow, int kh, int kw, int sh, int sw, int ph, \
-    int pw
-
-#define DEFINE_POOLING(T, S)                                                                  \
-void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes, POOL_GEOMETRY)  \
-{                                                                                             \
-    (void)kh; (void)kw; (void)sh; (void)sw; (void)ph; (void)pw;                               \
-    memset(dx, 0, sizeof(T) * planes * h * w);                                                \
-    for (i64 p = 0; p < planes; ++p) {                                                        \
-        T *image = dx + p * h * w;                                                            \
-        const i64 first = p * oh * ow;                                                        \
-        for (i64 o = 0; o < (i64)oh * ow; ++o) image[argmax[first + o]] += dy[first + o];     \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-void ave_pool_backward_##S(const T *dy, T *dx, i64 planes, POOL_GEOMETRY)                     \
-{                                                                                             \
-    memset(dx, 0, sizeof(T) * planes * h * w);                                                \
-    for (i64 p = 0; p < planes; ++p) {                                                        \
-        T *image = dx + p * h * w;                                                            \
-        for (int py = 0; py < oh; ++py) {                                                     \
-            int y0 = py * sh - ph, y1 = y0 + kh < h + ph ? y0 + kh : h + ph;                  \
-            const int rows = y1 - y0;                                                         \
-            y0 = y0 > 0 ? y0 : 0;                                                             \
-            y1 = y1 < h ? y1 : h;                                                             \
-            for (int px = 0; px < ow; ++px) {                                                 \
-                int x0 = px * sw - pw, x1 = x0 + kw < w + pw ? x0 + kw : w + pw;              \
-                const int area = rows * (x1 - x0);                                            \
-                x0 = x0 > 0 ? x0 : 0;                                                         \
-                x1 = x1 < w ? x1 : w;                                                         \
-                const T share = dy[(p * oh + py) * ow + px] / (T)area;                        \
-                for (int yy = y0; yy < y1; ++yy)                                              \
-                    for (int xx = x0; xx < x1; ++xx) image[yy * w + xx] += share;             \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-}
-
-DEFINE_POOLING(float, f32)
-DEFINE_POOLING(double, f64)
-
-/* -- direct convolution (no column matrix) --------------------------------------------------
- * The images are first copied into a "frame": zero-padded and split into sw column phases,
- * (images, channels, sw, hf, q) with padded column u at phase u % sw, position u / sw, and at
- * least one tile of zero columns past the last (so tiles may read past a row's end). Window
- * entry k = (c, i, j) of output (oy, ox) then lies at frame offset koff[k] + oy*sh*q + ox,
- * koff[k] = ((c*sw + (j*dw) % sw)*hf + i*dh)*q + (j*dw) / sw: for a run of outputs along a row
- * the inputs are contiguous, so the kernels run vectors of L outputs (L = 32 bytes / sizeof(T))
- * along a row.
- *
- * Forward: a tile of MT output channels x PV vectors of outputs, summed over k in order into
- * registers (weights packed by conv_forward's caller as (tiles, K, MT), zero rows past M).
- * Backward-filter: a tile of MT2 output channels x KT window entries, each a vector of partial
- * sums over the outputs (lane l gets the outputs with ox % L == l, in order of images, rows,
- * columns), whose lanes are then added in order: dw[m][k] is written, or added to.
- */
+/* 32-byte vectors of T (unaligned: VU) and of ints the width of T. */
 typedef float vf32 __attribute__((vector_size(32)));
 typedef double vf64 __attribute__((vector_size(32)));
 typedef float vf32u __attribute__((vector_size(32), aligned(4)));
 typedef double vf64u __attribute__((vector_size(32), aligned(8)));
+typedef int32_t vi32 __attribute__((vector_size(32)));
+typedef int64_t vi64 __attribute__((vector_size(32)));
 
-/* Each direct kernel is built twice: for AVX2 with FMA, chosen at run time where the CPU has
- * them, and for the baseline instruction set. */
+/* The vectorised kernels are built twice, as name_fast (AVX2 with FMA) and name_baseline;
+ * native.py binds the first where has_avx2_fma() says the CPU has them. */
 #define FAST __attribute__((target("avx2,fma")))
 #define BASELINE
-static int has_avx2_fma(void)
+int has_avx2_fma(void)
 {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-#define DEFINE_FRAME(T, S)                                                                    \
-void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw,   \
-                    int hf, int q)                                                            \
-{                                                                                             \
-    memset(frame, 0, sizeof(T) * planes * sw * hf * q);                                       \
-    for (i64 p = 0; p < planes; ++p) {                                                        \
-        const T *plane = x + p * h * w;                                                       \
-        T *out = frame + p * sw * hf * q;                                                     \
-        for (int yy = 0; yy < h; ++yy) {                                                      \
-            T *row = out + (i64)(yy + ph) * q;                                                \
-            if (sw == 1) {                                                                    \
-                memcpy(row + pw, plane + (i64)yy * w, sizeof(T) * w);                         \
-                continue;                                                                     \
-            }                                                                                 \
-            for (int phase = 0; phase < sw; ++phase) {                                        \
-                /* image columns xx with (xx + pw) % sw == phase, at position (xx + pw) / sw */   \
-                const int first = ((phase - pw) % sw + sw) % sw;                              \
-                T *out_row = row + (i64)phase * hf * q + (first + pw) / sw;                   \
-                const T *in = plane + (i64)yy * w;                                            \
-                for (int xx = first, at = 0; xx < w; xx += sw, ++at) out_row[at] = in[xx];    \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-}
-
-/* One forward tile: acc[MT][PV] over all k, then stored (``valid`` outputs, ``mt`` rows). */
-#define FORWARD_TILE(T, V, VU, MT, PV)                                                        \
-    {                                                                                         \
-        V acc[MT][PV];                                                                        \
-        for (int a = 0; a < MT; ++a)                                                          \
-            for (int b = 0; b < PV; ++b) acc[a][b] = (V){0};                                  \
-        const T *base = image + (i64)oy * sh * q + ox;                                        \
-        const T *wk = packed + (i64)(m0 / MT) * K * MT;                                       \
-        for (int k = 0; k < K; ++k, wk += MT) {                                               \
-            V xv[PV];                                                                         \
-            for (int b = 0; b < PV; ++b) xv[b] = *(const VU *)(base + koff[k] + b * L);       \
-            for (int a = 0; a < MT; ++a)                                                      \
-                for (int b = 0; b < PV; ++b) acc[a][b] += xv[b] * wk[a];                      \
-        }                                                                                     \
-        const int valid = ow - ox < PV * L ? ow - ox : PV * L;                                \
-        for (int a = 0; a < MT && m0 + a < m1; ++a) {                                         \
-            T *out = y + img * y_image + ((i64)(m0 + a) * oh + oy) * ow + ox;                 \
-            if (valid == PV * L) {                                                            \
-                for (int b = 0; b < PV; ++b) *(VU *)(out + b * L) = acc[a][b];                \
-            } else {                                                                          \
-                T lanes[PV * L];                                                              \
-                memcpy(lanes, acc[a], sizeof lanes);                                          \
-                memcpy(out, lanes, sizeof(T) * valid);                                        \
-            }                                                                                 \
-        }                                                                                     \
-    }
-
-#define DEFINE_DIRECT(T, S, V, VU, ISA, TARGET)                                               \
-/* y[img][m][oy][ox] for images 0..images-1, channels m0..m1-1 (m0 a multiple of the tile:  \
- * 6 channels when a row holds more than one vector, else 12), rows r0..r1-1. */              \
-static TARGET void direct_forward_##S##_##ISA(                                                \
-    const T *frame, i64 frame_image, const i64 *koff, int K, const T *packed, T *y,           \
-    i64 y_image, i64 images, int m0_first, int m1, int oh, int ow, int r0, int r1, int sh,    \
-    int q)                                                                                    \
-{                                                                                             \
-    const int L = (int)(sizeof(V) / sizeof(T));                                               \
-    const int tile = ow > L ? 6 : 12;                                                         \
-    for (int m0 = m0_first; m0 < m1; m0 += tile) {                                            \
-        for (i64 img = 0; img < images; ++img) {                                              \
-            const T *image = frame + img * frame_image;                                       \
-            for (int oy = r0; oy < r1; ++oy) {                                                \
-                if (ow > L) {                                                                 \
-                    for (int ox = 0; ox < ow; ox += 2 * L) FORWARD_TILE(T, V, VU, 6, 2)       \
-                } else {                                                                      \
-                    const int ox = 0;                                                         \
-                    FORWARD_TILE(T, V, VU, 12, 1)                                             \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-/* dw[m][k] (= or +=) the sum over images, rows r0..r1-1 and columns of                      \
- * dy[img][m][oy][ox] * frame[img][koff[k] + oy*sh*q + ox], for channels 0..m-1. The rows of  \
- * dy are padded with zeros to a whole number of vectors (width owp); the frame values that  \
- * the padding meets are multiplied by zero (finite inputs assumed). */                      \
-static TARGET void direct_backward_filter_##S##_##ISA(                                        \
-    const T *frame, i64 frame_image, const i64 *koff, int K, const T *dy, i64 dy_image,       \
-    T *dw, int accumulate, i64 images, int m, int oh, int owp, int r0, int r1, int sh, int q) \
-{                                                                                             \
-    enum { MT2 = 2, KT = 6 };                                                                 \
-    const int L = (int)(sizeof(V) / sizeof(T));                                               \
-    for (int k0 = 0; k0 < K; k0 += KT) {                                                      \
-        i64 offsets[KT];                                                                      \
-        for (int b = 0; b < KT; ++b) offsets[b] = koff[k0 + b < K ? k0 + b : K - 1];          \
-        for (int m0 = 0; m0 < m; m0 += MT2) {                                                 \
-            V acc[MT2][KT];                                                                   \
-            for (int a = 0; a < MT2; ++a)                                                     \
-                for (int b = 0; b < KT; ++b) acc[a][b] = (V){0};                              \
-            const int m_last = m0 + MT2 <= m ? MT2 - 1 : m - 1 - m0;                          \
-            for (i64 img = 0; img < images; ++img) {                                          \
-                const T *image = frame + img * frame_image;                                   \
-                for (int oy = r0; oy < r1; ++oy) {                                            \
-                    const T *base = image + (i64)oy * sh * q;                                 \
-                    const T *grads[MT2];                                                      \
-                    for (int a = 0; a < MT2; ++a)                                             \
-                        grads[a] = dy + img * dy_image                                        \
-                            + ((i64)(m0 + (a < m_last ? a : m_last)) * oh + oy) * owp;        \
-                    for (int ox = 0; ox < owp; ox += L) {                                     \
-                        V gv[MT2];                                                            \
-                        for (int a = 0; a < MT2; ++a) gv[a] = *(const VU *)(grads[a] + ox);   \
-                        for (int b = 0; b < KT; ++b) {                                        \
-                            const V xv = *(const VU *)(base + offsets[b] + ox);               \
-                            for (int a = 0; a < MT2; ++a) acc[a][b] += gv[a] * xv;            \
-                        }                                                                     \
-                    }                                                                         \
-                }                                                                             \
-            }                                                                                 \
-            for (int a = 0; a <= m_last; ++a)                                                 \
-                for (int b = 0; b < KT && k0 + b < K; ++b) {                                  \
-                    T total = 0;                                                              \
-                    for (int l = 0; l < L; ++l) total += acc[a][b][l];                        \
-                    T *out = dw + (i64)(m0 + a) * K + k0 + b;                                 \
-                    *out = accumulate ? *out + total : total;                                 \
-                }                                                                             \
-        }                                                                                     \
-    }                                                                                         \
-}
-
-#define FORWARD_ARGS(T) const T *frame, i64 frame_image, const i64 *koff, int K, const T *packed, \
-    T *y, i64 y_image, i64 images, int m0_first, int m1, int oh, int ow, int r0, int r1, int sh, \
-    int q
-#define FORWARD_NAMES frame, frame_image, koff, K, packed, y, y_image, images, m0_first, m1, oh, \
-    ow, r0, r1, sh, q
-#define FILTER_ARGS(T) const T *frame, i64 frame_image, const i64 *koff, int K, const T *dy,      \
-    i64 dy_image, T *dw, int accumulate, i64 images, int m, int oh, int owp, int r0, int r1,     \
-    int sh, int q
-#define FILTER_NAMES frame, frame_image, koff, K, dy, dy_image, dw, accumulate, images, m, oh,    \
-    owp, r0, r1, sh, q
-
-#define DEFINE_DIRECT_ENTRIES(T, S, V, VU)                                                    \
-DEFINE_FRAME(T, S)                                                                            \
-DEFINE_DIRECT(T, S, V, VU, fast, FAST)                                                        \
-DEFINE_DIRECT(T, S, V, VU, baseline, BASELINE)                                                \
-void conv_direct_forward_##S(FORWARD_ARGS(T))                                                 \
-{                                                                                             \
-    (has_avx2_fma() ? direct_forward_##S##_fast : direct_forward_##S##_baseline)(FORWARD_NAMES); \
-}                                                                                             \
-void conv_direct_backward_filter_##S(FILTER_ARGS(T))                                          \
-{                                                                                             \
-    (has_avx2_fma() ? direct_backward_filter_##S##_fast                                       \
-                    : direct_backward_filter_##S##_baseline)(FILTER_NAMES);                   \
-}
-
-DEFINE_DIRECT_ENTRIES(float, f32, vf32, vf32u)
-DEFINE_DIRECT_ENTRIES(double, f64, vf64, vf64u)
-
-/* -- col2im: a column matrix's window entries added back into the images ----------------------
- * cols holds rows (c, i, j) of (n, oh, ow) columns; dx (n, c, h, w) gets, for channels c0..c1-1,
- * the sum over window entries (in order i, j) of the entries that read each pixel: written. */
-#define DEFINE_COL2IM(T, S)                                                                   \
-void col2im_##S(const T *cols, T *dx, int n, int c, int c0, int c1, int h, int w, int kh,     \
-                int kw, int oh, int ow, int sh, int sw, int ph, int pw, int dh, int dw)       \
-{                                                                                             \
-    for (int ch = c0; ch < c1; ++ch)                                                          \
-        for (int img = 0; img < n; ++img) {                                                   \
-            T *plane = dx + ((i64)img * c + ch) * h * w;                                      \
-            memset(plane, 0, sizeof(T) * h * w);                                              \
-            for (int i = 0; i < kh; ++i)                                                      \
-                for (int j = 0; j < kw; ++j) {                                                \
-                    const T *src = cols + (((i64)(ch * kh + i) * kw + j) * n + img) * oh * ow;\
-                    /* outputs whose column ox*sw - pw + j*dw lies in 0..w-1 */               \
-                    const int shift = j * dw - pw;                                            \
-                    int lo = shift >= 0 ? 0 : (-shift + sw - 1) / sw;                         \
-                    int hi = w - 1 - shift < 0 ? 0 : (w - 1 - shift) / sw + 1;                \
-                    hi = hi < ow ? hi : ow;                                                   \
-                    for (int oy = 0; oy < oh; ++oy) {                                         \
-                        const int yy = oy * sh - ph + i * dh;                                 \
-                        if (yy < 0 || yy >= h) continue;                                      \
-                        T *row = plane + (i64)yy * w;                                         \
-                        const T *in = src + (i64)oy * ow;                                     \
-                        if (sw == 1)                                                          \
-                            for (int ox = lo; ox < hi; ++ox) row[ox + shift] += in[ox];       \
-                        else                                                                  \
-                            for (int ox = lo; ox < hi; ++ox) row[ox * sw + shift] += in[ox];  \
-                    }                                                                         \
-                }                                                                             \
-        }                                                                                     \
-}
-
-DEFINE_COL2IM(float, f32)
-DEFINE_COL2IM(double, f64)
-
-/* -- per-channel passes: BatchNorm with batch statistics, channel sums ------------------------
- * Arrays are (outer, dim, inner) with channel c the middle index; each function handles
- * channels c0..c1-1, whose values (outer runs of inner) are read once per pass while they are
- * still in cache. A sum over a run adds blocks of up to 64 vectors in T (four vectors side by
- * side) and each block's lanes into double lanes, in order; the lanes are added last: the
- * same result however the channels are shared out. */
-#define CHANNEL_RUNS(c) for (i64 o = 0; o < outer; ++o) {                                     \
-        const i64 at = (o * dim + (c)) * inner;
-
-/* lanes[l] += the terms of a run of n values: TERM(i), a T expression of index i, and
- * TERM_V(VU, i), the vector of terms i .. i + L - 1 */
-#define ADD_RUN(T, V, VU, TERM_V, TERM)                                                       \
-    {                                                                                         \
-        const int L = (int)(sizeof(V) / sizeof(T));                                           \
-        i64 i = 0;                                                                            \
-        while (i + 4 * L <= n) {                                                              \
-            V p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};                                         \
-            const i64 end = i + 64 * L <= n ? i + 64 * L : n - (n - i) % (4 * L);             \
-            for (; i < end; i += 4 * L) {                                                     \
-                p0 += TERM_V(VU, i);                                                              \
-                p1 += TERM_V(VU, i + L);                                                          \
-                p2 += TERM_V(VU, i + 2 * L);                                                      \
-                p3 += TERM_V(VU, i + 3 * L);                                                      \
-            }                                                                                 \
-            const V block = (p0 + p1) + (p2 + p3);                                            \
-            for (int l = 0; l < L; ++l) lanes[l] += (double)block[l];                         \
-        }                                                                                     \
-        for (; i < n; ++i) lanes[i % L] += (double)(TERM(i));                                 \
-    }
-
-static double lane_total(const double *lanes)
-{
-    double total = 0;
-    for (int l = 0; l < 8; ++l) total += lanes[l];
-    return total;
-}
-
-#define DEFINE_NORMALIZATION(T, S, SQRT, V, VU, ISA, TARGET)                                  \
-static TARGET void add_run_##S##_##ISA(double *lanes, const T *a, const T *b, i64 n)          \
-{                                                                                             \
-    if (b) {                                                                                  \
-        ADD_RUN(T, V, VU, PRODUCT_V, PRODUCT)                                                 \
-    } else {                                                                                  \
-        ADD_RUN(T, V, VU, VALUE_V, VALUE)                                                     \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-static TARGET void add_squares_##S##_##ISA(double *lanes, const T *a, T mu, i64 n)            \
-{                                                                                             \
-    ADD_RUN(T, V, VU, SQUARE_V, SQUARE)                                                       \
-}                                                                                             \
-                                                                                              \
-static TARGET void batch_norm_forward_##S##_##ISA(                                            \
-    const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer, int dim, i64 inner,        \
-    int c0, int c1, T eps)                                                                    \
-{                                                                                             \
-    const double m = (double)outer * inner;                                                   \
-    for (int c = c0; c < c1; ++c) {                                                           \
-        double lanes[8] = {0};                                                                \
-        CHANNEL_RUNS(c) add_run_##S##_##ISA(lanes, x + at, 0, inner); }                       \
-        const T mu = (T)(lane_total(lanes) / m);                                              \
-        memset(lanes, 0, sizeof lanes);                                                       \
-        CHANNEL_RUNS(c) add_squares_##S##_##ISA(lanes, x + at, mu, inner); }                  \
-        const T sigma2 = (T)(lane_total(lanes) / m);                                          \
-        const T scale = (T)1 / SQRT(sigma2 + eps);                                            \
-        CHANNEL_RUNS(c)                                                                       \
-            for (i64 i = 0; i < inner; ++i) y[at + i] = (x[at + i] - mu) * scale;             \
-            if (kept) memcpy(kept + at, y + at, sizeof(T) * inner);                           \
-        }                                                                                     \
-        mean[c] = mu;                                                                         \
-        var[c] = sigma2;                                                                      \
-        inv[c] = scale;                                                                       \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-static TARGET void batch_norm_backward_##S##_##ISA(                                           \
-    const T *dy, const T *xhat, const T *inv, T *dx, i64 outer, int dim, i64 inner, int c0,   \
-    int c1)                                                                                   \
-{                                                                                             \
-    const double m = (double)outer * inner;                                                   \
-    for (int c = c0; c < c1; ++c) {                                                           \
-        double sum_dy[8] = {0}, sum_dy_xhat[8] = {0};                                         \
-        CHANNEL_RUNS(c)                                                                       \
-            add_run_##S##_##ISA(sum_dy, dy + at, 0, inner);                                   \
-            add_run_##S##_##ISA(sum_dy_xhat, dy + at, xhat + at, inner);                      \
-        }                                                                                     \
-        const T mean_dy = (T)(lane_total(sum_dy) / m);                                        \
-        const T mean_dy_xhat = (T)(lane_total(sum_dy_xhat) / m);                              \
-        const T scale = inv[c];                                                               \
-        CHANNEL_RUNS(c)                                                                       \
-            for (i64 i = 0; i < inner; ++i)                                                   \
-                dx[at + i] = (dy[at + i] - mean_dy - xhat[at + i] * mean_dy_xhat) * scale;    \
-        }                                                                                     \
-    }                                                                                         \
-}                                                                                             \
-                                                                                              \
-static TARGET void channel_sums_##S##_##ISA(const T *a, const T *b, T *sums, i64 outer,       \
-                                            int dim, i64 inner, int c0, int c1)               \
-{                                                                                             \
-    for (int c = c0; c < c1; ++c) {                                                           \
-        double lanes[8] = {0};                                                                \
-        CHANNEL_RUNS(c) add_run_##S##_##ISA(lanes, a + at, b ? b + at : 0, inner); }          \
-        sums[c] = (T)lane_total(lanes);                                                       \
-    }                                                                                         \
-}
-
-/* The terms of ADD_RUN: a value, a product of a and b, a squared difference from mu. */
-#define VALUE_V(VU, i) (*(const VU *)(a + (i)))
-#define VALUE(i) a[i]
-#define PRODUCT_V(VU, i) (*(const VU *)(a + (i)) * *(const VU *)(b + (i)))
-#define PRODUCT(i) (a[i] * b[i])
-#define SQUARE_V(VU, i) ((*(const VU *)(a + (i)) - mu) * (*(const VU *)(a + (i)) - mu))
-#define SQUARE(i) ((a[i] - mu) * (a[i] - mu))
-
-DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, fast, FAST)
-DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, baseline, BASELINE)
-DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, fast, FAST)
-DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, baseline, BASELINE)
-
-#define DEFINE_NORMALIZATION_ENTRIES(T, S)                                                    \
-/* mean = sum x / m, var = sum (x - mean)^2 / m (biased), inv = 1 / sqrt(var + eps) per      \
- * channel, m = outer * inner; y = (x - mean) * inv (y may be x) and, when kept, a copy. */   \
-void batch_norm_forward_##S(const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer,    \
-                            int dim, i64 inner, int c0, int c1, T eps)                        \
-{                                                                                             \
-    (has_avx2_fma() ? batch_norm_forward_##S##_fast : batch_norm_forward_##S##_baseline)(     \
-        x, y, kept, mean, var, inv, outer, dim, inner, c0, c1, eps);                          \
-}                                                                                             \
-/* dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv per channel (dx may be dy). */         \
-void batch_norm_backward_##S(const T *dy, const T *xhat, const T *inv, T *dx, i64 outer,      \
-                             int dim, i64 inner, int c0, int c1)                              \
-{                                                                                             \
-    (has_avx2_fma() ? batch_norm_backward_##S##_fast : batch_norm_backward_##S##_baseline)(   \
-        dy, xhat, inv, dx, outer, dim, inner, c0, c1);                                        \
-}                                                                                             \
-/* Per channel: sums[c] = sum of a (a * b when b is given). */                                \
-void channel_sums_##S(const T *a, const T *b, T *sums, i64 outer, int dim, i64 inner, int c0, \
-                      int c1)                                                                 \
-{                                                                                             \
-    (has_avx2_fma() ? channel_sums_##S##_fast : channel_sums_##S##_baseline)(                 \
-        a, b, sums, outer, dim, inner, c0, c1);                                               \
-}
-
-DEFINE_NORMALIZATION_ENTRIES(float, f32)
-DEFINE_NORMALIZATION_ENTRIES(double, f64)
-
-/* ReLU's gradient: dx = dy * (x > 0 ? 1 : 0), for n values (dx may be dy); a product, not a
- * choice, so that NaN or inf in dy stays NaN where x <= 0, as in NumPy and Caffe. Written on
- * vectors (the compiler turns the scalar form into a branch). */
-#define DEFINE_RELU_BACKWARD(T, S, V, VU, VI, ISA, TARGET)                                    \
-static TARGET void relu_backward_##S##_##ISA(const T *dy, const T *x, T *dx, i64 n)          \
-{                                                                                             \
-    const int L = (int)(sizeof(V) / sizeof(T));                                               \
-    const V zero = {0};                                                                       \
-    i64 i = 0;                                                                                \
-    for (; i + L <= n; i += L) {                                                              \
-        const VI positive = -(*(const VU *)(x + i) > zero);                                   \
-        *(VU *)(dx + i) = *(const VU *)(dy + i) * __builtin_convertvector(positive, V);       \
-    }                                                                                         \
-    for (; i < n; ++i) dx[i] = dy[i] * (T)(x[i] > 0);                                         \
-}
-
-typedef int32_t vi32 __attribute__((vector_size(32)));
-typedef int64_t vi64 __attribute__((vector_size(32)));
-DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, fast, FAST)
-DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, baseline, BASELINE)
-DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, fast, FAST)
-DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, baseline, BASELINE)
-
-void relu_backward_f32(const float *dy, const float *x, float *dx, i64 n)
-{
-    (has_avx2_fma() ? relu_backward_f32_fast : relu_backward_f32_baseline)(dy, x, dx, n);
-}
-
-void relu_backward_f64(const double *dy, const double *x, double *dx, i64 n)
-{
-    (has_avx2_fma() ? relu_backward_f64_fast : relu_backward_f64_baseline)(dy, x, dx, n);
-}
-
-/* -- depthwise convolution: one input channel per group ---------------------------------------
- * Output channel mo reads input channel mo / mult of the frame of conv_frame (planes of
- * frame_plane values); w is (M, K) with K = kh * kw window entries at offsets koff. Forward:
- * for a run of 4 vectors of outputs along a row (then single vectors, the last one partial),
- * the sum over k of w[mo][k] times the frame. Backward-filter: per output channel, K vectors
- * of partial sums over the outputs (dy rows padded with zeros to owp, as for the direct
- * convolution), their lanes added last. Backward-data: each output gradient times each weight
- * added into a zero-padded plane (hp x wp; output (oy, ox) with entry (i, j) lands at row
- * oy*sh + i*dh, column ox*sw + j*dw), in order of output channel, entry, row, column; the
- * image part is then copied out. */
-#define DEFINE_DEPTHWISE(T, S, V, VU, ISA, TARGET)                                            \
-static TARGET void depthwise_forward_##S##_##ISA(                                             \
-    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *w, T *y, i64 images,    \
-    int c, int mult, int m0, int m1, int oh, int ow, int sh, int q)                           \
-{                                                                                             \
-    const int L = (int)(sizeof(V) / sizeof(T));                                               \
-    const int m = c * mult;                                                                   \
-    for (i64 img = 0; img < images; ++img)                                                    \
-        for (int mo = m0; mo < m1; ++mo) {                                                    \
-            const T *plane = frame + (img * c + mo / mult) * frame_plane;                     \
-            const T *wk = w + (i64)mo * K;                                                    \
-            T *out = y + (img * m + mo) * oh * ow;                                            \
-            for (int oy = 0; oy < oh; ++oy) {                                                 \
-                const T *base = plane + (i64)oy * sh * q;                                     \
-                T *row = out + (i64)oy * ow;                                                  \
-                int ox = 0;                                                                   \
-                for (; ox + 4 * L <= ow; ox += 4 * L) {                                       \
-                    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                 \
-                    for (int k = 0; k < K; ++k) {                                             \
-                        const T *src = base + koff[k] + ox;                                   \
-                        a0 += *(const VU *)src * wk[k];                                       \
-                        a1 += *(const VU *)(src + L) * wk[k];                                 \
-                        a2 += *(const VU *)(src + 2 * L) * wk[k];                             \
-                        a3 += *(const VU *)(src + 3 * L) * wk[k];                             \
-                    }                                                                         \
-                    *(VU *)(row + ox) = a0;                                                   \
-                    *(VU *)(row + ox + L) = a1;                                               \
-                    *(VU *)(row + ox + 2 * L) = a2;                                           \
-                    *(VU *)(row + ox + 3 * L) = a3;                                           \
-                }                                                                             \
-                for (; ox < ow; ox += L) {                                                    \
-                    V a0 = {0};                                                               \
-                    for (int k = 0; k < K; ++k) a0 += *(const VU *)(base + koff[k] + ox) * wk[k]; \
-                    if (ox + L <= ow) {                                                       \
-                        *(VU *)(row + ox) = a0;                                               \
-                    } else {                                                                  \
-                        T lanes[sizeof(V) / sizeof(T)];                                       \
-                        memcpy(lanes, &a0, sizeof lanes);                                     \
-                        memcpy(row + ox, lanes, sizeof(T) * (ow - ox));                       \
-                    }                                                                         \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
-}                                                                                             \
-                                                                                              \
-static TARGET void depthwise_backward_filter_##S##_##ISA(                                     \
-    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *dy, T *dw, int accumulate, \
-    i64 images, int c, int mult, int m0, int m1, int oh, int owp, int sh, int q)              \
-{                                                                                             \
-    enum { MAX_K = 64 };                                                                      \
-    const int L = (int)(sizeof(V) / sizeof(T));                                               \
-    const int m = c * mult;                                                                   \
-    for (int mo = m0; mo < m1; ++mo)                                                          \
-        for (int k0 = 0; k0 < K; k0 += MAX_K) {                                               \
-            const int kn = K - k0 < MAX_K ? K - k0 : MAX_K;                                   \
-            V acc[MAX_K];                                                                     \
-            for (int k = 0; k < kn; ++k) acc[k] = (V){0};                                     \
-            for (i64 img = 0; img < images; ++img) {                                          \
-                const T *plane = frame + (img * c + mo / mult) * frame_plane;                 \
-                const T *grads = dy + (img * m + mo) * oh * owp;                              \
-                for (int oy = 0; oy < oh; ++oy) {                                             \
-                    const T *base = plane + (i64)oy * sh * q;                                 \
-                    for (int ox = 0; ox < owp; ox += L) {                                     \
-                        const V g = *(const VU *)(grads + (i64)oy * owp + ox);                \
-                        for (int k = 0; k < kn; ++k)                                          \
-                            acc[k] += g * *(const VU *)(base + koff[k0 + k] + ox);            \
-                    }                                                                         \
-                }                                                                             \
-            }                                                                                 \
-            for (int k = 0; k < kn; ++k) {                                                    \
-                T total = 0;                                                                  \
-                for (int l = 0; l < L; ++l) total += acc[k][l];                               \
-                T *out = dw + (i64)mo * K + k0 + k;                                           \
-                *out = accumulate ? *out + total : total;                                     \
-            }                                                                                 \
-        }                                                                                     \
-}                                                                                             \
-                                                                                              \
-static TARGET void depthwise_backward_data_##S##_##ISA(                                       \
-    const T *dy, const T *w, T *dx, T *padded, i64 images, int c, int mult, int c0, int c1,   \
-    int h, int wd, int kh, int kw, int oh, int ow, int sh, int sw, int ph, int pw, int dh,    \
-    int dw, int hp, int wp)                                                                   \
-{                                                                                             \
-    const int m = c * mult;                                                                   \
-    for (i64 img = 0; img < images; ++img)                                                    \
-        for (int ci = c0; ci < c1; ++ci) {                                                    \
-            memset(padded, 0, sizeof(T) * hp * wp);                                           \
-            for (int mo = ci * mult; mo < (ci + 1) * mult; ++mo) {                            \
-                const T *grads = dy + (img * m + mo) * oh * ow;                               \
-                for (int i = 0; i < kh; ++i)                                                  \
-                    for (int j = 0; j < kw; ++j) {                                            \
-                        const T weight = w[((i64)mo * kh + i) * kw + j];                      \
-                        for (int oy = 0; oy < oh; ++oy) {                                     \
-                            T *row = padded + (i64)(oy * sh + i * dh) * wp + j * dw;          \
-                            const T *in = grads + (i64)oy * ow;                               \
-                            if (sw == 1)                                                      \
-                                for (int ox = 0; ox < ow; ++ox) row[ox] += weight * in[ox];   \
-                            else                                                              \
-                                for (int ox = 0; ox < ow; ++ox) row[ox * sw] += weight * in[ox]; \
-                        }                                                                     \
-                    }                                                                         \
-            }                                                                                 \
-            T *image = dx + (img * c + ci) * h * wd;                                          \
-            for (int yy = 0; yy < h; ++yy)                                                    \
-                memcpy(image + (i64)yy * wd, padded + (i64)(yy + ph) * wp + pw, sizeof(T) * wd); \
-        }                                                                                     \
-}
-
-#define DEPTHWISE_FORWARD_ARGS(T) const T *frame, i64 frame_plane, const i64 *koff, int K,      \
-    const T *w, T *y, i64 images, int c, int mult, int m0, int m1, int oh, int ow, int sh, int q
-#define DEPTHWISE_FORWARD_NAMES frame, frame_plane, koff, K, w, y, images, c, mult, m0, m1, oh,  \
-    ow, sh, q
-#define DEPTHWISE_FILTER_ARGS(T) const T *frame, i64 frame_plane, const i64 *koff, int K,       \
-    const T *dy, T *dw, int accumulate, i64 images, int c, int mult, int m0, int m1, int oh,     \
-    int owp, int sh, int q
-#define DEPTHWISE_FILTER_NAMES frame, frame_plane, koff, K, dy, dw, accumulate, images, c, mult, \
-    m0, m1, oh, owp, sh, q
-#define DEPTHWISE_DATA_ARGS(T) const T *dy, const T *w, T *dx, T *padded, i64 images, int c,     \
-    int mult, int c0, int c1, int h, int wd, int kh, int kw, int oh, int ow, int sh, int sw,    \
-    int ph, int pw, int dh, int dw, int hp, int wp
-#define DEPTHWISE_DATA_NAMES dy, w, dx, padded, images, c, mult, c0, c1, h, wd, kh, kw, oh, ow,   \
-    sh, sw, ph, pw, dh, dw, hp, wp
-
-#define DEFINE_DEPTHWISE_ENTRIES(T, S, V, VU)                                                 \
-DEFINE_DEPTHWISE(T, S, V, VU, fast, FAST)                                                     \
-DEFINE_DEPTHWISE(T, S, V, VU, baseline, BASELINE)                                             \
-void depthwise_forward_##S(DEPTHWISE_FORWARD_ARGS(T))                                         \
-{                                                                                             \
-    (has_avx2_fma() ? depthwise_forward_##S##_fast                                            \
-                    : depthwise_forward_##S##_baseline)(DEPTHWISE_FORWARD_NAMES);             \
-}                                                                                             \
-void depthwise_backward_filter_##S(DEPTHWISE_FILTER_ARGS(T))                                  \
-{                                                                                             \
-    (has_avx2_fma() ? depthwise_backward_filter_##S##_fast                                    \
-                    : depthwise_backward_filter_##S##_baseline)(DEPTHWISE_FILTER_NAMES);      \
-}                                                                                             \
-void depthwise_backward_data_##S(DEPTHWISE_DATA_ARGS(T))                                      \
-{                                                                                             \
-    (has_avx2_fma() ? depthwise_backward_data_##S##_fast                                      \
-                    : depthwise_backward_data_##S##_baseline)(DEPTHWISE_DATA_NAMES);          \
-}
-
-DEFINE_DEPTHWISE_ENTRIES(float, f32, vf32, vf32u)
-DEFINE_DEPTHWISE_ENTRIES(double, f64, vf64, vf64u)
+#define POOL_GEOMETRY int h, int w, int oh, int ow, int kh, int kw, int sh, int sw, int ph, \
+    int pw
 
 /* -- pooling forward, separable ----------------------------------------------------------------
  * A window is combined along its row first, then down its column: per plane, every image row
@@ -700,7 +130,10 @@ static TARGET void pool_rows_##S##_##ISA(const T *image, T *hval, i32 *hcol, int
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-static TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval,          \
+/* MAX (is_max): each window's largest in-image value and (argmax not null) its plane index;  \
+ * AVE: its in-image sum over its area clipped to the padded image. Scratch: hval (h * ow     \
+ * values) and, for an argmax, hcol (h * ow). */                                              \
+TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval,                 \
                                              i32 *hcol, int is_max, i64 planes, POOL_GEOMETRY)\
 {                                                                                             \
     for (i64 p = 0; p < planes; ++p) {                                                        \
@@ -740,21 +173,499 @@ static TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hv
     }                                                                                         \
 }
 
-#define DEFINE_POOL_FORWARD_ENTRIES(T, S)                                                     \
-DEFINE_POOL_FORWARD(T, S, fast, FAST)                                                         \
-DEFINE_POOL_FORWARD(T, S, baseline, BASELINE)                                                 \
-/* MAX: each window's largest in-image value and (argmax not null) its plane index; AVE      \
- * (argmax null): its in-image sum over its area clipped to the padded image. Scratch: hval   \
- * (h * ow values) and, for an argmax, hcol (h * ow). */                                      \
-void pool_forward_##S(const T *x, T *y, i32 *argmax, T *hval, i32 *hcol, int is_max,          \
-                      i64 planes, POOL_GEOMETRY)                                              \
+DEFINE_POOL_FORWARD(float, f32, fast, FAST)
+DEFINE_POOL_FORWARD(float, f32, baseline, BASELINE)
+DEFINE_POOL_FORWARD(double, f64, fast, FAST)
+DEFINE_POOL_FORWARD(double, f64, baseline, BASELINE)
+
+/* -- pooling backward: each output's gradient scattered, in output order ------------------- */
+#define DEFINE_POOL_BACKWARD(T, S)                                                                  \
+void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes, POOL_GEOMETRY)  \
 {                                                                                             \
-    (has_avx2_fma() ? pool_forward_##S##_fast : pool_forward_##S##_baseline)(                 \
-        x, y, argmax, hval, hcol, is_max, planes, h, w, oh, ow, kh, kw, sh, sw, ph, pw);      \
+    (void)kh; (void)kw; (void)sh; (void)sw; (void)ph; (void)pw;                               \
+    memset(dx, 0, sizeof(T) * planes * h * w);                                                \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        T *image = dx + p * h * w;                                                            \
+        const i64 first = p * oh * ow;                                                        \
+        for (i64 o = 0; o < (i64)oh * ow; ++o) image[argmax[first + o]] += dy[first + o];     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+void ave_pool_backward_##S(const T *dy, T *dx, i64 planes, POOL_GEOMETRY)                     \
+{                                                                                             \
+    memset(dx, 0, sizeof(T) * planes * h * w);                                                \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        T *image = dx + p * h * w;                                                            \
+        for (int py = 0; py < oh; ++py) {                                                     \
+            int y0 = py * sh - ph, y1 = y0 + kh < h + ph ? y0 + kh : h + ph;                  \
+            const int rows = y1 - y0;                                                         \
+            y0 = y0 > 0 ? y0 : 0;                                                             \
+            y1 = y1 < h ? y1 : h;                                                             \
+            for (int px = 0; px < ow; ++px) {                                                 \
+                int x0 = px * sw - pw, x1 = x0 + kw < w + pw ? x0 + kw : w + pw;              \
+                const int area = rows * (x1 - x0);                                            \
+                x0 = x0 > 0 ? x0 : 0;                                                         \
+                x1 = x1 < w ? x1 : w;                                                         \
+                const T share = dy[(p * oh + py) * ow + px] / (T)area;                        \
+                for (int yy = y0; yy < y1; ++yy)                                              \
+                    for (int xx = x0; xx < x1; ++xx) image[yy * w + xx] += share;             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
 }
 
-DEFINE_POOL_FORWARD_ENTRIES(float, f32)
-DEFINE_POOL_FORWARD_ENTRIES(double, f64)
+DEFINE_POOL_BACKWARD(float, f32)
+DEFINE_POOL_BACKWARD(double, f64)
+
+/* -- direct convolution (no column matrix) --------------------------------------------------
+ * The images are first copied into a "frame": zero-padded and split into sw column phases,
+ * (images, channels, sw, hf, q) with padded column u at phase u % sw, position u / sw, and at
+ * least one tile of zero columns past the last (so tiles may read past a row's end). Window
+ * entry k = (c, i, j) of output (oy, ox) then lies at frame offset koff[k] + oy*sh*q + ox,
+ * koff[k] = ((c*sw + (j*dw) % sw)*hf + i*dh)*q + (j*dw) / sw: for a run of outputs along a row
+ * the inputs are contiguous, so the kernels run vectors of L outputs (L = 32 bytes / sizeof(T))
+ * along a row.
+ *
+ * Forward: a tile of MT output channels x PV vectors of outputs, summed over k in order into
+ * registers (weights packed by conv_forward's caller as (tiles, K, MT), zero rows past M).
+ * Backward-filter: a tile of MT2 output channels x KT window entries, each a vector of partial
+ * sums over the outputs (lane l gets the outputs with ox % L == l, in order of images, rows,
+ * columns), whose lanes are then added in order: dw[m][k] is written, or added to.
+ */
+#define DEFINE_FRAME(T, S)                                                                    \
+void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw,   \
+                    int hf, int q)                                                            \
+{                                                                                             \
+    memset(frame, 0, sizeof(T) * planes * sw * hf * q);                                       \
+    for (i64 p = 0; p < planes; ++p) {                                                        \
+        const T *plane = x + p * h * w;                                                       \
+        T *out = frame + p * sw * hf * q;                                                     \
+        for (int yy = 0; yy < h; ++yy) {                                                      \
+            T *row = out + (i64)(yy + ph) * q;                                                \
+            if (sw == 1) {                                                                    \
+                memcpy(row + pw, plane + (i64)yy * w, sizeof(T) * w);                         \
+                continue;                                                                     \
+            }                                                                                 \
+            for (int phase = 0; phase < sw; ++phase) {                                        \
+                /* image columns xx with (xx + pw) % sw == phase, at position (xx + pw) / sw */   \
+                const int first = ((phase - pw) % sw + sw) % sw;                              \
+                T *out_row = row + (i64)phase * hf * q + (first + pw) / sw;                   \
+                const T *in = plane + (i64)yy * w;                                            \
+                for (int xx = first, at = 0; xx < w; xx += sw, ++at) out_row[at] = in[xx];    \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+/* One forward tile: acc[MT][PV] over all k, then stored (``valid`` outputs, ``mt`` rows). */
+#define FORWARD_TILE(T, V, VU, MT, PV)                                                        \
+    {                                                                                         \
+        V acc[MT][PV];                                                                        \
+        for (int a = 0; a < MT; ++a)                                                          \
+            for (int b = 0; b < PV; ++b) acc[a][b] = (V){0};                                  \
+        const T *base = image + (i64)oy * sh * q + ox;                                        \
+        const T *wk = packed + (i64)(m0 / MT) * K * MT;                                       \
+        for (int k = 0; k < K; ++k, wk += MT) {                                               \
+            V xv[PV];                                                                         \
+            for (int b = 0; b < PV; ++b) xv[b] = *(const VU *)(base + koff[k] + b * L);       \
+            for (int a = 0; a < MT; ++a)                                                      \
+                for (int b = 0; b < PV; ++b) acc[a][b] += xv[b] * wk[a];                      \
+        }                                                                                     \
+        const int valid = ow - ox < PV * L ? ow - ox : PV * L;                                \
+        for (int a = 0; a < MT && m0 + a < m1; ++a) {                                         \
+            T *out = y + img * y_image + ((i64)(m0 + a) * oh + oy) * ow + ox;                 \
+            if (valid == PV * L) {                                                            \
+                for (int b = 0; b < PV; ++b) *(VU *)(out + b * L) = acc[a][b];                \
+            } else {                                                                          \
+                T lanes[PV * L];                                                              \
+                memcpy(lanes, acc[a], sizeof lanes);                                          \
+                memcpy(out, lanes, sizeof(T) * valid);                                        \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+#define DEFINE_DIRECT(T, S, V, VU, ISA, TARGET)                                               \
+/* y[img][m][oy][ox] for images 0..images-1, channels m0..m1-1 (m0 a multiple of the tile:  \
+ * 6 channels when a row holds more than one vector, else 12), rows r0..r1-1. */              \
+TARGET void conv_direct_forward_##S##_##ISA(                                                \
+    const T *frame, i64 frame_image, const i64 *koff, int K, const T *packed, T *y,           \
+    i64 y_image, i64 images, int m0_first, int m1, int oh, int ow, int r0, int r1, int sh,    \
+    int q)                                                                                    \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const int tile = ow > L ? 6 : 12;                                                         \
+    for (int m0 = m0_first; m0 < m1; m0 += tile) {                                            \
+        for (i64 img = 0; img < images; ++img) {                                              \
+            const T *image = frame + img * frame_image;                                       \
+            for (int oy = r0; oy < r1; ++oy) {                                                \
+                if (ow > L) {                                                                 \
+                    for (int ox = 0; ox < ow; ox += 2 * L) FORWARD_TILE(T, V, VU, 6, 2)       \
+                } else {                                                                      \
+                    const int ox = 0;                                                         \
+                    FORWARD_TILE(T, V, VU, 12, 1)                                             \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* dw[m][k] (= or +=) the sum over images, rows r0..r1-1 and columns of                      \
+ * dy[img][m][oy][ox] * frame[img][koff[k] + oy*sh*q + ox], for channels 0..m-1. The rows of  \
+ * dy are padded with zeros to a whole number of vectors (width owp); the frame values that  \
+ * the padding meets are multiplied by zero (finite inputs assumed). */                      \
+TARGET void conv_direct_backward_filter_##S##_##ISA(                                        \
+    const T *frame, i64 frame_image, const i64 *koff, int K, const T *dy, i64 dy_image,       \
+    T *dw, int accumulate, i64 images, int m, int oh, int owp, int r0, int r1, int sh, int q) \
+{                                                                                             \
+    enum { MT2 = 2, KT = 6 };                                                                 \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    for (int k0 = 0; k0 < K; k0 += KT) {                                                      \
+        i64 offsets[KT];                                                                      \
+        for (int b = 0; b < KT; ++b) offsets[b] = koff[k0 + b < K ? k0 + b : K - 1];          \
+        for (int m0 = 0; m0 < m; m0 += MT2) {                                                 \
+            V acc[MT2][KT];                                                                   \
+            for (int a = 0; a < MT2; ++a)                                                     \
+                for (int b = 0; b < KT; ++b) acc[a][b] = (V){0};                              \
+            const int m_last = m0 + MT2 <= m ? MT2 - 1 : m - 1 - m0;                          \
+            for (i64 img = 0; img < images; ++img) {                                          \
+                const T *image = frame + img * frame_image;                                   \
+                for (int oy = r0; oy < r1; ++oy) {                                            \
+                    const T *base = image + (i64)oy * sh * q;                                 \
+                    const T *grads[MT2];                                                      \
+                    for (int a = 0; a < MT2; ++a)                                             \
+                        grads[a] = dy + img * dy_image                                        \
+                            + ((i64)(m0 + (a < m_last ? a : m_last)) * oh + oy) * owp;        \
+                    for (int ox = 0; ox < owp; ox += L) {                                     \
+                        V gv[MT2];                                                            \
+                        for (int a = 0; a < MT2; ++a) gv[a] = *(const VU *)(grads[a] + ox);   \
+                        for (int b = 0; b < KT; ++b) {                                        \
+                            const V xv = *(const VU *)(base + offsets[b] + ox);               \
+                            for (int a = 0; a < MT2; ++a) acc[a][b] += gv[a] * xv;            \
+                        }                                                                     \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+            for (int a = 0; a <= m_last; ++a)                                                 \
+                for (int b = 0; b < KT && k0 + b < K; ++b) {                                  \
+                    T total = 0;                                                              \
+                    for (int l = 0; l < L; ++l) total += acc[a][b][l];                        \
+                    T *out = dw + (i64)(m0 + a) * K + k0 + b;                                 \
+                    *out = accumulate ? *out + total : total;                                 \
+                }                                                                             \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+DEFINE_FRAME(float, f32)
+DEFINE_FRAME(double, f64)
+DEFINE_DIRECT(float, f32, vf32, vf32u, fast, FAST)
+DEFINE_DIRECT(float, f32, vf32, vf32u, baseline, BASELINE)
+DEFINE_DIRECT(double, f64, vf64, vf64u, fast, FAST)
+DEFINE_DIRECT(double, f64, vf64, vf64u, baseline, BASELINE)
+
+/* -- col2im: a column matrix's window entries added back into the images ----------------------
+ * cols holds rows (c, i, j) of (n, oh, ow) columns; dx (n, c, h, w) gets, for channels c0..c1-1,
+ * the sum over window entries (in order i, j) of the entries that read each pixel: written. */
+#define DEFINE_COL2IM(T, S)                                                                   \
+void col2im_##S(const T *cols, T *dx, int n, int c, int c0, int c1, int h, int w, int kh,     \
+                int kw, int oh, int ow, int sh, int sw, int ph, int pw, int dh, int dw)       \
+{                                                                                             \
+    for (int ch = c0; ch < c1; ++ch)                                                          \
+        for (int img = 0; img < n; ++img) {                                                   \
+            T *plane = dx + ((i64)img * c + ch) * h * w;                                      \
+            memset(plane, 0, sizeof(T) * h * w);                                              \
+            for (int i = 0; i < kh; ++i)                                                      \
+                for (int j = 0; j < kw; ++j) {                                                \
+                    const T *src = cols + (((i64)(ch * kh + i) * kw + j) * n + img) * oh * ow;\
+                    /* outputs whose column ox*sw - pw + j*dw lies in 0..w-1 */               \
+                    const int shift = j * dw - pw;                                            \
+                    int lo = shift >= 0 ? 0 : (-shift + sw - 1) / sw;                         \
+                    int hi = w - 1 - shift < 0 ? 0 : (w - 1 - shift) / sw + 1;                \
+                    hi = hi < ow ? hi : ow;                                                   \
+                    for (int oy = 0; oy < oh; ++oy) {                                         \
+                        const int yy = oy * sh - ph + i * dh;                                 \
+                        if (yy < 0 || yy >= h) continue;                                      \
+                        T *row = plane + (i64)yy * w;                                         \
+                        const T *in = src + (i64)oy * ow;                                     \
+                        if (sw == 1)                                                          \
+                            for (int ox = lo; ox < hi; ++ox) row[ox + shift] += in[ox];       \
+                        else                                                                  \
+                            for (int ox = lo; ox < hi; ++ox) row[ox * sw + shift] += in[ox];  \
+                    }                                                                         \
+                }                                                                             \
+        }                                                                                     \
+}
+
+DEFINE_COL2IM(float, f32)
+DEFINE_COL2IM(double, f64)
+
+/* -- depthwise convolution: one input channel per group ---------------------------------------
+ * Output channel mo reads input channel mo / mult of the frame of conv_frame (planes of
+ * frame_plane values); w is (M, K) with K = kh * kw window entries at offsets koff. Forward:
+ * for a run of 4 vectors of outputs along a row (then single vectors, the last one partial),
+ * the sum over k of w[mo][k] times the frame. Backward-filter: per output channel, K vectors
+ * of partial sums over the outputs (dy rows padded with zeros to owp, as for the direct
+ * convolution), their lanes added last. Backward-data: each output gradient times each weight
+ * added into a zero-padded plane (hp x wp; output (oy, ox) with entry (i, j) lands at row
+ * oy*sh + i*dh, column ox*sw + j*dw), in order of output channel, entry, row, column; the
+ * image part is then copied out. */
+#define DEFINE_DEPTHWISE(T, S, V, VU, ISA, TARGET)                                            \
+TARGET void depthwise_forward_##S##_##ISA(                                             \
+    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *w, T *y, i64 images,    \
+    int c, int mult, int m0, int m1, int oh, int ow, int sh, int q)                           \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const int m = c * mult;                                                                   \
+    for (i64 img = 0; img < images; ++img)                                                    \
+        for (int mo = m0; mo < m1; ++mo) {                                                    \
+            const T *plane = frame + (img * c + mo / mult) * frame_plane;                     \
+            const T *wk = w + (i64)mo * K;                                                    \
+            T *out = y + (img * m + mo) * oh * ow;                                            \
+            for (int oy = 0; oy < oh; ++oy) {                                                 \
+                const T *base = plane + (i64)oy * sh * q;                                     \
+                T *row = out + (i64)oy * ow;                                                  \
+                int ox = 0;                                                                   \
+                for (; ox + 4 * L <= ow; ox += 4 * L) {                                       \
+                    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                 \
+                    for (int k = 0; k < K; ++k) {                                             \
+                        const T *src = base + koff[k] + ox;                                   \
+                        a0 += *(const VU *)src * wk[k];                                       \
+                        a1 += *(const VU *)(src + L) * wk[k];                                 \
+                        a2 += *(const VU *)(src + 2 * L) * wk[k];                             \
+                        a3 += *(const VU *)(src + 3 * L) * wk[k];                             \
+                    }                                                                         \
+                    *(VU *)(row + ox) = a0;                                                   \
+                    *(VU *)(row + ox + L) = a1;                                               \
+                    *(VU *)(row + ox + 2 * L) = a2;                                           \
+                    *(VU *)(row + ox + 3 * L) = a3;                                           \
+                }                                                                             \
+                for (; ox < ow; ox += L) {                                                    \
+                    V a0 = {0};                                                               \
+                    for (int k = 0; k < K; ++k) a0 += *(const VU *)(base + koff[k] + ox) * wk[k]; \
+                    if (ox + L <= ow) {                                                       \
+                        *(VU *)(row + ox) = a0;                                               \
+                    } else {                                                                  \
+                        T lanes[sizeof(V) / sizeof(T)];                                       \
+                        memcpy(lanes, &a0, sizeof lanes);                                     \
+                        memcpy(row + ox, lanes, sizeof(T) * (ow - ox));                       \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+}                                                                                             \
+                                                                                              \
+TARGET void depthwise_backward_filter_##S##_##ISA(                                     \
+    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *dy, T *dw, int accumulate, \
+    i64 images, int c, int mult, int m0, int m1, int oh, int owp, int sh, int q)              \
+{                                                                                             \
+    enum { MAX_K = 64 };                                                                      \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const int m = c * mult;                                                                   \
+    for (int mo = m0; mo < m1; ++mo)                                                          \
+        for (int k0 = 0; k0 < K; k0 += MAX_K) {                                               \
+            const int kn = K - k0 < MAX_K ? K - k0 : MAX_K;                                   \
+            V acc[MAX_K];                                                                     \
+            for (int k = 0; k < kn; ++k) acc[k] = (V){0};                                     \
+            for (i64 img = 0; img < images; ++img) {                                          \
+                const T *plane = frame + (img * c + mo / mult) * frame_plane;                 \
+                const T *grads = dy + (img * m + mo) * oh * owp;                              \
+                for (int oy = 0; oy < oh; ++oy) {                                             \
+                    const T *base = plane + (i64)oy * sh * q;                                 \
+                    for (int ox = 0; ox < owp; ox += L) {                                     \
+                        const V g = *(const VU *)(grads + (i64)oy * owp + ox);                \
+                        for (int k = 0; k < kn; ++k)                                          \
+                            acc[k] += g * *(const VU *)(base + koff[k0 + k] + ox);            \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+            for (int k = 0; k < kn; ++k) {                                                    \
+                T total = 0;                                                                  \
+                for (int l = 0; l < L; ++l) total += acc[k][l];                               \
+                T *out = dw + (i64)mo * K + k0 + k;                                           \
+                *out = accumulate ? *out + total : total;                                     \
+            }                                                                                 \
+        }                                                                                     \
+}                                                                                             \
+                                                                                              \
+TARGET void depthwise_backward_data_##S##_##ISA(                                       \
+    const T *dy, const T *w, T *dx, T *padded, i64 images, int c, int mult, int c0, int c1,   \
+    int h, int wd, int kh, int kw, int oh, int ow, int sh, int sw, int ph, int pw, int dh,    \
+    int dw, int hp, int wp)                                                                   \
+{                                                                                             \
+    const int m = c * mult;                                                                   \
+    for (i64 img = 0; img < images; ++img)                                                    \
+        for (int ci = c0; ci < c1; ++ci) {                                                    \
+            memset(padded, 0, sizeof(T) * hp * wp);                                           \
+            for (int mo = ci * mult; mo < (ci + 1) * mult; ++mo) {                            \
+                const T *grads = dy + (img * m + mo) * oh * ow;                               \
+                for (int i = 0; i < kh; ++i)                                                  \
+                    for (int j = 0; j < kw; ++j) {                                            \
+                        const T weight = w[((i64)mo * kh + i) * kw + j];                      \
+                        for (int oy = 0; oy < oh; ++oy) {                                     \
+                            T *row = padded + (i64)(oy * sh + i * dh) * wp + j * dw;          \
+                            const T *in = grads + (i64)oy * ow;                               \
+                            if (sw == 1)                                                      \
+                                for (int ox = 0; ox < ow; ++ox) row[ox] += weight * in[ox];   \
+                            else                                                              \
+                                for (int ox = 0; ox < ow; ++ox) row[ox * sw] += weight * in[ox]; \
+                        }                                                                     \
+                    }                                                                         \
+            }                                                                                 \
+            T *image = dx + (img * c + ci) * h * wd;                                          \
+            for (int yy = 0; yy < h; ++yy)                                                    \
+                memcpy(image + (i64)yy * wd, padded + (i64)(yy + ph) * wp + pw, sizeof(T) * wd); \
+        }                                                                                     \
+}
+
+DEFINE_DEPTHWISE(float, f32, vf32, vf32u, fast, FAST)
+DEFINE_DEPTHWISE(float, f32, vf32, vf32u, baseline, BASELINE)
+DEFINE_DEPTHWISE(double, f64, vf64, vf64u, fast, FAST)
+DEFINE_DEPTHWISE(double, f64, vf64, vf64u, baseline, BASELINE)
+
+/* -- per-channel passes: BatchNorm with batch statistics, channel sums ------------------------
+ * Arrays are (outer, dim, inner) with channel c the middle index; each function handles
+ * channels c0..c1-1, whose values (outer runs of inner) are read once per pass while they are
+ * still in cache. A sum over a run adds blocks of up to 64 vectors in T (four vectors side by
+ * side) and each block's lanes into double lanes, in order; the lanes are added last: the
+ * same result however the channels are shared out. */
+#define CHANNEL_RUNS(c) for (i64 o = 0; o < outer; ++o) {                                     \
+        const i64 at = (o * dim + (c)) * inner;
+
+/* lanes[l] += the terms of a run of n values: TERM(i), a T expression of index i, and
+ * TERM_V(VU, i), the vector of terms i .. i + L - 1 */
+#define ADD_RUN(T, V, VU, TERM_V, TERM)                                                       \
+    {                                                                                         \
+        const int L = (int)(sizeof(V) / sizeof(T));                                           \
+        i64 i = 0;                                                                            \
+        while (i + 4 * L <= n) {                                                              \
+            V p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};                                         \
+            const i64 end = i + 64 * L <= n ? i + 64 * L : n - (n - i) % (4 * L);             \
+            for (; i < end; i += 4 * L) {                                                     \
+                p0 += TERM_V(VU, i);                                                              \
+                p1 += TERM_V(VU, i + L);                                                          \
+                p2 += TERM_V(VU, i + 2 * L);                                                      \
+                p3 += TERM_V(VU, i + 3 * L);                                                      \
+            }                                                                                 \
+            const V block = (p0 + p1) + (p2 + p3);                                            \
+            for (int l = 0; l < L; ++l) lanes[l] += (double)block[l];                         \
+        }                                                                                     \
+        for (; i < n; ++i) lanes[i % L] += (double)(TERM(i));                                 \
+    }
+
+static double lane_total(const double *lanes)
+{
+    double total = 0;
+    for (int l = 0; l < 8; ++l) total += lanes[l];
+    return total;
+}
+
+#define DEFINE_NORMALIZATION(T, S, SQRT, V, VU, ISA, TARGET)                                  \
+static TARGET void add_run_##S##_##ISA(double *lanes, const T *a, const T *b, i64 n)          \
+{                                                                                             \
+    if (b) {                                                                                  \
+        ADD_RUN(T, V, VU, PRODUCT_V, PRODUCT)                                                 \
+    } else {                                                                                  \
+        ADD_RUN(T, V, VU, VALUE_V, VALUE)                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+static TARGET void add_squares_##S##_##ISA(double *lanes, const T *a, T mu, i64 n)            \
+{                                                                                             \
+    ADD_RUN(T, V, VU, SQUARE_V, SQUARE)                                                       \
+}                                                                                             \
+                                                                                              \
+/* mean = sum x / m, var = sum (x - mean)^2 / m (biased), inv = 1 / sqrt(var + eps) per      \
+ * channel, m = outer * inner; y = (x - mean) * inv (y may be x) and, when kept, a copy. */   \
+TARGET void batch_norm_forward_##S##_##ISA(                                            \
+    const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer, int dim, i64 inner,        \
+    int c0, int c1, T eps)                                                                    \
+{                                                                                             \
+    const double m = (double)outer * inner;                                                   \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        double lanes[8] = {0};                                                                \
+        CHANNEL_RUNS(c) add_run_##S##_##ISA(lanes, x + at, 0, inner); }                       \
+        const T mu = (T)(lane_total(lanes) / m);                                              \
+        memset(lanes, 0, sizeof lanes);                                                       \
+        CHANNEL_RUNS(c) add_squares_##S##_##ISA(lanes, x + at, mu, inner); }                  \
+        const T sigma2 = (T)(lane_total(lanes) / m);                                          \
+        const T scale = (T)1 / SQRT(sigma2 + eps);                                            \
+        CHANNEL_RUNS(c)                                                                       \
+            for (i64 i = 0; i < inner; ++i) y[at + i] = (x[at + i] - mu) * scale;             \
+            if (kept) memcpy(kept + at, y + at, sizeof(T) * inner);                           \
+        }                                                                                     \
+        mean[c] = mu;                                                                         \
+        var[c] = sigma2;                                                                      \
+        inv[c] = scale;                                                                       \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv per channel (dx may be dy). */         \
+TARGET void batch_norm_backward_##S##_##ISA(                                           \
+    const T *dy, const T *xhat, const T *inv, T *dx, i64 outer, int dim, i64 inner, int c0,   \
+    int c1)                                                                                   \
+{                                                                                             \
+    const double m = (double)outer * inner;                                                   \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        double sum_dy[8] = {0}, sum_dy_xhat[8] = {0};                                         \
+        CHANNEL_RUNS(c)                                                                       \
+            add_run_##S##_##ISA(sum_dy, dy + at, 0, inner);                                   \
+            add_run_##S##_##ISA(sum_dy_xhat, dy + at, xhat + at, inner);                      \
+        }                                                                                     \
+        const T mean_dy = (T)(lane_total(sum_dy) / m);                                        \
+        const T mean_dy_xhat = (T)(lane_total(sum_dy_xhat) / m);                              \
+        const T scale = inv[c];                                                               \
+        CHANNEL_RUNS(c)                                                                       \
+            for (i64 i = 0; i < inner; ++i)                                                   \
+                dx[at + i] = (dy[at + i] - mean_dy - xhat[at + i] * mean_dy_xhat) * scale;    \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* Per channel: sums[c] = sum of a (a * b when b is given). */                                \
+TARGET void channel_sums_##S##_##ISA(const T *a, const T *b, T *sums, i64 outer,       \
+                                            int dim, i64 inner, int c0, int c1)               \
+{                                                                                             \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        double lanes[8] = {0};                                                                \
+        CHANNEL_RUNS(c) add_run_##S##_##ISA(lanes, a + at, b ? b + at : 0, inner); }          \
+        sums[c] = (T)lane_total(lanes);                                                       \
+    }                                                                                         \
+}
+
+/* The terms of ADD_RUN: a value, a product of a and b, a squared difference from mu. */
+#define VALUE_V(VU, i) (*(const VU *)(a + (i)))
+#define VALUE(i) a[i]
+#define PRODUCT_V(VU, i) (*(const VU *)(a + (i)) * *(const VU *)(b + (i)))
+#define PRODUCT(i) (a[i] * b[i])
+#define SQUARE_V(VU, i) ((*(const VU *)(a + (i)) - mu) * (*(const VU *)(a + (i)) - mu))
+#define SQUARE(i) ((a[i] - mu) * (a[i] - mu))
+
+DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, fast, FAST)
+DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, baseline, BASELINE)
+DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, fast, FAST)
+DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, baseline, BASELINE)
+
+
+/* ReLU's gradient: dx = dy * (x > 0 ? 1 : 0), for n values (dx may be dy); a product, not a
+ * choice, so that NaN or inf in dy stays NaN where x <= 0, as in NumPy and Caffe. Written on
+ * vectors (the compiler turns the scalar form into a branch). */
+#define DEFINE_RELU_BACKWARD(T, S, V, VU, VI, ISA, TARGET)                                    \
+TARGET void relu_backward_##S##_##ISA(const T *dy, const T *x, T *dx, i64 n)          \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const V zero = {0};                                                                       \
+    i64 i = 0;                                                                                \
+    for (; i + L <= n; i += L) {                                                              \
+        const VI positive = -(*(const VU *)(x + i) > zero);                                   \
+        *(VU *)(dx + i) = *(const VU *)(dy + i) * __builtin_convertvector(positive, V);       \
+    }                                                                                         \
+    for (; i < n; ++i) dx[i] = dy[i] * (T)(x[i] > 0);                                         \
+}
+
+DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, fast, FAST)
+DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, baseline, BASELINE)
+DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, fast, FAST)
+DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, baseline, BASELINE)
 
 /* -- LRN across channels ------------------------------------------------------------------------
  * s = shift + coeff * (sum of x^2 over channels ch - size/2 .. ch + size/2, inside the blob,
@@ -763,7 +674,7 @@ DEFINE_POOL_FORWARD_ENTRIES(double, f64)
  * s^-0.75 is 1 / sqrt(s * sqrt(s)), which vectorizes; else pow. Positions go in blocks of 256
  * (a row of window sums in cache). */
 #define DEFINE_LRN(T, S, SQRT, POW, ISA, TARGET)                                              \
-static TARGET void lrn_forward_##S##_##ISA(const T *x, T *y, T *scale, T *power, i64 images,  \
+TARGET void lrn_forward_##S##_##ISA(const T *x, T *y, T *scale, T *power, i64 images,  \
                                            int c, i64 hw, int size, T coeff, T shift, T beta) \
 {                                                                                             \
     enum { BLOCK = 256 };                                                                     \
@@ -800,17 +711,3 @@ DEFINE_LRN(float, f32, sqrtf, powf, fast, FAST)
 DEFINE_LRN(float, f32, sqrtf, powf, baseline, BASELINE)
 DEFINE_LRN(double, f64, sqrt, pow, fast, FAST)
 DEFINE_LRN(double, f64, sqrt, pow, baseline, BASELINE)
-
-void lrn_forward_f32(const float *x, float *y, float *scale, float *power, i64 images, int c,
-                     i64 hw, int size, float coeff, float shift, float beta)
-{
-    (has_avx2_fma() ? lrn_forward_f32_fast : lrn_forward_f32_baseline)(
-        x, y, scale, power, images, c, hw, size, coeff, shift, beta);
-}
-
-void lrn_forward_f64(const double *x, double *y, double *scale, double *power, i64 images,
-                     int c, i64 hw, int size, double coeff, double shift, double beta)
-{
-    (has_avx2_fma() ? lrn_forward_f64_fast : lrn_forward_f64_baseline)(
-        x, y, scale, power, images, c, hw, size, coeff, shift, beta);
-}

@@ -67,13 +67,18 @@ def _library_path() -> Path:
 
 def _load():
     library = ctypes.CDLL(str(_library_path()))
+    # Vectorised kernels come as name_fast (AVX2 with FMA) and name_baseline.
+    variant = "fast" if library.has_avx2_fma() else "baseline"
     loaded = {}
     for dtype, suffix in _SUFFIXES.items():
         signatures = dict(_SIGNATURES)
         signatures.update({name: arguments + [_SCALARS[suffix]] * count
                            for name, (arguments, count) in _TYPED_LAST.items()})
         for name, arguments in signatures.items():
-            function = getattr(library, f"{name}_{suffix}")
+            symbol = f"{name}_{suffix}"
+            if hasattr(library, f"{symbol}_{variant}"):
+                symbol = f"{symbol}_{variant}"
+            function = getattr(library, symbol)
             function.argtypes, function.restype = arguments, None
             loaded[name, dtype] = function
     _functions.update(loaded)
