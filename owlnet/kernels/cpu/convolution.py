@@ -14,12 +14,13 @@ algorithm follows from the shapes:
 * few inputs per window (C/group * kh * kw <= ``_DIRECT_WINDOW``: first layers, CIFAR and
   MNIST nets): ``direct``, compiled loops with no column matrix, whose copies would cost
   more than these products (measured 1.1-1.9x faster forward and backward-filter up to 144
-  inputs per window; slower from 288 on, where the products dominate and BLAS wins);
+  inputs per window; slower from 288 on, where the products dominate and BLAS wins); its
+  backward-data as im2col's below;
 * anything else: im2col and a matrix product per group, piece by piece (a few images, or a
   band of output rows), each piece's column matrix made just before its product so that it
   is still in cache. Its backward-data with stride 1, one group and no more output than input
   channels is the forward convolution of the output gradient with the flipped,
-  channel-swapped kernel (no col2im).
+  channel-swapped kernel (itself direct or im2col by its own shape); otherwise col2im.
 
 Convolutions big enough to repay the hand-off run their pieces on the worker threads, smaller
 ones in turn, always with the BLAS held to one thread (``..threads``, ``shared``).
@@ -342,14 +343,15 @@ def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
         dw[...] = total.reshape(dw.shape)
 
 
-def _im2col_backward_data(dy, w, dx, pad, stride, dilation, group):
+def _flipped_or_col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
     flipped_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], pad))
     if (group == 1 and tuple(stride) == (1, 1) and min(flipped_pad) >= 0
             and w.shape[0] <= w.shape[1]):
         # With stride 1, dx is the convolution of dy (padded by d*(k-1) - p) with the kernel
-        # flipped in space and with input and output channels swapped: an im2col of dy and a
-        # product replace col2im, whose scattered adds cost more whenever M <= C (measured
-        # 1.2-1.8x faster; slower when M > C, where the column matrix of dy is the larger).
+        # flipped in space and with input and output channels swapped: a forward convolution
+        # of dy replaces col2im, whose scattered adds cost more whenever M <= C (measured
+        # 1.2-1.8x faster with NumPy's col2im; slower when M > C, where the column matrix of
+        # dy is the larger).
         flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
         conv_forward(dy, flipped, dx, flipped_pad, stride, dilation, 1)
         return
@@ -386,7 +388,8 @@ def _col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
 _FORWARD = {"depthwise": depthwise_forward, "pointwise": _pointwise_forward,
             "direct": direct.forward, "im2col": _im2col_forward}
 _BACKWARD_DATA = {"depthwise": depthwise_backward_data, "pointwise": _pointwise_backward_data,
-                  "direct": _im2col_backward_data, "im2col": _im2col_backward_data}
+                  "direct": _flipped_or_col2im_backward_data,
+                  "im2col": _flipped_or_col2im_backward_data}
 _BACKWARD_FILTER = {"depthwise": depthwise_backward_filter,
                     "pointwise": _pointwise_backward_filter, "direct": direct.backward_filter,
                     "im2col": _im2col_backward_filter}

@@ -24,6 +24,8 @@ from . import native, shared
 _PIECE_MULTIPLY_ADDS = 1 << 21
 # ... and an operation is cut into at most this many.
 _MAX_PIECES = 8
+# The frame is made in bands of planes of at most this many input bytes.
+_FRAME_BAND_BYTES = 1 << 22
 
 
 def lanes(dtype):
@@ -58,7 +60,8 @@ class Frame:
                      native.address(self.array, part.start * plane), part.stop - part.start,
                      h, w, ph, pw, sw, self.rows, self.q)
 
-        threads.run_pieces(band, shared.bands(n * c, h * w * images.itemsize, 1 << 22), parallel)
+        threads.run_pieces(band, shared.bands(n * c, h * w * images.itemsize, _FRAME_BAND_BYTES),
+                           parallel)
         self.group_stride = cg * plane             # elements from one group's channels to the next
         self.image_stride = c * plane
         k_c, k_i, k_j = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")
@@ -88,6 +91,8 @@ def forward(x, w, y, pad, stride, dilation, group):
     """``y = conv(x, w)``, written."""
     n, m, oh, ow = y.shape
     mg, k = m // group, w[0].size
+    if not y.flags.c_contiguous:
+        raise ValueError("conv_forward writes into a C-contiguous y")
     multiply_adds = n * m * oh * ow * k
     parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
     frame = Frame(x, w.shape, pad, stride, dilation, parallel)
@@ -97,8 +102,6 @@ def forward(x, w, y, pad, stride, dilation, group):
     packed = np.zeros((group, tiles * tile, k), dtype=y.dtype)
     packed[:, :mg] = w.reshape(group, mg, k)
     packed = np.ascontiguousarray(packed.reshape(group, tiles, tile, k).transpose(0, 1, 3, 2))
-    if not y.flags.c_contiguous:
-        raise ValueError("conv_forward writes into a C-contiguous y")
     compiled = native.function("conv_direct_forward", y.dtype)
     image_out = m * oh * ow
 
@@ -136,8 +139,7 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
                      frame.image_stride, native.address(frame.koff), k,
                      native.address(grads, n0 * image_out + g * mg * oh * padded_width),
                      image_out, native.address(out, g * mg * k), int(accumulate), n1 - n0, mg, oh,
-                     padded_width,
-                     r0, r1, frame.sh, frame.q)
+                     padded_width, r0, r1, frame.sh, frame.q)
 
     total = dw if dw.flags.c_contiguous else np.empty(dw.shape, dtype=dw.dtype)
     shared.sum_of_pieces(pieces, parallel and len(pieces) > 1, add_piece, total)

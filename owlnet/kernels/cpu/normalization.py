@@ -4,8 +4,8 @@ the per-channel sums of Scale and Bias gradients, ReLU's gradient, LRN across ch
 
 Arrays are viewed as ``(outer, C, inner)`` (channel c the middle index). Channels are cut into
 bands by shape (``shared.bands``) run on the worker threads, each band's values read once per
-pass while still in cache; sums run in float64 in a fixed order, so results do not depend on
-the threads.
+pass while still in cache; sums add blocks of vectors into float64 lanes in a fixed order, so
+results do not depend on the threads.
 """
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """What the CPU kernels share: how an operation is cut into pieces for the worker threads
-(``..threads``), how sums over pieces stay independent of the threads, and the geometry of
-kernel windows in a zero-padded image.
+(``..threads``), how sums over pieces stay independent of the threads, and zero padding.
 
 Pieces are cut by shape alone (never by the number of threads), every piece writes its own
 part of an output, and sums over pieces are added in a fixed order: results do not depend on
@@ -36,17 +35,6 @@ def zero_padded(images, pad):
     padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=images.dtype)
     padded[:, :, ph:ph + h, pw:pw + w] = images
     return padded
-
-
-def kernel_windows(kernel, stride, dilation, out_size):
-    """``(i, j, rows, columns)``: where kernel offset ``(i, j)`` reads in the padded image."""
-    for i in range(kernel[0]):
-        rows = slice(i * dilation[0], i * dilation[0] + stride[0] * (out_size[0] - 1) + 1,
-                     stride[0])
-        for j in range(kernel[1]):
-            columns = slice(j * dilation[1], j * dilation[1] + stride[1] * (out_size[1] - 1) + 1,
-                            stride[1])
-            yield i, j, rows, columns
 
 
 def piece_positions(total, columns_per_position):
@@ -101,8 +89,3 @@ def sum_of_pieces(pieces, parallel, add_piece, total):
     np.copyto(total, partial[0])
     for r in range(1, len(runs)):
         total += partial[r]
-
-
-def planes(array, writable=False):
-    """``(N, C, H, W)`` as ``(N*C, H, W)``; a view (never a copy) of an output."""
-    return array.reshape((-1,) + array.shape[2:], copy=False if writable else None)
