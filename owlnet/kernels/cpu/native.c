@@ -32,14 +32,23 @@ typedef int32_t vi32 __attribute__((vector_size(32)));
 typedef int64_t vi64 __attribute__((vector_size(32)));
 
 /* The vectorised kernels are built twice, as name_fast (AVX2 with FMA) and name_baseline;
- * native.py binds the first where has_avx2_fma() says the CPU has them. */
-#define FAST __attribute__((target("avx2,fma")))
+ * native.py binds the first where has_avx2_fma() says the CPU has them. Elsewhere than on
+ * x86 both are the same baseline build. */
 #define BASELINE
+#if defined(__x86_64__) || defined(__i386__)
+#define FAST __attribute__((target("avx2,fma")))
 int has_avx2_fma(void)
 {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+#else
+#define FAST
+int has_avx2_fma(void)
+{
+    return 0;
+}
+#endif
 
 #define POOL_GEOMETRY int h, int w, int oh, int ow, int kh, int kw, int sh, int sw, int ph, \
     int pw
