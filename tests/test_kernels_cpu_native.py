@@ -1,4 +1,4 @@
-"""The compiled per-channel kernels (BatchNorm's batch statistics, channel sums, ReLU's
+"""The compiled per-channel kernels (BatchNorm's batch statistics, Scale, channel sums, ReLU's
 gradient, LRN across channels) against float64 NumPy references, cut into bands or not, and
 the loader's error when the compiled library is missing."""
 import importlib.machinery
@@ -109,3 +109,32 @@ def test_lrn_across_channels_against_float64(size, beta):
     alone = np.full_like(x, np.nan)
     cpu.lrn_across_channels_forward(x, alone, None, None, size, coeff, shift, beta)
     np.testing.assert_array_equal(alone, y)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scale_forward_and_backward(bands, shape):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    scale = RNG.standard_normal(shape[1]).astype(np.float32)
+    bias = RNG.standard_normal(shape[1]).astype(np.float32)
+    x64, s64 = x.astype(np.float64), scale.astype(np.float64)[:, None]
+    y, kept = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    cpu.scale_forward(x, scale, bias, y, kept)
+    np.testing.assert_array_equal(kept, x)
+    np.testing.assert_allclose(y, x64 * s64 + bias[:, None], rtol=1e-6, atol=1e-6)
+    in_place = x.copy()
+    cpu.scale_forward(in_place, scale, None, in_place, None)
+    np.testing.assert_allclose(in_place, x64 * s64, rtol=1e-6, atol=1e-6)
+
+    dy = RNG.standard_normal(shape).astype(np.float32)
+    dy64 = dy.astype(np.float64)
+    dx = np.full_like(dy, np.nan)
+    scale_sums, bias_sums = cpu.scale_backward(dy, x, scale, dx)
+    np.testing.assert_allclose(scale_sums, (dy64 * x64).sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bias_sums, dy64.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy64 * s64, rtol=1e-6, atol=1e-6)
+    # In place (dx is dy): the sums are of dy before it is overwritten.
+    again = cpu.scale_backward(dy, x, scale, dy)
+    np.testing.assert_array_equal(again[0], scale_sums)
+    np.testing.assert_array_equal(again[1], bias_sums)
+    np.testing.assert_array_equal(dy, dx)
+    assert cpu.scale_backward(dx, None, scale, None)[0] is None

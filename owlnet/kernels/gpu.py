@@ -459,6 +459,27 @@ def channel_sums(a3, b3=None):
     return (a3 if b3 is None else a3 * b3).sum(axis=(0, 2))
 
 
+def scale_forward(x3, scale, bias, y3, kept):
+    """Scale's forward per channel: ``y3`` = x * scale[c] (+ bias[c] unless None), after
+    copying x into ``kept`` unless None (``y3`` may be ``x3``)."""
+    cupy = backend.import_cupy()
+    if kept is not None:
+        cupy.copyto(kept, x3)
+    cupy.multiply(x3, scale.reshape(1, -1, 1), out=y3)
+    if bias is not None:
+        y3 += bias.reshape(1, -1, 1)
+
+
+def scale_backward(dy3, x3, scale, dx3):
+    """Scale's backward per channel: ``(sum of dy * x, sum of dy)`` (the first None when
+    ``x3`` is None), and ``dx3`` = dy * scale[c] unless None (it may be ``dy3``)."""
+    cupy = backend.import_cupy()
+    sums = (None if x3 is None else (dy3 * x3).sum(axis=(0, 2)), dy3.sum(axis=(0, 2)))
+    if dx3 is not None:
+        cupy.multiply(dy3, scale.reshape(1, -1, 1), out=dx3)
+    return sums
+
+
 def relu_backward(dy, x, dx):
     """``dx`` = dy * (x > 0) (``dx`` may be ``dy``)."""
     backend.import_cupy().multiply(dy, x > 0, out=dx)

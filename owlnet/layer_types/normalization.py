@@ -176,34 +176,42 @@ class ScaleLayer(_Broadcast):
         x = bottom[0].data
         xp = backend.array_module(x)
         learns_scale = len(bottom) > 1 or self.param_propagate_down[0]
+        # In place, the scale's gradient needs the input, which the top overwrites: kept.
         keep = top[0] is bottom[0] and learns_scale and self.runs_backward
-        self._saved_input = x.copy() if keep else None
-        y3 = top[0].data.reshape(outer, dim, inner)
-        xp.multiply(x.reshape(outer, dim, inner), self._scale(bottom).data.reshape(1, dim, 1),
-                    out=y3)
-        if self.bias_index is not None:
-            y3 += self.blobs[self.bias_index].data.reshape(1, dim, 1)
+        kept = self._saved_input if keep else None
+        if keep and (kept is None or kept.shape != x.shape or kept.dtype != x.dtype
+                     or backend.array_module(kept) is not xp):
+            kept = xp.empty_like(x)
+        self._saved_input = kept
+        bias = None if self.bias_index is None else self.blobs[self.bias_index].data.reshape(dim)
+        kernels.get(xp).scale_forward(
+            x.reshape(outer, dim, inner), self._scale(bottom).data.reshape(dim), bias,
+            top[0].data.reshape(outer, dim, inner),
+            None if kept is None else kept.reshape(outer, dim, inner))
 
     def backward(self, top, propagate_down, bottom):
         outer, dim, inner = self.layout
         dy3 = top[0].diff.reshape(outer, dim, inner)
         scale = self._scale(bottom)
-        k = kernels.get(backend.array_module(dy3))
-        # Parameter gradients first: in place, bottom[0].diff is top[0].diff.
-        if self.bias_index is not None and self.param_propagate_down[self.bias_index]:
-            bias = self.blobs[self.bias_index]
-            bias.diff[...] += k.channel_sums(dy3).reshape(bias.shape)
         two_bottoms = len(bottom) > 1
-        if (propagate_down[1] if two_bottoms else self.param_propagate_down[0]):
-            x = bottom[0].data if self._saved_input is None else self._saved_input
-            grad = k.channel_sums(dy3, x.reshape(outer, dim, inner)).reshape(scale.shape)
+        learns_bias = self.bias_index is not None and self.param_propagate_down[self.bias_index]
+        learns_scale = propagate_down[1] if two_bottoms else self.param_propagate_down[0]
+        if not (learns_bias or learns_scale or propagate_down[0]):
+            return
+        x = bottom[0].data if self._saved_input is None else self._saved_input
+        # One pass per channel: the parameter sums of each run before dx overwrites it (in
+        # place, bottom[0].diff is top[0].diff).
+        scale_sums, bias_sums = kernels.get(backend.array_module(dy3)).scale_backward(
+            dy3, x.reshape(outer, dim, inner) if learns_scale else None, scale.data.reshape(dim),
+            bottom[0].diff.reshape(outer, dim, inner) if propagate_down[0] else None)
+        if learns_bias:
+            bias = self.blobs[self.bias_index]
+            bias.diff[...] += bias_sums.reshape(bias.shape)
+        if learns_scale:
             if two_bottoms:
-                scale.diff[...] = grad
+                scale.diff[...] = scale_sums.reshape(scale.shape)
             else:
-                scale.diff[...] += grad
-        if propagate_down[0]:
-            backend.array_module(dy3).multiply(dy3, scale.data.reshape(1, dim, 1),
-                                               out=bottom[0].diff.reshape(outer, dim, inner))
+                scale.diff[...] += scale_sums.reshape(scale.shape)
 
 
 @register("Bias")

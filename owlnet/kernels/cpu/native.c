@@ -630,14 +630,40 @@ TARGET void batch_norm_backward_##S##_##ISA(                                    
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* Per channel: sums[c] = sum of a (a * b when b is given). */                                \
-TARGET void channel_sums_##S##_##ISA(const T *a, const T *b, T *sums, i64 outer,       \
-                                            int dim, i64 inner, int c0, int c1)               \
+/* Per channel c, each when its pointer is not null: sum_dy[c] = sum of dy, sum_dyx[c] = sum  \
+ * of dy * x, and dx = dy * scale[c] (dx may be dy: the sums of a run are taken first). The   \
+ * passes of Scale's and Bias's backward. */                                                  \
+TARGET void channel_pass_##S##_##ISA(const T *dy, const T *x, const T *scale, T *dx,          \
+                                     T *sum_dy, T *sum_dyx, i64 outer, int dim, i64 inner,    \
+                                     int c0, int c1)                                          \
 {                                                                                             \
     for (int c = c0; c < c1; ++c) {                                                           \
-        double lanes[8] = {0};                                                                \
-        CHANNEL_RUNS(c) add_run_##S##_##ISA(lanes, a + at, b ? b + at : 0, inner); }          \
-        sums[c] = (T)lane_total(lanes);                                                       \
+        double plain[8] = {0}, product[8] = {0};                                              \
+        CHANNEL_RUNS(c)                                                                       \
+            if (sum_dy) add_run_##S##_##ISA(plain, dy + at, 0, inner);                        \
+            if (sum_dyx) add_run_##S##_##ISA(product, dy + at, x + at, inner);                \
+            if (dx)                                                                           \
+                for (i64 i = 0; i < inner; ++i) dx[at + i] = dy[at + i] * scale[c];           \
+        }                                                                                     \
+        if (sum_dy) sum_dy[c] = (T)lane_total(plain);                                         \
+        if (sum_dyx) sum_dyx[c] = (T)lane_total(product);                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* Scale's forward: y = x * scale[c] (+ bias[c] when not null) per channel, after copying x    \
+ * into kept when not null (y may be x). */                                                   \
+TARGET void scale_forward_##S##_##ISA(const T *x, const T *scale, const T *bias, T *y,       \
+                                      T *kept, i64 outer, int dim, i64 inner, int c0, int c1) \
+{                                                                                             \
+    for (int c = c0; c < c1; ++c) {                                                           \
+        const T factor = scale[c];                                                            \
+        CHANNEL_RUNS(c)                                                                       \
+            if (kept) memcpy(kept + at, x + at, sizeof(T) * inner);                           \
+            if (bias)                                                                         \
+                for (i64 i = 0; i < inner; ++i) y[at + i] = x[at + i] * factor + bias[c];     \
+            else                                                                              \
+                for (i64 i = 0; i < inner; ++i) y[at + i] = x[at + i] * factor;               \
+        }                                                                                     \
     }                                                                                         \
 }
 

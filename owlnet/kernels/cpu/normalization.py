@@ -1,5 +1,6 @@
 """Per-channel passes on the compiled loops of ``native.c``: BatchNorm with batch statistics,
-the per-channel sums of Scale and Bias gradients, ReLU's gradient, LRN across channels.
+Scale's forward and backward, the per-channel sums of Bias gradients, ReLU's gradient, LRN
+across channels.
 ``kernels.gpu`` has the same entry points.
 
 Arrays are viewed as ``(outer, C, inner)`` (channel c the middle index). Channels are cut into
@@ -74,20 +75,60 @@ def batch_norm_backward(dy3, normalized3, inv_std, dx3):
     threads.run_pieces(band, _channel_bands(dy3))
 
 
+def _channel_pass(dy3, x3, scale, dx3, sum_dy, sum_dyx):
+    """native.c's channel_pass over bands of channels (None arrays go as null pointers)."""
+    outer, channels, inner = dy3.shape
+    compiled = native.function("channel_pass", dy3.dtype)
+    pointers = [None if a is None else native.address(a)
+                for a in (dy3, x3, scale, dx3, sum_dy, sum_dyx)]
+
+    def band(part):
+        compiled(*pointers, outer, channels, inner, part.start, part.stop)
+
+    threads.run_pieces(band, _channel_bands(dy3))
+
+
 def channel_sums(a3, b3=None):
     """The sum over outer and inner of ``a3`` (times ``b3`` when given) per channel: (C,)."""
     a3 = np.ascontiguousarray(a3)
     b3 = None if b3 is None else np.ascontiguousarray(b3, dtype=a3.dtype)
-    outer, channels, inner = a3.shape
-    sums = np.empty(channels, dtype=a3.dtype)
-    compiled = native.function("channel_sums", a3.dtype)
+    sums = np.empty(a3.shape[1], dtype=a3.dtype)
+    _channel_pass(a3, b3, None, None, sums if b3 is None else None, None if b3 is None else sums)
+    return sums
+
+
+def scale_forward(x3, scale, bias, y3, kept):
+    """Scale's forward per channel c of ``x3`` (outer, C, inner): ``y3`` = x * scale[c]
+    (+ bias[c] unless None), after copying x into ``kept`` unless None (``y3`` may be
+    ``x3``)."""
+    x3 = np.ascontiguousarray(x3)
+    outer, channels, inner = x3.shape
+    scale = np.ascontiguousarray(scale, dtype=x3.dtype)
+    bias = None if bias is None else np.ascontiguousarray(bias, dtype=x3.dtype)
+    for output in (y3, kept):
+        if output is not None:
+            _contiguous_output(output)
+    compiled = native.function("scale_forward", x3.dtype)
+    pointers = [None if a is None else native.address(a) for a in (x3, scale, bias, y3, kept)]
 
     def band(part):
-        compiled(native.address(a3), None if b3 is None else native.address(b3),
-                 native.address(sums), outer, channels, inner, part.start, part.stop)
+        compiled(*pointers, outer, channels, inner, part.start, part.stop)
 
-    threads.run_pieces(band, _channel_bands(a3))
-    return sums
+    threads.run_pieces(band, _channel_bands(x3))
+
+
+def scale_backward(dy3, x3, scale, dx3):
+    """Scale's backward per channel c: ``(sum of dy * x, sum of dy)`` (the first None when
+    ``x3`` is None), and ``dx3`` = dy * scale[c] unless ``dx3`` is None (it may be ``dy3``)."""
+    dy3 = np.ascontiguousarray(dy3)
+    x3 = None if x3 is None else np.ascontiguousarray(x3, dtype=dy3.dtype)
+    scale = np.ascontiguousarray(scale, dtype=dy3.dtype)
+    if dx3 is not None:
+        _contiguous_output(dx3)
+    sum_dy = np.empty(dy3.shape[1], dtype=dy3.dtype)
+    sum_dyx = None if x3 is None else np.empty(dy3.shape[1], dtype=dy3.dtype)
+    _channel_pass(dy3, x3, scale, dx3, sum_dy, sum_dyx)
+    return sum_dyx, sum_dy
 
 
 def relu_backward(dy, x, dx):
