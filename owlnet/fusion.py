@@ -1,4 +1,5 @@
-"""Fused inference steps: a convolution and the per-channel layers that follow it in place.
+"""Fused steps: a convolution and the per-channel layers that follow it in place (inference);
+BatchNorm, Scale and ReLU (training).
 
 A deploy net's Convolution is usually followed, in place on its top, by BatchNorm (global
 statistics), Scale, Bias and ReLU. Where none of these layers runs backward, ``Net.forward_range``
@@ -17,8 +18,22 @@ intermediate values of the chain are not kept: the chain is in place).
 
 The net's layers, blobs, parameters and files are unchanged; a chain is run layer by layer
 whenever its intermediate values can be observed: forward callbacks registered, or a
-``forward_range`` that starts or ends inside it. ``net.fuse = False`` (or $OWLNET_FUSE=0 when
-the net is built) turns fusion off for a net.
+``forward_range`` that starts or ends inside it.
+
+Fused training steps: in a net that learns, a BatchNorm with batch statistics followed in
+place on its top by a Scale (one learned value per channel) and/or a ReLU (no slope) runs as
+one pass over memory each way (``NormalizationStep``):
+
+    forward:  xhat = (x - mean) * inv_std;  y = relu(xhat * gamma + beta)
+    backward: g = dy * (y > 0);  dgamma += sum g * xhat;  dbeta += sum g;
+              dx = (g - mean(g) - xhat * mean(g * xhat)) * inv_std * gamma
+
+(means over each channel's batch values), which is the layers' backward composed. The
+layers keep the state their own backward reads (BatchNorm's xhat, lent to the Scale as its
+input), so either direction may run fused and the other layer by layer: backward runs layer
+by layer when backward callbacks are registered or the range starts or ends inside the chain.
+
+``net.fuse = False`` (or $OWLNET_FUSE=0 when the net is built) turns both kinds off for a net.
 """
 from __future__ import annotations
 
@@ -124,6 +139,84 @@ def plan(net) -> dict:
         if affine or relu is not None:
             steps[first] = FusedStep(first, conv, net._bottoms[first][0], top, affine, relu)
     return steps
+
+
+class NormalizationStep:
+    """Layers ``first..last`` of a net that learns, all in place on ``blob``: BatchNorm
+    ``batch_norm`` with batch statistics, then a Scale ``scale`` and/or a ReLU ``relu`` (each
+    None when absent)."""
+
+    def __init__(self, first, batch_norm, scale, relu, blob):
+        self.first, self.last = first, first + (scale is not None) + (relu is not None)
+        self.batch_norm, self.scale, self.relu = batch_norm, scale, relu
+        self.blob = blob
+
+    def _scale_and_bias(self):
+        if self.scale is None:
+            return None, None
+        blobs, index = self.scale.blobs, self.scale.bias_index
+        return (blobs[0].data.reshape(-1),
+                None if index is None else blobs[index].data.reshape(-1))
+
+    def forward(self):
+        for layer in (self.batch_norm, self.scale, self.relu):
+            if layer is not None:
+                layer.reshape([self.blob], [self.blob])
+        scale, bias = self._scale_and_bias()
+        self.batch_norm.normalize_batch(self.blob, self.blob, scale, bias, self.relu is not None)
+        if self.scale is not None:
+            self.scale.borrow_input(self.batch_norm.normalized)
+
+    def backward(self):
+        scale, _ = self._scale_and_bias()
+        relu_top = None if self.relu is None else self.blob.data
+        scale_sums, bias_sums = self.batch_norm.normalized_backward(self.blob, self.blob, scale,
+                                                                    relu_top)
+        if self.scale is not None:
+            self.scale.add_parameter_gradients(scale_sums, bias_sums)
+
+
+def plan_training(net) -> dict:
+    """{first layer index: NormalizationStep} for every BatchNorm of ``net`` with batch
+    statistics, in place (the diffs a chain leaves are then those of the layers: one blob),
+    whose backward runs into its bottom, followed in place on its top by a Scale
+    with one bottom and a learned value per channel (axis 1), a ReLU with no negative slope,
+    or both in that order; none of them with a loss weight, all running backward."""
+    steps = {}
+    for first, layer in enumerate(net.layers):
+        if not isinstance(layer, BatchNormLayer) or layer.use_global_stats:
+            continue
+        top = net._tops[first][0]
+        if not (_in_place(net, first, top) and _learns(net, first)
+                and net._bottom_need_backward[first][0] and len(top.shape) > 1):
+            continue
+        found = {ScaleLayer: None, ReLULayer: None}
+        li = first + 1
+        for kind in (ScaleLayer, ReLULayer):
+            if li < len(net.layers) and isinstance(net.layers[li], kind) \
+                    and _in_place(net, li, top) and _learns(net, li) \
+                    and _fusable_after_batch_norm(net.layers[li], top):
+                found[kind] = net.layers[li]
+                li += 1
+        if found[ScaleLayer] is not None or found[ReLULayer] is not None:
+            steps[first] = NormalizationStep(first, layer, found[ScaleLayer], found[ReLULayer],
+                                             top)
+    return steps
+
+
+def _in_place(net, li, blob) -> bool:
+    bottoms, tops = net._bottoms[li], net._tops[li]
+    return len(bottoms) == len(tops) == 1 and bottoms[0] is blob and tops[0] is blob
+
+
+def _learns(net, li) -> bool:
+    return net._layer_need_backward[li] and not net._loss_weights[li]
+
+
+def _fusable_after_batch_norm(layer, top) -> bool:
+    if isinstance(layer, ReLULayer):
+        return layer.negative_slope == 0
+    return _per_channel_affine(layer, top, top.shape[1])
 
 
 def _runs_forward_only(net, li) -> bool:

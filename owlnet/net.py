@@ -176,7 +176,7 @@ class Net:
         self.outputs = list(available)
         self.layer_dict = OrderedDict(zip(self._layer_names, self.layers))
         self._find_backward_layers()
-        self._fused_steps = fusion.plan(self)
+        self._plan_fusion()
         self.arena = ParamArena(self.learnable_params, self.params_lr, self.params_weight_decay,
                                 self.param_layers, self._param_views)
         self._plan_memory()
@@ -374,25 +374,47 @@ class Net:
         """Propagate input shapes through every layer (call after reshaping an input blob)."""
         for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
             layer.reshape(bottoms, tops)
-        self._fused_steps = fusion.plan(self)
+        self._plan_fusion()
         self._plan_memory()
+
+    def _plan_fusion(self):
+        """The fused steps of ``owlnet.fusion`` by first layer: those a forward can run
+        (inference chains, training BatchNorm steps) and those a backward can."""
+        self._backward_steps = fusion.plan_training(self)
+        self._forward_steps = {**fusion.plan(self), **self._backward_steps}
+
+    def segments(self, first: int, last: int, backward: bool = False) -> list:
+        """Layers first..last as ``forward_range`` runs them (``backward_range``, with
+        ``backward``, in reverse order): ``(a, b, step)`` for a fused step of
+        ``owlnet.fusion`` over layers a..b, ``(a, a, None)`` for a single layer. Steps are
+        fused with ``fuse`` on, no callbacks of the direction registered, and the step wholly
+        inside first..last."""
+        kind = "backward" if backward else "forward"
+        observed = self._layer_callbacks["before_" + kind] or self._layer_callbacks[
+            "after_" + kind]
+        steps = {} if observed or not self.fuse else (
+            self._backward_steps if backward else self._forward_steps)
+        runs, li = [], first
+        while li <= last:
+            step = steps.get(li)
+            if step is not None and step.last <= last:
+                runs.append((li, step.last, step))
+                li = step.last + 1
+            else:
+                runs.append((li, li, None))
+                li += 1
+        return runs[::-1] if backward else runs
 
     @backend.device_arrays()
     def forward_range(self, start: int, end: int):
         """Run layers start..end (inclusive); the weighted loss as a 0-d array on the device.
-
-        With ``fuse`` and no forward callbacks, a chain of ``owlnet.fusion`` wholly inside the
-        range runs as one step."""
+        Fused steps of ``owlnet.fusion`` run as one (``segments``)."""
         loss = 0.0
         before, after = self._layer_callbacks["before_forward"], self._layer_callbacks[
             "after_forward"]
-        fused = self._fused_steps if self.fuse and not before and not after else {}
-        li = start
-        while li <= end:
-            step = fused.get(li)
-            if step is not None and step.last <= end:
+        for li, _, step in self.segments(start, end):
+            if step is not None:
                 step.forward()
-                li = step.last + 1
                 continue
             for callback in before:
                 callback(li)
@@ -403,15 +425,18 @@ class Net:
                 loss = loss + weight * tops[j].data.sum()
             for callback in after:
                 callback(li)
-            li += 1
         return loss
 
     @backend.device_arrays()
     def backward_range(self, start: int, end: int) -> None:
-        """Back-propagate through layers start down to end (inclusive)."""
+        """Back-propagate through layers start down to end (inclusive). Fused steps of
+        ``owlnet.fusion`` run as one (``segments``)."""
         before, after = self._layer_callbacks["before_backward"], self._layer_callbacks[
             "after_backward"]
-        for li in range(start, end - 1, -1):
+        for li, _, step in self.segments(end, start, backward=True):
+            if step is not None:
+                step.backward()
+                continue
             for callback in before:
                 callback(li)
             if self._layer_need_backward[li]:

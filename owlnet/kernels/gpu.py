@@ -427,10 +427,11 @@ def ave_pool_backward(dy, dx, kernel, stride, pad):
 
 
 # -- per-channel passes of the training step (kernels.cpu.normalization's entry points) ------
-def batch_norm_forward(x3, y3, kept, eps):
+def batch_norm_forward(x3, y3, kept, eps, scale=None, bias=None, relu=False):
     """Batch statistics per channel of ``x3`` (outer, C, inner): ``(mean, var, inv_std)``,
-    var biased, inv_std = 1 / sqrt(var + eps); ``y3`` = (x - mean) * inv_std (may be
-    ``x3``), also copied into ``kept`` unless None."""
+    var biased, inv_std = 1 / sqrt(var + eps); xhat = (x - mean) * inv_std, copied into
+    ``kept`` unless None, and ``y3`` = xhat, or xhat * scale[c] + bias[c] (each when given),
+    then max(., 0) with ``relu`` (``y3`` may be ``x3``)."""
     cupy = backend.import_cupy()
     mean = x3.mean(axis=(0, 2))
     cupy.subtract(x3, mean[:, None], out=y3)
@@ -439,19 +440,30 @@ def batch_norm_forward(x3, y3, kept, eps):
     y3 *= inv_std[:, None]
     if kept is not None:
         cupy.copyto(kept, y3)
+    if scale is not None:
+        y3 *= scale[:, None]
+    if bias is not None:
+        y3 += bias[:, None]
+    if relu:
+        cupy.maximum(y3, 0, out=y3)
     return mean, var, inv_std
 
 
-def batch_norm_backward(dy3, normalized3, inv_std, dx3):
-    """``dx3`` = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv_std per channel (``dx3`` may
-    be ``dy3``: both means are taken first)."""
+def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=None):
+    """g = dy, or dy * (top > 0) for ``relu_top``; ``dx3`` = (g - mean(g) - xhat *
+    mean(g * xhat)) * inv_std * scale[c] (``dx3`` may be ``dy3``: both means are taken
+    first). Returns ``(sum of g * xhat, sum of g)`` per channel."""
     cupy = backend.import_cupy()
-    mean_dy = dy3.mean(axis=(0, 2))[:, None]
-    products = dy3 * normalized3
-    mean_dy_xhat = products.mean(axis=(0, 2))[:, None]
-    cupy.subtract(dy3, mean_dy, out=dx3)
-    dx3 -= cupy.multiply(normalized3, mean_dy_xhat, out=products)
-    dx3 *= inv_std[:, None]
+    gated = dy3 if relu_top is None else dy3 * (relu_top > 0)
+    count = dy3.shape[0] * dy3.shape[2]
+    sum_g = gated.sum(axis=(0, 2))
+    products = gated * normalized3
+    sum_gx = products.sum(axis=(0, 2))
+    factor = inv_std if scale is None else inv_std * scale
+    cupy.subtract(gated, (sum_g / count)[:, None], out=dx3)
+    dx3 -= cupy.multiply(normalized3, (sum_gx / count)[:, None], out=products)
+    dx3 *= factor[:, None]
+    return sum_gx, sum_g
 
 
 def channel_sums(a3, b3=None):

@@ -73,11 +73,20 @@ class BatchNormLayer(Layer):
             xp.subtract(x3, mean[:, None], out=y3)          # two passes over the top, no copy
             y3 *= self._inv_std[:, None]
             return
+        self.normalize_batch(bottom[0], top[0])
+
+    def normalize_batch(self, bottom_blob, top_blob, scale=None, bias=None, relu=False):
+        """The forward with batch statistics (the statistics blobs updated), the top then
+        times ``scale`` plus ``bias`` per channel and through a ReLU where given: the Scale
+        and ReLU that follow in place run in the same pass (``owlnet.fusion``)."""
+        x3, y3 = self._by_channel(bottom_blob.data), self._by_channel(top_blob.data)
+        xp = backend.array_module(x3)
         mean_blob, var_blob, count_blob = (b.data for b in self.blobs)
         # The normalized input is kept for backward apart from the top, which a following
         # in-place layer (Scale, ReLU) overwrites.
         kept = self._normalized_buffer(xp, y3) if self.runs_backward else None
-        mean, var, self._inv_std = kernels.get(xp).batch_norm_forward(x3, y3, kept, self.eps)
+        mean, var, self._inv_std = kernels.get(xp).batch_norm_forward(x3, y3, kept, self.eps,
+                                                                      scale, bias, relu)
         m = x3.size // self.channels
         maf = self.moving_average_fraction
         count_blob *= maf
@@ -87,6 +96,12 @@ class BatchNormLayer(Layer):
         var_blob *= maf
         var_blob += (m / (m - 1) if m > 1 else 1.0) * var
         self._normalized = kept
+
+    @property
+    def normalized(self):
+        """The normalized input of the last forward with batch statistics that runs backward
+        (by channel: (N, C, rest)), else None."""
+        return self._normalized
 
     def global_statistics(self):
         """``(mu, 1 / sqrt(var + eps))`` per channel from the stored statistics."""
@@ -112,7 +127,16 @@ class BatchNormLayer(Layer):
         if self.use_global_stats:
             xp.multiply(dy3, self._inv_std[:, None], out=dx3)
             return
-        kernels.get(xp).batch_norm_backward(dy3, self._normalized, self._inv_std, dx3)
+        self.normalized_backward(top[0], bottom[0])
+
+    def normalized_backward(self, top_blob, bottom_blob, scale=None, relu_top=None):
+        """The backward with batch statistics into the bottom's diff, of the forward of
+        ``normalize_batch`` with the same ``scale`` and (its top data) ``relu_top``; returns
+        the sums per channel of g * xhat and of g, g the gradient at the ReLU's input."""
+        dy3, dx3 = self._by_channel(top_blob.diff), self._by_channel(bottom_blob.diff)
+        return kernels.get(backend.array_module(dy3)).batch_norm_backward(
+            dy3, self._normalized, self._inv_std, dx3, scale,
+            None if relu_top is None else self._by_channel(relu_top))
 
 
 class _Broadcast(Layer):
@@ -162,7 +186,8 @@ class ScaleLayer(_Broadcast):
             self.bias_index = len(self.blobs)
             self.add_param(shape, p.bias_filler if p.HasField("bias_filler")
                            else _constant_filler(0.0))
-        self._saved_input = None
+        self._saved_input = None       # what backward reads as the input, when kept
+        self._input_copy = None        # the copy this layer's in-place forward keeps
 
     def _scale(self, bottom):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
@@ -178,10 +203,10 @@ class ScaleLayer(_Broadcast):
         learns_scale = len(bottom) > 1 or self.param_propagate_down[0]
         # In place, the scale's gradient needs the input, which the top overwrites: kept.
         keep = top[0] is bottom[0] and learns_scale and self.runs_backward
-        kept = self._saved_input if keep else None
+        kept = self._input_copy if keep else None
         if keep and (kept is None or kept.shape != x.shape or kept.dtype != x.dtype
                      or backend.array_module(kept) is not xp):
-            kept = xp.empty_like(x)
+            kept = self._input_copy = xp.empty_like(x)
         self._saved_input = kept
         bias = None if self.bias_index is None else self.blobs[self.bias_index].data.reshape(dim)
         kernels.get(xp).scale_forward(
@@ -204,14 +229,24 @@ class ScaleLayer(_Broadcast):
         scale_sums, bias_sums = kernels.get(backend.array_module(dy3)).scale_backward(
             dy3, x.reshape(outer, dim, inner) if learns_scale else None, scale.data.reshape(dim),
             bottom[0].diff.reshape(outer, dim, inner) if propagate_down[0] else None)
-        if learns_bias:
+        if two_bottoms and learns_scale:
+            scale.diff[...] = scale_sums.reshape(scale.shape)
+        self.add_parameter_gradients(None if two_bottoms else scale_sums, bias_sums)
+
+    def borrow_input(self, array):
+        """Have backward read its input from ``array`` (values equal to this in-place layer's
+        input at the last forward, owned by the BatchNorm before it: ``owlnet.fusion``)."""
+        self._saved_input = array
+
+    def add_parameter_gradients(self, scale_sums, bias_sums):
+        """Add the per-channel sums of dy * x (``scale_sums``, for a learned scale: one
+        bottom) and of dy to the diffs of the learned blobs (each unless None)."""
+        if scale_sums is not None and self.param_propagate_down[0]:
+            self.blobs[0].diff[...] += scale_sums.reshape(self.blobs[0].shape)
+        if bias_sums is not None and self.bias_index is not None \
+                and self.param_propagate_down[self.bias_index]:
             bias = self.blobs[self.bias_index]
             bias.diff[...] += bias_sums.reshape(bias.shape)
-        if learns_scale:
-            if two_bottoms:
-                scale.diff[...] = scale_sums.reshape(scale.shape)
-            else:
-                scale.diff[...] += scale_sums.reshape(scale.shape)
 
 
 @register("Bias")

@@ -237,7 +237,8 @@ class CapturedStep(SingleDevice):
         return self.losses[iteration % LOSS_RING]
 
     def _step_work(self, current):
-        """Graph A's work, layer by layer (``current`` names the layer being run). The
+        """Graph A's work, layer by layer or fused step by step as the eager step runs it
+        (``Net.segments``; ``current`` names the (first) layer being run). The
         warm-ups run it eagerly and the capture records it: the same code, so the capture
         asks the pool for the same temporaries, in the same order, with the same arrays live
         (the loss sum included) as the warm-up did."""
@@ -245,14 +246,14 @@ class CapturedStep(SingleDevice):
         current["layer"] = None
         net.clear_param_diffs()
         loss = 0.0
-        for li in range(self.feed, last + 1):
-            current["layer"] = net.layers[li]
-            part = net.forward_range(li, li)
+        for first, end, _ in net.segments(self.feed, last):
+            current["layer"] = net.layers[first]
+            part = net.forward_range(first, end)
             if type(part) is not float:
                 loss = loss + part
-        for li in range(last, -1, -1):
-            current["layer"] = net.layers[li]
-            net.backward_range(li, li)
+        for first, end, _ in net.segments(0, last, backward=True):
+            current["layer"] = net.layers[first]
+            net.backward_range(end, first)
         current["layer"] = None
         self._keep_loss(loss)
 

@@ -247,13 +247,16 @@ class Slices(StepExecutor):
                 losses.append(net.forward_range(0, len(net.layers) - 1))
         if reduce:
             self.reducer.begin(iteration)
-        for li in range(len(self.net.layers) - 1, -1, -1):
+        # Layer by layer (a fused step at a time), each bucket's sum started once its
+        # layers' gradients are done.
+        for first, last, _ in self.net.segments(0, len(self.net.layers) - 1, backward=True):
             for d, net in enumerate(self.nets):
                 with self.device_scope(d):
-                    net.backward_range(li, li)
+                    net.backward_range(last, first)
             if reduce:
-                for lo, hi in self.buckets.get(li, ()):
-                    self.reducer.start(self.diffs, lo, hi)
+                for li in range(last, first - 1, -1):
+                    for lo, hi in self.buckets.get(li, ()):
+                        self.reducer.start(self.diffs, lo, hi)
         return sum(float(loss) for loss in losses)
 
     def reduce(self, loss):

@@ -7,7 +7,8 @@
  * are built for AVX2 with FMA and for the baseline, one bound at load time. A function
  * writes only its own band of the output, and sums run in a fixed order, so results do not
  * depend on how work is cut among threads. Sections: pooling, direct convolution, col2im,
- * depthwise convolution, per-channel passes (BatchNorm, channel sums, ReLU's gradient), LRN.
+ * depthwise convolution, per-channel passes (BatchNorm, Scale, channel sums, ReLU's gradient),
+ * LRN.
  *
  * Pooling follows Caffe's windows: output (py, px) of a plane covers rows py*sh - ph ..
  * + kh and columns px*sw - pw .. + kw. MAX reads the part inside the image, keeps the first
@@ -531,12 +532,35 @@ DEFINE_DEPTHWISE(float, f32, vf32, vf32u, baseline, BASELINE)
 DEFINE_DEPTHWISE(double, f64, vf64, vf64u, fast, FAST)
 DEFINE_DEPTHWISE(double, f64, vf64, vf64u, baseline, BASELINE)
 
-/* -- per-channel passes: BatchNorm with batch statistics, channel sums ------------------------
+/* -- per-channel passes: BatchNorm with batch statistics (alone, or with the Scale and ReLU
+ * after it), channel sums, ReLU's gradient ------------------------------------------------------
  * Arrays are (outer, dim, inner) with channel c the middle index; each function handles
  * channels c0..c1-1, whose values (outer runs of inner) are read once per pass while they are
  * still in cache. A sum over a run adds blocks of up to 64 vectors in T (four vectors side by
  * side) and each block's lanes into double lanes, in order; the lanes are added last: the
  * same result however the channels are shared out. */
+
+/* ReLU's gradient: dx = dy * (x > 0 ? 1 : 0), for n values (dx may be dy); a product, not a
+ * choice, so that NaN or inf in dy stays NaN where x <= 0, as in NumPy and Caffe. Written on
+ * vectors (the compiler turns the scalar form into a branch). */
+#define DEFINE_RELU_BACKWARD(T, S, V, VU, VI, ISA, TARGET)                                    \
+TARGET void relu_backward_##S##_##ISA(const T *dy, const T *x, T *dx, i64 n)          \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(T));                                               \
+    const V zero = {0};                                                                       \
+    i64 i = 0;                                                                                \
+    for (; i + L <= n; i += L) {                                                              \
+        const VI positive = -(*(const VU *)(x + i) > zero);                                   \
+        *(VU *)(dx + i) = *(const VU *)(dy + i) * __builtin_convertvector(positive, V);       \
+    }                                                                                         \
+    for (; i < n; ++i) dx[i] = dy[i] * (T)(x[i] > 0);                                         \
+}
+
+DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, fast, FAST)
+DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, baseline, BASELINE)
+DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, fast, FAST)
+DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, baseline, BASELINE)
+
 #define CHANNEL_RUNS(c) for (i64 o = 0; o < outer; ++o) {                                     \
         const i64 at = (o * dim + (c)) * inner;
 
@@ -584,10 +608,12 @@ static TARGET void add_squares_##S##_##ISA(double *lanes, const T *a, T mu, i64 
 }                                                                                             \
                                                                                               \
 /* mean = sum x / m, var = sum (x - mean)^2 / m (biased), inv = 1 / sqrt(var + eps) per      \
- * channel, m = outer * inner; y = (x - mean) * inv (y may be x) and, when kept, a copy. */   \
+ * channel, m = outer * inner; xhat = (x - mean) * inv, kept in kept when not null, and       \
+ * y = xhat * scale[c] + bias[c] (1 and 0 where null), then max(y, 0) when relu (NaN stays    \
+ * NaN): BatchNorm, or BatchNorm, Scale and ReLU in one pass (y may be x). */                  \
 TARGET void batch_norm_forward_##S##_##ISA(                                            \
-    const T *x, T *y, T *kept, T *mean, T *var, T *inv, i64 outer, int dim, i64 inner,        \
-    int c0, int c1, T eps)                                                                    \
+    const T *x, T *y, T *kept, T *mean, T *var, T *inv, const T *scale, const T *bias,        \
+    i64 outer, int dim, i64 inner, int c0, int c1, int relu, T eps)                           \
 {                                                                                             \
     const double m = (double)outer * inner;                                                   \
     for (int c = c0; c < c1; ++c) {                                                           \
@@ -597,35 +623,49 @@ TARGET void batch_norm_forward_##S##_##ISA(                                     
         memset(lanes, 0, sizeof lanes);                                                       \
         CHANNEL_RUNS(c) add_squares_##S##_##ISA(lanes, x + at, mu, inner); }                  \
         const T sigma2 = (T)(lane_total(lanes) / m);                                          \
-        const T scale = (T)1 / SQRT(sigma2 + eps);                                            \
+        const T factor = (T)1 / SQRT(sigma2 + eps);                                           \
+        const T g = scale ? scale[c] : (T)1, b = bias ? bias[c] : (T)0;                       \
         CHANNEL_RUNS(c)                                                                       \
-            for (i64 i = 0; i < inner; ++i) y[at + i] = (x[at + i] - mu) * scale;             \
-            if (kept) memcpy(kept + at, y + at, sizeof(T) * inner);                           \
+            for (i64 i = 0; i < inner; ++i) {                                                 \
+                const T xhat = (x[at + i] - mu) * factor;                                     \
+                if (kept) kept[at + i] = xhat;                                                \
+                const T out = xhat * g + b;                                                   \
+                y[at + i] = relu && out < 0 ? (T)0 : out;                                     \
+            }                                                                                 \
         }                                                                                     \
         mean[c] = mu;                                                                         \
         var[c] = sigma2;                                                                      \
-        inv[c] = scale;                                                                       \
+        inv[c] = factor;                                                                      \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv per channel (dx may be dy). */         \
+/* The gradient of batch_norm_forward: g = dy, or dy * (top > 0) when top (the chain's output \
+ * after its ReLU) is not null; dx = (g - mean(g) - xhat * mean(g * xhat)) * inv * scale[c]    \
+ * (scale 1 where null), and when sum_g is not null sum_g[c] = sum of g, sum_gx[c] = sum of   \
+ * g * xhat (Scale's parameter gradients). dx may be dy (g is kept in dx meanwhile). */        \
 TARGET void batch_norm_backward_##S##_##ISA(                                           \
-    const T *dy, const T *xhat, const T *inv, T *dx, i64 outer, int dim, i64 inner, int c0,   \
-    int c1)                                                                                   \
+    const T *dy, const T *xhat, const T *inv, T *dx, const T *scale, const T *top, T *sum_g,  \
+    T *sum_gx, i64 outer, int dim, i64 inner, int c0, int c1)                                 \
 {                                                                                             \
     const double m = (double)outer * inner;                                                   \
+    const T *g = top ? dx : dy;                                                               \
     for (int c = c0; c < c1; ++c) {                                                           \
         double sum_dy[8] = {0}, sum_dy_xhat[8] = {0};                                         \
         CHANNEL_RUNS(c)                                                                       \
-            add_run_##S##_##ISA(sum_dy, dy + at, 0, inner);                                   \
-            add_run_##S##_##ISA(sum_dy_xhat, dy + at, xhat + at, inner);                      \
+            if (top) relu_backward_##S##_##ISA(dy + at, top + at, dx + at, inner);            \
+            add_run_##S##_##ISA(sum_dy, g + at, 0, inner);                                    \
+            add_run_##S##_##ISA(sum_dy_xhat, g + at, xhat + at, inner);                       \
+        }                                                                                     \
+        if (sum_g) {                                                                          \
+            sum_g[c] = (T)lane_total(sum_dy);                                                 \
+            sum_gx[c] = (T)lane_total(sum_dy_xhat);                                           \
         }                                                                                     \
         const T mean_dy = (T)(lane_total(sum_dy) / m);                                        \
         const T mean_dy_xhat = (T)(lane_total(sum_dy_xhat) / m);                              \
-        const T scale = inv[c];                                                               \
+        const T factor = scale ? inv[c] * scale[c] : inv[c];                                  \
         CHANNEL_RUNS(c)                                                                       \
             for (i64 i = 0; i < inner; ++i)                                                   \
-                dx[at + i] = (dy[at + i] - mean_dy - xhat[at + i] * mean_dy_xhat) * scale;    \
+                dx[at + i] = (g[at + i] - mean_dy - xhat[at + i] * mean_dy_xhat) * factor;    \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
@@ -680,27 +720,6 @@ DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, baseline, BASELINE)
 DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, fast, FAST)
 DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, baseline, BASELINE)
 
-
-/* ReLU's gradient: dx = dy * (x > 0 ? 1 : 0), for n values (dx may be dy); a product, not a
- * choice, so that NaN or inf in dy stays NaN where x <= 0, as in NumPy and Caffe. Written on
- * vectors (the compiler turns the scalar form into a branch). */
-#define DEFINE_RELU_BACKWARD(T, S, V, VU, VI, ISA, TARGET)                                    \
-TARGET void relu_backward_##S##_##ISA(const T *dy, const T *x, T *dx, i64 n)          \
-{                                                                                             \
-    const int L = (int)(sizeof(V) / sizeof(T));                                               \
-    const V zero = {0};                                                                       \
-    i64 i = 0;                                                                                \
-    for (; i + L <= n; i += L) {                                                              \
-        const VI positive = -(*(const VU *)(x + i) > zero);                                   \
-        *(VU *)(dx + i) = *(const VU *)(dy + i) * __builtin_convertvector(positive, V);       \
-    }                                                                                         \
-    for (; i < n; ++i) dx[i] = dy[i] * (T)(x[i] > 0);                                         \
-}
-
-DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, fast, FAST)
-DEFINE_RELU_BACKWARD(float, f32, vf32, vf32u, vi32, baseline, BASELINE)
-DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, fast, FAST)
-DEFINE_RELU_BACKWARD(double, f64, vf64, vf64u, vi64, baseline, BASELINE)
 
 /* -- LRN across channels ------------------------------------------------------------------------
  * s = shift + coeff * (sum of x^2 over channels ch - size/2 .. ch + size/2, inside the blob,

@@ -31,7 +31,7 @@ _SIGNATURES = {
     "conv_direct_backward_filter": [_POINTER, _I64, _POINTER, _INT, _POINTER, _I64, _POINTER,
                                     _INT, _I64] + [_INT] * 7,
     "col2im": [_POINTER, _POINTER] + [_INT] * 16,
-    "batch_norm_backward": [_POINTER] * 4 + [_I64, _INT, _I64, _INT, _INT],
+    "batch_norm_backward": [_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT],
     "channel_pass": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT],
     "scale_forward": [_POINTER] * 5 + [_I64, _INT, _I64, _INT, _INT],
     "relu_backward": [_POINTER] * 3 + [_I64],
@@ -41,7 +41,7 @@ _SIGNATURES = {
     "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
 }
 # Functions whose last arguments are of the element type: (other arguments, how many).
-_TYPED_LAST = {"batch_norm_forward": ([_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT], 1),
+_TYPED_LAST = {"batch_norm_forward": ([_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT, _INT], 1),
                "lrn_forward": ([_POINTER] * 4 + [_I64, _INT, _I64, _INT], 3)}
 _SCALARS = {"f32": ctypes.c_float, "f64": ctypes.c_double}
 _SUFFIXES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}

@@ -1,4 +1,5 @@
-"""Per-channel passes on the compiled loops of ``native.c``: BatchNorm with batch statistics,
+"""Per-channel passes on the compiled loops of ``native.c``: BatchNorm with batch statistics
+(alone, or with the Scale and ReLU that follow it in a training net, ``owlnet.fusion``),
 Scale's forward and backward, the per-channel sums of Bias gradients, ReLU's gradient, LRN
 across channels.
 ``kernels.gpu`` has the same entry points.
@@ -38,41 +39,51 @@ def _contiguous_output(array):
     return array
 
 
-def batch_norm_forward(x3, y3, kept, eps):
+def batch_norm_forward(x3, y3, kept, eps, scale=None, bias=None, relu=False):
     """Batch statistics per channel c of ``x3`` (outer, C, inner), m = outer * inner values:
     mean = sum x / m, var = sum (x - mean)^2 / m, inv_std = 1 / sqrt(var + eps);
-    ``y3`` = (x - mean) * inv_std (``y3`` may be ``x3``), also copied into ``kept`` unless
-    None. Returns ``(mean, var, inv_std)``, each (C,) of x's type."""
+    xhat = (x - mean) * inv_std, copied into ``kept`` unless None, and ``y3`` = xhat, or
+    xhat * scale[c] + bias[c] (each when given), then max(., 0) with ``relu``: a BatchNorm,
+    or a BatchNorm with the Scale and ReLU after it in one pass (``y3`` may be ``x3``).
+    Returns ``(mean, var, inv_std)``, each (C,) of x's type."""
     x3 = np.ascontiguousarray(x3)
     outer, channels, inner = x3.shape
     stats = np.empty((3, channels), dtype=x3.dtype)
+    operands = [None if a is None else np.ascontiguousarray(a, dtype=x3.dtype)
+                for a in (scale, bias)]
     compiled = native.function("batch_norm_forward", x3.dtype)
     outputs = [_contiguous_output(y3)] + ([] if kept is None else [_contiguous_output(kept)])
+    pointers = [None if a is None else native.address(a)
+                for a in [x3, outputs[0], kept, *stats, *operands]]
 
     def band(part):
-        compiled(native.address(x3), native.address(outputs[0]),
-                 None if kept is None else native.address(kept), native.address(stats[0]),
-                 native.address(stats[1]), native.address(stats[2]), outer, channels, inner,
-                 part.start, part.stop, eps)
+        compiled(*pointers, outer, channels, inner, part.start, part.stop, int(relu), eps)
 
     threads.run_pieces(band, _channel_bands(x3))
     return stats[0], stats[1], stats[2]
 
 
-def batch_norm_backward(dy3, normalized3, inv_std, dx3):
-    """``dx3`` = (dy - mean(dy) - xhat * mean(dy * xhat)) * inv_std per channel, xhat
-    ``normalized3`` (``dx3`` may be ``dy3``)."""
+def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=None):
+    """The gradient of ``batch_norm_forward``: g = dy, or dy * (top > 0) for ``relu_top`` (the
+    forward's output, its ReLU applied); ``dx3`` = (g - mean(g) - xhat * mean(g * xhat)) *
+    inv_std * scale[c] (scale 1 unless given), xhat ``normalized3`` (``dx3`` may be ``dy3``).
+    Returns ``(sum of g * xhat, sum of g)`` per channel: Scale's parameter gradients."""
     dy3, normalized3 = np.ascontiguousarray(dy3), np.ascontiguousarray(normalized3)
     inv_std = np.ascontiguousarray(inv_std, dtype=dy3.dtype)
+    scale = None if scale is None else np.ascontiguousarray(scale, dtype=dy3.dtype)
+    relu_top = None if relu_top is None else np.ascontiguousarray(relu_top, dtype=dy3.dtype)
     outer, channels, inner = dy3.shape
+    sums = np.empty((2, channels), dtype=dy3.dtype)
     compiled = native.function("batch_norm_backward", dy3.dtype)
     _contiguous_output(dx3)
+    pointers = [None if a is None else native.address(a)
+                for a in (dy3, normalized3, inv_std, dx3, scale, relu_top, sums[1], sums[0])]
 
     def band(part):
-        compiled(native.address(dy3), native.address(normalized3), native.address(inv_std),
-                 native.address(dx3), outer, channels, inner, part.start, part.stop)
+        compiled(*pointers, outer, channels, inner, part.start, part.stop)
 
     threads.run_pieces(band, _channel_bands(dy3))
+    return sums[0], sums[1]
 
 
 def _channel_pass(dy3, x3, scale, dx3, sum_dy, sum_dyx):
