@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 
-from . import backend
+from . import backend, kernels
 from .layer_types.normalization import BatchNormLayer, BiasLayer, ScaleLayer
 from .layer_types.neuron import ReLULayer
 from .layer_types.vision import ConvolutionLayer, DeconvolutionLayer
@@ -74,12 +74,15 @@ class FusedStep:
                                   out=self._weights_buffer(xp, weights))
             scale = None
         y = self.conv.forward_without_bias(self.bottom, self.top, weights)
-        if scale is not None:
-            xp.multiply(y, scale[:, None, None], out=y)
-        if shift is not None:
-            xp.add(y, shift[:, None, None], out=y)
-        if self.relu is not None:
-            self.relu.forward([self.top], [self.top])
+        relu = self.relu
+        if scale is not None or shift is not None:
+            # One pass: the affine, and the ReLU when it has no slope.
+            plain_relu = relu is not None and relu.negative_slope == 0
+            y3 = y.reshape(y.shape[0], y.shape[1], -1)
+            kernels.get(xp).scale_forward(y3, scale, shift, y3, None, plain_relu)
+            relu = None if plain_relu else relu
+        if relu is not None:
+            relu.forward([self.top], [self.top])
 
     def _weights_buffer(self, xp, weights):
         """An array like ``weights`` kept for the scaled weights."""

@@ -124,6 +124,15 @@ def test_scale_forward_and_backward(bands, shape):
     in_place = x.copy()
     cpu.scale_forward(in_place, scale, None, in_place, None)
     np.testing.assert_allclose(in_place, x64 * s64, rtol=1e-6, atol=1e-6)
+    # The affine and ReLU of a fused inference chain; a NaN stays NaN through the ReLU.
+    first, x[0, 0, 0] = x[0, 0, 0], np.nan
+    for factor, shift in ((scale, bias), (None, bias), (scale, None)):
+        want = x.astype(np.float64) * (1 if factor is None else s64) + (
+            0 if shift is None else bias[:, None])
+        cpu.scale_forward(x, factor, shift, y, None, relu=True)
+        np.testing.assert_allclose(y, np.maximum(want, 0), rtol=1e-6, atol=1e-6)
+        assert y.size < 8 or (y == 0).any()
+    x[0, 0, 0] = first
 
     dy = RNG.standard_normal(shape).astype(np.float32)
     dy64 = dy.astype(np.float64)

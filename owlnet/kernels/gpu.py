@@ -471,15 +471,21 @@ def channel_sums(a3, b3=None):
     return (a3 if b3 is None else a3 * b3).sum(axis=(0, 2))
 
 
-def scale_forward(x3, scale, bias, y3, kept):
-    """Scale's forward per channel: ``y3`` = x * scale[c] (+ bias[c] unless None), after
-    copying x into ``kept`` unless None (``y3`` may be ``x3``)."""
+def scale_forward(x3, scale, bias, y3, kept, relu=False):
+    """Scale's forward per channel: ``y3`` = x * scale[c] + bias[c] (each unless None), then
+    max(., 0) with ``relu``, after copying x into ``kept`` unless None (``y3`` may be
+    ``x3``)."""
     cupy = backend.import_cupy()
     if kept is not None:
         cupy.copyto(kept, x3)
-    cupy.multiply(x3, scale.reshape(1, -1, 1), out=y3)
+    if scale is not None:
+        cupy.multiply(x3, scale.reshape(1, -1, 1), out=y3)
+    elif y3 is not x3:
+        cupy.copyto(y3, x3)
     if bias is not None:
         y3 += bias.reshape(1, -1, 1)
+    if relu:
+        cupy.maximum(y3, 0, out=y3)
 
 
 def scale_backward(dy3, x3, scale, dx3):

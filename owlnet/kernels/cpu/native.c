@@ -690,19 +690,21 @@ TARGET void channel_pass_##S##_##ISA(const T *dy, const T *x, const T *scale, T 
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* Scale's forward: y = x * scale[c] (+ bias[c] when not null) per channel, after copying x    \
- * into kept when not null (y may be x). */                                                   \
+/* Scale's forward: y = x * scale[c] + bias[c] per channel (1 and 0 where null), then          \
+ * max(y, 0) when relu (NaN stays NaN), after copying x into kept when not null (y may be x):  \
+ * the Scale layer, and the per-channel affine and ReLU of a fused inference chain. */        \
 TARGET void scale_forward_##S##_##ISA(const T *x, const T *scale, const T *bias, T *y,       \
-                                      T *kept, i64 outer, int dim, i64 inner, int c0, int c1) \
+                                      T *kept, i64 outer, int dim, i64 inner, int c0, int c1, \
+                                      int relu)                                               \
 {                                                                                             \
     for (int c = c0; c < c1; ++c) {                                                           \
-        const T factor = scale[c];                                                            \
+        const T factor = scale ? scale[c] : (T)1, shift = bias ? bias[c] : (T)0;              \
         CHANNEL_RUNS(c)                                                                       \
             if (kept) memcpy(kept + at, x + at, sizeof(T) * inner);                           \
-            if (bias)                                                                         \
-                for (i64 i = 0; i < inner; ++i) y[at + i] = x[at + i] * factor + bias[c];     \
-            else                                                                              \
-                for (i64 i = 0; i < inner; ++i) y[at + i] = x[at + i] * factor;               \
+            for (i64 i = 0; i < inner; ++i) {                                                 \
+                const T out = x[at + i] * factor + shift;                                     \
+                y[at + i] = relu && out < 0 ? (T)0 : out;                                     \
+            }                                                                                 \
         }                                                                                     \
     }                                                                                         \
 }

@@ -108,14 +108,14 @@ def channel_sums(a3, b3=None):
     return sums
 
 
-def scale_forward(x3, scale, bias, y3, kept):
-    """Scale's forward per channel c of ``x3`` (outer, C, inner): ``y3`` = x * scale[c]
-    (+ bias[c] unless None), after copying x into ``kept`` unless None (``y3`` may be
-    ``x3``)."""
+def scale_forward(x3, scale, bias, y3, kept, relu=False):
+    """Scale's forward per channel c of ``x3`` (outer, C, inner): ``y3`` = x * scale[c] +
+    bias[c] (each unless None), then max(., 0) with ``relu``, after copying x into ``kept``
+    unless None (``y3`` may be ``x3``)."""
     x3 = np.ascontiguousarray(x3)
     outer, channels, inner = x3.shape
-    scale = np.ascontiguousarray(scale, dtype=x3.dtype)
-    bias = None if bias is None else np.ascontiguousarray(bias, dtype=x3.dtype)
+    scale, bias = [None if a is None else np.ascontiguousarray(a, dtype=x3.dtype)
+                   for a in (scale, bias)]
     for output in (y3, kept):
         if output is not None:
             _contiguous_output(output)
@@ -123,7 +123,7 @@ def scale_forward(x3, scale, bias, y3, kept):
     pointers = [None if a is None else native.address(a) for a in (x3, scale, bias, y3, kept)]
 
     def band(part):
-        compiled(*pointers, outer, channels, inner, part.start, part.stop)
+        compiled(*pointers, outer, channels, inner, part.start, part.stop, int(relu))
 
     threads.run_pieces(band, _channel_bands(x3))
 
