@@ -61,7 +61,13 @@ def window_choice(request, monkeypatch):
     algorithm = request.node.callspec.params.get("algorithm") \
         if hasattr(request.node, "callspec") else None
     if algorithm in ("im2col", "direct"):
-        monkeypatch.setattr(cpu.convolution, "_DIRECT_WINDOW", 0 if algorithm == "im2col" else 10 ** 9)
+        choose(monkeypatch, algorithm)
+
+
+def choose(monkeypatch, algorithm):
+    """Direct or im2col for every convolution that is neither depthwise nor pointwise."""
+    for name in ("_DIRECT_WINDOW", "_DIRECT_WINDOW_ONE_THREAD"):
+        monkeypatch.setattr(cpu.convolution, name, 0 if algorithm == "im2col" else 10 ** 9)
 
 
 def _arrays(x_shape, w_shape, pad, stride, dilation, group, dtype=np.float64):
@@ -74,8 +80,9 @@ def _arrays(x_shape, w_shape, pad, stride, dilation, group, dtype=np.float64):
 @pytest.mark.parametrize("x_shape, w_shape, pad, stride, dilation, group, algorithm", CASES)
 def test_forward_matches_loops_and_backward_is_its_adjoint(x_shape, w_shape, pad, stride,
                                                           dilation, group, algorithm):
-    assert cpu.convolution._algorithm(x_shape, w_shape, pad, stride, group) == algorithm
     x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group)
+    assert cpu.convolution._algorithm(x_shape, w_shape, expected.shape, pad, stride,
+                                      group) == algorithm
     y = np.full(expected.shape, np.nan)
     cpu.conv_forward(x, w, y, pad, stride, dilation, group)
     np.testing.assert_allclose(y, expected, atol=1e-12)
@@ -122,7 +129,7 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, grou
     kernel gives what one piece gives, to rounding (the products differ in size)."""
     dilation = (1, 1)
     if layout != "direct":
-        monkeypatch.setattr(cpu.convolution, "_DIRECT_WINDOW", 0)
+        choose(monkeypatch, "im2col")
     x, w, expected = _arrays(x_shape, w_shape, pad, stride, dilation, group)
     dy = RNG.standard_normal(expected.shape)
     results = []

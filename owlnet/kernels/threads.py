@@ -6,8 +6,8 @@ small, and it serves them with one thread as fast as with two. Worse, on a busy 
 threads wait for each other at every product: a 0.2 ms product was measured taking 8 ms with
 two BLAS threads while other processes ran, against 0.2 ms with one. So the kernels hand their
 pieces to :func:`run_pieces`, which runs them on ``workers()`` Python threads, or in turn on
-the calling thread, always with the BLAS held to one thread (NumPy releases the GIL in its
-copies and BLAS calls), then gives the BLAS its threads back. Lanes take pieces as they free
+the calling thread, with the BLAS held to one thread where the pieces call it (NumPy releases
+the GIL in its copies and BLAS calls), then gives the BLAS its threads back. Lanes take pieces as they free
 up, so a thread that the machine holds up simply runs fewer of them. Pieces must write
 disjoint outputs: a piece's result then does not depend on which thread ran it or when, so
 results are the same with one worker or many.
@@ -55,9 +55,10 @@ class _Pool:
     def _mark_worker(self):
         self.local.worker = True
 
-    def _in_turn(self, function, pieces):
-        """The pieces one after another on this thread, the BLAS held to one thread."""
-        if getattr(self.local, "worker", False):
+    def _in_turn(self, function, pieces, blas):
+        """The pieces one after another on this thread, the BLAS held to one thread when they
+        call it."""
+        if not blas or getattr(self.local, "worker", False):
             for piece in pieces:
                 function(piece)
             return
@@ -87,11 +88,11 @@ class _Pool:
         for controller, count in zip(self.blas, counts):
             controller.set_num_threads(count)
 
-    def run(self, function, pieces, parallel):
+    def run(self, function, pieces, parallel, blas):
         if (not parallel or self.executor is None or len(pieces) < 2
                 or getattr(self.local, "worker", False)
                 or not self.lock.acquire(blocking=False)):
-            self._in_turn(function, pieces)
+            self._in_turn(function, pieces, blas)
             return
         claimed = itertools.count()       # next() on it is atomic: each piece runs once
 
@@ -101,7 +102,8 @@ class _Pool:
                     return
                 function(pieces[index])
 
-        self._hold_blas()
+        if blas:
+            self._hold_blas()
         try:
             helpers = [self.executor.submit(lane)
                        for _ in range(min(self.size, len(pieces)) - 1)]
@@ -112,7 +114,8 @@ class _Pool:
             for helper in helpers:
                 helper.result()
         finally:
-            self._release_blas()
+            if blas:
+                self._release_blas()
             self.lock.release()
 
 
@@ -134,10 +137,11 @@ def workers() -> int:
     return _get_pool().size
 
 
-def run_pieces(function, pieces, parallel=True) -> None:
-    """Call ``function(piece)`` for every piece, with the BLAS held to one thread: on the
-    worker threads when ``parallel`` and there are several pieces and no other call holds
-    them (nested or concurrent calls run their pieces in turn), else in turn on this thread.
-    The first exception a piece raises is raised here: on the threads, once every piece has
-    finished or failed; in turn, at once (the pieces after it do not run)."""
-    _get_pool().run(function, list(pieces), parallel)
+def run_pieces(function, pieces, parallel=True, blas=True) -> None:
+    """Call ``function(piece)`` for every piece, with the BLAS held to one thread unless the
+    pieces do not call it (``blas`` False: compiled loops, whose calls then skip the switch):
+    on the worker threads when ``parallel`` and there are several pieces and no other call
+    holds them (nested or concurrent calls run their pieces in turn), else in turn on this
+    thread. The first exception a piece raises is raised here: on the threads, once every
+    piece has finished or failed; in turn, at once (the pieces after it do not run)."""
+    _get_pool().run(function, list(pieces), parallel, blas)

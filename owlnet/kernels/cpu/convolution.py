@@ -14,8 +14,10 @@ algorithm follows from the shapes:
 * few inputs per window (C/group * kh * kw <= ``_DIRECT_WINDOW``: first layers, CIFAR and
   MNIST nets): ``direct``, compiled loops with no column matrix, whose copies would cost
   more than these products (measured 1.1-1.9x faster forward and backward-filter up to 144
-  inputs per window; slower from 288 on, where the products dominate and BLAS wins); its
-  backward-data as im2col's below;
+  inputs per window; slower from 288 on, where the products dominate and BLAS wins); also
+  up to ``_DIRECT_WINDOW_ONE_THREAD`` inputs per window for a convolution too small to share
+  out among the threads (the small-batch ResNets of inference: there im2col's copies and
+  calls cost more than its product saves); its backward-data as im2col's below;
 * anything else: im2col and a matrix product per group, piece by piece (a few images, or a
   band of output rows), each piece's column matrix made just before its product so that it
   is still in cache. Its backward-data with stride 1, one group and no more output than input
@@ -36,15 +38,21 @@ from .depthwise import depthwise_backward_data, depthwise_backward_filter, depth
 
 # -- convolution: the choice ---------------------------------------------------------------
 _DIRECT_WINDOW = 160
+# Measured on ResNet-56 at batch 2 (convolutions of 4.7 M multiply-adds, K = 144-576): the
+# forward 15.3 ms with im2col from K = 288 on, 14.1 ms with direct to 288, 13.8 ms to 576.
+_DIRECT_WINDOW_ONE_THREAD = 576
 
 
-def _algorithm(x_shape, w_shape, pad, stride, group):
+def _algorithm(x_shape, w_shape, y_shape, pad, stride, group):
     """"depthwise", "pointwise", "direct" or "im2col" for this convolution (module doc)."""
     if w_shape[1] == 1 and group == x_shape[1] and group > 1:
         return "depthwise"
     if group == 1 and w_shape[2:] == (1, 1) and tuple(stride) == (1, 1) and not any(pad):
         return "pointwise"
-    if w_shape[1] * w_shape[2] * w_shape[3] <= _DIRECT_WINDOW:
+    window = w_shape[1] * w_shape[2] * w_shape[3]
+    one_thread = y_shape[0] * y_shape[1] * y_shape[2] * y_shape[3] * window \
+        < shared.PARALLEL_MULTIPLY_ADDS
+    if window <= (_DIRECT_WINDOW_ONE_THREAD if one_thread else _DIRECT_WINDOW):
         return "direct"
     return "im2col"
 
@@ -52,21 +60,21 @@ def _algorithm(x_shape, w_shape, pad, stride, group):
 def conv_forward(x, w, y, pad, stride, dilation, group, engine="default"):
     """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
     ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``."""
-    run = _FORWARD[_algorithm(x.shape, w.shape, pad, stride, group)]
+    run = _FORWARD[_algorithm(x.shape, w.shape, y.shape, pad, stride, group)]
     run(x, w, y, pad, stride, dilation, group)
 
 
 def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"):
     """Gradient of ``conv(x, w)`` with respect to x for output gradient ``dy``, written (not
     added) into ``dx``."""
-    run = _BACKWARD_DATA[_algorithm(dx.shape, w.shape, pad, stride, group)]
+    run = _BACKWARD_DATA[_algorithm(dx.shape, w.shape, dy.shape, pad, stride, group)]
     run(dy, w, dx, pad, stride, dilation, group)
 
 
 def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="default"):
     """Gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``, written (not
     added) into ``dw``."""
-    run = _BACKWARD_FILTER[_algorithm(x.shape, dw.shape, pad, stride, group)]
+    run = _BACKWARD_FILTER[_algorithm(x.shape, dw.shape, dy.shape, pad, stride, group)]
     run(x, dy, dw, pad, stride, dilation, group)
 
 

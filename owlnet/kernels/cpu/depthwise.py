@@ -58,7 +58,7 @@ def depthwise_forward(x, w, y, pad, stride, dilation, group):
                  native.address(y, n0 * m * oh * ow), n1 - n0, c, m // c, m0, m1, oh, ow,
                  frame.sh, frame.q)
 
-    threads.run_pieces(piece, pieces, len(pieces) > 1)
+    threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)
 
 
 def depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
@@ -82,7 +82,7 @@ def depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
                  native.address(grads), native.address(total), 0, n, c, m // c, m0, m1, oh,
                  padded_width, frame.sh, frame.q)
 
-    threads.run_pieces(piece, pieces, len(pieces) > 1)
+    threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)
     if total is not dw:
         dw[...] = total
 
@@ -109,4 +109,4 @@ def depthwise_backward_data(dy, w, dx, pad, stride, dilation, group):
                  native.address(dx, n0 * c * h * wd), native.address(scratch), n1 - n0, c,
                  m // c, c0, c1, h, wd, kh, kw, oh, ow, sh, sw, ph, pw, dh, dwd, rows, columns)
 
-    threads.run_pieces(piece, pieces, len(pieces) > 1)
+    threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)

@@ -15,6 +15,8 @@ in a fixed order (``shared.sum_of_pieces``): results do not depend on the thread
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .. import threads
@@ -61,14 +63,22 @@ class Frame:
                      h, w, ph, pw, sw, self.rows, self.q)
 
         threads.run_pieces(band, shared.bands(n * c, h * w * images.itemsize, _FRAME_BAND_BYTES),
-                           parallel)
+                           parallel, blas=False)
         self.group_stride = cg * plane             # elements from one group's channels to the next
         self.image_stride = c * plane
-        k_c, k_i, k_j = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")
-        column = k_j * dw
-        self.koff = np.ascontiguousarray(
-            (((k_c * sw + column % sw) * self.rows + k_i * dh) * self.q + column // sw).ravel(),
-            dtype=np.int64)
+        self.koff = _window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_offsets(cg, kh, kw, sw, dh, dw, rows, q):
+    """Frame offset of every window entry (c, i, j) of one group, read-only int64 (the same
+    for every call of a geometry: made once)."""
+    k_c, k_i, k_j = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")
+    column = k_j * dw
+    offsets = np.ascontiguousarray(
+        (((k_c * sw + column % sw) * rows + k_i * dh) * q + column // sw).ravel(), dtype=np.int64)
+    offsets.flags.writeable = False
+    return offsets
 
 
 def _pieces(n, group, out_rows, multiply_adds):
@@ -113,7 +123,7 @@ def forward(x, w, y, pad, stride, dilation, group):
                  native.address(y, n0 * image_out + g * mg * oh * ow), image_out, n1 - n0, 0, mg,
                  oh, ow, r0, r1, frame.sh, frame.q)
 
-    threads.run_pieces(piece, _pieces(n, group, oh, multiply_adds), parallel)
+    threads.run_pieces(piece, _pieces(n, group, oh, multiply_adds), parallel, blas=False)
 
 
 def backward_filter(x, dy, dw, pad, stride, dilation, group):
@@ -142,6 +152,7 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
                      padded_width, r0, r1, frame.sh, frame.q)
 
     total = dw if dw.flags.c_contiguous else np.empty(dw.shape, dtype=dw.dtype)
-    shared.sum_of_pieces(pieces, parallel and len(pieces) > 1, add_piece, total)
+    shared.sum_of_pieces(pieces, parallel and len(pieces) > 1, add_piece, total,
+                         blas=False)
     if total is not dw:
         dw[...] = total

@@ -59,7 +59,7 @@ def batch_norm_forward(x3, y3, kept, eps, scale=None, bias=None, relu=False):
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop, int(relu), eps)
 
-    threads.run_pieces(band, _channel_bands(x3))
+    threads.run_pieces(band, _channel_bands(x3), blas=False)
     return stats[0], stats[1], stats[2]
 
 
@@ -82,7 +82,7 @@ def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=Non
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop)
 
-    threads.run_pieces(band, _channel_bands(dy3))
+    threads.run_pieces(band, _channel_bands(dy3), blas=False)
     return sums[0], sums[1]
 
 
@@ -96,7 +96,7 @@ def _channel_pass(dy3, x3, scale, dx3, sum_dy, sum_dyx):
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop)
 
-    threads.run_pieces(band, _channel_bands(dy3))
+    threads.run_pieces(band, _channel_bands(dy3), blas=False)
 
 
 def channel_sums(a3, b3=None):
@@ -125,7 +125,7 @@ def scale_forward(x3, scale, bias, y3, kept, relu=False):
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop, int(relu))
 
-    threads.run_pieces(band, _channel_bands(x3))
+    threads.run_pieces(band, _channel_bands(x3), blas=False)
 
 
 def scale_backward(dy3, x3, scale, dx3):
@@ -154,7 +154,7 @@ def relu_backward(dy, x, dx):
         compiled(native.address(dy, part.start), native.address(x, part.start),
                  native.address(dx, part.start), part.stop - part.start)
 
-    threads.run_pieces(band, pieces)
+    threads.run_pieces(band, pieces, blas=False)
 
 
 def lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta):
@@ -177,4 +177,4 @@ def lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta):
 
     pieces = [slice(i, i + 1) for i in range(n)] if x.nbytes >= shared.SPLIT_BYTES \
         else [slice(0, n)]
-    threads.run_pieces(piece, pieces, len(pieces) > 1)
+    threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)

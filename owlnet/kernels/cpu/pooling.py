@@ -41,7 +41,7 @@ def _pool(name, inputs, outputs, kernel, stride, pad, size, pooled, options=()):
         compiled(*pointers, *options, part.stop - part.start, *geometry)
 
     plane_bytes = max(size[0] * size[1], pooled[0] * pooled[1]) * inputs[0].itemsize
-    threads.run_pieces(band, shared.bands(planes, plane_bytes, _POOL_BAND_BYTES))
+    threads.run_pieces(band, shared.bands(planes, plane_bytes, _POOL_BAND_BYTES), blas=False)
 
 
 def max_pool_forward(x, y, argmax, kernel, stride, pad):

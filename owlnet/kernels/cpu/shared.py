@@ -68,15 +68,16 @@ def write_or_add(out, term, accumulate):
         out[...] = term
 
 
-def sum_of_pieces(pieces, parallel, add_piece, total):
+def sum_of_pieces(pieces, parallel, add_piece, total, blas=True):
     """``total`` = the sum over pieces of ``add_piece(piece, out, accumulate)``, which writes
     its term into ``out``, or adds it when ``accumulate`` (``write_or_add``). In parallel,
     the pieces are cut into at most ``REDUCTION_RUNS`` runs, each summed in order by one
     thread into its own buffer, and the buffers are added in run order: the same result
-    whatever the threads do; else they are summed in order into ``total``."""
+    whatever the threads do; else they are summed in order into ``total``. ``blas``: as
+    ``threads.run_pieces``."""
     if not parallel:
         threads.run_pieces(lambda item: add_piece(item[1], total, item[0] > 0),
-                           list(enumerate(pieces)), parallel=False)
+                           list(enumerate(pieces)), parallel=False, blas=blas)
         return
     runs = np.array_split(np.arange(len(pieces)), min(len(pieces), REDUCTION_RUNS))
     partial = np.empty((len(runs),) + total.shape, dtype=total.dtype)
@@ -85,7 +86,7 @@ def sum_of_pieces(pieces, parallel, add_piece, total):
         for k, index in enumerate(runs[r]):
             add_piece(pieces[index], partial[r], k > 0)
 
-    threads.run_pieces(run, range(len(runs)))
+    threads.run_pieces(run, range(len(runs)), blas=blas)
     np.copyto(total, partial[0])
     for r in range(1, len(runs)):
         total += partial[r]
