@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -245,17 +246,50 @@ def run_worker(script, engine, folder, threads, owlnet_root, *extra):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def best_of_rounds(script, engines, folders, rounds, threads, owlnet_root, *extra):
+def best_of_rounds(script, engines, folders, rounds, threads, owlnet_root, *extra,
+                   baseline_root=None):
     """Time every net with every engine, each run in a fresh worker process, ``rounds``
-    times, alternating which engine goes first; ``(best, versions)``: the best ms per
-    ``(net, engine)`` and each engine's version string."""
+    times, alternating the order of the engines; ``(best, versions)``: the best ms per
+    ``(net, engine)`` and each engine's version string. With ``baseline_root``, the owlnet
+    worker of that checkout runs in the same rounds as engine "baseline" (before/after
+    figures taken side by side, not minutes apart on a noisy machine)."""
+    runs = [(engine, engine, owlnet_root) for engine in engines]
+    if baseline_root:
+        runs.append(("baseline", "owlnet", baseline_root))
     best, versions = {}, {}
     for r in range(rounds):
         for i, name in enumerate(folders):
-            order = engines if (r + i) % 2 == 0 else engines[::-1]
-            for engine in order:
-                result = run_worker(script, engine, folders[name], threads, owlnet_root, *extra)
-                versions[engine] = result["version"]
-                best[(name, engine)] = min(best.get((name, engine), float("inf")), result["ms"])
+            order = runs if (r + i) % 2 == 0 else runs[::-1]
+            for label, engine, root in order:
+                result = run_worker(script, engine, folders[name], threads, root, *extra)
+                versions[label] = result["version"]
+                best[(name, label)] = min(best.get((name, label), float("inf")), result["ms"])
         print(f"round {r + 1} done", flush=True)
     return best, versions
+
+
+def ratio_table(nets, best, peer, versions, notes, note_title):
+    """The printed table: per net owlnet's and the peer's best ms and their ratio, a note
+    column (``notes[net]``, titled ``note_title``), and with a baseline its ms and
+    owlnet / baseline; then the median and worst ratio (and the median owlnet / baseline)."""
+    baseline = "baseline" in versions
+    head = f"{'net':<14} {note_title:>12} {'owlnet ms':>10} {peer + ' ms':>10} {'ratio':>7}"
+    if baseline:
+        head += f" {'before ms':>10} {'after/before':>13}"
+    lines = [f"baseline (before) from {versions['baseline']}" if baseline else "", head]
+    ratios, changes = [], []
+    for name in nets:
+        owl, ref = best[(name, "owlnet")], best[(name, peer)]
+        ratios.append(owl / ref)
+        line = f"{name:<14} {notes[name]:>12} {owl:>10.2f} {ref:>10.2f} {owl / ref:>6.2f}x"
+        if baseline:
+            before = best[(name, "baseline")]
+            changes.append(owl / before)
+            line += f" {before:>10.2f} {owl / before:>12.2f}x"
+        lines.append(line)
+    tail = f"{'median ratio':<14} {'':>12} {'':>10} {'':>10} {statistics.median(ratios):>6.2f}x" \
+        f"  (worst {max(ratios):.2f}x)"
+    if baseline:
+        tail += f"; median after/before {statistics.median(changes):.2f}x"
+    lines.append(tail)
+    return "\n" + "\n".join(line for line in lines if line)

@@ -109,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--owlnet-root", help="directory whose owlnet package is timed")
+    parser.add_argument("--baseline-root", help="an earlier checkout whose owlnet is timed in "
+                        "the same rounds (before/after columns)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--net-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,17 +131,12 @@ def main(argv=None):
             prepare(name, folders[name], args.batch, seed)
         best, versions = cpu_nets.best_of_rounds(
             __file__, ENGINES, folders, args.rounds, args.threads, args.owlnet_root or ROOT,
-            "--iters", args.iters, "--warmup", args.warmup)
+            "--iters", args.iters, "--warmup", args.warmup, baseline_root=args.baseline_root)
         errors = {name: compare_outputs(folders[name]) for name in args.nets}
     print(f"OpenCV {versions['opencv']}; owlnet from {versions['owlnet']}")
-    print(f"\n{'net':<14} {'owlnet ms':>10} {'opencv ms':>10} {'ratio':>7}  {'max rel diff':>12}")
-    ratios = []
-    for name in args.nets:
-        owl, cv = best[(name, "owlnet")], best[(name, "opencv")]
-        ratios.append(owl / cv)
-        print(f"{name:<14} {owl:>10.2f} {cv:>10.2f} {owl / cv:>6.2f}x  {errors[name]:>12.1e}")
-    print(f"{'median ratio':<14} {'':>10} {'':>10} {statistics.median(ratios):>6.2f}x  "
-          f"(worst {max(ratios):.2f}x)")
+    print(cpu_nets.ratio_table(args.nets, best, "opencv", versions,
+                               {name: f"{errors[name]:>12.1e}" for name in args.nets},
+                               "max rel diff"))
 
 
 if __name__ == "__main__":

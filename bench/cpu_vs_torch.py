@@ -158,6 +158,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--owlnet-root", help="directory whose owlnet package is timed")
+    parser.add_argument("--baseline-root", help="an earlier checkout whose owlnet is timed in "
+                        "the same rounds (before/after columns)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--net-dir", help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -189,16 +191,11 @@ def main(argv=None):
                          "different work")
         best, versions = cpu_nets.best_of_rounds(__file__, ENGINES, folders, args.rounds,
                                                  args.threads, root, "--iters", args.iters,
-                                                 "--warmup", args.warmup)
+                                                 "--warmup", args.warmup,
+                                                 baseline_root=args.baseline_root)
     print(f"torch {versions['torch']}; owlnet from {versions['owlnet']}")
-    print(f"\n{'net':<14} {'batch':>5} {'owlnet ms':>10} {'torch ms':>10} {'ratio':>7}")
-    ratios = []
-    for name in args.nets:
-        owl, ref = best[(name, "owlnet")], best[(name, "torch")]
-        ratios.append(owl / ref)
-        print(f"{name:<14} {BATCH[name]:>5} {owl:>10.2f} {ref:>10.2f} {owl / ref:>6.2f}x")
-    print(f"{'median ratio':<14} {'':>5} {'':>10} {'':>10} {statistics.median(ratios):>6.2f}x  "
-          f"(worst {max(ratios):.2f}x)")
+    print(cpu_nets.ratio_table(args.nets, best, "torch", versions,
+                               {name: f"{BATCH[name]:>5}" for name in args.nets}, "batch"))
 
 
 if __name__ == "__main__":
