@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 
 
 def _blas_controllers():
@@ -48,12 +47,7 @@ class _Pool:
         self.size = int(wanted) if wanted.isdigit() and int(wanted) > 0 else blas_threads
         if not self.blas:
             self.size = 1
-        self.executor = ThreadPoolExecutor(self.size - 1, thread_name_prefix="owlnet-cpu",
-                                           initializer=self._mark_worker) \
-            if self.size > 1 else None
-
-    def _mark_worker(self):
-        self.local.worker = True
+        self.helpers = [_Helper(self.local, k) for k in range(self.size - 1)]
 
     def _in_turn(self, function, pieces, blas):
         """The pieces one after another on this thread, the BLAS held to one thread when they
@@ -89,7 +83,7 @@ class _Pool:
             controller.set_num_threads(count)
 
     def run(self, function, pieces, parallel, blas):
-        if (not parallel or self.executor is None or len(pieces) < 2
+        if (not parallel or not self.helpers or len(pieces) < 2
                 or getattr(self.local, "worker", False)
                 or not self.lock.acquire(blocking=False)):
             self._in_turn(function, pieces, blas)
@@ -105,22 +99,71 @@ class _Pool:
         if blas:
             self._hold_blas()
         try:
-            helpers = [self.executor.submit(lane)
-                       for _ in range(min(self.size, len(pieces)) - 1)]
+            helpers = self.helpers[:min(self.size, len(pieces)) - 1]
+            for helper in helpers:
+                helper.start(lane)
             try:
                 lane()                        # the calling thread is a lane too
             finally:
-                wait(helpers)
-            for helper in helpers:
-                helper.result()
+                errors = [helper.finish() for helper in helpers]
+            for error in errors:
+                if error is not None:
+                    raise error
         finally:
             if blas:
                 self._release_blas()
             self.lock.release()
 
 
+class _Helper:
+    """A worker thread that runs one lane per hand-off. Two locks, each held while the other
+    side has nothing to do, are the whole hand-off: ``run_pieces`` of two empty pieces
+    measured 24-32 us at best and 71-79 us median on the 2-core machine, against 60 and 280 us
+    through concurrent.futures (its futures and waiters cost more than a small piece)."""
+
+    def __init__(self, local, index):
+        self.local = local
+        self.go, self.done = threading.Lock(), threading.Lock()
+        self.go.acquire()
+        self.done.acquire()
+        self.lane, self.error = None, None
+        threading.Thread(target=self._serve, name=f"owlnet-cpu_{index}", daemon=True).start()
+
+    def _serve(self):
+        self.local.worker = True
+        while True:
+            self.go.acquire()
+            try:
+                self.lane()
+            except BaseException as exc:  # noqa: BLE001  (raised by the caller, in finish)
+                self.error = exc
+            finally:
+                self.done.release()
+
+    def start(self, lane):
+        """Run ``lane`` on this thread."""
+        self.lane = lane
+        self.go.release()
+
+    def finish(self):
+        """Wait for the lane to return; the exception it raised, or None."""
+        self.done.acquire()
+        error, self.lane, self.error = self.error, None, None
+        return error
+
+
 _pool = None
 _pool_lock = threading.Lock()
+
+
+def _forget_pool_in_child():
+    """A forked child has none of the parent's threads: it makes its own pool when it needs
+    one."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _get_pool() -> _Pool:
