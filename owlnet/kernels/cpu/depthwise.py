@@ -4,8 +4,9 @@ no column matrix, no loop over groups.
 Output channel m reads input channel m // (M / C). The forward and backward-filter read the
 images through ``direct``'s frame (zero-padded, split into column phases, one vector of zero
 columns past each row), so that a run of outputs along a row reads a contiguous run of the
-frame: the forward sums the kernel's weights times the frame for four vectors of outputs at a
-time, the backward-filter keeps one vector of partial sums per kernel entry. The backward-data
+frame: the forward frames each input plane just before using it (in cache) and sums the
+kernel's weights times the frame for four vectors of outputs at a time, the backward-filter
+keeps one vector of partial sums per kernel entry. The backward-data
 adds each output gradient times each weight into a zero-padded plane, in a fixed order. Work
 is cut by shape into pieces (images, bands of channels) run on the worker threads; every
 output is computed the same way whatever the pieces, so results do not depend on the threads.
@@ -40,23 +41,26 @@ def _pieces(n, m, work):
 
 def depthwise_forward(x, w, y, pad, stride, dilation, group):
     """``y = conv(x, w)`` for one input channel per group, written."""
-    n, c = x.shape[:2]
+    n, c, h, wd = x.shape
     m, oh, ow = y.shape[1:]
-    k = w[0].size
+    _, _, kh, kw = w.shape
+    k = kh * kw
+    (ph, pw), (sh, sw), (dh, dwd) = pad, stride, dilation
     pieces = _pieces(n, m, y.size * k)
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
-    frame = direct.Frame(x, (m, 1) + w.shape[2:], pad, stride, dilation, len(pieces) > 1, 1)
-    plane = frame.image_stride // c
+    images = np.ascontiguousarray(x)
+    rows, q = direct.frame_geometry(x.shape, x.dtype, pad, sw, 1)
+    koff = direct.window_offsets(1, kh, kw, sw, dh, dwd, rows, q)
     weights = np.ascontiguousarray(w.reshape(m, k))
     compiled = native.function("depthwise_forward", y.dtype)
 
     def piece(part):
         n0, n1, m0, m1 = part
-        compiled(native.address(frame.array, n0 * frame.image_stride), plane,
-                 native.address(frame.koff), k, native.address(weights),
-                 native.address(y, n0 * m * oh * ow), n1 - n0, c, m // c, m0, m1, oh, ow,
-                 frame.sh, frame.q)
+        plane = np.empty(sw * rows * q, dtype=y.dtype)      # one framed input plane
+        compiled(native.address(images, n0 * c * h * wd), native.address(plane), h, wd, ph, pw,
+                 sw, rows, native.address(koff), k, native.address(weights),
+                 native.address(y, n0 * m * oh * ow), n1 - n0, c, m // c, m0, m1, oh, ow, sh, q)
 
     threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)
 

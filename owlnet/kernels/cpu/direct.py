@@ -48,10 +48,8 @@ class Frame:
         n, c, h, w = images.shape
         _, cg, kh, kw = w_shape
         (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
-        self.rows, self.sh = h + 2 * ph, sh
-        # ``vectors`` vectors of zero columns past the widest row: a tile of that many vectors
-        # starting at the last output reads up to there.
-        self.q = -(-(w + 2 * pw) // sw) + vectors * lanes(images.dtype)
+        self.sh = sh
+        self.rows, self.q = frame_geometry(images.shape, images.dtype, pad, sw, vectors)
         self.array = np.empty((n, c, sw, self.rows, self.q), dtype=images.dtype)
         source = np.ascontiguousarray(images)
         plane = sw * self.rows * self.q
@@ -66,11 +64,19 @@ class Frame:
                            parallel, blas=False)
         self.group_stride = cg * plane             # elements from one group's channels to the next
         self.image_stride = c * plane
-        self.koff = _window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
+        self.koff = window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
+
+
+def frame_geometry(shape, dtype, pad, column_stride, vectors):
+    """``(rows, q)`` of the frame of images of ``shape`` (N, C, H, W): H + 2 ph rows of q
+    values, the padded row's phases and ``vectors`` vectors of zero columns past the widest
+    (a tile of that many vectors starting at the last output reads up to there)."""
+    (ph, pw), w = pad, shape[3]
+    return shape[2] + 2 * ph, -(-(w + 2 * pw) // column_stride) + vectors * lanes(dtype)
 
 
 @functools.lru_cache(maxsize=256)
-def _window_offsets(cg, kh, kw, sw, dh, dw, rows, q):
+def window_offsets(cg, kh, kw, sw, dh, dw, rows, q):
     """Frame offset of every window entry (c, i, j) of one group, read-only int64 (the same
     for every call of a geometry: made once)."""
     k_c, k_i, k_j = np.meshgrid(np.arange(cg), np.arange(kh), np.arange(kw), indexing="ij")

@@ -412,8 +412,10 @@ DEFINE_COL2IM(double, f64)
 /* -- depthwise convolution: one input channel per group ---------------------------------------
  * Output channel mo reads input channel mo / mult of the frame of conv_frame (planes of
  * frame_plane values); w is (M, K) with K = kh * kw window entries at offsets koff. Forward:
- * for a run of 4 vectors of outputs along a row (then single vectors, the last one partial),
- * the sum over k of w[mo][k] times the frame. Backward-filter: per output channel, K vectors
+ * each input plane framed into a scratch plane just before its output channels use it (so
+ * the frame stays in cache: one pass over the images in memory), then for a run of 4 vectors
+ * of outputs along a row (then single vectors, the last one partial) the sum over k of
+ * w[mo][k] times the frame. Backward-filter: per output channel, K vectors
  * of partial sums over the outputs (dy rows padded with zeros to owp, as for the direct
  * convolution), their lanes added last. Backward-data: each output gradient times each weight
  * added into a zero-padded plane (hp x wp; output (oy, ox) with entry (i, j) lands at row
@@ -421,14 +423,17 @@ DEFINE_COL2IM(double, f64)
  * image part is then copied out. */
 #define DEFINE_DEPTHWISE(T, S, V, VU, ISA, TARGET)                                            \
 TARGET void depthwise_forward_##S##_##ISA(                                             \
-    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *w, T *y, i64 images,    \
-    int c, int mult, int m0, int m1, int oh, int ow, int sh, int q)                           \
+    const T *x, T *plane, int h, int wd, int ph, int pw, int sw, int hf, const i64 *koff,     \
+    int K, const T *w, T *y, i64 images, int c, int mult, int m0, int m1, int oh, int ow,     \
+    int sh, int q)                                                                            \
 {                                                                                             \
     const int L = (int)(sizeof(V) / sizeof(T));                                               \
     const int m = c * mult;                                                                   \
     for (i64 img = 0; img < images; ++img)                                                    \
         for (int mo = m0; mo < m1; ++mo) {                                                    \
-            const T *plane = frame + (img * c + mo / mult) * frame_plane;                     \
+            if (mo == m0 || mo % mult == 0)      /* the input plane's frame, still in cache */ \
+                conv_frame_##S(x + (img * c + mo / mult) * h * wd, plane, 1, h, wd, ph, pw,   \
+                               sw, hf, q);                                                    \
             const T *wk = w + (i64)mo * K;                                                    \
             T *out = y + (img * m + mo) * oh * ow;                                            \
             for (int oy = 0; oy < oh; ++oy) {                                                 \
