@@ -4,9 +4,9 @@ no column matrix, no loop over groups.
 Output channel m reads input channel m // (M / C). The forward and backward-filter read the
 images through ``direct``'s frame (zero-padded, split into column phases, one vector of zero
 columns past each row), so that a run of outputs along a row reads a contiguous run of the
-frame: the forward frames each input plane just before using it (in cache) and sums the
-kernel's weights times the frame for four vectors of outputs at a time, the backward-filter
-keeps one vector of partial sums per kernel entry. The backward-data
+frame, each input plane framed just before it is used (so it is read from cache): the forward
+sums the kernel's weights times the frame for four vectors of outputs at a time, the
+backward-filter keeps one vector of partial sums per kernel entry. The backward-data
 adds each output gradient times each weight into a zero-padded plane, in a fixed order. Work
 is cut by shape into pieces (images, bands of channels) run on the worker threads; every
 output is computed the same way whatever the pieces, so results do not depend on the threads.
@@ -67,24 +67,24 @@ def depthwise_forward(x, w, y, pad, stride, dilation, group):
 
 def depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
     """The gradient with respect to w, written."""
-    n, c = x.shape[:2]
+    n, c, h, wd = x.shape
     m, oh, ow = dy.shape[1:]
-    k = dw[0].size
+    _, _, kh, kw = dw.shape
+    k = kh * kw
+    (ph, pw), (sh, sw), (dh, dwd) = pad, stride, dilation
     pieces = _pieces(1, m, dy.size * k)     # bands of channels over the whole batch
-    frame = direct.Frame(x, (m, 1) + dw.shape[2:], pad, stride, dilation, len(pieces) > 1, 1)
-    plane = frame.image_stride // c
-    lanes = direct.lanes(dy.dtype)
-    padded_width = -(-ow // lanes) * lanes
-    grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
-    grads[..., :ow] = dy
+    images, grads = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    rows, q = direct.frame_geometry(x.shape, x.dtype, pad, sw, 1)
+    koff = direct.window_offsets(1, kh, kw, sw, dh, dwd, rows, q)
     total = dw if dw.flags.c_contiguous else np.empty(dw.shape, dtype=dw.dtype)
     compiled = native.function("depthwise_backward_filter", dw.dtype)
 
     def piece(part):
         _, _, m0, m1 = part
-        compiled(native.address(frame.array), plane, native.address(frame.koff), k,
-                 native.address(grads), native.address(total), 0, n, c, m // c, m0, m1, oh,
-                 padded_width, frame.sh, frame.q)
+        plane = np.empty(sw * rows * q, dtype=dw.dtype)      # one framed input plane
+        compiled(native.address(images), native.address(plane), h, wd, ph, pw, sw, rows,
+                 native.address(koff), k, native.address(grads), native.address(total), n, c,
+                 m // c, m0, m1, oh, ow, sh, q)
 
     threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)
     if total is not dw:

@@ -415,9 +415,10 @@ DEFINE_COL2IM(double, f64)
  * each input plane framed into a scratch plane just before its output channels use it (so
  * the frame stays in cache: one pass over the images in memory), then for a run of 4 vectors
  * of outputs along a row (then single vectors, the last one partial) the sum over k of
- * w[mo][k] times the frame. Backward-filter: per output channel, K vectors
- * of partial sums over the outputs (dy rows padded with zeros to owp, as for the direct
- * convolution), their lanes added last. Backward-data: each output gradient times each weight
+ * w[mo][k] times the frame. Backward-filter: per output channel, K vectors of partial sums
+ * over the outputs (each image's input plane framed just before, a row's last partial vector
+ * of dy completed with zeros, whose frame values are multiplied by zero: finite inputs
+ * assumed), their lanes added last. Backward-data: each output gradient times each weight
  * added into a zero-padded plane (hp x wp; output (oy, ox) with entry (i, j) lands at row
  * oy*sh + i*dh, column ox*sw + j*dw), in order of output channel, entry, row, column; the
  * image part is then copied out. */
@@ -470,8 +471,9 @@ TARGET void depthwise_forward_##S##_##ISA(                                      
 }                                                                                             \
                                                                                               \
 TARGET void depthwise_backward_filter_##S##_##ISA(                                     \
-    const T *frame, i64 frame_plane, const i64 *koff, int K, const T *dy, T *dw, int accumulate, \
-    i64 images, int c, int mult, int m0, int m1, int oh, int owp, int sh, int q)              \
+    const T *x, T *plane, int h, int wd, int ph, int pw, int sw, int hf, const i64 *koff,     \
+    int K, const T *dy, T *dw, i64 images, int c, int mult, int m0, int m1, int oh, int ow,   \
+    int sh, int q)                                                                            \
 {                                                                                             \
     enum { MAX_K = 64 };                                                                      \
     const int L = (int)(sizeof(V) / sizeof(T));                                               \
@@ -482,12 +484,21 @@ TARGET void depthwise_backward_filter_##S##_##ISA(                              
             V acc[MAX_K];                                                                     \
             for (int k = 0; k < kn; ++k) acc[k] = (V){0};                                     \
             for (i64 img = 0; img < images; ++img) {                                          \
-                const T *plane = frame + (img * c + mo / mult) * frame_plane;                 \
-                const T *grads = dy + (img * m + mo) * oh * owp;                              \
+                conv_frame_##S(x + (img * c + mo / mult) * h * wd, plane, 1, h, wd, ph, pw,   \
+                               sw, hf, q);                                                    \
+                const T *grads = dy + (img * m + mo) * oh * ow;                               \
                 for (int oy = 0; oy < oh; ++oy) {                                             \
                     const T *base = plane + (i64)oy * sh * q;                                 \
-                    for (int ox = 0; ox < owp; ox += L) {                                     \
-                        const V g = *(const VU *)(grads + (i64)oy * owp + ox);                \
+                    const T *row = grads + (i64)oy * ow;                                      \
+                    for (int ox = 0; ox < ow; ox += L) {                                      \
+                        V g;                                                                  \
+                        if (ox + L <= ow) {                                                   \
+                            g = *(const VU *)(row + ox);                                      \
+                        } else {          /* a partial vector: zeros past the row's end */    \
+                            T lanes[sizeof(V) / sizeof(T)] = {0};                             \
+                            memcpy(lanes, row + ox, sizeof(T) * (ow - ox));                   \
+                            memcpy(&g, lanes, sizeof g);                                      \
+                        }                                                                     \
                         for (int k = 0; k < kn; ++k)                                          \
                             acc[k] += g * *(const VU *)(base + koff[k0 + k] + ox);            \
                     }                                                                         \
@@ -496,8 +507,7 @@ TARGET void depthwise_backward_filter_##S##_##ISA(                              
             for (int k = 0; k < kn; ++k) {                                                    \
                 T total = 0;                                                                  \
                 for (int l = 0; l < L; ++l) total += acc[k][l];                               \
-                T *out = dw + (i64)mo * K + k0 + k;                                           \
-                *out = accumulate ? *out + total : total;                                     \
+                dw[(i64)mo * K + k0 + k] = total;                                             \
             }                                                                                 \
         }                                                                                     \
 }                                                                                             \

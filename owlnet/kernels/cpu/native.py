@@ -37,7 +37,8 @@ _SIGNATURES = {
     "relu_backward": [_POINTER] * 3 + [_I64],
     "depthwise_forward": [_POINTER, _POINTER] + [_INT] * 6 + [_POINTER, _INT, _POINTER, _POINTER,
                                                               _I64] + [_INT] * 8,
-    "depthwise_backward_filter": [_POINTER, _I64, _POINTER, _INT, _POINTER, _POINTER, _INT, _I64]
+    "depthwise_backward_filter": [_POINTER, _POINTER] + [_INT] * 6 + [_POINTER, _INT, _POINTER,
+                                                                      _POINTER, _I64]
     + [_INT] * 8,
     "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
 }
