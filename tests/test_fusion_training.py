@@ -26,29 +26,21 @@ def training_net():
     text = ('name: "train" layer { name: "data" type: "Input" top: "data" top: "target" '
             'input_param { shape { dim: 3 dim: 2 dim: 5 dim: 4 } '
             'shape { dim: 3 dim: 4 dim: 5 dim: 4 } } }\n')
-    text += layer("f_bn", "BatchNorm", "data", "f")
-    text += layer("f_scale", "Scale", "f", "f", "scale_param { bias_term: true }")
-    text += layer("a", "Convolution", "f", "a", CONV)
-    text += layer("a_bn", "BatchNorm", "a", "a", "batch_norm_param { eps: 0.01 }")
-    text += layer("a_scale", "Scale", "a", "a", "scale_param { bias_term: true }")
-    text += layer("a_relu", "ReLU", "a", "a")
-    text += layer("b", "Convolution", "a", "b", CONV)
-    text += layer("b_bn", "BatchNorm", "b", "b")
-    text += layer("b_scale", "Scale", "b", "b")
-    text += layer("g", "Convolution", "b", "g", CONV)
-    text += layer("g_bn", "BatchNorm", "g", "g_norm")
-    text += layer("g_scale", "Scale", "g_norm", "g_norm")
-    text += layer("c", "Convolution", "g_norm", "c", CONV)
-    text += layer("c_bn", "BatchNorm", "c", "c")
-    text += layer("c_relu", "ReLU", "c", "c")
-    text += layer("d", "Convolution", "c", "d", CONV)
-    text += layer("d_bn", "BatchNorm", "d", "d")
-    text += layer("d_relu", "ReLU", "d", "d", "relu_param { negative_slope: 0.1 }")
-    text += layer("e", "Convolution", "d", "e", CONV)
-    text += layer("e_bn", "BatchNorm", "e", "e", "batch_norm_param { use_global_stats: true }")
-    text += layer("e_scale", "Scale", "e", "e", "scale_param { bias_term: true }")
-    text += layer("loss", "EuclideanLoss", "e target", "loss")
-    return text
+    bias, slope = "scale_param { bias_term: true }", "relu_param { negative_slope: 0.1 }"
+    rows = [("f_bn", "BatchNorm", "data", "f", ""), ("f_scale", "Scale", "f", "f", bias),
+            ("a", "Convolution", "f", "a", CONV),
+            ("a_bn", "BatchNorm", "a", "a", "batch_norm_param { eps: 0.01 }"),
+            ("a_scale", "Scale", "a", "a", bias), ("a_relu", "ReLU", "a", "a", ""),
+            ("b", "Convolution", "a", "b", CONV), ("b_bn", "BatchNorm", "b", "b", ""),
+            ("b_scale", "Scale", "b", "b", ""), ("g", "Convolution", "b", "g", CONV),
+            ("g_bn", "BatchNorm", "g", "g_norm", ""), ("g_scale", "Scale", "g_norm", "g_norm", ""),
+            ("c", "Convolution", "g_norm", "c", CONV), ("c_bn", "BatchNorm", "c", "c", ""),
+            ("c_relu", "ReLU", "c", "c", ""), ("d", "Convolution", "c", "d", CONV),
+            ("d_bn", "BatchNorm", "d", "d", ""), ("d_relu", "ReLU", "d", "d", slope),
+            ("e", "Convolution", "d", "e", CONV),
+            ("e_bn", "BatchNorm", "e", "e", "batch_norm_param { use_global_stats: true }"),
+            ("e_scale", "Scale", "e", "e", bias), ("loss", "EuclideanLoss", "e target", "loss", "")]
+    return text + "".join(layer(*row) for row in rows)
 
 
 STEPS = [["a_bn", "a_scale", "a_relu"], ["b_bn", "b_scale"], ["c_bn", "c_relu"]]
