@@ -7,8 +7,8 @@ threads wait for each other at every product: a 0.2 ms product was measured taki
 two BLAS threads while other processes ran, against 0.2 ms with one. So the kernels hand their
 pieces to :func:`run_pieces`, which runs them on ``workers()`` Python threads, or in turn on
 the calling thread, with the BLAS held to one thread where the pieces call it (NumPy releases
-the GIL in its copies and BLAS calls), then gives the BLAS its threads back. Lanes take pieces as they free
-up, so a thread that the machine holds up simply runs fewer of them. Pieces must write
+the GIL in its copies and BLAS calls), then gives the BLAS its threads back. Lanes take
+pieces as they free up, so a thread that the machine holds up simply runs fewer of them. Pieces must write
 disjoint outputs: a piece's result then does not depend on which thread ran it or when, so
 results are the same with one worker or many.
 
