@@ -2,8 +2,8 @@
 
 The producer builds batches ``start, start + 1, ...`` in order by calling
 ``produce(batch_index, parallel_map)``, where ``parallel_map(fn, items)`` runs ``fn`` over the
-items on a small thread pool (OpenCV's decoders release the GIL), a run of items per thread,
-and returns the results in order. At most ``depth`` finished batches wait in the queue, so
+items on a small thread pool (OpenCV's decoders release the GIL), in runs of items, and
+returns the results in order. At most ``depth`` finished batches wait in the queue, so
 memory stays bounded when the consumer is slow. An exception in the producer is handed to the
 consumer and raised there as the same exception object.
 """
@@ -47,11 +47,12 @@ class Prefetcher:
         self._thread.start()
 
     def _parallel_map(self, fn, items):
-        """``fn`` over ``items`` on the decode pool in one run of items per thread (a task per
-        item cost more than decoding a raw MNIST Datum), the results in order; the first
-        failing item's exception is raised, as it would be in turn."""
+        """``fn`` over ``items`` on the decode pool in runs of items, two per thread (a task
+        per item cost more than decoding a raw MNIST Datum; two runs per thread still let a
+        thread slowed by other work hand part of its share to the others), the results in
+        order; the first failing item's exception is raised, as it would be in turn."""
         items = list(items)
-        runs = min(self._workers, len(items))
+        runs = min(2 * self._workers, len(items))
         if runs <= 1:
             return [fn(item) for item in items]
         edges = [len(items) * k // runs for k in range(runs + 1)]
