@@ -14,10 +14,12 @@ algorithm follows from the shapes:
 * few inputs per window (C/group * kh * kw <= ``_DIRECT_WINDOW``: first layers, CIFAR and
   MNIST nets): ``direct``, compiled loops with no column matrix, whose copies would cost
   more than these products (measured 1.1-1.9x faster forward and backward-filter up to 144
-  inputs per window; slower from 288 on, where the products dominate and BLAS wins); also
-  up to ``_DIRECT_WINDOW_ONE_THREAD`` inputs per window for a convolution too small to share
-  out among the threads (the small-batch ResNets of inference: there im2col's copies and
-  calls cost more than its product saves); its backward-data as im2col's below;
+  inputs per window; slower from 288 on where output rows leave lanes of the tiles idle and
+  BLAS's products win); also up to ``_DIRECT_WINDOW_ONE_THREAD`` inputs per
+  window for a convolution too small to share out among the threads (the small-batch ResNets
+  of inference: there im2col's copies and calls cost more than its product saves), and up to
+  ``_DIRECT_WINDOW_WHOLE_TILES`` where output rows are whole tiles (a multiple of 16 values:
+  no lane wasted); its backward-data as im2col's below;
 * anything else: im2col and a matrix product per group, piece by piece (a few images, or a
   band of output rows), each piece's column matrix made just before its product so that it
   is still in cache. Its backward-data with stride 1, one group and no more output than input
@@ -41,6 +43,12 @@ _DIRECT_WINDOW = 160
 # Measured on ResNet-56 at batch 2 (convolutions of 4.7 M multiply-adds, K = 144-576): the
 # forward 15.3 ms with im2col from K = 288 on, 14.1 ms with direct to 288, 13.8 ms to 576.
 _DIRECT_WINDOW_ONE_THREAD = 576
+# Output rows of whole tiles (2 vectors of float32), forward / backward-filter ms, im2col
+# against direct: (32,32,16,16) to 32 channels 5x5 (K = 800) 3.39-4.28 / 6.16-6.73 against
+# 3.24-3.76 / 4.34-5.37; (4,32,224,224) to 64 3x3 66.38 / 105.02 against 44.32 / 49.66;
+# (8,64,32,32) to 64 3x3 6.39 / 8.00 against 4.44 / 5.89; (4,64,112,112) to 128 3x3 even.
+_DIRECT_WINDOW_WHOLE_TILES = 800
+_TILE_WIDTH = 16
 
 
 def _algorithm(x_shape, w_shape, y_shape, pad, stride, group):
@@ -52,7 +60,9 @@ def _algorithm(x_shape, w_shape, y_shape, pad, stride, group):
     window = w_shape[1] * w_shape[2] * w_shape[3]
     one_thread = y_shape[0] * y_shape[1] * y_shape[2] * y_shape[3] * window \
         < shared.PARALLEL_MULTIPLY_ADDS
-    if window <= (_DIRECT_WINDOW_ONE_THREAD if one_thread else _DIRECT_WINDOW):
+    whole_tiles = y_shape[3] % _TILE_WIDTH == 0
+    if window <= max(_DIRECT_WINDOW, _DIRECT_WINDOW_ONE_THREAD if one_thread else 0,
+                     _DIRECT_WINDOW_WHOLE_TILES if whole_tiles else 0):
         return "direct"
     return "im2col"
 
