@@ -410,18 +410,17 @@ DEFINE_COL2IM(float, f32)
 DEFINE_COL2IM(double, f64)
 
 /* -- depthwise convolution: one input channel per group ---------------------------------------
- * Output channel mo reads input channel mo / mult of the frame of conv_frame (planes of
- * frame_plane values); w is (M, K) with K = kh * kw window entries at offsets koff. Forward:
- * each input plane framed into a scratch plane just before its output channels use it (so
- * the frame stays in cache: one pass over the images in memory), then for a run of 4 vectors
- * of outputs along a row (then single vectors, the last one partial) the sum over k of
- * w[mo][k] times the frame. Backward-filter: per output channel, K vectors of partial sums
- * over the outputs (each image's input plane framed just before, a row's last partial vector
- * of dy completed with zeros, whose frame values are multiplied by zero: finite inputs
- * assumed), their lanes added last. Backward-data: each output gradient times each weight
- * added into a zero-padded plane (hp x wp; output (oy, ox) with entry (i, j) lands at row
- * oy*sh + i*dh, column ox*sw + j*dw), in order of output channel, entry, row, column; the
- * image part is then copied out. */
+ * Output channel mo reads input channel mo / mult, framed by conv_frame into a scratch plane
+ * (sw * hf * q values) just before it is used, so that the frame stays in cache (one pass
+ * over the images in memory); w is (M, K) with K = kh * kw window entries at offsets koff.
+ * Forward: for a run of 4 vectors of outputs along a row (then single vectors, the last one
+ * partial), the sum over k of w[mo][k] times the frame. Backward-filter: per output channel,
+ * K vectors of partial sums over the outputs (a row's last partial vector of dy completed
+ * with zeros, whose frame values are multiplied by zero: finite inputs assumed), their lanes
+ * added last. Backward-data: each output gradient times each weight added into a
+ * zero-padded plane (hp x wp; output (oy, ox) with entry (i, j) lands at row oy*sh + i*dh,
+ * column ox*sw + j*dw), in order of output channel, entry, row, column; the image part is
+ * then copied out. */
 #define DEFINE_DEPTHWISE(T, S, V, VU, ISA, TARGET)                                            \
 TARGET void depthwise_forward_##S##_##ISA(                                             \
     const T *x, T *plane, int h, int wd, int ph, int pw, int sw, int hf, const i64 *koff,     \
@@ -665,22 +664,22 @@ TARGET void batch_norm_backward_##S##_##ISA(                                    
     const double m = (double)outer * inner;                                                   \
     const T *g = top ? dx : dy;                                                               \
     for (int c = c0; c < c1; ++c) {                                                           \
-        double sum_dy[8] = {0}, sum_dy_xhat[8] = {0};                                         \
+        double g_lanes[8] = {0}, gx_lanes[8] = {0};                                           \
         CHANNEL_RUNS(c)                                                                       \
             if (top) relu_backward_##S##_##ISA(dy + at, top + at, dx + at, inner);            \
-            add_run_##S##_##ISA(sum_dy, g + at, 0, inner);                                    \
-            add_run_##S##_##ISA(sum_dy_xhat, g + at, xhat + at, inner);                       \
+            add_run_##S##_##ISA(g_lanes, g + at, 0, inner);                                   \
+            add_run_##S##_##ISA(gx_lanes, g + at, xhat + at, inner);                          \
         }                                                                                     \
+        const double total_g = lane_total(g_lanes), total_gx = lane_total(gx_lanes);          \
         if (sum_g) {                                                                          \
-            sum_g[c] = (T)lane_total(sum_dy);                                                 \
-            sum_gx[c] = (T)lane_total(sum_dy_xhat);                                           \
+            sum_g[c] = (T)total_g;                                                            \
+            sum_gx[c] = (T)total_gx;                                                          \
         }                                                                                     \
-        const T mean_dy = (T)(lane_total(sum_dy) / m);                                        \
-        const T mean_dy_xhat = (T)(lane_total(sum_dy_xhat) / m);                              \
+        const T mean_g = (T)(total_g / m), mean_gx = (T)(total_gx / m);                       \
         const T factor = scale ? inv[c] * scale[c] : inv[c];                                  \
         CHANNEL_RUNS(c)                                                                       \
             for (i64 i = 0; i < inner; ++i)                                                   \
-                dx[at + i] = (g[at + i] - mean_dy - xhat[at + i] * mean_dy_xhat) * factor;    \
+                dx[at + i] = (g[at + i] - mean_g - xhat[at + i] * mean_gx) * factor;          \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \

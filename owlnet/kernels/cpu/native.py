@@ -103,3 +103,8 @@ def function(name, dtype):
 def address(array, first=0):
     """The address of ``array``'s element ``first`` (flat, C order)."""
     return array.ctypes.data + first * array.itemsize
+
+
+def addresses(*arrays):
+    """Each array's address, None (a null pointer) for None."""
+    return [None if array is None else address(array) for array in arrays]

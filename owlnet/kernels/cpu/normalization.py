@@ -53,8 +53,7 @@ def batch_norm_forward(x3, y3, kept, eps, scale=None, bias=None, relu=False):
                 for a in (scale, bias)]
     compiled = native.function("batch_norm_forward", x3.dtype)
     outputs = [_contiguous_output(y3)] + ([] if kept is None else [_contiguous_output(kept)])
-    pointers = [None if a is None else native.address(a)
-                for a in [x3, outputs[0], kept, *stats, *operands]]
+    pointers = native.addresses(x3, outputs[0], kept, *stats, *operands)
 
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop, int(relu), eps)
@@ -73,25 +72,23 @@ def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=Non
     scale = None if scale is None else np.ascontiguousarray(scale, dtype=dy3.dtype)
     relu_top = None if relu_top is None else np.ascontiguousarray(relu_top, dtype=dy3.dtype)
     outer, channels, inner = dy3.shape
-    sums = np.empty((2, channels), dtype=dy3.dtype)
+    sum_g, sum_gx = np.empty((2, channels), dtype=dy3.dtype)
     compiled = native.function("batch_norm_backward", dy3.dtype)
     _contiguous_output(dx3)
-    pointers = [None if a is None else native.address(a)
-                for a in (dy3, normalized3, inv_std, dx3, scale, relu_top, sums[1], sums[0])]
+    pointers = native.addresses(dy3, normalized3, inv_std, dx3, scale, relu_top, sum_g, sum_gx)
 
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop)
 
     threads.run_pieces(band, _channel_bands(dy3), blas=False)
-    return sums[0], sums[1]
+    return sum_gx, sum_g
 
 
 def _channel_pass(dy3, x3, scale, dx3, sum_dy, sum_dyx):
     """native.c's channel_pass over bands of channels (None arrays go as null pointers)."""
     outer, channels, inner = dy3.shape
     compiled = native.function("channel_pass", dy3.dtype)
-    pointers = [None if a is None else native.address(a)
-                for a in (dy3, x3, scale, dx3, sum_dy, sum_dyx)]
+    pointers = native.addresses(dy3, x3, scale, dx3, sum_dy, sum_dyx)
 
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop)
@@ -120,7 +117,7 @@ def scale_forward(x3, scale, bias, y3, kept, relu=False):
         if output is not None:
             _contiguous_output(output)
     compiled = native.function("scale_forward", x3.dtype)
-    pointers = [None if a is None else native.address(a) for a in (x3, scale, bias, y3, kept)]
+    pointers = native.addresses(x3, scale, bias, y3, kept)
 
     def band(part):
         compiled(*pointers, outer, channels, inner, part.start, part.stop, int(relu))
