@@ -21,8 +21,6 @@ import logging
 import time
 import warnings
 
-import numpy as np
-
 from . import backend
 from . import logging as owl_logging
 from .errors import OwlnetError
@@ -121,13 +119,12 @@ class NCCL:
         nccl = _nccl()
         self.nccl = nccl
         self.solver = solver
-        unique_id = tuple(np.frombuffer(uid, dtype=np.int8).tolist())
-        self.comm = nccl.NcclCommunicator(solver_count(), unique_id, solver_rank())
+        self.comm = nccl.NcclCommunicator(solver_count(), bytes(uid), solver_rank())
 
     @staticmethod
     def new_uid() -> bytes:
         """A fresh communicator id, to be shared by every rank."""
-        return np.asarray(_nccl().get_unique_id(), dtype=np.int8).tobytes()
+        return bytes(_nccl().get_unique_id())          # CuPy 14: 128 bytes
 
     def _each_param(self, call) -> None:
         """``call(blob, stream)`` for every learnable blob, then wait for the stream. NCCL

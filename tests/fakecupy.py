@@ -5,7 +5,8 @@ Device arrays are :class:`DeviceArray` (a NumPy subclass with CuPy's ``.get()``,
 strict as CuPy where CuPy refuses things: a ufunc or NumPy function mixing a host array with
 a device array raises TypeError, and so does ``device[...] = host_array`` ("non-scalar
 numpy.ndarray cannot be used for fill"). ``ElementwiseKernel`` runs the kernel body through
-the C harness (tests/cuda_harness.py), so kernels.gpu executes owlnet's real kernel bodies.
+the C harness (tests/cuda_harness.py), so kernels.gpu executes owlnet's real kernel bodies;
+``kernels.cublas`` gets :class:`Cublas`, the same BLAS calls in NumPy on the same memory.
 
 Streams and CUDA graphs, as CuPy's: ``cuda.Stream`` (``with stream:`` makes it current),
 ``begin_capture()`` / ``end_capture()`` giving a graph whose ``launch()`` replays what was
@@ -18,8 +19,9 @@ graph replays; only ``empty`` writes nothing), and its effects are undone at ``e
 (a capture does not run the work); and, as
 CUDA refuses them there, the fake refuses with ``CaptureError``: a host sync (``float``,
 ``bool``, ``int``, ``.get()``, ``.item()``, boolean-mask indexing), a host-to-device copy
-(``asarray``/``.set`` of a host array), work on another stream than the one capturing, and
-taking new memory from the device (a pool growing past its high-water mark: the blocks an
+(``asarray``/``.set`` of a host array), work on another stream than the one capturing, a
+CuPy product that calls cuBLAS (``matmul``, ``@``, ``dot``, ``einsum``...: CuPy 14's own
+refusal, NotImplementedError), and taking new memory from the device (a pool growing past its high-water mark: the blocks an
 eager warm-up left free are all a capture may use).
 
 Use :func:`installed` (a context manager) to put the module in ``sys.modules['cupy']`` and
@@ -28,6 +30,7 @@ restore what was there, or :func:`fake_gpu` to also run owlnet in GPU mode on it
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import sys
 import types
 from collections import Counter
@@ -58,6 +61,17 @@ def _refuse_in_capture(what):
     if _capture["records"] is not None:
         raise CaptureError(f"{what} during stream capture (CUDA refuses it: "
                            "cudaErrorStreamCaptureUnsupported)")
+
+
+# CuPy's products that call cuBLAS through its own wrappers (matmul and ``@`` too).
+_CUBLAS_FUNCTIONS = {np.dot, np.vdot, np.inner, np.outer, np.tensordot, np.einsum, np.matmul}
+
+
+def _refuse_cublas_in_capture():
+    """CuPy 14 checks the stream before each cuBLAS call and raises during a capture."""
+    if _capture["records"] is not None:
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently "
+                                  "unsupported")
 
 
 class _Interface:
@@ -349,6 +363,8 @@ class DeviceArray(np.ndarray):
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         outs = kwargs.get("out", ())
         _refuse_mixing(inputs + tuple(outs), ufunc.__name__)
+        if ufunc is np.matmul:
+            _refuse_cublas_in_capture()
         plain, plain_kwargs = _plain(list(inputs)), _plain(kwargs)
         if outs:
             plain_kwargs["out"] = _plain(tuple(outs))
@@ -368,6 +384,8 @@ class DeviceArray(np.ndarray):
         flat = list(args) + list(kwargs.values())
         flat += [v for a in args if isinstance(a, (list, tuple)) for v in a]
         _refuse_mixing(flat, func.__name__)
+        if func in _CUBLAS_FUNCTIONS:
+            _refuse_cublas_in_capture()
         targets = [kwargs["out"]] if isinstance(kwargs.get("out"), DeviceArray) else []
         if func in _IN_PLACE:
             targets.append(args[0])
@@ -539,6 +557,60 @@ class ElementwiseKernel:
         return args[-1]
 
 
+class Cublas:
+    """``kernels.cublas.Library`` in NumPy: the same five calls on the same memory (pointers
+    read as column-major matrices), as strict as cuBLAS about leading dimensions, and, during
+    a capture, recorded like any launch and refused when the handle is bound to another stream
+    than the one capturing. ``calls`` keeps each product's BLAS arguments."""
+
+    def __init__(self):
+        self.streams, self.workspaces, self.math, self.calls = {}, {}, {}, []
+
+    def create(self):
+        handle = len(self.streams) + 1
+        self.streams[handle] = None
+        return handle
+
+    def set_stream(self, handle, stream):
+        self.streams[handle] = stream
+
+    def set_workspace(self, handle, pointer, nbytes):
+        self.workspaces[handle] = (pointer, nbytes)
+
+    def set_math_mode(self, handle, mode):
+        self.math[handle] = mode
+
+    def gemm(self, handle, dtype, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c,
+             ldc):
+        if _recording() and self.streams[handle] != _capture["stream"].ptr:
+            raise CaptureError("cuBLAS bound to another stream than the one capturing")
+        left = _column_major(a, dtype, *((m, k) if transa == 0 else (k, m)), lda)
+        right = _column_major(b, dtype, *((k, n) if transb == 0 else (n, k)), ldb)
+        out = _column_major(c, dtype, m, n, ldc)
+        left, right = (left if transa == 0 else left.T), (right if transb == 0 else right.T)
+        self.calls.append((transa, transb, m, n, k, lda, ldb, ldc, beta))
+
+        def run():
+            product = alpha * (left @ right)
+            out[...] = product if beta == 0 else beta * out + product
+        with _operation((out,)):
+            run()
+        _record(run)
+
+
+def _column_major(pointer, dtype, rows, cols, ld):
+    """The column-major ``rows x cols`` matrix at ``pointer`` (leading dimension ``ld``) as a
+    NumPy view of that memory; ValueError where cuBLAS says CUBLAS_STATUS_INVALID_VALUE."""
+    if ld < max(1, rows):
+        raise ValueError(f"leading dimension {ld} < {rows} rows (CUBLAS_STATUS_INVALID_VALUE)")
+    itemsize = np.dtype(dtype).itemsize
+    span = (cols - 1) * ld + rows
+    memory = (ctypes.c_char * (span * itemsize)).from_address(pointer)
+    flat = np.frombuffer(memory, dtype=dtype, count=span)
+    return np.lib.stride_tricks.as_strided(flat, shape=(rows, cols),
+                                           strides=(itemsize, ld * itemsize))
+
+
 class _Device:
     def __init__(self, index=0):
         self.id = int(index)
@@ -582,13 +654,19 @@ _MODULES = {"cupy": module, "cupy._core": core, "cupy._core._routines_linalg": l
 @contextlib.contextmanager
 def installed():
     """``import cupy`` gives this module inside the block; transfers start from zero."""
+    from owlnet.kernels import cublas
     saved = {name: sys.modules.get(name) for name in _MODULES}
+    saved_library = cublas._state["library"]
     sys.modules.update(_MODULES)
     transfers.clear()
     linalg.compute_types.clear()
+    cublas._state["library"] = Cublas()
+    cublas._handles.clear()
     try:
         yield module
     finally:
+        cublas._state["library"] = saved_library
+        cublas._handles.clear()
         for name, previous in saved.items():
             if previous is None:
                 sys.modules.pop(name, None)
@@ -599,8 +677,8 @@ def installed():
 def _clear_gpu_caches():
     """kernels.gpu keeps kernels, plans, handles and workspaces per process: a fake's must not
     outlive the fake (nor a real device's leak into it)."""
-    from owlnet.kernels import gpu
-    for cache in (gpu._plans, gpu._handles, gpu._workspaces, gpu._iterations):
+    from owlnet.kernels import cublas, gpu
+    for cache in (gpu._plans, gpu._handles, gpu._workspaces, gpu._iterations, cublas._handles):
         cache.clear()
     gpu._cudnn_state.update(module=None, failed=False)
     gpu.elementwise.cache_clear()

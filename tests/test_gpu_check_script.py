@@ -34,7 +34,7 @@ def test_shell_script_parses():
 
 def test_steps_fit_the_budget_and_name_existing_files():
     check = _module()
-    assert sum(s.seconds for s in check.STEPS) <= check.TOTAL_SECONDS <= 480
+    assert sum(s.seconds for s in check.STEPS) <= check.TOTAL_SECONDS <= 540   # run: 600 s
     names = [s.name for s in check.STEPS]
     assert {"pytest_gpu", "demo", "slices_n2", "mpi_2_ranks"} <= set(names)
     assert any(n.startswith("bench") for n in names)

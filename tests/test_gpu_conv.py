@@ -317,6 +317,19 @@ for case in cases:
 """
 
 
+def _real_libcudnn_present():
+    """True where nvidia-cudnn-cu13 is installed or a CUDA device is visible (the device
+    machine has both)."""
+    import importlib.util
+    try:
+        if importlib.util.find_spec("nvidia.cudnn") is not None:
+            return True
+    except ModuleNotFoundError:
+        pass
+    from conftest import _has_gpu
+    return _has_gpu()
+
+
 def test_frontend_wheel_accepts_every_graph(tmp_path):
     """The frontend's Python API (nvidia-cudnn-frontend 1.16, the device machine's version)
     takes every call owlnet makes to define its three graphs: signatures, keywords, chaining.
@@ -328,6 +341,9 @@ def test_frontend_wheel_accepts_every_graph(tmp_path):
     import sys
     if importlib.util.find_spec("cudnn") is None:
         pytest.skip("nvidia-cudnn-frontend is not installed")
+    if _real_libcudnn_present():
+        pytest.skip("the real libcudnn is here (the frontend loads it before the stub, and a "
+                    "made-up handle crashes it): the gpu tests build these graphs for real")
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler for the stub libcudnn")

@@ -211,6 +211,7 @@ def test_nccl_hands_device_pointers_even_outside_the_solver(monkeypatch):
 
     class Communicator:
         def __init__(self, count, uid, rank):
+            assert isinstance(uid, bytes) and len(uid) == 128      # CuPy 14's commId
             calls.append(("init", count, rank))
 
         def bcast(self, ptr, count, dtype, root, stream):
@@ -220,7 +221,7 @@ def test_nccl_hands_device_pointers_even_outside_the_solver(monkeypatch):
             calls.append(("allReduce", send, recv, count))
 
     fake_nccl = types.SimpleNamespace(available=True, NcclCommunicator=Communicator,
-                                      get_unique_id=lambda: (1,) * 128, NCCL_FLOAT32=7,
+                                      get_unique_id=lambda: bytes(range(128)), NCCL_FLOAT32=7,
                                       NCCL_SUM=0)
     monkeypatch.setitem(nccl._solvers, "count", 2)
     with fakecupy.fake_gpu() as cupy:

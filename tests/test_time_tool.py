@@ -143,3 +143,26 @@ def test_memory_line_counts_the_blobs(capsys, monkeypatch):
     code, out, err = _run(capsys, *args)
     reused = re.search(r"^Blob memory: .*\(activations ([0-9.]+) MiB \(memory reused\)", out, re.M)
     assert plain and reused and float(reused.group(1)) < float(plain.group(1)), out
+
+
+def test_train_phase_labels_are_valid_classes(tmp_path, capsys):
+    """Input blobs read as a loss or Accuracy target are zeros (class 0), the others random:
+    a standard-normal label would be refused by SoftmaxWithLoss."""
+    model = tmp_path / "net.prototxt"
+    model.write_text('name: "t"\n'
+                     'layer { name: "in" type: "Input" top: "data" top: "label"\n'
+                     '        input_param { shape { dim: 4 dim: 6 } shape { dim: 4 } } }\n'
+                     'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"\n'
+                     '        inner_product_param { num_output: 3 } }\n'
+                     'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label"'
+                     ' top: "loss" }\n'
+                     'layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" '
+                     'top: "acc" }\n')
+    code, out, err = _run(capsys, model, "--iterations", 1)
+    assert code == 0, err
+    assert {"in", "ip", "loss", "acc"} <= set(_table(out))
+    param = time_tool.prepare_net_param(time_tool.config.read_net(str(model))[0])
+    net = time_tool.Net(param, phase=time_tool.TRAIN)
+    time_tool._fill_inputs(net)
+    assert not np.any(net.blobs["label"].data)
+    assert np.std(net.blobs["data"].data) > 0.3

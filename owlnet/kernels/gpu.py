@@ -27,7 +27,7 @@ import os
 
 from .. import backend
 from .. import logging as owl_logging
-from . import counter_random, cuda_sources
+from . import counter_random, cublas, cuda_sources
 
 #: Bytes of the shared per-device workspace (cuDNN scratch, im2col columns), at most.
 WORKSPACE_LIMIT = int(os.environ.get("OWLNET_GPU_WORKSPACE_MB", "512")) << 20
@@ -157,7 +157,7 @@ class ColumnPlan:
             cols = self._columns(x[part], x.dtype).reshape(g.group, weights.shape[2], -1)
             products = cupy.empty((g.group, weights.shape[1], cols.shape[2]), dtype=y.dtype)
             for k in range(g.group):
-                cupy.matmul(weights[k], cols[k], out=products[k])
+                cublas.gemm(weights[k], cols[k], products[k])
             y[part] = products.reshape(g.w_shape[0], n, *g.out_size).transpose(1, 0, 2, 3)
 
     def backward_data(self, dy, w, dx):
@@ -169,7 +169,7 @@ class ColumnPlan:
             dy_groups = _positions(cupy, dy[part], g.group)
             dcols = _scratch((g.group, weights.shape[2], dy_groups.shape[2]), dy.dtype)
             for k in range(g.group):
-                cupy.matmul(weights[k].T, dy_groups[k], out=dcols[k])
+                cublas.gemm(weights[k].T, dy_groups[k], dcols[k])
             target = dx[part] if dx.flags.c_contiguous else None
             images = col2im(dcols.reshape(-1, dcols.shape[2]), (n,) + g.x_shape[1:], g.kernel,
                             g.pad, g.stride, g.dilation, g.out_size, out=target)
@@ -180,15 +180,11 @@ class ColumnPlan:
         cupy = backend.import_cupy()
         g = self.geometry
         grad = dw.reshape(g.group, g.w_shape[0] // g.group, -1)
-        partial = cupy.empty_like(grad) if len(self.chunks) > 1 else None
         for index, part in enumerate(self.chunks):
             dy_groups = _positions(cupy, dy[part], g.group)
             cols = self._columns(x[part], x.dtype).reshape(g.group, grad.shape[2], -1)
-            target = grad if index == 0 else partial
-            for k in range(g.group):
-                cupy.matmul(dy_groups[k], cols[k].T, out=target[k])
-            if index:
-                grad += partial
+            for k in range(g.group):    # the first chunk writes, the others add
+                cublas.gemm(dy_groups[k], cols[k].T, grad[k], accumulate=index > 0)
 
 
 def _positions(cupy, images, group):
@@ -380,13 +376,13 @@ def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="defaul
 
 # -- fused layer kernels -----------------------------------------------------------------------
 def matmul(a, b, out):
-    """``out = a @ b`` (2-d), one cuBLAS product."""
-    backend.import_cupy().matmul(a, b, out=out)
+    """``out = a @ b`` (2-d), one cuBLAS product (capturable: ``kernels.cublas``)."""
+    cublas.gemm(a, b, out)
 
 
 def add_matmul(out, a, b):
-    """``out += a @ b`` (2-d)."""
-    out += a @ b
+    """``out += a @ b`` (2-d), one cuBLAS product accumulating into ``out``."""
+    cublas.gemm(a, b, out, accumulate=True)
 
 
 def _contiguous(array):

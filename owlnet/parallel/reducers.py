@@ -222,11 +222,11 @@ class NCCLReducer(Reducer):
         if mpi is None:
             self.comms = nccl.NcclCommunicator.initAll(self.devices)
         else:
-            uid = np.zeros(_NCCL_UNIQUE_ID_BYTES, dtype=np.int8)
-            if mpi.rank == 0:
-                uid[:] = nccl.get_unique_id()
+            uid = np.zeros(_NCCL_UNIQUE_ID_BYTES, dtype=np.uint8)
+            if mpi.rank == 0:                   # CuPy 14: the id is 128 bytes
+                uid[:] = np.frombuffer(nccl.get_unique_id(), dtype=np.uint8)
             mpi.broadcast(uid)
-            unique_id = tuple(uid.tolist())
+            unique_id = uid.tobytes()
             nccl.groupStart()
             self.comms = []
             for d, device in enumerate(self.devices):

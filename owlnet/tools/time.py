@@ -26,6 +26,8 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
+
 from .. import backend
 from .. import config
 from .. import layer_types
@@ -166,11 +168,22 @@ def benchmark(net, iterations: int, warmup: int, sync):
 
 
 def _fill_inputs(net):
-    """Standard-normal values in the net's Input blobs."""
+    """Standard-normal values in the net's Input blobs, except the targets of loss and
+    Accuracy layers (any bottom after the first), which stay 0 as in Caffe's zeroed blobs:
+    class 0 is a valid label for every classifier."""
+    copied_from = {}                    # a Split's top -> the blob it copies
+    targets = set()
+    for layer, bottoms, tops in zip(net.layers, net.bottom_names.values(),
+                                    net.top_names.values()):
+        if layer.type == "Split":
+            copied_from.update((top, bottoms[0]) for top in tops)
+        elif layer.is_loss or layer.type == "Accuracy":
+            targets.update(copied_from.get(name, name) for name in bottoms[1:])
     rng = backend.rng()
     for name in net.inputs:
         blob = net.blobs[name]
-        blob.data[...] = backend.to_device(rng.standard_normal(blob.shape).astype(blob.data.dtype))
+        values = np.zeros(blob.shape) if name in targets else rng.standard_normal(blob.shape)
+        blob.data[...] = backend.to_device(values.astype(blob.data.dtype))
 
 
 def report(net, forward, backward, passes, out) -> None:
