@@ -13,7 +13,7 @@ import contextlib
 
 from . import backend
 
-_flags: dict = {}          # call site -> [0-d bool device array, error to raise]
+_flags: dict = {}          # (call site, array module, device id) -> [0-d bool flag, error]
 _state = {"deferring": False}
 
 
@@ -36,11 +36,14 @@ def defer(site: str, bad, error) -> None:
     """OR the 0-d bool device array ``bad`` into the flag of ``site`` (the call site: layer
     and check); :func:`raise_pending` raises ``error()`` (an OwlnetError made without reading
     device values) once the flag is set. The flag is allocated at a site's first call (in the
-    eager warm-up iteration of a captured step), then only written."""
-    entry = _flags.get(site)
+    eager warm-up iteration of a captured step; one per device, as each slice's layer of that
+    name runs on its own GPU), then only written."""
+    xp = backend.array_module(bad)
+    key = (site, xp, getattr(getattr(bad, "device", None), "id", None))  # a flag per GPU
+    entry = _flags.get(key)
     if entry is None:
-        entry = _flags[site] = [backend.array_module(bad).zeros((), dtype=bool), error]
-    backend.array_module(bad).logical_or(entry[0], bad, out=entry[0])
+        entry = _flags[key] = [xp.zeros((), dtype=bool), error]
+    xp.logical_or(entry[0], bad, out=entry[0])
 
 
 def raise_pending() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check (issue 10) for a lent H100/H200: under 8 minutes, one report file.
 #
-#   bash scripts/gpu_check.sh OUT_FOLDER          (from anywhere; OUT_FOLDER gets gpu_check.md)
+#   bash scripts/gpu_check.sh OUT_FOLDER [--only STEP ...]   (OUT_FOLDER gets gpu_check.md)
 #
 # The device machine has CuPy, PyTorch, numpy, mpi4py, pytest but no network: the wheels it
 # lacks (nvidia-cudnn-frontend, lmdb, mlxtend for the demo) travel in .whl/ at the project root,
@@ -28,4 +28,4 @@ if ! compgen -G "$native/_native*.so" > /dev/null && command -v gcc > /dev/null;
 fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-exec python3 scripts/gpu_check.py "$out"
+exec python3 scripts/gpu_check.py "$out" "${@:2}"

@@ -614,6 +614,7 @@ def _column_major(pointer, dtype, rows, cols, ld):
 class _Device:
     def __init__(self, index=0):
         self.id = int(index)
+        self.pci_bus_id = f"0000:{self.id + 1:02x}:00.0"
 
     def use(self):
         pass
@@ -675,10 +676,13 @@ def installed():
 
 
 def _clear_gpu_caches():
-    """kernels.gpu keeps kernels, plans, handles and workspaces per process: a fake's must not
-    outlive the fake (nor a real device's leak into it)."""
+    """kernels.gpu and kernels.cublas keep kernels, plans, handles and workspaces per process,
+    device_checks its flags: a fake's must not outlive the fake (nor a real device's leak
+    into it)."""
+    from owlnet import device_checks
     from owlnet.kernels import cublas, gpu
-    for cache in (gpu._plans, gpu._handles, gpu._workspaces, gpu._iterations, cublas._handles):
+    for cache in (gpu._plans, gpu._handles, gpu._workspaces, gpu._iterations, cublas._handles,
+                  device_checks._flags):
         cache.clear()
     gpu._cudnn_state.update(module=None, failed=False)
     gpu.elementwise.cache_clear()

@@ -14,6 +14,7 @@ from google.protobuf import text_format
 
 import fakecupy
 from owlnet import backend
+from owlnet.errors import DataError
 from owlnet import logging as owl_logging
 from owlnet.parallel import captured
 from owlnet.parallel.executors import SingleDevice
@@ -535,3 +536,18 @@ def test_replayed_losses_are_read_once_and_a_nan_stops_training():
         solver.net.blobs["data"].data[...] = np.full_like(images, np.nan)
         with pytest.raises(TrainingError, match="iteration 7: the loss is nan"):
             solver.step(2)
+
+
+def test_deferred_flags_are_kept_per_array_module_and_device():
+    """A check deferred at one site by arrays of two places (host NumPy and the device here;
+    two GPUs' slices in a real run) keeps a flag for each: neither is ORed into the other's
+    memory. Either flag set raises the site's error."""
+    from owlnet import device_checks
+    with fakecupy.fake_gpu() as cupy:
+        device_checks.defer("layer: labels", np.asarray(False), lambda: DataError("host"))
+        device_checks.defer("layer: labels", cupy.asarray(np.asarray(True)),
+                            lambda: DataError("device"))
+        assert len(device_checks._flags) == 2
+        with pytest.raises(DataError, match="device"):
+            device_checks.raise_pending()
+        device_checks.raise_pending()           # the flag was cleared when it raised

@@ -415,3 +415,42 @@ def test_a_source_that_cannot_be_sliced_is_an_error(tmp_path):
     assert list(solver.net.data_sources()) == ["m"]
     with pytest.raises(ConfigError, match=r"layer 'm' \(MemoryData\) cannot be read in shares"):
         parallel.DataParallel(solver, [None] * 2)
+
+
+STAGED_SCRIPT = r"""
+import sys
+import numpy as np
+from mpi4py import MPI
+import fakecupy
+from owlnet import parallel
+from owlnet.parallel import reducers
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+with fakecupy.fake_gpu() as cupy:
+    shared = reducers.gpus_shared_between_ranks(comm, [0])       # both ranks on "GPU 0"
+    alone = reducers.gpus_shared_between_ranks(comm, [rank])     # a GPU each
+    reducer = parallel.StagedMPIReducer(comm, 20.0)
+    gradient = cupy.asarray(np.arange(8, dtype=np.float32) * (rank + 1))
+    reducer.begin(1)
+    reducer.start([[gradient]], 0, 3)
+    reducer.start([[gradient]], 3, 8)
+    reducer.wait()
+    print(rank, shared, alone, gradient.get().tolist(), flush=True)
+"""
+
+
+@needs_mpi
+def test_ranks_sharing_a_gpu_reduce_through_host_copies(tmp_path):
+    """Two ranks on one GPU (NCCL refuses that: an H200 said NCCL_ERROR_INVALID_USAGE): the
+    ranks find the GPU shared, and the staged reducer sums each bucket through MPI on host
+    copies, written back to the device arrays."""
+    script = tmp_path / "staged.py"
+    script.write_text(STAGED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(run.stdout.strip().splitlines())
+    want = (np.arange(8) * 3.0).tolist()
+    assert lines == [f"0 True False {want}", f"1 True False {want}"]

@@ -8,7 +8,7 @@ solver (``solver.parallel = ...``): :class:`Slices` in one process, :class:`Rank
 from .captured import CapturedStep
 from .executors import RankSlices, SingleDevice, Slices, StepExecutor, device_list
 from .reducers import (DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, Reducer,
-                       launched_by_mpi, mpi_comm)
+                       StagedMPIReducer, launched_by_mpi, mpi_comm)
 
 
 def DataParallel(solver, devices, comm=None,  # noqa: N802 (the name the tools call)
@@ -23,5 +23,6 @@ def DataParallel(solver, devices, comm=None,  # noqa: N802 (the name the tools c
 
 
 __all__ = ["CapturedStep", "DEFAULT_TIMEOUT", "DataParallel", "LocalReducer", "MPIReducer", "NCCLReducer",
-           "RankSlices", "Reducer", "SingleDevice", "Slices", "StepExecutor", "device_list",
+           "RankSlices", "Reducer", "SingleDevice", "Slices", "StagedMPIReducer", "StepExecutor",
+           "device_list",
            "launched_by_mpi", "mpi_comm"]

@@ -40,7 +40,8 @@ import numpy as np
 
 from .. import backend, kernels
 from ..errors import ConfigError
-from .reducers import DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, device_scope
+from .reducers import (DEFAULT_TIMEOUT, LocalReducer, MPIReducer, NCCLReducer, StagedMPIReducer,
+                       device_scope, gpus_shared_between_ranks)
 
 
 class StepExecutor(abc.ABC):
@@ -294,7 +295,8 @@ class Slices(StepExecutor):
 class RankSlices(Slices):
     """:class:`Slices` on each rank of the MPI communicator ``comm`` (rank r's slices are
     ``r x len(devices) ...``). CPU ranks reduce through MPI; GPU ranks through NCCL, with any
-    number of GPUs per rank (the same on every rank; one per rank is the usual set-up)."""
+    number of GPUs per rank (the same on every rank; one per rank is the usual set-up), or,
+    where ranks share a GPU (more ranks than GPUs on a node), through MPI on host copies."""
 
     def __init__(self, devices, net, rule, build_net, build_rule, comm,
                  timeout: float = DEFAULT_TIMEOUT):
@@ -303,8 +305,14 @@ class RankSlices(Slices):
                          ranks=comm.Get_size(), timeout=timeout)
 
     def make_reducer(self, distinct, timeout):
-        mpi = MPIReducer(self.comm, timeout)
-        return mpi if distinct == [None] else NCCLReducer(distinct, mpi, timeout)
+        if distinct == [None]:
+            return MPIReducer(self.comm, timeout)
+        if gpus_shared_between_ranks(self.comm, distinct):
+            if len(distinct) > 1:
+                raise ConfigError("MPI ranks that share GPUs take one GPU each (NCCL refuses "
+                                  f"two ranks on one GPU); this rank has {len(distinct)}")
+            return StagedMPIReducer(self.comm, timeout)
+        return NCCLReducer(distinct, MPIReducer(self.comm, timeout), timeout)
 
 
 def device_list(count: int, device: str, first_gpu: int = 0) -> list:

@@ -4,10 +4,11 @@ A reducer sums segments ``[lo, hi)`` of flat gradient buffers over every slice o
 It sees the slices in groups, one group per device (the slices sharing that device's
 parameters), the group's first buffer being its holder: :meth:`Reducer.start` first adds
 each group's buffers into its holder, then all-reduces the holders over the devices and
-ranks. Three implementations: :class:`LocalReducer` (one device, one process: the local sum
-alone), :class:`MPIReducer` (CPU ranks: mpi4py ``Iallreduce`` of the holder) and
+ranks. Four implementations: :class:`LocalReducer` (one device, one process: the local sum
+alone), :class:`MPIReducer` (CPU ranks: mpi4py ``Iallreduce`` of the holder),
 :class:`NCCLReducer` (GPUs: one NCCL communicator over every device of every rank, its unique
-id broadcast through MPI; one GPU per rank is the usual MPI set-up). Collective waits poll
+id broadcast through MPI; one GPU per rank is the usual MPI set-up) and
+:class:`StagedMPIReducer` (GPU ranks sharing GPUs, which NCCL refuses: MPI on host copies). Collective waits poll
 with a deadline, so a rank that stops answering makes the others fail with TrainingError
 naming it instead of hanging.
 
@@ -17,7 +18,9 @@ is the executors' business (``owlnet.parallel.executors``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import socket
 import time
 
 import numpy as np
@@ -198,6 +201,41 @@ class MPIReducer(Reducer):
         self._announce()
         request = self.comm.Ibcast(array, root=0)
         self._wait([request], "broadcast")
+
+
+class StagedMPIReducer(MPIReducer):
+    """GPU ranks that share a GPU (NCCL refuses two ranks of one communicator on one device):
+    each bucket is copied to the host, all-reduced there by MPI, and copied back to the device
+    in :meth:`wait`, before the update is queued. One GPU per rank."""
+
+    def __init__(self, comm, timeout: float):
+        super().__init__(comm, timeout)
+        self._staged: list = []             # (device segment, host copy)
+
+    def all_reduce(self, holders, lo, hi):
+        segment = holders[0][lo:hi]
+        host = segment.get()                # waits for the bucket's gradients
+        self._staged.append((segment, host))
+        super().all_reduce([host], 0, host.size)
+
+    def wait(self):
+        super().wait()
+        for segment, host in self._staged:
+            segment.set(host)
+        self._staged = []
+
+
+def gpus_shared_between_ranks(comm, devices) -> bool:
+    """Whether a GPU of this rank is also another rank's (same host name and PCI bus id);
+    every rank gets the same answer. Each rank must list as many GPUs."""
+    cupy = backend.import_cupy()
+    host = socket.gethostname()
+    keys = np.array([int.from_bytes(hashlib.sha256(
+        f"{host}/{cupy.cuda.Device(d).pci_bus_id}".encode()).digest()[:8], "little",
+        signed=True) for d in devices], dtype=np.int64)
+    everyone = np.empty(keys.size * comm.Get_size(), dtype=np.int64)
+    comm.Allgather(keys, everyone)
+    return len(set(everyone.tolist())) < everyone.size
 
 
 class NCCLReducer(Reducer):
