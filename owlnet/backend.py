@@ -165,10 +165,22 @@ def dtype_scope(new_dtype):
         _state["dtype"] = old
 
 
+_seed = {"value": None}
+
+
 def set_random_seed(seed: int) -> None:
     """Seed the generator used by fillers, dropout masks, random crops and shuffles."""
     global _rng
     _rng = np.random.default_rng(int(seed))
+    _seed["value"] = int(seed) & 0xFFFFFFFF
+
+
+def random_seed() -> int:
+    """The seed last given to :func:`set_random_seed` (the solver's ``random_seed``), else
+    one drawn once for this process: the key of the GPU's counter-based draws (Dropout)."""
+    if _seed["value"] is None:
+        _seed["value"] = int.from_bytes(os.urandom(4), "little")
+    return _seed["value"]
 
 
 def rng() -> np.random.Generator:

@@ -258,9 +258,21 @@ def test_captured_rules_follow_the_rate_schedule(rule_type):
     _assert_same(eager[4], graph[4])
 
 
-def test_dropout_drawing_on_the_host_falls_back_naming_the_layer(log_lines):
-    """Today's Dropout draws its mask on the host and copies it in: the capture refuses the
-    copy, the log names the layer, and training goes on eagerly with the eager results."""
+def _host_drawn_dropout(monkeypatch):
+    """Dropout as it was before its counted kernel: the mask drawn on the host, copied in."""
+    from owlnet.layer_types.neuron import DropoutLayer
+
+    def forward(self, bottom, top):
+        mask = backend.rng().random(bottom[0].shape) < self.keep
+        top[0].data[...] = bottom[0].data * backend.to_device(mask.astype(np.float32))
+    monkeypatch.setattr(DropoutLayer, "forward", forward)
+    monkeypatch.setattr(DropoutLayer, "backward", lambda self, top, down, bottom: None)
+
+
+def test_a_layer_copying_from_the_host_falls_back_naming_it(log_lines, monkeypatch):
+    """A layer that copies a host array in: the capture refuses the copy, the log names the
+    layer, and training goes on eagerly."""
+    _host_drawn_dropout(monkeypatch)
     text = RESNET_STYLE.replace("DROPOUT", DROPOUT)
     graph = _train(text, eager=False, steps=4)
     assert graph[0].state == "eager"
@@ -375,29 +387,10 @@ def test_counted_dropout_draws_the_keyed_mask():
         np.testing.assert_array_equal(y, np.where(want, x * np.float32(1 / (1 - ratio)), 0))
 
 
-def _counted_dropout(monkeypatch):
-    """Dropout as the proposed layer change makes it on the GPU: its mask from
-    kernels.gpu.dropout_forward_counted (seed, layer name, the device's iteration counter)."""
-    from owlnet.kernels import gpu as gpu_kernels
-    from owlnet.layer_types.neuron import DropoutLayer
-
-    def forward(self, bottom, top):
-        x = bottom[0].data
-        self._keep = backend.xp().empty(x.shape, dtype=np.uint8)
-        gpu_kernels.dropout_forward_counted(x, top[0].data, self._keep, 1 - self.keep, 5,
-                                            self.name)
-
-    def backward(self, top, propagate_down, bottom):
-        gpu_kernels.dropout_backward(top[0].diff, self._keep, bottom[0].diff, 1 - self.keep)
-    monkeypatch.setattr(DropoutLayer, "forward", forward)
-    monkeypatch.setattr(DropoutLayer, "backward", backward)
-
-
-def test_resnet_style_with_counted_dropout_captured_equals_eager(monkeypatch):
+def test_resnet_style_with_counted_dropout_captured_equals_eager():
     """With Dropout keyed by the iteration counter, the net with BatchNorm and Dropout is
     captured (no host sync, no host copy, no new memory inside) and each replay draws its
     own iteration's mask: results equal the eager step's bit for bit."""
-    _counted_dropout(monkeypatch)
     text = RESNET_STYLE.replace("DROPOUT", DROPOUT)
     eager = _train(text, eager=True)
     graph = _train(text, eager=False)
@@ -408,7 +401,7 @@ def test_resnet_style_with_counted_dropout_captured_equals_eager(monkeypatch):
 
 
 # -- timing ----------------------------------------------------------------------------------
-def test_time_steps_times_eager_and_captured_on_the_fake_device():
+def test_time_steps_times_eager_and_captured_on_the_fake_device(monkeypatch):
     """`owlnet time`'s step line: both times for a capturable net, the reason otherwise."""
     with fakecupy.fake_gpu():
         solver = _solver(RESNET_STYLE.replace("DROPOUT", ""))
@@ -421,15 +414,17 @@ def test_time_steps_times_eager_and_captured_on_the_fake_device():
     with fakecupy.fake_gpu():
         solver = _solver(RESNET_STYLE.replace("DROPOUT", DROPOUT))
         eager, graphs = captured.time_steps(solver.net, 1)
+        assert isinstance(graphs, float)
+        _host_drawn_dropout(monkeypatch)
+        eager, graphs = captured.time_steps(solver.net, 1)
         assert "layer 'drop' (Dropout) cannot be captured" in graphs
 
 
 # -- on a real GPU -----------------------------------------------------------------------------
 @gpu
-def test_resnet_style_captured_equals_eager_on_the_device(monkeypatch):
+def test_resnet_style_captured_equals_eager_on_the_device():
     """CuPy's real capture: the ResNet-style net with BatchNorm and counted Dropout is captured
     and replayed, equal to the eager step bit for bit (same kernels, same order)."""
-    _counted_dropout(monkeypatch)
     text = RESNET_STYLE.replace("DROPOUT", DROPOUT)
     eager = _train(text, eager=True, where="gpu")
     graph = _train(text, eager=False, where="gpu")

@@ -8,13 +8,16 @@ every machine.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 import column_reference
 import fakecupy
 from gradcheck import TEST, TRAIN, make_layer
-from owlnet import backend
+from owlnet import backend, kernels
+from owlnet.kernels import counter_random
 from owlnet.kernels import cpu as cpu_kernels
 
 gpu = pytest.mark.gpu
@@ -104,7 +107,6 @@ CASES = [
     case("log", 'type: "Log" log_param { scale: 2 shift: 0.5 }', [POS(2, 3, 4)]),
     case("threshold", 'type: "Threshold" threshold_param { threshold: 0.2 }', [X(2, 3, 4)],
          backward=False),
-    case("dropout", 'type: "Dropout" dropout_param { dropout_ratio: 0.4 }', [X(4, 5, 3)]),
     case("dropout_test", 'type: "Dropout"', [X(4, 5)], phase=TEST),
     case("swish", 'type: "Swish" swish_param { beta: 1.5 }', [X(2, 3, 4)]),
     case("clip", 'type: "Clip" clip_param { min: -0.5 max: 0.7 }', [X(2, 3, 4)]),
@@ -178,6 +180,43 @@ def _run_layer(device, text, arrays, n_tops, phase, propagate, backward, top_dif
 def _assert_close(gpu, cpu, what):
     scale = max(1.0, float(np.abs(cpu).max(initial=0.0)))
     np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("where", ["fake", pytest.param("device", marks=gpu)])
+def test_dropout_on_the_gpu_draws_the_counted_mask(where):
+    """At TRAIN on the GPU, Dropout's mask m is counter_random's keyed draw (the random seed,
+    the device's counter, the layer's name): y = x m / (1 - r), dx = dy m / (1 - r). In an
+    executor's iteration the counter is the iteration; outside, each forward draws anew."""
+    ratio = 0.4
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 5, 3)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    scale = np.float32(1.0 / (1.0 - ratio))
+    with fakecupy.fake_gpu() if where == "fake" else contextlib.nullcontext():
+        backend.set_mode_gpu()
+        try:
+            with backend.device_arrays():
+                layer, bottom, top = make_layer(
+                    'name: "drop" type: "Dropout" dropout_param { dropout_ratio: 0.4 }',
+                    [backend.to_device(x)], 1, TRAIN, dtype=np.float32, seed=11)
+                with kernels.get(backend.xp()).iteration_draws(7):
+                    layer.forward(bottom, top)
+                kept = counter_random.dropout_keep(counter_random.draw_key(11, 7, "drop"),
+                                                   x.shape, ratio)
+                assert 0.4 < kept.mean() < 0.8
+                np.testing.assert_allclose(backend.to_host(top[0].data),
+                                           np.where(kept, x * scale, 0), rtol=1e-6)
+                top[0].diff[...] = backend.to_device(dy)
+                layer.backward(top, [True], bottom)
+                np.testing.assert_allclose(backend.to_host(bottom[0].diff),
+                                           np.where(kept, dy * scale, 0), rtol=1e-6)
+                masks = []
+                for _ in range(2):
+                    layer.forward(bottom, top)
+                    masks.append(backend.to_host(top[0].data) != 0)
+                assert not np.array_equal(masks[0], masks[1])
+        finally:
+            backend.set_mode_cpu()
 
 
 def _new_convolution_contract():

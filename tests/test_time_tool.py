@@ -84,6 +84,22 @@ def test_train_net_with_random_data(capsys):
     assert rows["mnist"][0] == "DummyData" and rows["loss"][0] == "SoftmaxWithLoss"
 
 
+def test_stand_in_data_is_random_once_and_labels_zero():
+    """The stand-in's data top is filled once with standard-normal values (its fillers are
+    constant, so forward does not redraw); its label top stays class 0."""
+    model = ROOT / "models" / "lenet" / "train_test.prototxt"
+    param = time_tool.prepare_net_param(time_tool.config.read_net(str(model))[0], batch=8,
+                                        data_shape=(1, 28, 28))
+    stand_in = next(lp for lp in param.layer if lp.name == "mnist")
+    assert {f.type for f in stand_in.dummy_data_param.data_filler} == {"constant"}
+    net = time_tool.Net(param, phase=time_tool.TRAIN)
+    time_tool._fill_inputs(net, ["mnist"])
+    data = net.blobs["data"].data.copy()
+    assert 0.8 < np.std(data) < 1.2 and not np.any(net.blobs["label"].data)
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, data)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["no/such/model.prototxt"], "not found"),
     ([DEPLOY, "--iterations", "0"], "--iterations"),

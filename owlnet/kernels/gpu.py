@@ -21,6 +21,7 @@ column matrices share one workspace per device, grown on demand up to ``WORKSPAC
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -584,6 +585,28 @@ def set_iteration(iteration: int) -> None:
     """Write ``iteration`` into :func:`iteration_counter` (a launch on the current stream;
     no host sync)."""
     iteration_counter().fill(int(iteration))
+
+
+_draws = {"managed": 0}
+
+
+@contextlib.contextmanager
+def iteration_draws(iteration: int):
+    """Inside: counter-based random kernels draw ``iteration``'s numbers (written into
+    :func:`iteration_counter` first). The single-GPU step executors run each iteration in it,
+    so a captured step's replays draw their own iteration's masks."""
+    set_iteration(iteration)
+    _draws["managed"] += 1
+    try:
+        yield
+    finally:
+        _draws["managed"] -= 1
+
+
+def draws_managed() -> bool:
+    """Whether an executor set the iteration the draws use (inside :func:`iteration_draws`);
+    outside, a layer draws a fresh counter value from the host generator per call."""
+    return _draws["managed"] > 0
 
 
 def dropout_forward_counted(x, y, keep, ratio, seed, layer):

@@ -342,16 +342,16 @@ class ThresholdLayer(_Neuron):
                       ConfigError)
 
 
-def _bernoulli_mask(xp, shape, keep):
-    """A boolean array of ``shape`` on ``xp``'s device, True with probability ``keep``,
-    drawn from ``backend.rng()`` so a seed fixes it."""
-    return xp.asarray(backend.rng().random(shape, dtype="float32") < keep)
-
-
 @register("Dropout")
 class DropoutLayer(_Neuron):
     """At TRAIN: y = x * m / (1 - dropout_ratio) with m ~ Bernoulli(1 - dropout_ratio) per
-    element, dx = dy * m / (1 - dropout_ratio). At TEST: y = x, dx = dy."""
+    element, dx = dy * m / (1 - dropout_ratio). At TEST: y = x, dx = dy.
+
+    The CPU draws m from the host generator. The GPU draws it on the device, counter-based:
+    m = ``counter_random.dropout_keep(draw_key(seed, i, layer name), shape, ratio)`` with
+    ``seed = backend.random_seed()`` and i the device's iteration counter, which the step
+    executors set to the iteration (so a captured step's replays draw their own masks) and
+    which a forward outside them sets to a draw of the host generator."""
 
     def layer_setup(self, bottom, top):
         ratio = float(self.param.dropout_param.dropout_ratio)
@@ -359,6 +359,7 @@ class DropoutLayer(_Neuron):
             self.fail(f"dropout_ratio must be in [0, 1), got {ratio}", ConfigError)
         self.keep = 1.0 - ratio
         self._scaled_mask = None
+        self._kept = None               # GPU: the uint8 mask of the last forward
 
     def forward(self, bottom, top):
         x = bottom[0].data
@@ -367,7 +368,15 @@ class DropoutLayer(_Neuron):
                 top[0].data[...] = x
             return
         xp = backend.array_module(x)
-        mask = _bernoulli_mask(xp, x.shape, self.keep)
+        if xp is not np:
+            gpu = kernels.get(xp)
+            if not gpu.draws_managed():
+                gpu.set_iteration(int(backend.rng().integers(1 << 63)))
+            self._kept = xp.empty(x.shape, dtype=xp.uint8)
+            gpu.dropout_forward_counted(x, top[0].data, self._kept, 1.0 - self.keep,
+                                        backend.random_seed(), self.name)
+            return
+        mask = backend.rng().random(x.shape, dtype="float32") < self.keep
         self._scaled_mask = mask.astype(x.dtype) * x.dtype.type(1.0 / self.keep)
         xp.multiply(x, self._scaled_mask, out=top[0].data)
 
@@ -379,7 +388,11 @@ class DropoutLayer(_Neuron):
                 bottom[0].diff[...] = top[0].diff
             return
         dy = top[0].diff
-        backend.array_module(dy).multiply(dy, self._scaled_mask, out=bottom[0].diff)
+        xp = backend.array_module(dy)
+        if xp is not np:
+            kernels.get(xp).dropout_backward(dy, self._kept, bottom[0].diff, 1.0 - self.keep)
+            return
+        xp.multiply(dy, self._scaled_mask, out=bottom[0].diff)
 
 
 @register("Swish")

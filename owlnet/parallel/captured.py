@@ -98,17 +98,15 @@ def capture_blockers(net, solver_param, callbacks=()) -> list:
 
 class DeviceScalars:
     """The values a replay reads from the device: the iteration (uint64: the device's
-    ``kernels.gpu.iteration_counter``, which counter-based random kernels read) and the
-    learning groups' rates (float64), written before each replay."""
+    ``kernels.gpu.iteration_counter``, which counter-based random kernels read, written by
+    ``kernels.gpu.iteration_draws``) and the learning groups' rates (float64), written before
+    each replay."""
 
     def __init__(self, xp, groups: int):
         self.kernels = kernels.get(xp)      # kernels.gpu, loaded on first GPU use
         self.iteration = self.kernels.iteration_counter()
         self.rates = xp.zeros(groups, dtype=xp.float64)
         self.rate_views = [self.rates[g] for g in range(groups)]
-
-    def set_iteration(self, iteration: int) -> None:
-        self.kernels.set_iteration(iteration)
 
     def set_rates(self, rates) -> None:
         for view, rate in zip(self.rate_views, rates):
@@ -195,8 +193,11 @@ class CapturedStep(SingleDevice):
             self.net.clear_param_diffs()
 
     def forward_backward(self, iteration, reduce):
+        with self.scalars.kernels.iteration_draws(iteration):
+            return self._iteration(iteration)
+
+    def _iteration(self, iteration):
         net = self.net
-        self.scalars.set_iteration(iteration)
         if self.feed:
             net.forward_range(0, self.feed - 1)        # layers without bottoms: no loss
         if self.state == "eager":

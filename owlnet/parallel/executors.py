@@ -117,8 +117,9 @@ class SingleDevice(StepExecutor):
 
     def forward_backward(self, iteration, reduce):
         if backend.mode() == "gpu":
-            # read by counter-based random kernels (kernels.gpu loads on first GPU use)
-            kernels.get(backend.xp()).set_iteration(iteration)
+            # counter-based random kernels draw this iteration's numbers (the GPU Dropout)
+            with kernels.get(backend.xp()).iteration_draws(iteration):
+                return self.net.forward_backward()
         return self.net.forward_backward()
 
     def reduce(self, loss):

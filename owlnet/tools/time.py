@@ -86,8 +86,10 @@ def _dummy_layer(lp, shapes, fillers):
 
 
 def prepare_net_param(param, batch=None, data_shape=None):
-    """The NetParameter to time: batch sizes overridden, unreadable inputs made random."""
-    gaussian = caffe_pb2.FillerParameter(type="gaussian", std=1.0)
+    """The NetParameter to time: batch sizes overridden, unreadable inputs replaced by
+    DummyData stand-ins of constant zeros (filled once: :func:`_fill_inputs` writes random
+    data into them, so the timed forward does not draw a batch of random numbers on the
+    host each pass, which no data layer does)."""
     zeros = caffe_pb2.FillerParameter(type="constant", value=0.0)
     layers = []
     for lp in param.layer:
@@ -95,11 +97,11 @@ def prepare_net_param(param, batch=None, data_shape=None):
             m = lp.memory_data_param
             n = batch or m.batch_size
             lp = _dummy_layer(lp, [(n, m.channels, m.height, m.width), (n,)][:len(lp.top)],
-                              [gaussian, zeros])
+                              [zeros, zeros])
         elif lp.type in _SOURCE_LAYERS and data_shape is not None:
             source = lp.data_param if lp.type == "Data" else lp.image_data_param
             n = batch or source.batch_size
-            lp = _dummy_layer(lp, [(n,) + data_shape, (n,)][:len(lp.top)], [gaussian, zeros])
+            lp = _dummy_layer(lp, [(n,) + data_shape, (n,)][:len(lp.top)], [zeros, zeros])
         elif batch is not None:
             lp = _with_batch(lp, batch)
         layers.append(lp)
@@ -167,10 +169,11 @@ def benchmark(net, iterations: int, warmup: int, sync):
     return forward, backward, passes
 
 
-def _fill_inputs(net):
-    """Standard-normal values in the net's Input blobs, except the targets of loss and
-    Accuracy layers (any bottom after the first), which stay 0 as in Caffe's zeroed blobs:
-    class 0 is a valid label for every classifier."""
+def _fill_inputs(net, stand_ins=()):
+    """Standard-normal values in the net's Input blobs and the first top of each stand-in
+    layer named in ``stand_ins``, except the targets of loss and Accuracy layers (any bottom
+    after the first), which stay 0 as in Caffe's zeroed blobs: class 0 is a valid label for
+    every classifier."""
     copied_from = {}                    # a Split's top -> the blob it copies
     targets = set()
     for layer, bottoms, tops in zip(net.layers, net.bottom_names.values(),
@@ -180,7 +183,7 @@ def _fill_inputs(net):
         elif layer.is_loss or layer.type == "Accuracy":
             targets.update(copied_from.get(name, name) for name in bottoms[1:])
     rng = backend.rng()
-    for name in net.inputs:
+    for name in list(net.inputs) + [net.top_names[layer][0] for layer in stand_ins]:
         blob = net.blobs[name]
         values = np.zeros(blob.shape) if name in targets else rng.standard_normal(blob.shape)
         blob.data[...] = backend.to_device(values.astype(blob.data.dtype))
@@ -222,7 +225,10 @@ def run(args, out=None) -> int:
         raise ConfigError("need a model definition to time: MODEL or --model=M")
     data_shape = _parse_shape(args.data_shape) if args.data_shape else None
     param, _ = config.read_net(model)
+    types = {lp.name: lp.type for lp in param.layer}
     param = prepare_net_param(param, args.batch, data_shape)
+    stand_ins = [lp.name for lp in param.layer
+                 if lp.type == "DummyData" and types.get(lp.name) != "DummyData"]
     owl_logging.ensure_configured()
     gpu = device.setup_from_args(args, log_cpu=True)[0]
     stages = tuple(s for s in (args.stage or "").split(",") if s)
@@ -234,7 +240,7 @@ def run(args, out=None) -> int:
             raise DataError(f"{exc} (give --data-shape C,H,W to time with random inputs "
                             "instead)") from None
         raise
-    _fill_inputs(net)
+    _fill_inputs(net, [name for name in stand_ins if name in net.layer_dict])
     where = "CPU" if gpu is None else f"GPU {gpu}"
     print(f"Timing net '{net.name}' ({model}) on {where}, phase {args.phase}, "
           f"{args.iterations} iterations", file=out)
