@@ -6,6 +6,9 @@ Runs each step below in a subprocess under its own time limit (all of them withi
 then the device and package versions. A step that fails or times out does not stop the next.
 
     python3 scripts/gpu_check.py OUT_FOLDER [--only STEP ...]
+
+slices_n2 and mpi_2_ranks train on the LMDBs and mean file the demo step writes: a fresh
+machine needs the demo step before them.
 """
 from __future__ import annotations
 
