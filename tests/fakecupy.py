@@ -623,7 +623,14 @@ class _Device:
         pass
 
 
+def _raw_memory(nbytes):
+    """``cupy.cuda.Memory``: device memory of its own, outside the pools (``.ptr``)."""
+    _refuse_in_capture("cudaMalloc")
+    return _Memory(np.zeros(nbytes, dtype=np.uint8))
+
+
 cuda = types.SimpleNamespace(Device=_Device, Stream=Stream, Graph=Graph, Event=Event,
+                             Memory=_raw_memory,
                              get_current_stream=get_current_stream, MemoryPool=MemoryPool,
                              using_allocator=using_allocator,
                              alloc_pinned_memory=lambda nbytes: bytearray(nbytes),

@@ -119,12 +119,14 @@ def _open_libcublas():
 
 
 class _Handle:
-    """One device's cuBLAS handle, its workspace, and what was last set on it."""
+    """One device's cuBLAS handle, its workspace, and what was last set on it. The workspace
+    is its own device allocation (``cupy.cuda.Memory``), outside every memory pool: a captured
+    step's private pool may go before the handle does."""
 
     def __init__(self, library, cupy):
         self.handle = library.create()
-        self.workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
-        library.set_workspace(self.handle, self.workspace.data.ptr, WORKSPACE_BYTES)
+        self.workspace = cupy.cuda.Memory(WORKSPACE_BYTES)
+        library.set_workspace(self.handle, self.workspace.ptr, WORKSPACE_BYTES)
         self.stream = None
         self.math = None
 
