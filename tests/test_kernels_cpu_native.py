@@ -147,3 +147,89 @@ def test_scale_forward_and_backward(bands, shape):
     np.testing.assert_array_equal(again[1], bias_sums)
     np.testing.assert_array_equal(dy, dx)
     assert cpu.scale_backward(dx, None, scale, None)[0] is None
+
+
+# -- native.c's own threads (pieces_run) -------------------------------------------------------
+def _direct_case(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 8, 12, 20)).astype(np.float32)
+    w = rng.standard_normal((10, 8, 3, 3)).astype(np.float32)
+    return x, w
+
+
+def _direct_forward(x, w):
+    y = np.empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), np.float32)
+    cpu.direct.forward(x, w, y, (1, 1), (1, 1), (1, 1), 1)
+    return y
+
+
+@pytest.fixture
+def many_pieces(monkeypatch):
+    """The direct forward cut into many pieces on native.c's threads (two at least)."""
+    monkeypatch.setattr(cpu.direct, "_PIECE_MULTIPLY_ADDS", 1)
+    monkeypatch.setattr(cpu.direct, "_PARALLEL_FORWARD_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(cpu.direct.threads, "workers", lambda: 2)
+
+
+def test_threaded_forward_equals_one_thread_bit_for_bit(monkeypatch):
+    x, w = _direct_case()
+    one = _direct_forward(x, w)
+    monkeypatch.setattr(cpu.direct, "_PIECE_MULTIPLY_ADDS", 1)
+    monkeypatch.setattr(cpu.direct, "_PARALLEL_FORWARD_MULTIPLY_ADDS", 0)
+    for workers in (2, 3, 8):
+        monkeypatch.setattr(cpu.direct.threads, "workers", lambda: workers)
+        for _ in range(20):
+            np.testing.assert_array_equal(_direct_forward(x, w), one)
+
+
+def test_threaded_forward_from_two_python_threads(many_pieces):
+    """Two callers at once: one runs on the workers, the other its pieces in turn; both are
+    right and neither waits for ever."""
+    import threading
+    cases = [_direct_case(seed) for seed in (1, 2)]
+    wanted = [_direct_forward(x, w) for x, w in cases]
+    failures = []
+
+    def caller(index):
+        for _ in range(200):
+            if not np.array_equal(_direct_forward(*cases[index]), wanted[index]):
+                failures.append(index)
+    callers = [threading.Thread(target=caller, args=(i,), daemon=True) for i in (0, 1)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in callers), "a caller hangs"
+    assert failures == []
+
+
+def test_threaded_forward_in_a_forked_child(many_pieces):
+    """A child forked after the workers started has none: it starts its own."""
+    import os
+    x, w = _direct_case()
+    wanted = _direct_forward(x, w)              # the parent's workers exist now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                # the child: report, never return to pytest
+        try:
+            ok = np.array_equal(_direct_forward(x, w), wanted)
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    import select
+    ready, _, _ = select.select([read], [], [], 60)
+    answer = os.read(read, 1) if ready else b""
+    os.close(read)
+    if not ready:
+        os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    assert answer == b"1", "the forked child hangs or computes wrongly"
+
+
+def test_python_workers_park_the_native_ones():
+    """Before Python's worker threads run pieces, native.c's stop spinning (pieces_park)."""
+    from owlnet.kernels import threads
+    from owlnet.kernels.cpu import native
+    native.function("conv_frame", np.float32)          # loads the library
+    assert any(getattr(hook, "__name__", "") == "pieces_park" for hook in threads.before_parallel)

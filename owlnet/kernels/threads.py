@@ -88,6 +88,8 @@ class _Pool:
                 or not self.lock.acquire(blocking=False)):
             self._in_turn(function, pieces, blas)
             return
+        for hook in before_parallel:
+            hook()
         claimed = itertools.count()       # next() on it is atomic: each piece runs once
 
         def lane():
@@ -154,6 +156,9 @@ class _Helper:
 
 _pool = None
 _pool_lock = threading.Lock()
+#: Called before the worker threads run pieces: the compiled kernels' own threads stop
+#: spinning (``native.c``'s ``pieces_park``), so as not to take the cores from these.
+before_parallel: list = []
 
 
 def _forget_pool_in_child():

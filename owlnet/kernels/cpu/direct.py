@@ -28,6 +28,9 @@ _PIECE_MULTIPLY_ADDS = 1 << 21
 _MAX_PIECES = 8
 # The frame is made in bands of planes of at most this many input bytes.
 _FRAME_BAND_BYTES = 1 << 22
+# The forward runs on native.c's own threads (whose hand-off costs microseconds, not the tens
+# of a Python worker's) from this many multiply-adds.
+_PARALLEL_FORWARD_MULTIPLY_ADDS = 1 << 22
 
 
 def lanes(dtype):
@@ -44,15 +47,20 @@ class Frame:
     """The images zero-padded and split into ``sw`` column phases, ``(N, C, sw, hf, q)``, and
     the offset of every window entry of one group (``koff``)."""
 
-    def __init__(self, images, w_shape, pad, stride, dilation, parallel, vectors=2):
+    def __init__(self, images, w_shape, pad, stride, dilation, parallel, vectors=2, fill=True):
         n, c, h, w = images.shape
         _, cg, kh, kw = w_shape
         (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
-        self.sh = sh
+        self.sh, self.sw, self.pad = sh, sw, (ph, pw)
         self.rows, self.q = frame_geometry(images.shape, images.dtype, pad, sw, vectors)
         self.array = np.empty((n, c, sw, self.rows, self.q), dtype=images.dtype)
-        source = np.ascontiguousarray(images)
+        self.source = source = np.ascontiguousarray(images)
         plane = sw * self.rows * self.q
+        self.group_stride = cg * plane             # elements from one group's channels to the next
+        self.image_stride = c * plane
+        self.koff = window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
+        if not fill:                               # the caller's compiled call frames it
+            return
         compiled = native.function("conv_frame", images.dtype)
 
         def band(part):
@@ -62,9 +70,6 @@ class Frame:
 
         threads.run_pieces(band, shared.bands(n * c, h * w * images.itemsize, _FRAME_BAND_BYTES),
                            parallel, blas=False)
-        self.group_stride = cg * plane             # elements from one group's channels to the next
-        self.image_stride = c * plane
-        self.koff = window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
 
 
 def frame_geometry(shape, dtype, pad, column_stride, vectors):
@@ -110,26 +115,26 @@ def forward(x, w, y, pad, stride, dilation, group):
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     multiply_adds = n * m * oh * ow * k
-    parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
-    frame = Frame(x, w.shape, pad, stride, dilation, parallel)
+    parallel = multiply_adds >= _PARALLEL_FORWARD_MULTIPLY_ADDS
+    frame = Frame(x, w.shape, pad, stride, dilation, parallel, fill=False)
     tile = _channel_tile(ow, y.dtype)
     tiles = -(-mg // tile)
     # Weights as (group, tiles, K, tile), zero rows past each group's channels.
     packed = np.zeros((group, tiles * tile, k), dtype=y.dtype)
     packed[:, :mg] = w.reshape(group, mg, k)
     packed = np.ascontiguousarray(packed.reshape(group, tiles, tile, k).transpose(0, 1, 3, 2))
-    compiled = native.function("conv_direct_forward", y.dtype)
     image_out = m * oh * ow
-
-    def piece(part):
-        n0, n1, g, r0, r1 = part
-        compiled(native.address(frame.array, n0 * frame.image_stride + g * frame.group_stride),
-                 frame.image_stride, native.address(frame.koff), k,
-                 native.address(packed, g * tiles * tile * k),
-                 native.address(y, n0 * image_out + g * mg * oh * ow), image_out, n1 - n0, 0, mg,
-                 oh, ow, r0, r1, frame.sh, frame.q)
-
-    threads.run_pieces(piece, _pieces(n, group, oh, multiply_adds), parallel, blas=False)
+    # Each piece as the compiled call reads it: offsets into the frame, the packed weights
+    # and y, the image count, the output rows.
+    pieces = np.array([(n0 * frame.image_stride + g * frame.group_stride, g * tiles * tile * k,
+                        n0 * image_out + g * mg * oh * ow, n1 - n0, r0, r1)
+                       for n0, n1, g, r0, r1 in _pieces(n, group, oh, multiply_adds)],
+                      dtype=np.int64)
+    native.function("conv_direct_forward_framed", y.dtype)(
+        *native.addresses(frame.source, frame.array), n * x.shape[1], x.shape[2], x.shape[3],
+        *frame.pad, frame.sw, frame.rows, frame.q, native.address(frame.koff), k,
+        *native.addresses(packed, y), image_out, frame.image_stride, mg, oh, ow, frame.sh,
+        native.address(pieces), len(pieces), threads.workers() if parallel else 1)
 
 
 def backward_filter(x, dy, dw, pad, stride, dilation, group):

@@ -20,6 +20,9 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 typedef int64_t i64;
 typedef int32_t i32;
@@ -50,6 +53,137 @@ int has_avx2_fma(void)
     return 0;
 }
 #endif
+
+/* -- the compiled pieces' own threads ------------------------------------------------------------
+ * pieces_run(fn, job, count, threads) calls fn(job, i) for i = 0..count-1 on the calling thread
+ * and up to threads - 1 workers, each taking the next index from a shared counter, and returns
+ * when all are done. Python's hand-off to a waiting thread (a lock, then the GIL) costs tens of
+ * microseconds, as much as a small convolution's half; these workers instead spin on a
+ * generation counter for a while after each job (SPINS pauses, about a millisecond: through
+ * the Python between two convolutions), then sleep on a condition variable until the next,
+ * or at once after pieces_park(). One job runs at a time: a call made
+ * while another runs (another thread, or from inside a piece) runs its pieces in turn. A
+ * forked child starts with no workers and makes its own. */
+enum { POOL_MAX = 64, SPINS = 1 << 15 };
+typedef void (*piece_fn)(void *job, int index);
+
+static struct {
+    pthread_mutex_t lock, run;
+    pthread_cond_t wake;
+    int started, sleepers, registered;
+    atomic_int parked;
+    atomic_uint generation;
+    atomic_int next, active;
+    piece_fn fn;
+    void *job;
+    int count, wanted;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .run = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER};
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void pool_take_pieces(void)
+{
+    for (int i; (i = atomic_fetch_add(&pool.next, 1)) < pool.count;) pool.fn(pool.job, i);
+}
+
+/* The generation each worker was started in (before the job that started it was posted). */
+static unsigned pool_born[POOL_MAX];
+
+static void *pool_worker(void *arg)
+{
+    const int id = (int)(intptr_t)arg;
+    unsigned seen = pool_born[id];
+    for (;;) {
+        unsigned now;
+        int spins = 0;
+        while ((now = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
+            if (++spins < SPINS && !atomic_load_explicit(&pool.parked, memory_order_relaxed)) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&pool.lock);
+            pool.sleepers++;
+            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            pool.sleepers--;
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = now;
+        if (id < pool.wanted) {
+            pool_take_pieces();
+            atomic_fetch_sub_explicit(&pool.active, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+static void pool_forget_in_child(void)
+{
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    pool.lock = fresh;
+    pool.run = fresh;
+    pool.wake = fresh_cond;
+    pool.started = pool.sleepers = 0;
+}
+
+/* Called with pool.run held: workers 0..n-1 exist (as many as could be started). */
+static void pool_start(int n)
+{
+    if (!pool.registered) {
+        pthread_atfork(NULL, NULL, pool_forget_in_child);
+        pool.registered = 1;
+    }
+    while (pool.started < n) {
+        pthread_t thread;
+        pool_born[pool.started] = atomic_load(&pool.generation);
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, pool_worker,
+                                          (void *)(intptr_t)pool.started);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.started++;
+    }
+}
+
+static void pieces_run(piece_fn fn, void *job, int count, int threads)
+{
+    if (threads > POOL_MAX) threads = POOL_MAX;
+    if (threads < 2 || count < 2 || pthread_mutex_trylock(&pool.run) != 0) {
+        for (int i = 0; i < count; ++i) fn(job, i);
+        return;
+    }
+    pool_start(threads - 1);
+    pool.fn = fn;
+    pool.job = job;
+    pool.count = count;
+    pool.wanted = threads - 1 < pool.started ? threads - 1 : pool.started;
+    atomic_store(&pool.next, 0);
+    atomic_store(&pool.active, pool.wanted);
+    atomic_store(&pool.parked, 0);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    pthread_mutex_lock(&pool.lock);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    pool_take_pieces();
+    for (int spins = 0; atomic_load_explicit(&pool.active, memory_order_acquire) > 0;)
+        if (++spins < SPINS) cpu_relax(); else sched_yield();
+    pthread_mutex_unlock(&pool.run);
+}
+
+/* Spinning workers go to sleep now (until the next job): kernels/threads.py calls this before
+ * its own worker threads run pieces, which need the cores. */
+void pieces_park(void)
+{
+    atomic_store_explicit(&pool.parked, 1, memory_order_relaxed);
+}
 
 #define POOL_GEOMETRY int h, int w, int oh, int ow, int kh, int kw, int sh, int sw, int ph, \
     int pw
@@ -366,12 +500,53 @@ TARGET void conv_direct_backward_filter_##S##_##ISA(                            
     }                                                                                         \
 }
 
+/* The whole forward of a direct convolution in one call, on pieces_run's threads: the images
+ * framed (planes in `bands` equal runs), then each piece of the output (the rows of
+ * pieces[6i..6i+5]: images' offsets into the frame, the packed weights' and y's offsets, the
+ * image count, first and end output rows) computed as conv_direct_forward does. */
+#define DEFINE_DIRECT_FRAMED(T, S, ISA, TARGET)                                               \
+struct framed_##S##_##ISA {                                                                   \
+    const T *x; T *frame; i64 planes; int bands, h, w, ph, pw, sw, hf, q;                     \
+    const i64 *koff; int K; const T *packed; T *y; i64 y_image, frame_image;                  \
+    int mg, oh, ow, sh; const i64 *pieces;                                                     \
+};                                                                                            \
+static void frame_band_##S##_##ISA(void *job, int band)                                       \
+{                                                                                             \
+    const struct framed_##S##_##ISA *a = job;                                                 \
+    const i64 p0 = a->planes * band / a->bands, p1 = a->planes * (band + 1) / a->bands;        \
+    conv_frame_##S(a->x + p0 * a->h * a->w, a->frame + p0 * a->sw * a->hf * a->q, p1 - p0,    \
+                   a->h, a->w, a->ph, a->pw, a->sw, a->hf, a->q);                             \
+}                                                                                             \
+static void direct_piece_##S##_##ISA(void *job, int index)                                    \
+{                                                                                             \
+    const struct framed_##S##_##ISA *a = job;                                                 \
+    const i64 *p = a->pieces + 6 * (i64)index;                                                \
+    conv_direct_forward_##S##_##ISA(a->frame + p[0], a->frame_image, a->koff, a->K,           \
+                                    a->packed + p[1], a->y + p[2], a->y_image, p[3], 0, a->mg, \
+                                    a->oh, a->ow, (int)p[4], (int)p[5], a->sh, a->q);         \
+}                                                                                             \
+TARGET void conv_direct_forward_framed_##S##_##ISA(                                           \
+    const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw, int hf, int q,    \
+    const i64 *koff, int K, const T *packed, T *y, i64 y_image, i64 frame_image, int mg,      \
+    int oh, int ow, int sh, const i64 *pieces, int count, int threads)                        \
+{                                                                                             \
+    struct framed_##S##_##ISA job = {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K,   \
+                                     packed, y, y_image, frame_image, mg, oh, ow, sh, pieces};  \
+    job.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);         \
+    pieces_run(frame_band_##S##_##ISA, &job, job.bands, threads);                             \
+    pieces_run(direct_piece_##S##_##ISA, &job, count, threads);                               \
+}
+
 DEFINE_FRAME(float, f32)
 DEFINE_FRAME(double, f64)
 DEFINE_DIRECT(float, f32, vf32, vf32u, fast, FAST)
 DEFINE_DIRECT(float, f32, vf32, vf32u, baseline, BASELINE)
 DEFINE_DIRECT(double, f64, vf64, vf64u, fast, FAST)
 DEFINE_DIRECT(double, f64, vf64, vf64u, baseline, BASELINE)
+DEFINE_DIRECT_FRAMED(float, f32, fast, FAST)
+DEFINE_DIRECT_FRAMED(float, f32, baseline, BASELINE)
+DEFINE_DIRECT_FRAMED(double, f64, fast, FAST)
+DEFINE_DIRECT_FRAMED(double, f64, baseline, BASELINE)
 
 /* -- col2im: a column matrix's window entries added back into the images ----------------------
  * cols holds rows (c, i, j) of (n, oh, ow) columns; dx (n, c, h, w) gets, for channels c0..c1-1,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import threads
 from ...errors import OwlnetError
 
 _POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -30,6 +31,8 @@ _SIGNATURES = {
     + [_INT] * 8,
     "conv_direct_backward_filter": [_POINTER, _I64, _POINTER, _INT, _POINTER, _I64, _POINTER,
                                     _INT, _I64] + [_INT] * 7,
+    "conv_direct_forward_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
+    + [_POINTER, _INT, _POINTER, _POINTER, _I64, _I64] + [_INT] * 4 + [_POINTER, _INT, _INT],
     "col2im": [_POINTER, _POINTER] + [_INT] * 16,
     "batch_norm_backward": [_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT],
     "channel_pass": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT],
@@ -84,6 +87,8 @@ def _load():
             function = getattr(library, symbol)
             function.argtypes, function.restype = arguments, None
             loaded[name, dtype] = function
+    library.pieces_park.argtypes, library.pieces_park.restype = [], None
+    threads.before_parallel.append(library.pieces_park)
     _functions.update(loaded)
 
 
