@@ -22,7 +22,6 @@ def DataParallel(solver, devices, comm=None,  # noqa: N802 (the name the tools c
     return RankSlices(*parts, comm=comm, timeout=timeout)
 
 
-__all__ = ["CapturedStep", "DEFAULT_TIMEOUT", "DataParallel", "LocalReducer", "MPIReducer", "NCCLReducer",
-           "RankSlices", "Reducer", "SingleDevice", "Slices", "StagedMPIReducer", "StepExecutor",
-           "device_list",
-           "launched_by_mpi", "mpi_comm"]
+__all__ = ["CapturedStep", "DEFAULT_TIMEOUT", "DataParallel", "LocalReducer", "MPIReducer",
+           "NCCLReducer", "RankSlices", "Reducer", "SingleDevice", "Slices", "StagedMPIReducer",
+           "StepExecutor", "device_list", "launched_by_mpi", "mpi_comm"]

@@ -8,9 +8,9 @@ ranks. Four implementations: :class:`LocalReducer` (one device, one process: the
 alone), :class:`MPIReducer` (CPU ranks: mpi4py ``Iallreduce`` of the holder),
 :class:`NCCLReducer` (GPUs: one NCCL communicator over every device of every rank, its unique
 id broadcast through MPI; one GPU per rank is the usual MPI set-up) and
-:class:`StagedMPIReducer` (GPU ranks sharing GPUs, which NCCL refuses: MPI on host copies). Collective waits poll
-with a deadline, so a rank that stops answering makes the others fail with TrainingError
-naming it instead of hanging.
+:class:`StagedMPIReducer` (GPU ranks sharing a GPU, which NCCL refuses: MPI on host copies).
+Collective waits poll with a deadline, so a rank that stops answering makes the others fail
+with TrainingError naming it instead of hanging.
 
 Reducers know buffers, devices and ranks only; which slices exist and what their buffers hold
 is the executors' business (``owlnet.parallel.executors``).
