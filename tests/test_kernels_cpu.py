@@ -140,7 +140,7 @@ def test_pieces_match_the_whole(monkeypatch, x_shape, w_shape, pad, stride, grou
             monkeypatch.setattr(cpu.shared, "PIECE_POSITIONS", 2 * expected.shape[3])
             if layout == "direct":
                 monkeypatch.setattr(cpu.direct, "_PIECE_MULTIPLY_ADDS", 1)
-                monkeypatch.setattr(cpu.direct, "_PARALLEL_FORWARD_MULTIPLY_ADDS", 0)
+                monkeypatch.setattr(cpu.direct, "_PARALLEL_MULTIPLY_ADDS", 0)
                 pieces, parallel = cpu.direct._pieces(x_shape[0], group, expected.shape[2],
                                                       expected.size * w[0].size), True
             elif layout == "pointwise":

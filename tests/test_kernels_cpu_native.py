@@ -167,7 +167,7 @@ def _direct_forward(x, w):
 def many_pieces(monkeypatch):
     """The direct forward cut into many pieces on native.c's threads (two at least)."""
     monkeypatch.setattr(cpu.direct, "_PIECE_MULTIPLY_ADDS", 1)
-    monkeypatch.setattr(cpu.direct, "_PARALLEL_FORWARD_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(cpu.direct, "_PARALLEL_MULTIPLY_ADDS", 0)
     monkeypatch.setattr(cpu.direct.threads, "workers", lambda: 2)
 
 
@@ -175,11 +175,33 @@ def test_threaded_forward_equals_one_thread_bit_for_bit(monkeypatch):
     x, w = _direct_case()
     one = _direct_forward(x, w)
     monkeypatch.setattr(cpu.direct, "_PIECE_MULTIPLY_ADDS", 1)
-    monkeypatch.setattr(cpu.direct, "_PARALLEL_FORWARD_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(cpu.direct, "_PARALLEL_MULTIPLY_ADDS", 0)
     for workers in (2, 3, 8):
         monkeypatch.setattr(cpu.direct.threads, "workers", lambda: workers)
         for _ in range(20):
             np.testing.assert_array_equal(_direct_forward(x, w), one)
+
+
+def test_threaded_backward_filter_does_not_depend_on_the_threads(monkeypatch):
+    """The backward-filter's runs are cut by the piece count alone: one worker or eight, the
+    same bits; and the same values as the whole batch as one piece, to rounding."""
+    x, w = _direct_case()
+    dy = np.random.default_rng(9).standard_normal((3, 10, 12, 20)).astype(np.float32)
+
+    def gradient():
+        dw = np.empty_like(w)
+        cpu.direct.backward_filter(x, dy, dw, (1, 1), (1, 1), (1, 1), 1)
+        return dw
+    whole = gradient()
+    monkeypatch.setattr(cpu.direct, "_PIECE_MULTIPLY_ADDS", 1)
+    monkeypatch.setattr(cpu.direct, "_PARALLEL_MULTIPLY_ADDS", 0)
+    results = []
+    for workers in (1, 2, 3, 8):
+        monkeypatch.setattr(cpu.direct.threads, "workers", lambda: workers)
+        results += [gradient() for _ in range(10)]
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
+    np.testing.assert_allclose(results[0], whole, rtol=1e-5, atol=1e-4)
 
 
 def test_threaded_forward_from_two_python_threads(many_pieces):

@@ -9,9 +9,10 @@ gradient times the frame over every output. Small channel counts (the first laye
 MNIST nets, ResNets for CIFAR) waste most of an im2col product's time on copies; here the
 only copy is the frame.
 
-Work is cut by shape alone into pieces (images, bands of output rows, groups) that run on the
-worker threads; the forward writes each output once, the backward-filter's pieces are summed
-in a fixed order (``shared.sum_of_pieces``): results do not depend on the threads.
+Each runs as one compiled call (the frame, then the pieces) on native.c's own worker threads.
+Work is cut by shape alone into pieces (images, bands of output rows, groups); the forward
+writes each output once, the backward-filter sums its pieces in runs cut by the piece count
+and adds the runs in order: results do not depend on the threads.
 """
 from __future__ import annotations
 
@@ -26,11 +27,9 @@ from . import native, shared
 _PIECE_MULTIPLY_ADDS = 1 << 21
 # ... and an operation is cut into at most this many.
 _MAX_PIECES = 8
-# The frame is made in bands of planes of at most this many input bytes.
-_FRAME_BAND_BYTES = 1 << 22
-# The forward runs on native.c's own threads (whose hand-off costs microseconds, not the tens
-# of a Python worker's) from this many multiply-adds.
-_PARALLEL_FORWARD_MULTIPLY_ADDS = 1 << 22
+# The forward and backward-filter run on native.c's own threads (whose hand-off costs
+# microseconds, not the tens of a Python worker's) from this many multiply-adds.
+_PARALLEL_MULTIPLY_ADDS = 1 << 22
 
 
 def lanes(dtype):
@@ -44,32 +43,22 @@ def _channel_tile(out_width, dtype):
 
 
 class Frame:
-    """The images zero-padded and split into ``sw`` column phases, ``(N, C, sw, hf, q)``, and
-    the offset of every window entry of one group (``koff``)."""
+    """The geometry of the images zero-padded and split into ``sw`` column phases,
+    ``(N, C, sw, hf, q)`` (``array``, which the compiled call fills from ``source``), and the
+    offset of every window entry of one group (``koff``)."""
 
-    def __init__(self, images, w_shape, pad, stride, dilation, parallel, vectors=2, fill=True):
+    def __init__(self, images, w_shape, pad, stride, dilation, vectors=2):
         n, c, h, w = images.shape
         _, cg, kh, kw = w_shape
         (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
         self.sh, self.sw, self.pad = sh, sw, (ph, pw)
         self.rows, self.q = frame_geometry(images.shape, images.dtype, pad, sw, vectors)
         self.array = np.empty((n, c, sw, self.rows, self.q), dtype=images.dtype)
-        self.source = source = np.ascontiguousarray(images)
+        self.source = np.ascontiguousarray(images)
         plane = sw * self.rows * self.q
         self.group_stride = cg * plane             # elements from one group's channels to the next
         self.image_stride = c * plane
         self.koff = window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
-        if not fill:                               # the caller's compiled call frames it
-            return
-        compiled = native.function("conv_frame", images.dtype)
-
-        def band(part):
-            compiled(native.address(source, part.start * h * w),
-                     native.address(self.array, part.start * plane), part.stop - part.start,
-                     h, w, ph, pw, sw, self.rows, self.q)
-
-        threads.run_pieces(band, shared.bands(n * c, h * w * images.itemsize, _FRAME_BAND_BYTES),
-                           parallel, blas=False)
 
 
 def frame_geometry(shape, dtype, pad, column_stride, vectors):
@@ -115,8 +104,8 @@ def forward(x, w, y, pad, stride, dilation, group):
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     multiply_adds = n * m * oh * ow * k
-    parallel = multiply_adds >= _PARALLEL_FORWARD_MULTIPLY_ADDS
-    frame = Frame(x, w.shape, pad, stride, dilation, parallel, fill=False)
+    parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
+    frame = Frame(x, w.shape, pad, stride, dilation)
     tile = _channel_tile(ow, y.dtype)
     tiles = -(-mg // tile)
     # Weights as (group, tiles, K, tile), zero rows past each group's channels.
@@ -143,27 +132,27 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     n, m, oh, ow = dy.shape
     mg, k = m // group, dw[0].size
     multiply_adds = n * m * oh * ow * k
-    parallel = multiply_adds >= shared.PARALLEL_MULTIPLY_ADDS
-    frame = Frame(x, dw.shape, pad, stride, dilation, parallel)
+    parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
+    frame = Frame(x, dw.shape, pad, stride, dilation)
     # Rows padded with zeros to whole vectors: the kernel then has no partial vectors.
     padded_width = -(-ow // lanes(dy.dtype)) * lanes(dy.dtype)
     grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
     grads[..., :ow] = dy
-    compiled = native.function("conv_direct_backward_filter", dw.dtype)
     image_out = m * oh * padded_width
-    pieces = _pieces(n, 1, oh, multiply_adds)
-
-    def add_piece(part, out, accumulate):
-        n0, n1, _, r0, r1 = part
-        for g in range(group):
-            compiled(native.address(frame.array, n0 * frame.image_stride + g * frame.group_stride),
-                     frame.image_stride, native.address(frame.koff), k,
-                     native.address(grads, n0 * image_out + g * mg * oh * padded_width),
-                     image_out, native.address(out, g * mg * k), int(accumulate), n1 - n0, mg, oh,
-                     padded_width, r0, r1, frame.sh, frame.q)
-
-    total = dw if dw.flags.c_contiguous else np.empty(dw.shape, dtype=dw.dtype)
-    shared.sum_of_pieces(pieces, parallel and len(pieces) > 1, add_piece, total,
-                         blas=False)
-    if total is not dw:
-        dw[...] = total
+    pieces = np.array([(n0 * frame.image_stride, n0 * image_out, n1 - n0, r0, r1)
+                       for n0, n1, _, r0, r1 in _pieces(n, 1, oh, multiply_adds)],
+                      dtype=np.int64)
+    # Runs of pieces, each summed in order into its own buffer, the buffers then added in
+    # run order: cut by the piece count alone, so the sum does not depend on the threads.
+    runs = np.linspace(0, len(pieces), min(len(pieces), shared.REDUCTION_RUNS) + 1)
+    runs = np.ascontiguousarray(runs.round(), dtype=np.int32)
+    partial = np.empty((len(runs) - 1,) + dw.shape, dtype=dw.dtype)
+    native.function("conv_direct_backward_filter_framed", dw.dtype)(
+        *native.addresses(frame.source, frame.array), n * x.shape[1], x.shape[2], x.shape[3],
+        *frame.pad, frame.sw, frame.rows, frame.q, native.address(frame.koff), k,
+        native.address(grads), image_out, native.address(partial), dw.size, frame.image_stride,
+        frame.group_stride, group, mg, oh, padded_width, frame.sh, native.address(pieces),
+        native.address(runs), len(runs) - 1, threads.workers() if parallel else 1)
+    np.copyto(dw, partial[0])
+    for run in partial[1:]:
+        dw += run

@@ -537,6 +537,50 @@ TARGET void conv_direct_forward_framed_##S##_##ISA(                             
     pieces_run(direct_piece_##S##_##ISA, &job, count, threads);                               \
 }
 
+/* The backward-filter likewise: the frame, then the pieces (pieces[5i..5i+4]: the images'
+ * offsets into the frame and into the padded gradient, the image count, first and end output
+ * rows) in runs (pieces runs[r]..runs[r+1]-1), each run summed in order by one thread into its
+ * own buffer partial + r * partial_run (written by its first piece, added to by the others),
+ * every group of a piece in turn. The caller adds the runs' buffers in run order. */
+#define DEFINE_DIRECT_FILTER_FRAMED(T, S, ISA, TARGET)                                        \
+struct filter_##S##_##ISA {                                                                   \
+    struct framed_##S##_##ISA frame; const T *dy; i64 dy_image; T *partial; i64 partial_run;  \
+    i64 group_frame; int group, owp; const int *runs;                                         \
+};                                                                                            \
+static void filter_frame_band_##S##_##ISA(void *job, int band)                                \
+{                                                                                             \
+    frame_band_##S##_##ISA(&((struct filter_##S##_##ISA *)job)->frame, band);                 \
+}                                                                                             \
+static void filter_run_##S##_##ISA(void *job, int run)                                        \
+{                                                                                             \
+    const struct filter_##S##_##ISA *a = job;                                                 \
+    const struct framed_##S##_##ISA *f = &a->frame;                                           \
+    T *out = a->partial + run * a->partial_run;                                               \
+    for (int i = a->runs[run]; i < a->runs[run + 1]; ++i) {                                   \
+        const i64 *p = f->pieces + 5 * (i64)i;                                                \
+        for (int g = 0; g < a->group; ++g)                                                    \
+            conv_direct_backward_filter_##S##_##ISA(                                          \
+                f->frame + p[0] + g * a->group_frame, f->frame_image, f->koff, f->K,          \
+                a->dy + p[1] + (i64)g * f->mg * f->oh * a->owp, a->dy_image,                  \
+                out + (i64)g * f->mg * f->K, i > a->runs[run], p[2], f->mg, f->oh, a->owp,    \
+                (int)p[3], (int)p[4], f->sh, f->q);                                           \
+    }                                                                                         \
+}                                                                                             \
+TARGET void conv_direct_backward_filter_framed_##S##_##ISA(                                   \
+    const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw, int hf, int q,    \
+    const i64 *koff, int K, const T *dy, i64 dy_image, T *partial, i64 partial_run,           \
+    i64 frame_image, i64 group_frame, int group, int mg, int oh, int owp, int sh,             \
+    const i64 *pieces, const int *runs, int run_count, int threads)                           \
+{                                                                                             \
+    struct filter_##S##_##ISA job = {                                                         \
+        {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K, NULL, NULL, 0, frame_image,   \
+         mg, oh, 0, sh, pieces},                                                              \
+        dy, dy_image, partial, partial_run, group_frame, group, owp, runs};                   \
+    job.frame.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);   \
+    pieces_run(filter_frame_band_##S##_##ISA, &job, job.frame.bands, threads);                \
+    pieces_run(filter_run_##S##_##ISA, &job, run_count, threads);                             \
+}
+
 DEFINE_FRAME(float, f32)
 DEFINE_FRAME(double, f64)
 DEFINE_DIRECT(float, f32, vf32, vf32u, fast, FAST)
@@ -547,6 +591,10 @@ DEFINE_DIRECT_FRAMED(float, f32, fast, FAST)
 DEFINE_DIRECT_FRAMED(float, f32, baseline, BASELINE)
 DEFINE_DIRECT_FRAMED(double, f64, fast, FAST)
 DEFINE_DIRECT_FRAMED(double, f64, baseline, BASELINE)
+DEFINE_DIRECT_FILTER_FRAMED(float, f32, fast, FAST)
+DEFINE_DIRECT_FILTER_FRAMED(float, f32, baseline, BASELINE)
+DEFINE_DIRECT_FILTER_FRAMED(double, f64, fast, FAST)
+DEFINE_DIRECT_FILTER_FRAMED(double, f64, baseline, BASELINE)
 
 /* -- col2im: a column matrix's window entries added back into the images ----------------------
  * cols holds rows (c, i, j) of (n, oh, ow) columns; dx (n, c, h, w) gets, for channels c0..c1-1,

@@ -33,6 +33,9 @@ _SIGNATURES = {
                                     _INT, _I64] + [_INT] * 7,
     "conv_direct_forward_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
     + [_POINTER, _INT, _POINTER, _POINTER, _I64, _I64] + [_INT] * 4 + [_POINTER, _INT, _INT],
+    "conv_direct_backward_filter_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
+    + [_POINTER, _INT, _POINTER, _I64, _POINTER, _I64, _I64, _I64] + [_INT] * 5
+    + [_POINTER, _POINTER, _INT, _INT],
     "col2im": [_POINTER, _POINTER] + [_INT] * 16,
     "batch_norm_backward": [_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT],
     "channel_pass": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT],
