@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from . import backend, kernels
 from .layer_types.normalization import BatchNormLayer, BiasLayer, ScaleLayer
 from .layer_types.neuron import ReLULayer
@@ -59,12 +61,13 @@ class FusedStep:
         self.conv, self.bottom, self.top = conv, bottom, top
         self.affine, self.relu = affine, relu
         self._scaled_weights = None
+        self._affine_key, self._affine = None, None
 
     def forward(self):
         """Run the chain on the current parameter values (see the module docstring)."""
         # The other layers work in place on the top, whose shape only the convolution sets.
         self.conv.reshape([self.bottom], [self.top])
-        scale, shift = self.per_channel_affine()
+        scale, shift = self._current_affine()
         weights = self.conv.blobs[0].data
         xp = backend.array_module(weights)
         # conv(x, w) * a = conv(x, w * a) for a Convolution's weights (M, C/group, kh, kw):
@@ -91,6 +94,27 @@ class FusedStep:
                 or backend.array_module(kept) is not xp:
             kept = self._scaled_weights = xp.empty_like(weights)
         return kept
+
+    def _current_affine(self):
+        """:meth:`per_channel_affine`, computed again on the host only when the values it is
+        made of changed since the last forward (their bytes are the key: a few hundred, where
+        the composition is a dozen small NumPy calls)."""
+        sources = [blob.data for blob in self._affine_sources()]
+        if any(type(array) is not np.ndarray for array in sources):
+            return self.per_channel_affine()        # device arrays: no host reads
+        key = b"".join(array.tobytes() for array in sources)
+        if key != self._affine_key:
+            self._affine_key, self._affine = key, self.per_channel_affine()
+        return self._affine
+
+    def _affine_sources(self):
+        """The blobs :meth:`per_channel_affine` reads."""
+        blobs = [self.conv.blobs[1]] if self.conv.bias_term else []
+        for layer in self.affine:
+            blobs += layer.blobs if isinstance(layer, BatchNormLayer) else [
+                blob for k, blob in enumerate(layer.blobs)
+                if not isinstance(layer, ScaleLayer) or k in (0, layer.bias_index)]
+        return blobs
 
     def per_channel_affine(self):
         """``(a, b)``, each of length C or None (1, 0), with y -> y * a + b equal to the

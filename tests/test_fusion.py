@@ -135,8 +135,10 @@ def test_fused_chain_follows_the_formula_and_the_current_params():
     at that forward."""
     with backend.dtype_scope(np.float64):
         net = build()
-        # BatchNorm's mean and moving-average factor, Scale's gamma, the convolution's bias
-        for edit in (None, ("a_bn", 0), ("a_bn", 2), ("a_scale", 0), ("a", 1)):
+        # BatchNorm's mean, variance and moving-average factor, Scale's gamma and beta, the
+        # convolution's bias (each edit seen by the next fused forward)
+        for edit in (None, ("a_bn", 0), ("a_bn", 1), ("a_bn", 2), ("a_scale", 0), ("a_scale", 1),
+                     ("a", 1)):
             if edit:
                 net.params[edit[0]][edit[1]].data[...] += 0.75
             conv_output = net.forward(end="a")["a"].copy()
@@ -148,6 +150,27 @@ def test_fused_chain_follows_the_formula_and_the_current_params():
             if edit:
                 assert not np.allclose(expected, before)
             before = expected
+
+
+def test_the_affine_is_composed_again_only_when_its_values_change(monkeypatch):
+    """On the host, a step keeps its composed (a, b) while the values they come from keep
+    their bytes: repeated forwards compose each chain's affine once; an edit composes the
+    edited chain's again."""
+    net = build()
+    net.fuse = True
+    composed = []
+    original = fusion.FusedStep.per_channel_affine
+    monkeypatch.setattr(fusion.FusedStep, "per_channel_affine",
+                        lambda step: composed.append(step.first) or original(step))
+    net.forward()
+    first = len(composed)
+    assert first > 0
+    net.forward()
+    net.forward()
+    assert len(composed) == first
+    net.params["a_bn"][1].data[...] *= 2.0
+    net.forward()
+    assert len(composed) == first + 1
 
 
 def test_observed_chains_run_layer_by_layer(monkeypatch):
