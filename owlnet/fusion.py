@@ -8,7 +8,8 @@ runs such a chain as one step:
     y = conv(x);   y = y * a + b  (per channel c);   y = relu(y)  (the chain's ReLU, if any)
 
 where the affine layers, taken in order, compose into a and b from the parameter blobs' values
-at that forward (so edits to ``net.params`` between forwards count): the convolution's bias
+at that forward (so edits to ``net.params`` between forwards count; on the host the composed
+values are kept while those values keep their bytes): the convolution's bias
 gives b = bias; BatchNorm (mu, s = 1 / sqrt(var + eps), its moving-average factor applied)
 maps (a, b) to (a s, (b - mu) s); Scale (gamma, beta) to (a gamma, b gamma + beta); Bias (beta)
 to (a, b + beta). A Convolution with fewer weights than outputs has a folded into its weights
