@@ -66,7 +66,8 @@ def window_choice(request, monkeypatch):
 
 def choose(monkeypatch, algorithm):
     """Direct or im2col for every convolution that is neither depthwise nor pointwise."""
-    for name in ("_DIRECT_WINDOW", "_DIRECT_WINDOW_ONE_THREAD", "_DIRECT_WINDOW_WHOLE_TILES"):
+    for name in ("_DIRECT_WINDOW", "_DIRECT_WINDOW_ONE_THREAD", "_DIRECT_WINDOW_WHOLE_TILES",
+                 "_DIRECT_WINDOW_FORWARD"):
         monkeypatch.setattr(cpu.convolution, name, 0 if algorithm == "im2col" else 10 ** 9)
 
 
@@ -178,3 +179,11 @@ def test_kernels_import_leaves_gpu_module_unloaded():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+def test_the_forward_takes_direct_further_than_the_backward():
+    """A 3x3 convolution of 32 channels (288 inputs per window) too big for one thread, rows
+    of 55: direct forward (native threads), im2col backward (the BLAS's products)."""
+    shapes = ((2, 32, 55, 55), (64, 32, 3, 3), (2, 64, 55, 55), (1, 1), (1, 1), 1)
+    assert cpu.convolution._algorithm(*shapes, forward=True) == "direct"
+    assert cpu.convolution._algorithm(*shapes) == "im2col"

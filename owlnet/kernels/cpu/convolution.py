@@ -19,7 +19,8 @@ algorithm follows from the shapes:
   window for a convolution too small to share out among the threads (the small-batch ResNets
   of inference: there im2col's copies and calls cost more than its product saves), and up to
   ``_DIRECT_WINDOW_WHOLE_TILES`` where output rows are whole tiles (a multiple of 16 values:
-  no lane wasted); its backward-data as im2col's below;
+  no lane wasted), and for the forward alone up to ``_DIRECT_WINDOW_FORWARD`` (it runs on
+  native.c's own threads); its backward-data as im2col's below;
 * anything else: im2col and a matrix product per group, piece by piece (a few images, or a
   band of output rows), each piece's column matrix made just before its product so that it
   is still in cache. Its backward-data with stride 1, one group and no more output than input
@@ -49,10 +50,16 @@ _DIRECT_WINDOW_ONE_THREAD = 576
 # (8,64,32,32) to 64 3x3 6.39 / 8.00 against 4.44 / 5.89; (4,64,112,112) to 128 3x3 even.
 _DIRECT_WINDOW_WHOLE_TILES = 800
 _TILE_WIDTH = 16
+# The forward alone, since it runs on native.c's own threads: SqueezeNet deploy b2 18.80 /
+# 19.02 ms (best / median of 5) with im2col from K = 288 on, 18.07 / 18.22 ms with direct to
+# 576; its training step no faster with the backward-filter direct to 576 (95.63 against
+# 100.20 ms), so the backward keeps the rules above.
+_DIRECT_WINDOW_FORWARD = 576
 
 
-def _algorithm(x_shape, w_shape, y_shape, pad, stride, group):
-    """"depthwise", "pointwise", "direct" or "im2col" for this convolution (module doc)."""
+def _algorithm(x_shape, w_shape, y_shape, pad, stride, group, forward=False):
+    """"depthwise", "pointwise", "direct" or "im2col" for this convolution (module doc);
+    ``forward``: for the forward pass."""
     if w_shape[1] == 1 and group == x_shape[1] and group > 1:
         return "depthwise"
     if group == 1 and w_shape[2:] == (1, 1) and tuple(stride) == (1, 1) and not any(pad):
@@ -62,7 +69,8 @@ def _algorithm(x_shape, w_shape, y_shape, pad, stride, group):
         < shared.PARALLEL_MULTIPLY_ADDS
     whole_tiles = y_shape[3] % _TILE_WIDTH == 0
     if window <= max(_DIRECT_WINDOW, _DIRECT_WINDOW_ONE_THREAD if one_thread else 0,
-                     _DIRECT_WINDOW_WHOLE_TILES if whole_tiles else 0):
+                     _DIRECT_WINDOW_WHOLE_TILES if whole_tiles else 0,
+                     _DIRECT_WINDOW_FORWARD if forward else 0):
         return "direct"
     return "im2col"
 
@@ -70,7 +78,7 @@ def _algorithm(x_shape, w_shape, y_shape, pad, stride, group):
 def conv_forward(x, w, y, pad, stride, dilation, group, engine="default"):
     """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
     ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``."""
-    run = _FORWARD[_algorithm(x.shape, w.shape, y.shape, pad, stride, group)]
+    run = _FORWARD[_algorithm(x.shape, w.shape, y.shape, pad, stride, group, forward=True)]
     run(x, w, y, pad, stride, dilation, group)
 
 
