@@ -52,8 +52,8 @@ _DIRECT_WINDOW_WHOLE_TILES = 800
 _TILE_WIDTH = 16
 # The forward alone, since it runs on native.c's own threads: SqueezeNet deploy b2 18.80 /
 # 19.02 ms (best / median of 5) with im2col from K = 288 on, 18.07 / 18.22 ms with direct to
-# 576; its training step no faster with the backward-filter direct to 576 (95.63 against
-# 100.20 ms), so the backward keeps the rules above.
+# 576; its training step slower with the backward direct to 576 too (95.63 against 100.20
+# ms), so the backward keeps the rules above.
 _DIRECT_WINDOW_FORWARD = 576
 
 
