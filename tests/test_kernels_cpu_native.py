@@ -253,5 +253,5 @@ def test_python_workers_park_the_native_ones():
     """Before Python's worker threads run pieces, native.c's stop spinning (pieces_park)."""
     from owlnet.kernels import threads
     from owlnet.kernels.cpu import native
-    native.function("conv_frame", np.float32)          # loads the library
+    native.function("conv_direct_forward_framed", np.float32)      # loads the library
     assert any(getattr(hook, "__name__", "") == "pieces_park" for hook in threads.before_parallel)

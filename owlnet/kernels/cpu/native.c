@@ -2,7 +2,8 @@
  *
  * Built with the package (pyproject.toml's ext-modules) and called through ctypes by
  * native.py, which releases the GIL for the call: the worker threads of kernels/threads.py
- * each run a band of planes or positions at once. Every function exists for float ("_f32")
+ * each run a band of planes or positions at once, or (the direct convolution) one call runs
+ * its pieces on this file's own workers (pieces_run). Every function exists for float ("_f32")
  * and double ("_f64"), written once as a macro over the element type T; the vectorised ones
  * are built for AVX2 with FMA and for the baseline, one bound at load time. A function
  * writes only its own band of the output, and sums run in a fixed order, so results do not

@@ -21,16 +21,11 @@ from ...errors import OwlnetError
 _POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _POOL_GEOMETRY = [_INT] * 10
 
-# Argument types of every function (each exists as name_f32 and name_f64).
+# Argument types of every function Python calls (each exists as name_f32 and name_f64).
 _SIGNATURES = {
     "pool_forward": [_POINTER] * 5 + [_INT, _I64] + _POOL_GEOMETRY,
     "max_pool_backward": [_POINTER, _POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
     "ave_pool_backward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
-    "conv_frame": [_POINTER, _POINTER, _I64] + [_INT] * 7,
-    "conv_direct_forward": [_POINTER, _I64, _POINTER, _INT, _POINTER, _POINTER, _I64, _I64]
-    + [_INT] * 8,
-    "conv_direct_backward_filter": [_POINTER, _I64, _POINTER, _INT, _POINTER, _I64, _POINTER,
-                                    _INT, _I64] + [_INT] * 7,
     "conv_direct_forward_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
     + [_POINTER, _INT, _POINTER, _POINTER, _I64, _I64] + [_INT] * 4 + [_POINTER, _INT, _INT],
     "conv_direct_backward_filter_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
