@@ -74,10 +74,10 @@ static struct {
     int started, sleepers, registered;
     atomic_int parked;
     atomic_uint generation;
-    atomic_int next, active;
+    atomic_int next, active, wanted;
     piece_fn fn;
     void *job;
-    int count, wanted;
+    int count;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .run = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER};
 
@@ -114,8 +114,12 @@ static void *pool_worker(void *arg)
             pool.sleepers--;
             pthread_mutex_unlock(&pool.lock);
         }
+        /* Who takes part is read for the job just seen: if a newer one was posted meanwhile
+         * (this worker took no part in the last, so it did not wait for it), look again. */
+        const int wanted = atomic_load_explicit(&pool.wanted, memory_order_relaxed);
+        if (atomic_load_explicit(&pool.generation, memory_order_acquire) != now) continue;
         seen = now;
-        if (id < pool.wanted) {
+        if (id < wanted) {
             pool_take_pieces();
             atomic_fetch_sub_explicit(&pool.active, 1, memory_order_release);
         }
@@ -165,9 +169,10 @@ static void pieces_run(piece_fn fn, void *job, int count, int threads)
     pool.fn = fn;
     pool.job = job;
     pool.count = count;
-    pool.wanted = threads - 1 < pool.started ? threads - 1 : pool.started;
+    const int wanted = threads - 1 < pool.started ? threads - 1 : pool.started;
+    atomic_store(&pool.wanted, wanted);
     atomic_store(&pool.next, 0);
-    atomic_store(&pool.active, pool.wanted);
+    atomic_store(&pool.active, wanted);
     atomic_store(&pool.parked, 0);
     atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
     pthread_mutex_lock(&pool.lock);
