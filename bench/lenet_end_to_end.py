@@ -22,7 +22,6 @@ Run ``make demo`` first: it writes the LMDBs and the mean under demo/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

@@ -8,7 +8,7 @@ import pytest
 
 import cuda_harness
 import fakecupy
-from gradcheck import TRAIN, make_layer
+from gradcheck import make_layer
 from owlnet.kernels import counter_random, cuda_sources
 from owlnet.kernels import gpu
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 
 from .. import backend, kernels
 from ..errors import ConfigError
