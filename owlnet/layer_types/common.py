@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import math
 
-
 from .. import backend, kernels
 from ..errors import ConfigError
 from ..numerics import softmax
