@@ -100,22 +100,15 @@ class FusedStep:
         """:meth:`per_channel_affine`, computed again on the host only when the values it is
         made of changed since the last forward (their bytes are the key: a few hundred, where
         the composition is a dozen small NumPy calls)."""
-        sources = [blob.data for blob in self._affine_sources()]
+        blobs = ([self.conv.blobs[1]] if self.conv.bias_term else []) + [
+            blob for layer in self.affine for blob in layer.blobs]   # all that it reads
+        sources = [blob.data for blob in blobs]
         if any(type(array) is not np.ndarray for array in sources):
             return self.per_channel_affine()        # device arrays: no host reads
         key = b"".join(array.tobytes() for array in sources)
         if key != self._affine_key:
             self._affine_key, self._affine = key, self.per_channel_affine()
         return self._affine
-
-    def _affine_sources(self):
-        """The blobs :meth:`per_channel_affine` reads."""
-        blobs = [self.conv.blobs[1]] if self.conv.bias_term else []
-        for layer in self.affine:
-            blobs += layer.blobs if isinstance(layer, BatchNormLayer) else [
-                blob for k, blob in enumerate(layer.blobs)
-                if not isinstance(layer, ScaleLayer) or k in (0, layer.bias_index)]
-        return blobs
 
     def per_channel_affine(self):
         """``(a, b)``, each of length C or None (1, 0), with y -> y * a + b equal to the
