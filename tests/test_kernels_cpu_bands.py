@@ -134,6 +134,7 @@ POOLS = [
     ("MAX", (2, 3, 7, 6), (3, 3), (2, 2), (0, 0), True),
     ("MAX", (1, 5, 9, 8), (3, 3), (1, 1), (1, 1), True),
     ("MAX", (3, 2, 5, 7), (5, 7), (1, 1), (0, 0), True),
+    ("MAX", (1, 3, 9, 41), (3, 3), (2, 2), (1, 1), True),  # rows of several vectors
     ("AVE", (2, 3, 7, 6), (3, 3), (2, 2), (0, 0), False),
     ("AVE", (1, 5, 9, 8), (3, 3), (2, 2), (1, 1), False),  # divisor counts pad, not overhang
     ("AVE", (2, 3, 8, 9), (2, 3), (2, 1), (1, 2), False),
@@ -154,6 +155,16 @@ def _pool_all(method, x, dy, kernel, stride, pad):
     cpu.max_pool_forward(x, alone, None, kernel, stride, pad)
     np.testing.assert_array_equal(alone, y)
     return y, dx, index
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2), (3, 3)])
+def test_max_pooling_float32_ties_pick_the_first(stride):
+    x = RNG.integers(-1, 2, (2, 3, 11, 70)).astype(np.float32)
+    y_want, index_want, _ = reference_pool(x.astype(np.float64), (3, 3), stride, (1, 1), "MAX")
+    y, index = np.empty(y_want.shape, np.float32), np.empty(y_want.shape, np.int32)
+    cpu.max_pool_forward(x, y, index, (3, 3), stride, (1, 1))
+    np.testing.assert_array_equal(y, y_want)
+    np.testing.assert_array_equal(index, index_want)
 
 
 @pytest.mark.parametrize("method, shape, kernel, stride, pad, ties", POOLS)

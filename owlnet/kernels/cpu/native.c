@@ -196,25 +196,19 @@ void pieces_park(void)
 
 /* -- pooling forward, separable ----------------------------------------------------------------
  * A window is combined along its row first, then down its column: per plane, every image row
- * yy gets the combination over the kernel columns of each output column px (hval, and for MAX
- * the column of the first maximum, hcol), then each output combines the rows of its window in
- * order. For MAX the first maximum of the first row holding the window's maximum is the first
- * in row-major order (strictly larger replaces); AVE adds row sums, then divides by Caffe's
- * area (the window clipped to the padded image). Rows of outputs are vectors. */
+ * yy gets the combination over the kernel columns of each output column px (hval), then each
+ * output combines the rows of its window in order (strictly larger replaces: MAX keeps the
+ * first of equal values). AVE adds row sums, then divides by Caffe's area (the window clipped
+ * to the padded image). Rows of outputs are vectors. A MAX argmax is then found per output
+ * row, while the plane is in cache: the first in-image pixel of the window, in row-major
+ * order, equal to the maximum (the first pixel where there is none: a NaN first pixel is the
+ * only maximum equal to nothing), which is the pixel whose value the maximum is. */
 /* The interior columns lo..hi-1 of a row for a constant column stride STEP (so that the
  * compiler can make vectors of them), kernel column after kernel column. */
 #define INTERIOR_ROWS(T, STEP)                                                                \
     for (int px = lo; px < hi; ++px) out[px] = row[px * STEP - pw];                           \
-    if (col) for (int px = lo; px < hi; ++px) col[px] = px * STEP - pw;                       \
     for (int j = 1; j < kw; ++j) {                                                            \
-        if (is_max && col) {                                                                  \
-            for (int px = lo; px < hi; ++px) {                                                \
-                const T value = row[px * STEP - pw + j];                                      \
-                const int larger = value > out[px];                                           \
-                out[px] = larger ? value : out[px];                                           \
-                col[px] = larger ? px * STEP - pw + j : col[px];                              \
-            }                                                                                 \
-        } else if (is_max) {                                                                  \
+        if (is_max) {                                                                         \
             for (int px = lo; px < hi; ++px) {                                                \
                 const T value = row[px * STEP - pw + j];                                      \
                 out[px] = value > out[px] ? value : out[px];                                  \
@@ -224,93 +218,114 @@ void pieces_park(void)
         }                                                                                     \
     }
 
+/* The argmax of the interior columns lo..hi-1 of output row py (window rows y0..y1-1), as
+ * window_first finds it but without branches (so that the compiler can make vectors): every
+ * window pixel equal to the maximum, last to first, replaces the column's index. */
+#define INTERIOR_FIRST(T, STEP)                                                                \
+    for (int px = lo; px < hi; ++px) at[px] = y0 * w + px * STEP - pw;                        \
+    for (int yy = y1 - 1; yy >= y0; --yy)                                                     \
+        for (int j = kw - 1; j >= 0; --j) {                                                   \
+            const i32 start = yy * w - pw + j;                                                \
+            const T *from = image + start;                                                    \
+            for (int px = lo; px < hi; ++px)                                                  \
+                at[px] = from[px * STEP] == out[px] ? start + px * STEP : at[px];             \
+        }
+
 #define DEFINE_POOL_FORWARD(T, S, ISA, TARGET)                                                \
-static TARGET void pool_rows_##S##_##ISA(const T *image, T *hval, i32 *hcol, int is_max,      \
+/* Output columns lo..hi-1 (the interior) have their window inside the row. */              \
+static TARGET void pool_rows_##S##_##ISA(const T *image, T *hval, int is_max, int lo, int hi, \
                                           int h, int w, int ow, int kw, int sw, int pw)       \
 {                                                                                             \
-    /* interior columns: the window lies inside the row */                                    \
-    int lo = (pw + sw - 1) / sw, hi = w - kw + pw < 0 ? 0 : (w - kw + pw) / sw + 1;          \
-    hi = hi < ow ? hi : ow;                                                                   \
-    lo = lo < hi ? lo : hi;                                                                   \
     for (int yy = 0; yy < h; ++yy) {                                                          \
         const T *row = image + (i64)yy * w;                                                   \
         T *out = hval + (i64)yy * ow;                                                         \
-        i32 *col = hcol ? hcol + (i64)yy * ow : 0;                                            \
         for (int px = 0; px < ow; ++px) {                                                     \
             if (px == lo && lo < hi) px = hi;        /* the interior is done below */          \
             if (px >= ow) break;                                                              \
             int x0 = px * sw - pw, x1 = x0 + kw < w ? x0 + kw : w;                            \
             x0 = x0 > 0 ? x0 : 0;                                                             \
             T best = row[x0];                                                                 \
-            i32 at = x0;                                                                      \
             for (int xx = x0 + 1; xx < x1; ++xx) {                                            \
-                if (is_max) {                                                                 \
-                    const int larger = row[xx] > best;                                        \
-                    best = larger ? row[xx] : best;                                           \
-                    at = larger ? xx : at;                                                    \
-                } else {                                                                      \
+                if (is_max)                                                                   \
+                    best = row[xx] > best ? row[xx] : best;                                   \
+                else                                                                          \
                     best += row[xx];                                                          \
-                }                                                                             \
             }                                                                                 \
             out[px] = best;                                                                   \
-            if (col) col[px] = at;                                                            \
         }                                                                                     \
         if (sw == 1) {                                                                        \
             INTERIOR_ROWS(T, 1)                                                               \
-        } else if (sw == 2 && !col) {   /* (with columns: measured slower than scalar) */     \
+        } else if (sw == 2) {                                                                 \
             INTERIOR_ROWS(T, 2)                                                               \
         } else {                                                                              \
             for (int px = lo; px < hi; ++px) {                                                \
                 const int x0 = px * sw - pw;                                                  \
                 T best = row[x0];                                                             \
-                i32 at = x0;                                                                  \
                 for (int j = 1; j < kw; ++j) {                                                \
-                    if (is_max) {                                                             \
-                        const int larger = row[x0 + j] > best;                                \
-                        best = larger ? row[x0 + j] : best;                                   \
-                        at = larger ? x0 + j : at;                                            \
-                    } else {                                                                  \
+                    if (is_max)                                                               \
+                        best = row[x0 + j] > best ? row[x0 + j] : best;                       \
+                    else                                                                      \
                         best += row[x0 + j];                                                  \
-                    }                                                                         \
                 }                                                                             \
                 out[px] = best;                                                               \
-                if (col) col[px] = at;                                                        \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
+/* The plane index of the first pixel of rows y0..y1-1, columns x0..x1-1 equal to best (the   \
+ * first pixel where none is). */                                                            \
+static TARGET i32 window_first_##S##_##ISA(const T *image, int w, int y0, int y1, int x0,    \
+                                            int x1, T best)                                   \
+{                                                                                             \
+    for (int yy = y0; yy < y1; ++yy)                                                          \
+        for (int xx = x0; xx < x1; ++xx)                                                      \
+            if (image[(i64)yy * w + xx] == best) return yy * w + xx;                          \
+    return y0 * w + x0;                                                                       \
+}                                                                                             \
+                                                                                              \
 /* MAX (is_max): each window's largest in-image value and (argmax not null) its plane index;  \
  * AVE: its in-image sum over its area clipped to the padded image. Scratch: hval (h * ow     \
- * values) and, for an argmax, hcol (h * ow). */                                              \
-TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval,                 \
-                                             i32 *hcol, int is_max, i64 planes, POOL_GEOMETRY)\
+ * values). */                                                                                \
+TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval, int is_max,     \
+                                     i64 planes, POOL_GEOMETRY)                               \
 {                                                                                             \
+    int lo = (pw + sw - 1) / sw, hi = w - kw + pw < 0 ? 0 : (w - kw + pw) / sw + 1;          \
+    hi = hi < ow ? hi : ow;                                                                   \
+    lo = lo < hi ? lo : hi;                                                                   \
     for (i64 p = 0; p < planes; ++p) {                                                        \
-        pool_rows_##S##_##ISA(x + p * h * w, hval, hcol, is_max, h, w, ow, kw, sw, pw);       \
+        const T *image = x + p * h * w;                                                       \
+        pool_rows_##S##_##ISA(image, hval, is_max, lo, hi, h, w, ow, kw, sw, pw);             \
         for (int py = 0; py < oh; ++py) {                                                     \
             int y0 = py * sh - ph, y1 = y0 + kh < h ? y0 + kh : h;                            \
             const int padded_end = y0 + kh < h + ph ? y0 + kh : h + ph;                       \
             const int rows = padded_end - y0;                                                 \
             y0 = y0 > 0 ? y0 : 0;                                                             \
             T *out = y + (p * oh + py) * ow;                                                  \
-            i32 *at = argmax ? argmax + (p * oh + py) * ow : 0;                               \
             memcpy(out, hval + (i64)y0 * ow, sizeof(T) * ow);                                 \
-            if (at)                                                                           \
-                for (int px = 0; px < ow; ++px) at[px] = y0 * w + hcol[(i64)y0 * ow + px];    \
             for (int yy = y0 + 1; yy < y1; ++yy) {                                            \
                 const T *in = hval + (i64)yy * ow;                                            \
-                if (at) {                                                                     \
-                    const i32 *cols = hcol + (i64)yy * ow;                                    \
-                    for (int px = 0; px < ow; ++px) {                                         \
-                        const int larger = in[px] > out[px];                                  \
-                        out[px] = larger ? in[px] : out[px];                                  \
-                        at[px] = larger ? yy * w + cols[px] : at[px];                         \
-                    }                                                                         \
-                } else if (is_max) {                                                          \
+                if (is_max) {                                                                 \
                     for (int px = 0; px < ow; ++px) out[px] = in[px] > out[px] ? in[px] : out[px]; \
                 } else {                                                                      \
                     for (int px = 0; px < ow; ++px) out[px] += in[px];                        \
+                }                                                                             \
+            }                                                                                 \
+            if (argmax) {                                                                     \
+                i32 *at = argmax + (p * oh + py) * ow;                                        \
+                for (int px = 0; px < ow; ++px) {                                             \
+                    if (px == lo && lo < hi) px = hi;                                         \
+                    if (px >= ow) break;                                                      \
+                    int x0 = px * sw - pw, x1 = x0 + kw < w ? x0 + kw : w;                    \
+                    x0 = x0 > 0 ? x0 : 0;                                                     \
+                    at[px] = window_first_##S##_##ISA(image, w, y0, y1, x0, x1, out[px]);     \
+                }                                                                             \
+                if (sw == 1) {                                                                \
+                    INTERIOR_FIRST(T, 1)                                                       \
+                } else if (sw == 2) {                                                         \
+                    INTERIOR_FIRST(T, 2)                                                       \
+                } else {                                                                      \
+                    INTERIOR_FIRST(T, sw)                                                      \
                 }                                                                             \
             }                                                                                 \
             if (!is_max)                                                                      \
