@@ -255,3 +255,54 @@ def test_python_workers_park_the_native_ones():
     from owlnet.kernels.cpu import native
     native.function("conv_direct_forward_framed", np.float32)      # loads the library
     assert any(getattr(hook, "__name__", "") == "pieces_park" for hook in threads.before_parallel)
+
+
+# -- the direct convolution's builds -----------------------------------------------------------
+def _direct_both(x, w, dy, pad, stride):
+    y = np.full(dy.shape, np.nan, dtype=x.dtype)
+    dw = np.full_like(w, np.nan)
+    cpu.direct.forward(x, w, y, pad, stride, (1, 1), 1)
+    cpu.direct.backward_filter(x, dy, dw, pad, stride, (1, 1), 1)
+    return y, dw
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width, channels, stride", [
+    (5, 10, 1),      # rows of part of a vector (AVX-512: its 32-byte build)
+    (13, 20, 1),     # one vector a row, part of it used
+    (40, 10, 1),     # rows of several vectors, the last tile of channels part empty
+    (41, 17, 2)])    # two column phases
+def test_direct_builds_agree_with_each_other_and_the_reference(monkeypatch, dtype, width,
+                                                               channels, stride):
+    """Where the CPU has AVX-512 its builds (64-byte vectors, bigger tiles) give the forward of
+    the AVX2 build bit for bit (each output sums its window in the same order) and the
+    backward-filter to rounding (its lanes split the outputs otherwise); both against
+    float64 loops."""
+    from test_kernels_cpu import reference_conv
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((2, 3, 7, width)).astype(dtype)
+    w = rng.standard_normal((channels, 3, 3, 3)).astype(dtype)
+    pad, strides = (1, 1), (stride, stride)
+    want = reference_conv(x.astype(np.float64), w.astype(np.float64), pad, strides, (1, 1), 1)
+    dy = rng.standard_normal(want.shape).astype(dtype)
+    found = _direct_both(x, w, dy, pad, strides)
+    native = cpu.native
+    native.function("conv_direct_tile", dtype)              # the builds known
+    single = native._builds[None]
+    monkeypatch.setattr(native, "_builds", {None: single, 32: single})
+    monkeypatch.setattr(native, "_functions", {})
+    assert cpu.direct.vector_bytes(width, dtype) == 32
+    narrow = _direct_both(x, w, dy, pad, strides)
+    np.testing.assert_array_equal(found[0], narrow[0])
+    tolerance = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(found[1], narrow[1], rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(found[0], want, rtol=tolerance, atol=tolerance)
+    # dw[m, c, i, j] = the sum over images and outputs of dy times the input entry (c, i, j)
+    # of the output's window reads.
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    oh, ow = want.shape[2:]
+    dw_want = np.empty(w.shape)
+    for i, j in np.ndindex(3, 3):
+        read = padded[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+        dw_want[:, :, i, j] = np.einsum("nmrq,ncrq->mc", dy.astype(np.float64), read)
+    np.testing.assert_allclose(found[1], dw_want, rtol=tolerance, atol=tolerance * 10)

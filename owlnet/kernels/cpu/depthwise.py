@@ -50,7 +50,7 @@ def depthwise_forward(x, w, y, pad, stride, dilation, group):
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     images = np.ascontiguousarray(x)
-    rows, q = direct.frame_geometry(x.shape, x.dtype, pad, sw, 1)
+    rows, q = direct.frame_geometry(x.shape, pad, sw, direct.lanes(x.dtype))
     koff = direct.window_offsets(1, kh, kw, sw, dh, dwd, rows, q)
     weights = np.ascontiguousarray(w.reshape(m, k))
     compiled = native.function("depthwise_forward", y.dtype)
@@ -74,7 +74,7 @@ def depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):
     (ph, pw), (sh, sw), (dh, dwd) = pad, stride, dilation
     pieces = _pieces(1, m, dy.size * k)     # bands of channels over the whole batch
     images, grads = np.ascontiguousarray(x), np.ascontiguousarray(dy)
-    rows, q = direct.frame_geometry(x.shape, x.dtype, pad, sw, 1)
+    rows, q = direct.frame_geometry(x.shape, pad, sw, direct.lanes(x.dtype))
     koff = direct.window_offsets(1, kh, kw, sw, dh, dwd, rows, q)
     total = dw if dw.flags.c_contiguous else np.empty(dw.shape, dtype=dw.dtype)
     compiled = native.function("depthwise_backward_filter", dw.dtype)

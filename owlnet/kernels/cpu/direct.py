@@ -7,7 +7,8 @@ or two vectors of outputs along a row, the weight times the frame over every k; 
 backward-filter sums, for a tile of output channels and of window entries, the output
 gradient times the frame over every output. Small channel counts (the first layers, CIFAR and
 MNIST nets, ResNets for CIFAR) waste most of an im2col product's time on copies; here the
-only copy is the frame.
+only copy is the frame. On a CPU with AVX-512 the kernels use its 32 registers for bigger
+tiles, with 64-byte vectors where output rows are wide enough (``vector_bytes``).
 
 Each runs as one compiled call (the frame, then the pieces) on native.c's own worker threads.
 Work is cut by shape alone into pieces (images, bands of output rows, groups); the forward
@@ -32,27 +33,30 @@ _MAX_PIECES = 8
 _PARALLEL_MULTIPLY_ADDS = 1 << 22
 
 
-def lanes(dtype):
-    """Values per vector (32 bytes)."""
-    return 32 // np.dtype(dtype).itemsize
+def lanes(dtype, vector_bytes=32):
+    """Values per vector."""
+    return vector_bytes // np.dtype(dtype).itemsize
 
 
-def _channel_tile(out_width, dtype):
-    """Output channels per forward tile: 6 with two vectors of outputs, 12 with one."""
-    return 6 if out_width > lanes(dtype) else 12
+def vector_bytes(out_width, dtype):
+    """The vector size of the kernels for output rows this wide: AVX-512's 64 bytes where
+    native.c has them and a row fills more than half such a vector, else 32."""
+    wide = max(native.vector_sizes())
+    return wide if out_width > lanes(dtype, wide) // 2 else 32
 
 
 class Frame:
     """The geometry of the images zero-padded and split into ``sw`` column phases,
     ``(N, C, sw, hf, q)`` (``array``, which the compiled call fills from ``source``), and the
-    offset of every window entry of one group (``koff``)."""
+    offset of every window entry of one group (``koff``), for kernels of ``lanes`` values a
+    vector reading up to two vectors past an output."""
 
-    def __init__(self, images, w_shape, pad, stride, dilation, vectors=2):
+    def __init__(self, images, w_shape, pad, stride, dilation, lanes):
         n, c, h, w = images.shape
         _, cg, kh, kw = w_shape
         (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
         self.sh, self.sw, self.pad = sh, sw, (ph, pw)
-        self.rows, self.q = frame_geometry(images.shape, images.dtype, pad, sw, vectors)
+        self.rows, self.q = frame_geometry(images.shape, pad, sw, 2 * lanes)
         self.array = np.empty((n, c, sw, self.rows, self.q), dtype=images.dtype)
         self.source = np.ascontiguousarray(images)
         plane = sw * self.rows * self.q
@@ -61,12 +65,12 @@ class Frame:
         self.koff = window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
 
 
-def frame_geometry(shape, dtype, pad, column_stride, vectors):
+def frame_geometry(shape, pad, column_stride, tail):
     """``(rows, q)`` of the frame of images of ``shape`` (N, C, H, W): H + 2 ph rows of q
-    values, the padded row's phases and ``vectors`` vectors of zero columns past the widest
-    (a tile of that many vectors starting at the last output reads up to there)."""
+    values, the padded row's phases and ``tail`` zero columns past the widest (a tile of
+    that many values starting at the last output reads up to there)."""
     (ph, pw), w = pad, shape[3]
-    return shape[2] + 2 * ph, -(-(w + 2 * pw) // column_stride) + vectors * lanes(dtype)
+    return shape[2] + 2 * ph, -(-(w + 2 * pw) // column_stride) + tail
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,8 +109,9 @@ def forward(x, w, y, pad, stride, dilation, group):
         raise ValueError("conv_forward writes into a C-contiguous y")
     multiply_adds = n * m * oh * ow * k
     parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
-    frame = Frame(x, w.shape, pad, stride, dilation)
-    tile = _channel_tile(ow, y.dtype)
+    size = vector_bytes(ow, y.dtype)
+    frame = Frame(x, w.shape, pad, stride, dilation, lanes(y.dtype, size))
+    tile = native.function("conv_direct_tile", y.dtype, size)(ow)
     tiles = -(-mg // tile)
     # Weights as (group, tiles, K, tile), zero rows past each group's channels.
     packed = np.zeros((group, tiles * tile, k), dtype=y.dtype)
@@ -119,7 +124,7 @@ def forward(x, w, y, pad, stride, dilation, group):
                         n0 * image_out + g * mg * oh * ow, n1 - n0, r0, r1)
                        for n0, n1, g, r0, r1 in _pieces(n, group, oh, multiply_adds)],
                       dtype=np.int64)
-    native.function("conv_direct_forward_framed", y.dtype)(
+    native.function("conv_direct_forward_framed", y.dtype, size)(
         *native.addresses(frame.source, frame.array), n * x.shape[1], x.shape[2], x.shape[3],
         *frame.pad, frame.sw, frame.rows, frame.q, native.address(frame.koff), k,
         *native.addresses(packed, y), image_out, frame.image_stride, mg, oh, ow, frame.sh,
@@ -133,9 +138,10 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     mg, k = m // group, dw[0].size
     multiply_adds = n * m * oh * ow * k
     parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
-    frame = Frame(x, dw.shape, pad, stride, dilation)
+    size = vector_bytes(ow, dy.dtype)
+    frame = Frame(x, dw.shape, pad, stride, dilation, lanes(dy.dtype, size))
     # Rows padded with zeros to whole vectors: the kernel then has no partial vectors.
-    padded_width = -(-ow // lanes(dy.dtype)) * lanes(dy.dtype)
+    padded_width = -(-ow // lanes(dy.dtype, size)) * lanes(dy.dtype, size)
     grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
     grads[..., :ow] = dy
     image_out = m * oh * padded_width
@@ -147,7 +153,7 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     runs = np.linspace(0, len(pieces), min(len(pieces), shared.REDUCTION_RUNS) + 1)
     runs = np.ascontiguousarray(runs.round(), dtype=np.int32)
     partial = np.empty((len(runs) - 1,) + dw.shape, dtype=dw.dtype)
-    native.function("conv_direct_backward_filter_framed", dw.dtype)(
+    native.function("conv_direct_backward_filter_framed", dw.dtype, size)(
         *native.addresses(frame.source, frame.array), n * x.shape[1], x.shape[2], x.shape[3],
         *frame.pad, frame.sw, frame.rows, frame.q, native.address(frame.koff), k,
         native.address(grads), image_out, native.address(partial), dw.size, frame.image_stride,

@@ -42,15 +42,21 @@ _SIGNATURES = {
                                                                       _POINTER, _I64]
     + [_INT] * 8,
     "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
+    "conv_direct_tile": [_INT],
 }
+# The direct convolution's, whose AVX-512 builds come in two vector sizes (``function``).
+_VECTOR_SIZED = ("conv_direct_forward_framed", "conv_direct_backward_filter_framed",
+                 "conv_direct_tile")
 # Functions whose last arguments are of the element type: (other arguments, how many).
 _TYPED_LAST = {"batch_norm_forward": ([_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT, _INT], 1),
                "lrn_forward": ([_POINTER] * 4 + [_I64, _INT, _I64, _INT], 3)}
 _SCALARS = {"f32": ctypes.c_float, "f64": ctypes.c_double}
 _SUFFIXES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
-_functions = {}
 _lock = threading.Lock()
+_library = []           # the loaded library, once loaded
+_builds = {}            # vector bytes (None: the other kernels) -> the build bound
+_functions = {}         # (name, dtype, vector bytes) -> the bound function
 
 
 class NativeKernelsMissing(OwlnetError):
@@ -69,38 +75,59 @@ def _library_path() -> Path:
         "`pip install -e .` with a C compiler on the PATH)")
 
 
-def _load():
-    library = ctypes.CDLL(str(_library_path()))
-    # Vectorised kernels come as name_fast (AVX2 with FMA) and name_baseline.
-    variant = "fast" if library.has_avx2_fma() else "baseline"
-    loaded = {}
-    for dtype, suffix in _SUFFIXES.items():
-        signatures = dict(_SIGNATURES)
-        signatures.update({name: arguments + [_SCALARS[suffix]] * count
-                           for name, (arguments, count) in _TYPED_LAST.items()})
-        for name, arguments in signatures.items():
-            symbol = f"{name}_{suffix}"
-            if hasattr(library, f"{symbol}_{variant}"):
-                symbol = f"{symbol}_{variant}"
-            function = getattr(library, symbol)
-            function.argtypes, function.restype = arguments, None
-            loaded[name, dtype] = function
-    library.pieces_park.argtypes, library.pieces_park.restype = [], None
-    threads.before_parallel.append(library.pieces_park)
-    _functions.update(loaded)
-
-
-def function(name, dtype):
-    """The compiled ``name`` for elements of ``dtype`` (float32 or float64)."""
-    if not _functions:
+def _loaded():
+    """The library, loaded on first use (then which builds its kernels come in is known)."""
+    if not _library:
         with _lock:
-            if not _functions:
-                _load()
-    try:
-        return _functions[name, np.dtype(dtype)]
-    except KeyError:
+            if not _library:
+                library = ctypes.CDLL(str(_library_path()))
+                library.pieces_park.argtypes, library.pieces_park.restype = [], None
+                threads.before_parallel.append(library.pieces_park)
+                # Vectorised kernels come as name_fast (AVX2 with FMA) and name_baseline; the
+                # direct convolution's also as name_wide (64-byte vectors) and name_wide_half
+                # (32) for AVX-512.
+                variant = "fast" if library.has_avx2_fma() else "baseline"
+                _builds.update({None: variant, 32: "wide_half", 64: "wide"}
+                               if library.has_avx512() else {None: variant, 32: variant})
+                _library.append(library)
+    return _library[0]
+
+
+def vector_sizes() -> list:
+    """The vector sizes (bytes) the direct convolution's kernels come in on this CPU: [32],
+    or [32, 64] with AVX-512."""
+    _loaded()
+    return sorted(size for size in _builds if size)
+
+
+def function(name, dtype, vector_bytes=32):
+    """The compiled ``name`` for elements of ``dtype`` (float32 or float64); for the direct
+    convolution's, the build with vectors of ``vector_bytes`` (one of ``vector_sizes()``)."""
+    key = (name, np.dtype(dtype), vector_bytes)
+    found = _functions.get(key)
+    if found is None:
+        found = _functions.setdefault(key, _bind(*key))
+    return found
+
+
+def _bind(name, dtype, vector_bytes):
+    library = _loaded()
+    if dtype not in _SUFFIXES:
         raise TypeError(f"owlnet's CPU kernel {name} takes float32 or float64 arrays, "
-                        f"not {np.dtype(dtype)}") from None
+                        f"not {dtype}")
+    suffix = _SUFFIXES[dtype]
+    build = _builds[vector_bytes if name in _VECTOR_SIZED else None]
+    symbol = f"{name}_{suffix}"
+    if hasattr(library, f"{symbol}_{build}"):
+        symbol = f"{symbol}_{build}"
+    function = getattr(library, symbol)
+    if name in _TYPED_LAST:
+        arguments, count = _TYPED_LAST[name]
+        function.argtypes = arguments + [_SCALARS[suffix]] * count
+    else:
+        function.argtypes = _SIGNATURES[name]
+    function.restype = ctypes.c_int if name == "conv_direct_tile" else None
+    return function
 
 
 def address(array, first=0):
