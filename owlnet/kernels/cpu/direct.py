@@ -46,23 +46,25 @@ def vector_bytes(out_width, dtype):
 
 
 class Frame:
-    """The geometry of the images zero-padded and split into ``sw`` column phases,
-    ``(N, C, sw, hf, q)`` (``array``, which the compiled call fills from ``source``), and the
-    offset of every window entry of one group (``koff``), for kernels of ``lanes`` values a
-    vector reading up to two vectors past an output."""
+    """The geometry of images of ``x_shape`` zero-padded and split into ``sw`` column phases,
+    ``(N, C, sw, rows, q)`` (``shape``; the compiled call fills such an array), and the offset
+    of every window entry of one group (``koff``), for kernels of ``lanes`` values a vector
+    reading up to two vectors past an output."""
 
-    def __init__(self, images, w_shape, pad, stride, dilation, lanes):
-        n, c, h, w = images.shape
+    def __init__(self, x_shape, w_shape, pad, stride, dilation, lanes):
+        n, c = x_shape[:2]
         _, cg, kh, kw = w_shape
-        (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
-        self.sh, self.sw, self.pad = sh, sw, (ph, pw)
-        self.rows, self.q = frame_geometry(images.shape, pad, sw, 2 * lanes)
-        self.array = np.empty((n, c, sw, self.rows, self.q), dtype=images.dtype)
-        self.source = np.ascontiguousarray(images)
+        (sh, sw), (dh, dw) = stride, dilation
+        self.sh, self.sw, self.pad = sh, sw, tuple(pad)
+        self.rows, self.q = frame_geometry(x_shape, pad, sw, 2 * lanes)
+        self.shape = (n, c, sw, self.rows, self.q)
         plane = sw * self.rows * self.q
         self.group_stride = cg * plane             # elements from one group's channels to the next
         self.image_stride = c * plane
         self.koff = window_offsets(cg, kh, kw, sw, dh, dw, self.rows, self.q)
+        # The compiled calls' arguments from the planes to the window entries' count.
+        self.arguments = (n * c, *x_shape[2:], *self.pad, sw, self.rows, self.q,
+                          native.address(self.koff), cg * kh * kw)
 
 
 def frame_geometry(shape, pad, column_stride, tail):
@@ -101,34 +103,48 @@ def _pieces(n, group, out_rows, multiply_adds):
             for r0, r1 in zip(edges, edges[1:])]
 
 
+class _ForwardPlan:
+    """What a forward of one geometry needs beside its arrays, made once (``_forward_plan``):
+    the frame's and the packed weights' shapes, the compiled call's arguments after the
+    packed weights but for y (``framing``, ``rest``), whether it runs in parallel; it keeps
+    what those arguments point to (the window offsets, the pieces)."""
+
+    def __init__(self, x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype, size):
+        n, m, oh, ow = y_shape
+        mg, k = m // group, w_shape[1] * w_shape[2] * w_shape[3]
+        multiply_adds = n * m * oh * ow * k
+        self.frame = Frame(x_shape, w_shape, pad, stride, dilation, lanes(dtype, size))
+        tile = native.function("conv_direct_tile", dtype, size)(ow)
+        tiles = -(-mg // tile)
+        self.packed_shape = (group, tiles, k, tile)
+        image_out = m * oh * ow
+        # Each piece as the compiled call reads it: offsets into the frame, the packed
+        # weights and y, the image count, the output rows.
+        self.pieces = np.array(
+            [(n0 * self.frame.image_stride + g * self.frame.group_stride, g * tiles * tile * k,
+              n0 * image_out + g * mg * oh * ow, n1 - n0, r0, r1)
+             for n0, n1, g, r0, r1 in _pieces(n, group, oh, multiply_adds)], dtype=np.int64)
+        self.rest = (image_out, self.frame.image_stride, mg, oh, ow, self.frame.sh,
+                     native.address(self.pieces), len(self.pieces))
+        self.parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
+
+
+_forward_plan = functools.lru_cache(maxsize=512)(_ForwardPlan)
+
+
 def forward(x, w, y, pad, stride, dilation, group):
     """``y = conv(x, w)``, written."""
-    n, m, oh, ow = y.shape
-    mg, k = m // group, w[0].size
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
-    multiply_adds = n * m * oh * ow * k
-    parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
-    size = vector_bytes(ow, y.dtype)
-    frame = Frame(x, w.shape, pad, stride, dilation, lanes(y.dtype, size))
-    tile = native.function("conv_direct_tile", y.dtype, size)(ow)
-    tiles = -(-mg // tile)
-    # Weights as (group, tiles, K, tile), zero rows past each group's channels.
-    packed = np.zeros((group, tiles * tile, k), dtype=y.dtype)
-    packed[:, :mg] = w.reshape(group, mg, k)
-    packed = np.ascontiguousarray(packed.reshape(group, tiles, tile, k).transpose(0, 1, 3, 2))
-    image_out = m * oh * ow
-    # Each piece as the compiled call reads it: offsets into the frame, the packed weights
-    # and y, the image count, the output rows.
-    pieces = np.array([(n0 * frame.image_stride + g * frame.group_stride, g * tiles * tile * k,
-                        n0 * image_out + g * mg * oh * ow, n1 - n0, r0, r1)
-                       for n0, n1, g, r0, r1 in _pieces(n, group, oh, multiply_adds)],
-                      dtype=np.int64)
+    size = vector_bytes(y.shape[3], y.dtype)
+    plan = _forward_plan(x.shape, w.shape, y.shape, tuple(pad), tuple(stride),
+                         tuple(dilation), group, y.dtype.str, size)
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    frame, packed = np.empty(plan.frame.shape, y.dtype), np.empty(plan.packed_shape, y.dtype)
     native.function("conv_direct_forward_framed", y.dtype, size)(
-        *native.addresses(frame.source, frame.array), n * x.shape[1], x.shape[2], x.shape[3],
-        *frame.pad, frame.sw, frame.rows, frame.q, native.address(frame.koff), k,
-        *native.addresses(packed, y), image_out, frame.image_stride, mg, oh, ow, frame.sh,
-        native.address(pieces), len(pieces), threads.workers() if parallel else 1)
+        x.ctypes.data, frame.ctypes.data, *plan.frame.arguments, w.ctypes.data,
+        packed.ctypes.data, group, y.ctypes.data, *plan.rest,
+        threads.workers() if plan.parallel else 1)
 
 
 def backward_filter(x, dy, dw, pad, stride, dilation, group):
@@ -139,7 +155,7 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     multiply_adds = n * m * oh * ow * k
     parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
     size = vector_bytes(ow, dy.dtype)
-    frame = Frame(x, dw.shape, pad, stride, dilation, lanes(dy.dtype, size))
+    frame = Frame(x.shape, dw.shape, pad, stride, dilation, lanes(dy.dtype, size))
     # Rows padded with zeros to whole vectors: the kernel then has no partial vectors.
     padded_width = -(-ow // lanes(dy.dtype, size)) * lanes(dy.dtype, size)
     grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
@@ -153,12 +169,12 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     runs = np.linspace(0, len(pieces), min(len(pieces), shared.REDUCTION_RUNS) + 1)
     runs = np.ascontiguousarray(runs.round(), dtype=np.int32)
     partial = np.empty((len(runs) - 1,) + dw.shape, dtype=dw.dtype)
+    x, framed = np.ascontiguousarray(x), np.empty(frame.shape, x.dtype)
     native.function("conv_direct_backward_filter_framed", dw.dtype, size)(
-        *native.addresses(frame.source, frame.array), n * x.shape[1], x.shape[2], x.shape[3],
-        *frame.pad, frame.sw, frame.rows, frame.q, native.address(frame.koff), k,
-        native.address(grads), image_out, native.address(partial), dw.size, frame.image_stride,
-        frame.group_stride, group, mg, oh, padded_width, frame.sh, native.address(pieces),
-        native.address(runs), len(runs) - 1, threads.workers() if parallel else 1)
+        *native.addresses(x, framed), *frame.arguments, native.address(grads), image_out, native.address(partial), dw.size,
+        frame.image_stride, frame.group_stride, group, mg, oh, padded_width, frame.sh,
+        native.address(pieces), native.address(runs), len(runs) - 1,
+        threads.workers() if parallel else 1)
     np.copyto(dw, partial[0])
     for run in partial[1:]:
         dw += run

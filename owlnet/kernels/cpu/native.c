@@ -552,18 +552,30 @@ TARGET void conv_direct_backward_filter_##S##_##ISA(                            
 }
 
 /* The whole forward of a direct convolution in one call, on pieces_run's threads: the images
- * framed (planes in `bands` equal runs), then each piece of the output (the rows of
- * pieces[6i..6i+5]: images' offsets into the frame, the packed weights' and y's offsets, the
- * image count, first and end output rows) computed as conv_direct_forward does. */
+ * framed (planes in `bands` equal runs) and the weights (group, mg, K) packed as (group,
+ * tiles, K, tile) with zero rows past mg (a tile of channels a task), then each piece of the
+ * output (the rows of pieces[6i..6i+5]: images' offsets into the frame, the packed weights'
+ * and y's offsets, the image count, first and end output rows) computed as
+ * conv_direct_forward does. */
 #define DEFINE_DIRECT_FRAMED(T, S, ISA, TARGET)                                               \
 struct framed_##S##_##ISA {                                                                   \
     const T *x; T *frame; i64 planes; int bands, h, w, ph, pw, sw, hf, q;                     \
-    const i64 *koff; int K; const T *packed; T *y; i64 y_image, frame_image;                  \
-    int mg, oh, ow, sh; const i64 *pieces;                                                     \
+    const i64 *koff; int K; T *packed; T *y; i64 y_image, frame_image;                        \
+    int mg, oh, ow, sh; const i64 *pieces; const T *weights; int tiles, tile;                 \
 };                                                                                            \
 static void frame_band_##S##_##ISA(void *job, int band)                                       \
 {                                                                                             \
     const struct framed_##S##_##ISA *a = job;                                                 \
+    if (band >= a->bands) {              /* a tile of weights: (group, tile index) */          \
+        const int t = band - a->bands, g = t / a->tiles, first = t % a->tiles * a->tile;       \
+        const int count = a->mg - first < a->tile ? a->mg - first : a->tile;                  \
+        const T *from = a->weights + ((i64)g * a->mg + first) * a->K;                         \
+        T *to = a->packed + ((i64)g * a->tiles * a->tile + first) * a->K;                     \
+        for (int k = 0; k < a->K; ++k)                                                        \
+            for (int c = 0; c < a->tile; ++c)                                                 \
+                to[(i64)k * a->tile + c] = c < count ? from[(i64)c * a->K + k] : 0;           \
+        return;                                                                               \
+    }                                                                                         \
     const i64 p0 = a->planes * band / a->bands, p1 = a->planes * (band + 1) / a->bands;        \
     conv_frame_##S(a->x + p0 * a->h * a->w, a->frame + p0 * a->sw * a->hf * a->q, p1 - p0,    \
                    a->h, a->w, a->ph, a->pw, a->sw, a->hf, a->q);                             \
@@ -578,13 +590,16 @@ static void direct_piece_##S##_##ISA(void *job, int index)                      
 }                                                                                             \
 TARGET void conv_direct_forward_framed_##S##_##ISA(                                           \
     const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw, int hf, int q,    \
-    const i64 *koff, int K, const T *packed, T *y, i64 y_image, i64 frame_image, int mg,      \
-    int oh, int ow, int sh, const i64 *pieces, int count, int threads)                        \
+    const i64 *koff, int K, const T *weights, T *packed, int group, T *y, i64 y_image,        \
+    i64 frame_image, int mg, int oh, int ow, int sh, const i64 *pieces, int count,            \
+    int threads)                                                                              \
 {                                                                                             \
+    const int tile = conv_direct_tile_##S##_##ISA(ow), tiles = (mg + tile - 1) / tile;        \
     struct framed_##S##_##ISA job = {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K,   \
-                                     packed, y, y_image, frame_image, mg, oh, ow, sh, pieces};  \
+                                     packed, y, y_image, frame_image, mg, oh, ow, sh, pieces, \
+                                     weights, tiles, tile};                                   \
     job.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);         \
-    pieces_run(frame_band_##S##_##ISA, &job, job.bands, threads);                             \
+    pieces_run(frame_band_##S##_##ISA, &job, job.bands + group * tiles, threads);             \
     pieces_run(direct_piece_##S##_##ISA, &job, count, threads);                               \
 }
 
@@ -625,7 +640,7 @@ TARGET void conv_direct_backward_filter_framed_##S##_##ISA(                     
 {                                                                                             \
     struct filter_##S##_##ISA job = {                                                         \
         {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K, NULL, NULL, 0, frame_image,   \
-         mg, oh, 0, sh, pieces},                                                              \
+         mg, oh, 0, sh, pieces, NULL, 0, 0},                                                  \
         dy, dy_image, partial, partial_run, group_frame, group, owp, runs};                   \
     job.frame.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);   \
     pieces_run(filter_frame_band_##S##_##ISA, &job, job.frame.bands, threads);                \
