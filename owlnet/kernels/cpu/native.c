@@ -225,17 +225,38 @@ void pieces_park(void)
  * only maximum equal to nothing), which is the pixel whose value the maximum is. */
 /* The interior columns lo..hi-1 of a row for a constant column stride STEP (so that the
  * compiler can make vectors of them), kernel column after kernel column. */
-#define INTERIOR_ROWS(T, STEP)                                                                \
-    for (int px = lo; px < hi; ++px) out[px] = row[px * STEP - pw];                           \
-    for (int j = 1; j < kw; ++j) {                                                            \
-        if (is_max) {                                                                         \
-            for (int px = lo; px < hi; ++px) {                                                \
-                const T value = row[px * STEP - pw + j];                                      \
-                out[px] = value > out[px] ? value : out[px];                                  \
-            }                                                                                 \
-        } else {                                                                              \
-            for (int px = lo; px < hi; ++px) out[px] += row[px * STEP - pw + j];              \
+/* a combined with b in pooling's order: MAX keeps a unless b is strictly larger; AVE adds. */
+#define MAX_OF(a, b) ((b) > (a) ? (b) : (a))
+#define SUM_OF(a, b) ((a) + (b))
+/* Each output combines its window's values in a register (kernels of 2 and 3 columns or rows
+ * as vectors of outputs): a row combined in place one kernel column at a time reloads what
+ * it just stored, which stalls on short rows. */
+#define INTERIOR_ROWS_OF(T, OP, STEP)                                                          \
+    if (kw == 3) {                                                                            \
+        for (int px = lo; px < hi; ++px) {                                                    \
+            const T *r = row + px * STEP - pw;                                                \
+            out[px] = OP(OP(r[0], r[1]), r[2]);                                               \
         }                                                                                     \
+    } else {                                                                                  \
+        for (int px = lo; px < hi; ++px) {                                                    \
+            const T *r = row + px * STEP - pw;                                                \
+            out[px] = OP(r[0], r[1]);                                                         \
+        }                                                                                     \
+    }
+#define INTERIOR_ROWS(T, STEP)                                                                \
+    if ((kw == 2 || kw == 3) && is_max) {                                                     \
+        INTERIOR_ROWS_OF(T, MAX_OF, STEP)                                                     \
+    } else if (kw == 2 || kw == 3) {                                                          \
+        INTERIOR_ROWS_OF(T, SUM_OF, STEP)                                                     \
+    } else {                                                                                  \
+        INTERIOR_ROWS_ANY(T, STEP)                                                            \
+    }
+#define INTERIOR_ROWS_ANY(T, STEP)                                                            \
+    for (int px = lo; px < hi; ++px) {                                                        \
+        const T *r = row + px * STEP - pw;                                                    \
+        T best = r[0];                                                                        \
+        for (int j = 1; j < kw; ++j) best = is_max ? MAX_OF(best, r[j]) : SUM_OF(best, r[j]); \
+        out[px] = best;                                                                       \
     }
 
 /* The argmax of the interior columns lo..hi-1 of output row py (window rows y0..y1-1), as
@@ -322,13 +343,23 @@ TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval, int
             const int rows = padded_end - y0;                                                 \
             y0 = y0 > 0 ? y0 : 0;                                                             \
             T *out = y + (p * oh + py) * ow;                                                  \
-            memcpy(out, hval + (i64)y0 * ow, sizeof(T) * ow);                                 \
-            for (int yy = y0 + 1; yy < y1; ++yy) {                                            \
-                const T *in = hval + (i64)yy * ow;                                            \
-                if (is_max) {                                                                 \
-                    for (int px = 0; px < ow; ++px) out[px] = in[px] > out[px] ? in[px] : out[px]; \
-                } else {                                                                      \
-                    for (int px = 0; px < ow; ++px) out[px] += in[px];                        \
+            const T *h0 = hval + (i64)y0 * ow, *h1 = h0 + ow, *h2 = h1 + ow;                  \
+            if (y1 - y0 == 3 && is_max) {                                                     \
+                for (int px = 0; px < ow; ++px) out[px] = MAX_OF(MAX_OF(h0[px], h1[px]), h2[px]); \
+            } else if (y1 - y0 == 3) {                                                        \
+                for (int px = 0; px < ow; ++px) out[px] = SUM_OF(SUM_OF(h0[px], h1[px]), h2[px]); \
+            } else if (y1 - y0 == 2 && is_max) {                                              \
+                for (int px = 0; px < ow; ++px) out[px] = MAX_OF(h0[px], h1[px]);             \
+            } else if (y1 - y0 == 2) {                                                        \
+                for (int px = 0; px < ow; ++px) out[px] = SUM_OF(h0[px], h1[px]);             \
+            } else {                                                                          \
+                for (int px = 0; px < ow; ++px) {                                             \
+                    T best = h0[px];                                                          \
+                    for (int yy = 1; yy < y1 - y0; ++yy) {                                    \
+                        const T value = h0[(i64)yy * ow + px];                                \
+                        best = is_max ? MAX_OF(best, value) : SUM_OF(best, value);            \
+                    }                                                                         \
+                    out[px] = best;                                                           \
                 }                                                                             \
             }                                                                                 \
             if (argmax) {                                                                     \
