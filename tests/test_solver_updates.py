@@ -247,3 +247,30 @@ def test_arena_layout_groups_and_buckets():
         np.testing.assert_array_equal(blob.data.ravel(), arena.data[lo:hi])
     net.learnable_params[1].diff[...] = 7
     assert (arena.diff[18:23] == 7).all() and not arena.diff[:18].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decay", [0.0, 5e-4])
+def test_sgd_in_one_pass_gives_the_bits_of_the_separate_passes(dtype, decay):
+    """The compiled SGD step (bands of a long buffer on the worker threads) against the rule's
+    own NumPy passes (regularize, compute, subtract), bit for bit; -0.0 gradients stay -0.0
+    where there is no decay term."""
+    from types import SimpleNamespace
+    from owlnet.kernels.cpu.updates import sgd_step
+    rng = np.random.default_rng(3)
+    size = 300_001
+    data, diff, history = (rng.standard_normal(size).astype(dtype) for _ in range(3))
+    diff[:4] = [-0.0, 0.0, -0.0, 1e-30]
+    history[:4] = 0.0
+    rate, momentum = 0.01 * 3.3, 0.9
+    want = [a.copy() for a in (history, diff, data)]
+    rule = SimpleNamespace(momentum=momentum, regularization="L2")
+    updates.UpdateRule.regularize(rule, want[1], want[2], decay)
+    updates.SGD.compute(rule, [want[0]], want[1], rate)
+    np.subtract(want[2], want[1], out=want[2])
+    sgd_step(history, diff, data, rate, momentum, decay)
+    for found, expected in zip((history, diff, data), want):
+        np.testing.assert_array_equal(found, expected)
+        assert np.array_equal(np.signbit(found), np.signbit(expected))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        sgd_step(history[::2], diff[::2], data[::2], rate, momentum, decay)

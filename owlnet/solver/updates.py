@@ -15,6 +15,9 @@ few whole-buffer operations per group instead of a loop over parameters:
    for Adam times its bias correction: :meth:`UpdateRule.group_rates`; see each class);
 5. ``w -= diff``.
 
+Steps 3-5 of SGD with L2 (or no) decay on host arrays run as one compiled pass
+(``kernels.cpu.updates``) with the same roundings, so the same bits.
+
 The group rates are float64 numbers computed on the host. A captured GPU step
 (``owlnet.parallel.captured``) hands them to :meth:`UpdateRule.apply` as 0-d float64 device
 arrays that it refills before each replay, so the graph sees each iteration's rates; either
@@ -27,7 +30,9 @@ AdaDelta and Adam a second set of N after the first N.
 """
 from __future__ import annotations
 
-from .. import backend
+import numpy as np
+
+from .. import backend, kernels
 from ..blob import device_current
 from .. import logging as owl_logging
 from ..errors import ConfigError
@@ -90,8 +95,12 @@ class UpdateRule:
             diff, data = arena.diff[lo:hi], arena.data[lo:hi]
             if self.iter_size != 1:
                 diff *= 1.0 / self.iter_size
-            self.regularize(diff, data, self.weight_decay * group.decay_mult)
-            self.compute([h[lo:hi] for h in self.history_buffers], diff, local_rate)
+            history = [h[lo:hi] for h in self.history_buffers]
+            decay = self.weight_decay * group.decay_mult
+            if self.step_in_one_pass(history, diff, data, local_rate, decay):
+                continue
+            self.regularize(diff, data, decay)
+            self.compute(history, diff, local_rate)
             xp.subtract(data, diff, out=data)
 
     def clip(self, diff) -> None:
@@ -115,6 +124,11 @@ class UpdateRule:
         else:
             diff += local_decay * backend.array_module(data).sign(data)
 
+    def step_in_one_pass(self, history, diff, data, local_rate, local_decay) -> bool:
+        """Regularize, compute and step one group in one compiled pass where the rule has
+        one for these arrays (then True), with the results of the separate passes."""
+        return False
+
     def compute(self, history, diff, local_rate) -> None:
         """Turn the gradient ``diff`` of one group into the step to subtract (in place);
         ``history``: the group's range of each history buffer; ``local_rate``: the group's
@@ -137,6 +151,14 @@ class SGD(UpdateRule):
     """``h = momentum * h + r * g``; step ``h``."""
 
     type = "SGD"
+
+    def step_in_one_pass(self, history, diff, data, local_rate, local_decay):
+        if type(diff) is not np.ndarray or type(local_rate) not in (int, float) \
+                or (local_decay and self.regularization != "L2"):
+            return False
+        kernels.cpu.updates.sgd_step(history[0], diff, data, local_rate, self.momentum,
+                                     local_decay)
+        return True
 
     def compute(self, history, diff, local_rate):
         h, = history

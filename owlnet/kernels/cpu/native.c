@@ -1109,3 +1109,26 @@ DEFINE_LRN(float, f32, sqrtf, powf, fast, FAST)
 DEFINE_LRN(float, f32, sqrtf, powf, baseline, BASELINE)
 DEFINE_LRN(double, f64, sqrt, pow, fast, FAST)
 DEFINE_LRN(double, f64, sqrt, pow, baseline, BASELINE)
+
+/* -- SGD with momentum and L2 weight decay, one pass over the parameters ----------------------
+ * Per element, in T, with the roundings of NumPy's separate passes over whole arrays (so
+ * no multiply-add is contracted): g = diff + decay * data (when decayed), g = rate * g,
+ * h = momentum * h + g; then diff = h (Caffe's update value) and data -= h. */
+#define DEFINE_SGD_STEP(T, S)                                                                 \
+__attribute__((optimize("fp-contract=off")))                                                  \
+void sgd_step_##S(T *diff, T *data, T *history, i64 n, int decayed, T decay, T rate,         \
+                  T momentum)                                                                 \
+{                                                                                             \
+    for (i64 i = 0; i < n; ++i) {                                                             \
+        T g = diff[i];                                                                        \
+        if (decayed) g = g + decay * data[i];                                                 \
+        g = rate * g;                                                                         \
+        const T h = momentum * history[i] + g;                                                \
+        history[i] = h;                                                                       \
+        diff[i] = h;                                                                          \
+        data[i] = data[i] - h;                                                                \
+    }                                                                                         \
+}
+
+DEFINE_SGD_STEP(float, f32)
+DEFINE_SGD_STEP(double, f64)
