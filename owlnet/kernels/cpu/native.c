@@ -216,168 +216,119 @@ void pieces_park(void)
 
 /* -- pooling forward, separable ----------------------------------------------------------------
  * A window is combined along its row first, then down its column: per plane, every image row
- * yy gets the combination over the kernel columns of each output column px (hval), then each
- * output combines the rows of its window in order (strictly larger replaces: MAX keeps the
- * first of equal values). AVE adds row sums, then divides by Caffe's area (the window clipped
- * to the padded image). Rows of outputs are vectors. A MAX argmax is then found per output
- * row, while the plane is in cache: the first in-image pixel of the window, in row-major
- * order, equal to the maximum (the first pixel where there is none: a NaN first pixel is the
- * only maximum equal to nothing), which is the pixel whose value the maximum is. */
-/* The interior columns lo..hi-1 of a row for a constant column stride STEP (so that the
- * compiler can make vectors of them), kernel column after kernel column. */
-/* a combined with b in pooling's order: MAX keeps a unless b is strictly larger; AVE adds. */
-#define MAX_OF(a, b) ((b) > (a) ? (b) : (a))
-#define SUM_OF(a, b) ((a) + (b))
-/* Each output combines its window's values in a register (kernels of 2 and 3 columns or rows
- * as vectors of outputs): a row combined in place one kernel column at a time reloads what
- * it just stored, which stalls on short rows. */
-#define INTERIOR_ROWS_OF(T, OP, STEP)                                                          \
-    if (kw == 3) {                                                                            \
-        for (int px = lo; px < hi; ++px) {                                                    \
-            const T *r = row + px * STEP - pw;                                                \
-            out[px] = OP(OP(r[0], r[1]), r[2]);                                               \
-        }                                                                                     \
+ * yy gets the combination over the kernel columns of each output column px (hval, and for an
+ * argmax the column of the row's first maximum, hcol), then each output combines the rows of
+ * its window in order. MAX: strictly larger replaces, so the first maximum of the first row
+ * holding the window's maximum is the first in row-major order; AVE adds row sums, then
+ * divides by Caffe's area (the window clipped to the padded image). Each output combines its
+ * values in registers, the loops running along rows of outputs (vectors where the kernel is
+ * 2 or 3 wide and the stride 1 or 2): a row combined in place one kernel column at a time
+ * reloads what it has just stored, which stalls on short rows. */
+/* best (and its index at) combined with value (at index): MAX keeps best unless value is
+ * strictly larger; AVE adds. */
+#define POOL_COMBINE(best, at, value, index)                                                  \
+    if (is_max) {                                                                             \
+        const int larger = (value) > best;                                                    \
+        best = larger ? (value) : best;                                                       \
+        at = larger ? (index) : at;                                                           \
     } else {                                                                                  \
-        for (int px = lo; px < hi; ++px) {                                                    \
-            const T *r = row + px * STEP - pw;                                                \
-            out[px] = OP(r[0], r[1]);                                                         \
-        }                                                                                     \
+        best += (value);                                                                      \
     }
-#define INTERIOR_ROWS(T, STEP)                                                                \
-    if ((kw == 2 || kw == 3) && is_max) {                                                     \
-        INTERIOR_ROWS_OF(T, MAX_OF, STEP)                                                     \
-    } else if (kw == 2 || kw == 3) {                                                          \
-        INTERIOR_ROWS_OF(T, SUM_OF, STEP)                                                     \
-    } else {                                                                                  \
-        INTERIOR_ROWS_ANY(T, STEP)                                                            \
-    }
-#define INTERIOR_ROWS_ANY(T, STEP)                                                            \
+/* Interior output columns lo..hi-1 of image row `row` (their windows inside it), column
+ * stride STEP, kernel width KW (each a constant where it can be: the loops become vectors). */
+#define POOL_ROW_INTERIOR(T, STEP, KW)                                                        \
     for (int px = lo; px < hi; ++px) {                                                        \
-        const T *r = row + px * STEP - pw;                                                    \
-        T best = r[0];                                                                        \
-        for (int j = 1; j < kw; ++j) best = is_max ? MAX_OF(best, r[j]) : SUM_OF(best, r[j]); \
+        const int x0 = px * (STEP) - pw;                                                      \
+        T best = row[x0];                                                                     \
+        i32 at = x0;                                                                          \
+        for (int j = 1; j < (KW); ++j) {                                                      \
+            POOL_COMBINE(best, at, row[x0 + j], x0 + j)                                       \
+        }                                                                                     \
         out[px] = best;                                                                       \
+        if (col) col[px] = at;                                                                \
     }
-
-/* The argmax of the interior columns lo..hi-1 of output row py (window rows y0..y1-1), as
- * window_first finds it but without branches (so that the compiler can make vectors): every
- * window pixel equal to the maximum, last to first, replaces the column's index. */
-#define INTERIOR_FIRST(T, STEP)                                                                \
-    for (int px = lo; px < hi; ++px) at[px] = y0 * w + px * STEP - pw;                        \
-    for (int yy = y1 - 1; yy >= y0; --yy)                                                     \
-        for (int j = kw - 1; j >= 0; --j) {                                                   \
-            const i32 start = yy * w - pw + j;                                                \
-            const T *from = image + start;                                                    \
-            for (int px = lo; px < hi; ++px)                                                  \
-                at[px] = from[px * STEP] == out[px] ? start + px * STEP : at[px];             \
-        }
+#define POOL_ROW_STEP(T, STEP)                                                                \
+    if (kw == 2) {                                                                            \
+        POOL_ROW_INTERIOR(T, STEP, 2)                                                         \
+    } else if (kw == 3) {                                                                     \
+        POOL_ROW_INTERIOR(T, STEP, 3)                                                         \
+    } else {                                                                                  \
+        POOL_ROW_INTERIOR(T, STEP, kw)                                                        \
+    }
+/* Output row `out` (argmax row `at_out`) from the `ROWS` rows of hval from h0 (and of hcol
+ * from c0), the window's first row y0. */
+#define POOL_COLUMNS(T, ROWS)                                                                 \
+    for (int px = 0; px < ow; ++px) {                                                         \
+        T best = h0[px];                                                                      \
+        i32 at = c0 ? y0 * w + c0[px] : 0;                                                    \
+        for (int r = 1; r < (ROWS); ++r) {                                                    \
+            POOL_COMBINE(best, at, h0[(i64)r * ow + px], c0 ? (y0 + r) * w + c0[(i64)r * ow + px] : 0) \
+        }                                                                                     \
+        out[px] = best;                                                                       \
+        if (at_out) at_out[px] = at;                                                          \
+    }
 
 #define DEFINE_POOL_FORWARD(T, S, ISA, TARGET)                                                \
-/* Output columns lo..hi-1 (the interior) have their window inside the row. */              \
-static TARGET void pool_rows_##S##_##ISA(const T *image, T *hval, int is_max, int lo, int hi, \
-                                          int h, int w, int ow, int kw, int sw, int pw)       \
+/* hval (and hcol, when not null) for every row of one image; output columns lo..hi-1 (the   \
+ * interior) have their window inside the row. */                                            \
+static TARGET void pool_rows_##S##_##ISA(const T *image, T *hval, i32 *hcol, int is_max,      \
+                                          int lo, int hi, int h, int w, int ow, int kw,       \
+                                          int sw, int pw)                                     \
 {                                                                                             \
     for (int yy = 0; yy < h; ++yy) {                                                          \
         const T *row = image + (i64)yy * w;                                                   \
         T *out = hval + (i64)yy * ow;                                                         \
+        i32 *col = hcol ? hcol + (i64)yy * ow : 0;                                            \
         for (int px = 0; px < ow; ++px) {                                                     \
             if (px == lo && lo < hi) px = hi;        /* the interior is done below */          \
             if (px >= ow) break;                                                              \
             int x0 = px * sw - pw, x1 = x0 + kw < w ? x0 + kw : w;                            \
             x0 = x0 > 0 ? x0 : 0;                                                             \
             T best = row[x0];                                                                 \
+            i32 at = x0;                                                                      \
             for (int xx = x0 + 1; xx < x1; ++xx) {                                            \
-                if (is_max)                                                                   \
-                    best = row[xx] > best ? row[xx] : best;                                   \
-                else                                                                          \
-                    best += row[xx];                                                          \
+                POOL_COMBINE(best, at, row[xx], xx)                                           \
             }                                                                                 \
             out[px] = best;                                                                   \
+            if (col) col[px] = at;                                                            \
         }                                                                                     \
         if (sw == 1) {                                                                        \
-            INTERIOR_ROWS(T, 1)                                                               \
+            POOL_ROW_STEP(T, 1)                                                               \
         } else if (sw == 2) {                                                                 \
-            INTERIOR_ROWS(T, 2)                                                               \
+            POOL_ROW_STEP(T, 2)                                                               \
         } else {                                                                              \
-            for (int px = lo; px < hi; ++px) {                                                \
-                const int x0 = px * sw - pw;                                                  \
-                T best = row[x0];                                                             \
-                for (int j = 1; j < kw; ++j) {                                                \
-                    if (is_max)                                                               \
-                        best = row[x0 + j] > best ? row[x0 + j] : best;                       \
-                    else                                                                      \
-                        best += row[x0 + j];                                                  \
-                }                                                                             \
-                out[px] = best;                                                               \
-            }                                                                                 \
+            POOL_ROW_INTERIOR(T, sw, kw)                                                      \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* The plane index of the first pixel of rows y0..y1-1, columns x0..x1-1 equal to best (the   \
- * first pixel where none is). */                                                            \
-static TARGET i32 window_first_##S##_##ISA(const T *image, int w, int y0, int y1, int x0,    \
-                                            int x1, T best)                                   \
-{                                                                                             \
-    for (int yy = y0; yy < y1; ++yy)                                                          \
-        for (int xx = x0; xx < x1; ++xx)                                                      \
-            if (image[(i64)yy * w + xx] == best) return yy * w + xx;                          \
-    return y0 * w + x0;                                                                       \
-}                                                                                             \
-                                                                                              \
 /* MAX (is_max): each window's largest in-image value and (argmax not null) its plane index;  \
  * AVE: its in-image sum over its area clipped to the padded image. Scratch: hval (h * ow     \
- * values). */                                                                                \
-TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval, int is_max,     \
-                                     i64 planes, POOL_GEOMETRY)                               \
+ * values) and, for an argmax, hcol (h * ow). */                                              \
+TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval, i32 *hcol,      \
+                                     int is_max, i64 planes, POOL_GEOMETRY)                   \
 {                                                                                             \
     int lo = (pw + sw - 1) / sw, hi = w - kw + pw < 0 ? 0 : (w - kw + pw) / sw + 1;          \
     hi = hi < ow ? hi : ow;                                                                   \
     lo = lo < hi ? lo : hi;                                                                   \
+    if (!argmax) hcol = 0;                                                                    \
     for (i64 p = 0; p < planes; ++p) {                                                        \
-        const T *image = x + p * h * w;                                                       \
-        pool_rows_##S##_##ISA(image, hval, is_max, lo, hi, h, w, ow, kw, sw, pw);             \
+        pool_rows_##S##_##ISA(x + p * h * w, hval, hcol, is_max, lo, hi, h, w, ow, kw, sw, pw); \
         for (int py = 0; py < oh; ++py) {                                                     \
             int y0 = py * sh - ph, y1 = y0 + kh < h ? y0 + kh : h;                            \
             const int padded_end = y0 + kh < h + ph ? y0 + kh : h + ph;                       \
             const int rows = padded_end - y0;                                                 \
             y0 = y0 > 0 ? y0 : 0;                                                             \
             T *out = y + (p * oh + py) * ow;                                                  \
-            const T *h0 = hval + (i64)y0 * ow, *h1 = h0 + ow, *h2 = h1 + ow;                  \
-            if (y1 - y0 == 3 && is_max) {                                                     \
-                for (int px = 0; px < ow; ++px) out[px] = MAX_OF(MAX_OF(h0[px], h1[px]), h2[px]); \
+            i32 *at_out = argmax ? argmax + (p * oh + py) * ow : 0;                           \
+            const T *h0 = hval + (i64)y0 * ow;                                                \
+            const i32 *c0 = hcol ? hcol + (i64)y0 * ow : 0;                                   \
+            if (y1 - y0 == 2) {                                                               \
+                POOL_COLUMNS(T, 2)                                                            \
             } else if (y1 - y0 == 3) {                                                        \
-                for (int px = 0; px < ow; ++px) out[px] = SUM_OF(SUM_OF(h0[px], h1[px]), h2[px]); \
-            } else if (y1 - y0 == 2 && is_max) {                                              \
-                for (int px = 0; px < ow; ++px) out[px] = MAX_OF(h0[px], h1[px]);             \
-            } else if (y1 - y0 == 2) {                                                        \
-                for (int px = 0; px < ow; ++px) out[px] = SUM_OF(h0[px], h1[px]);             \
+                POOL_COLUMNS(T, 3)                                                            \
             } else {                                                                          \
-                for (int px = 0; px < ow; ++px) {                                             \
-                    T best = h0[px];                                                          \
-                    for (int yy = 1; yy < y1 - y0; ++yy) {                                    \
-                        const T value = h0[(i64)yy * ow + px];                                \
-                        best = is_max ? MAX_OF(best, value) : SUM_OF(best, value);            \
-                    }                                                                         \
-                    out[px] = best;                                                           \
-                }                                                                             \
-            }                                                                                 \
-            if (argmax) {                                                                     \
-                i32 *at = argmax + (p * oh + py) * ow;                                        \
-                for (int px = 0; px < ow; ++px) {                                             \
-                    if (px == lo && lo < hi) px = hi;                                         \
-                    if (px >= ow) break;                                                      \
-                    int x0 = px * sw - pw, x1 = x0 + kw < w ? x0 + kw : w;                    \
-                    x0 = x0 > 0 ? x0 : 0;                                                     \
-                    at[px] = window_first_##S##_##ISA(image, w, y0, y1, x0, x1, out[px]);     \
-                }                                                                             \
-                if (sw == 1) {                                                                \
-                    INTERIOR_FIRST(T, 1)                                                       \
-                } else if (sw == 2) {                                                         \
-                    INTERIOR_FIRST(T, 2)                                                       \
-                } else {                                                                      \
-                    INTERIOR_FIRST(T, sw)                                                      \
-                }                                                                             \
+                POOL_COLUMNS(T, y1 - y0)                                                      \
             }                                                                                 \
             if (!is_max)                                                                      \
                 for (int px = 0; px < ow; ++px) {                                             \

@@ -23,7 +23,7 @@ _POOL_GEOMETRY = [_INT] * 10
 
 # Argument types of every function Python calls (each exists as name_f32 and name_f64).
 _SIGNATURES = {
-    "pool_forward": [_POINTER] * 4 + [_INT, _I64] + _POOL_GEOMETRY,
+    "pool_forward": [_POINTER] * 5 + [_INT, _I64] + _POOL_GEOMETRY,
     "max_pool_backward": [_POINTER, _POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
     "ave_pool_backward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
     "conv_direct_forward_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7

@@ -20,8 +20,8 @@ def _pool(name, inputs, outputs, kernel, stride, pad, size, pooled, options=()):
     """Run native ``name`` over bands of planes: ``inputs`` then ``outputs`` are (N, C, ...)
     arrays (a None output goes as a null pointer), the first input giving the element type;
     ``size`` (H, W) and ``pooled`` (OH, OW) are the plane sizes of the image and the pooled
-    arrays. The forward gets a scratch plane per band (the rows combined along the kernel's
-    columns) and the ``options`` (MAX or not)."""
+    arrays. The forward gets two scratch planes per band (the rows combined along the kernel's
+    columns, and for an argmax their columns) and the ``options`` (MAX or not)."""
     for a in outputs:
         if a is not None and not a.flags.c_contiguous:
             raise ValueError(f"pooling writes into C-contiguous arrays, not strides {a.strides}")
@@ -35,7 +35,9 @@ def _pool(name, inputs, outputs, kernel, stride, pad, size, pooled, options=()):
                     for a in arrays]
         if name == "pool_forward":
             values = np.empty(size[0] * pooled[1], dtype=inputs[0].dtype)
-            pointers.append(native.address(values))
+            columns = np.empty(size[0] * pooled[1], dtype=np.int32) if pointers[2] else None
+            pointers += [native.address(values),
+                         None if columns is None else native.address(columns)]
         compiled(*pointers, *options, part.stop - part.start, *geometry)
 
     plane_bytes = max(size[0] * size[1], pooled[0] * pooled[1]) * inputs[0].itemsize
