@@ -119,7 +119,9 @@ class _ConvolutionBase(Layer):
 
     def accumulate_bias(self, top_blob):
         if self.bias_term and self.param_propagate_down[1]:
-            self.blobs[1].diff += self.images(top_blob.diff).sum(axis=(0, 2, 3))
+            dy = self.images(top_blob.diff)
+            self.blobs[1].diff += kernels.get(backend.array_module(dy)).channel_sums(
+                dy.reshape(dy.shape[:2] + (-1,)))
 
     def forward(self, bottom, top):
         for b, t in zip(bottom, top):

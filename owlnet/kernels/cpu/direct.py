@@ -158,8 +158,11 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     frame = Frame(x.shape, dw.shape, pad, stride, dilation, lanes(dy.dtype, size))
     # Rows padded with zeros to whole vectors: the kernel then has no partial vectors.
     padded_width = -(-ow // lanes(dy.dtype, size)) * lanes(dy.dtype, size)
-    grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
-    grads[..., :ow] = dy
+    if padded_width == ow:
+        grads = np.ascontiguousarray(dy)
+    else:
+        grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
+        grads[..., :ow] = dy
     image_out = m * oh * padded_width
     pieces = np.array([(n0 * frame.image_stride, n0 * image_out, n1 - n0, r0, r1)
                        for n0, n1, _, r0, r1 in _pieces(n, 1, oh, multiply_adds)],
