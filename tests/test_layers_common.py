@@ -79,6 +79,18 @@ def test_eltwise_sum_coeff():
     check_gradient(layer, bottom, top)
 
 
+@pytest.mark.parametrize("in_place", [0, 1, 2])
+def test_eltwise_sum_in_place_on_any_bottom(in_place):
+    """The sum is written into the top: a top that is one of the bottoms (the first, the
+    second, or one added later) still gets a + b + c, in that order of additions."""
+    a, b, c = (randn(2, 3, 2).astype(np.float32) for _ in range(3))
+    text = 'name: "e" type: "Eltwise" eltwise_param { operation: SUM }'
+    layer, bottom, top = make_layer(text, [a, b, c], dtype=np.float32)
+    top = [bottom[in_place]]
+    layer.forward(bottom, top)
+    np.testing.assert_array_equal(top[0].data, (a + b) + c)
+
+
 @pytest.mark.parametrize("stable", ["true", "false"])
 def test_eltwise_prod(stable):
     a, b, c = randn(1, 3, 2), randn(1, 3, 2), randn(1, 3, 2)

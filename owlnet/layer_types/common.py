@@ -131,10 +131,18 @@ class EltwiseLayer(Layer):
     def forward(self, bottom, top):
         xp = backend.array_module(bottom[0].data)
         if self.operation == _SUM:
-            out = None
-            for c, b in zip(self.coeffs, bottom):
-                term = b.data if c == 1.0 else c * b.data
-                out = term if out is None else out + term
+            terms = [b.data if c == 1.0 else c * b.data for c, b in zip(self.coeffs, bottom)]
+            out = top[0].data
+            if not any(xp.may_share_memory(out, term) for term in terms[2:]):
+                # Added into the top in turn, left to right (no temporary as large as it);
+                # the first sum reads both terms element by element, so either may be the top.
+                xp.add(terms[0], terms[1], out=out)
+                for term in terms[2:]:
+                    xp.add(out, term, out=out)
+                return
+            out = terms[0]
+            for term in terms[1:]:
+                out = out + term
         elif self.operation == _PROD:
             out = bottom[0].data * bottom[1].data
             for b in bottom[2:]:
