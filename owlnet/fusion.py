@@ -77,14 +77,20 @@ class FusedStep:
             weights = xp.multiply(weights, scale[:, None, None, None],
                                   out=self._weights_buffer(xp, weights))
             scale = None
-        y = self.conv.forward_without_bias(self.bottom, self.top, weights)
         relu = self.relu
-        if scale is not None or shift is not None:
-            # One pass: the affine, and the ReLU when it has no slope.
-            plain_relu = relu is not None and relu.negative_slope == 0
-            y3 = y.reshape(y.shape[0], y.shape[1], -1)
-            kernels.get(xp).scale_forward(y3, scale, shift, y3, None, plain_relu)
+        plain_relu = relu is not None and relu.negative_slope == 0
+        if scale is None and not self.conv.transposed:
+            # The shift and a plain ReLU applied by the convolution as it writes its output.
+            self.conv.forward_without_bias(self.bottom, self.top, weights, shift=shift,
+                                           relu=plain_relu)
             relu = None if plain_relu else relu
+        else:
+            y = self.conv.forward_without_bias(self.bottom, self.top, weights)
+            if scale is not None or shift is not None:
+                # One pass: the affine, and the ReLU when it has no slope.
+                y3 = y.reshape(y.shape[0], y.shape[1], -1)
+                kernels.get(xp).scale_forward(y3, scale, shift, y3, None, plain_relu)
+                relu = None if plain_relu else relu
         if relu is not None:
             relu.forward([self.top], [self.top])
 

@@ -306,3 +306,32 @@ def test_direct_builds_agree_with_each_other_and_the_reference(monkeypatch, dtyp
         read = padded[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
         dw_want[:, :, i, j] = np.einsum("nmrq,ncrq->mc", dy.astype(np.float64), read)
     np.testing.assert_allclose(found[1], dw_want, rtol=tolerance, atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
+@pytest.mark.parametrize("width, channels", [(5, 10), (13, 20), (40, 10)])
+def test_conv_forward_shift_and_relu_as_a_pass_after(monkeypatch, algorithm, width, channels):
+    """conv_forward's epilogue (the direct kernel's, as it stores each tile; im2col's as a
+    pass after) gives the bits of the convolution, then + shift per channel, then max(., 0)
+    with NaN kept; without a shift the ReLU alone (a -0.0 stays -0.0)."""
+    from test_kernels_cpu import choose
+    choose(monkeypatch, algorithm)
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((2, 3, 7, width)).astype(np.float32)
+    x[1, 2, 3, 2] = np.nan
+    w = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)
+    shift = rng.standard_normal(channels).astype(np.float32)
+    geometry = ((1, 1), (1, 1), (1, 1), 1)
+    plain = np.empty((2, channels, 7, width), np.float32)
+    cpu.conv_forward(x, w, plain, *geometry)
+    assert np.isnan(plain).any()
+    for add in (shift, None):
+        want = plain + shift[:, None, None] if add is not None else plain.copy()
+        want = np.where(want < 0, np.float32(0), want)
+        y = np.full_like(plain, 7.0)
+        cpu.conv_forward(x, w, y, *geometry, shift=add, relu=True)
+        np.testing.assert_array_equal(y, want)
+        assert np.array_equal(np.signbit(y), np.signbit(want))
+    y = np.empty_like(plain)
+    cpu.conv_forward(x, w, y, *geometry, shift=shift)
+    np.testing.assert_array_equal(y, plain + shift[:, None, None])

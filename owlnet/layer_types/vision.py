@@ -107,11 +107,13 @@ class _ConvolutionBase(Layer):
         """A blob's array as ``(num, C, H, W)`` (leading axes before ``axis`` flattened)."""
         return blob_array.reshape((self.num, -1) + blob_array.shape[self.axis + 1:])
 
-    def convolve(self, name, *arrays):
+    def convolve(self, name, *arrays, **epilogue):
         """Run kernel ``name`` ("conv_forward" | "conv_backward_data" | "conv_backward_filter")
-        of the arrays' device on ``arrays`` with this layer's geometry."""
+        of the arrays' device on ``arrays`` with this layer's geometry (and conv_forward's
+        ``shift`` and ``relu``)."""
         k = kernels.get(backend.array_module(arrays[0]))
-        getattr(k, name)(*arrays, self.pad, self.stride, self.dilation, self.group, self.engine)
+        getattr(k, name)(*arrays, self.pad, self.stride, self.dilation, self.group, self.engine,
+                         **epilogue)
 
     def add_bias(self, top_images):
         if self.bias_term:
@@ -127,14 +129,14 @@ class _ConvolutionBase(Layer):
         for b, t in zip(bottom, top):
             self.add_bias(self.forward_without_bias(b, t))
 
-    def forward_without_bias(self, bottom_blob, top_blob, weights=None):
+    def forward_without_bias(self, bottom_blob, top_blob, weights=None, **epilogue):
         """The convolution of one bottom written into its top, bias not added, with the
         layer's weights or ``weights`` of their shape; the top's array as images
-        ``(num, M, OH, OW)``."""
+        ``(num, M, OH, OW)``. A Convolution takes conv_forward's ``shift`` and ``relu``."""
         role = "conv_backward_data" if self.transposed else "conv_forward"
         y = self.images(top_blob.data)
         self.convolve(role, self.images(bottom_blob.data),
-                      self.blobs[0].data if weights is None else weights, y)
+                      self.blobs[0].data if weights is None else weights, y, **epilogue)
         return y
 
     def backward(self, top, propagate_down, bottom):

@@ -39,6 +39,7 @@ from numpy.lib.stride_tricks import as_strided
 from .. import threads
 from . import direct, native, shared
 from .depthwise import depthwise_backward_data, depthwise_backward_filter, depthwise_forward
+from .normalization import scale_forward
 
 # -- convolution: the choice ---------------------------------------------------------------
 _DIRECT_WINDOW = 160
@@ -82,11 +83,20 @@ def _algorithm(x_shape, w_shape, y_shape, pad, stride, group, forward=False):
     return "im2col"
 
 
-def conv_forward(x, w, y, pad, stride, dilation, group, engine="default"):
+def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", shift=None,
+                 relu=False):
     """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
-    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``."""
-    run = _FORWARD[_algorithm(x.shape, w.shape, y.shape, pad, stride, group, forward=True)]
-    run(x, w, y, pad, stride, dilation, group)
+    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; then ``shift`` (M values) added per
+    channel and with ``relu`` max(., 0) taken (NaN kept): by the direct kernel as it stores
+    each tile, else as one pass after."""
+    algorithm = _algorithm(x.shape, w.shape, y.shape, pad, stride, group, forward=True)
+    if algorithm == "direct":
+        direct.forward(x, w, y, pad, stride, dilation, group, shift, relu)
+        return
+    _FORWARD[algorithm](x, w, y, pad, stride, dilation, group)
+    if shift is not None or relu:
+        y3 = _images_as_matrices(y, output=True)
+        scale_forward(y3, None, shift, y3, None, relu)
 
 
 def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"):

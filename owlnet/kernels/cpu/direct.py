@@ -119,10 +119,10 @@ class _ForwardPlan:
         self.packed_shape = (group, tiles, k, tile)
         image_out = m * oh * ow
         # Each piece as the compiled call reads it: offsets into the frame, the packed
-        # weights and y, the image count, the output rows.
+        # weights and y, the image count, the output rows, the group's first channel.
         self.pieces = np.array(
             [(n0 * self.frame.image_stride + g * self.frame.group_stride, g * tiles * tile * k,
-              n0 * image_out + g * mg * oh * ow, n1 - n0, r0, r1)
+              n0 * image_out + g * mg * oh * ow, n1 - n0, r0, r1, g * mg)
              for n0, n1, g, r0, r1 in _pieces(n, group, oh, multiply_adds)], dtype=np.int64)
         self.rest = (image_out, self.frame.image_stride, mg, oh, ow, self.frame.sh,
                      native.address(self.pieces), len(self.pieces))
@@ -132,18 +132,21 @@ class _ForwardPlan:
 _forward_plan = functools.lru_cache(maxsize=512)(_ForwardPlan)
 
 
-def forward(x, w, y, pad, stride, dilation, group):
-    """``y = conv(x, w)``, written."""
+def forward(x, w, y, pad, stride, dilation, group, shift=None, relu=False):
+    """``y = conv(x, w)``, written; then ``shift`` (one value per output channel) added and
+    with ``relu`` max(., 0) taken (NaN kept), as each tile is stored."""
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     size = vector_bytes(y.shape[3], y.dtype)
     plan = _forward_plan(x.shape, w.shape, y.shape, tuple(pad), tuple(stride),
                          tuple(dilation), group, y.dtype.str, size)
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    shift = None if shift is None else np.ascontiguousarray(shift, dtype=y.dtype)
     frame, packed = np.empty(plan.frame.shape, y.dtype), np.empty(plan.packed_shape, y.dtype)
     native.function("conv_direct_forward_framed", y.dtype, size)(
         x.ctypes.data, frame.ctypes.data, *plan.frame.arguments, w.ctypes.data,
         packed.ctypes.data, group, y.ctypes.data, *plan.rest,
+        None if shift is None else shift.ctypes.data, int(relu),
         threads.workers() if plan.parallel else 1)
 
 
