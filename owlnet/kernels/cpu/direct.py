@@ -105,8 +105,8 @@ def _pieces(n, group, out_rows, multiply_adds):
 
 class _ForwardPlan:
     """What a forward of one geometry needs beside its arrays, made once (``_forward_plan``):
-    the frame's and the packed weights' shapes, the compiled call's arguments after the
-    packed weights but for y (``framing``, ``rest``), whether it runs in parallel; it keeps
+    the frame (its shape and its part of the compiled call's arguments), the packed weights'
+    shape, the call's arguments after y (``rest``), whether it runs in parallel; it keeps
     what those arguments point to (the window offsets, the pieces)."""
 
     def __init__(self, x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype, size):
@@ -177,8 +177,9 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     partial = np.empty((len(runs) - 1,) + dw.shape, dtype=dw.dtype)
     x, framed = np.ascontiguousarray(x), np.empty(frame.shape, x.dtype)
     native.function("conv_direct_backward_filter_framed", dw.dtype, size)(
-        *native.addresses(x, framed), *frame.arguments, native.address(grads), image_out, native.address(partial), dw.size,
-        frame.image_stride, frame.group_stride, group, mg, oh, padded_width, frame.sh,
+        *native.addresses(x, framed), *frame.arguments, native.address(grads), image_out,
+        native.address(partial), dw.size, frame.image_stride, frame.group_stride, group, mg,
+        oh, padded_width, frame.sh,
         native.address(pieces), native.address(runs), len(runs) - 1,
         threads.workers() if parallel else 1)
     np.copyto(dw, partial[0])
