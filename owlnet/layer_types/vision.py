@@ -127,7 +127,10 @@ class _ConvolutionBase(Layer):
 
     def forward(self, bottom, top):
         for b, t in zip(bottom, top):
-            self.add_bias(self.forward_without_bias(b, t))
+            if self.transposed or not self.bias_term:
+                self.add_bias(self.forward_without_bias(b, t))
+            else:     # the bias added by the convolution as it writes its output
+                self.forward_without_bias(b, t, shift=self.blobs[1].data)
 
     def forward_without_bias(self, bottom_blob, top_blob, weights=None, **epilogue):
         """The convolution of one bottom written into its top, bias not added, with the
