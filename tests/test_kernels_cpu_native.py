@@ -111,6 +111,26 @@ def test_lrn_across_channels_against_float64(size, beta):
     np.testing.assert_array_equal(alone, y)
 
 
+@pytest.mark.parametrize("size, beta, channels", [(5, 0.75, 6), (3, 0.6, 7), (7, 0.75, 3)])
+def test_lrn_across_channels_backward_against_float64(size, beta, channels):
+    """dx = dy s^-beta - 2 coeff beta x (window sum of dy x s^-beta / s), written out here in
+    float64 from the forward's s; 335 positions: blocks of 256 and a part."""
+    x = RNG.standard_normal((2, channels, 5, 67)).astype(np.float32)
+    dy = RNG.standard_normal(x.shape).astype(np.float32)
+    coeff, shift = 1e-2 / size, 2.0
+    y, scale, power = (np.empty_like(x) for _ in range(3))
+    cpu.lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta)
+    x64, dy64, s64, p64 = (a.astype(np.float64) for a in (x, dy, scale, power))
+    ratio = dy64 * x64 * p64 / s64
+    window = np.zeros_like(ratio)
+    for c in range(channels):
+        window[:, c] = ratio[:, max(0, c - size // 2):c + size // 2 + 1].sum(axis=1)
+    want = dy64 * p64 - 2 * coeff * beta * x64 * window
+    dx = np.full_like(x, np.nan)
+    cpu.lrn_across_channels_backward(x, dy, dx, scale, power, size, coeff, beta)
+    np.testing.assert_allclose(dx, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_scale_forward_and_backward(bands, shape):
     x = RNG.standard_normal(shape).astype(np.float32)

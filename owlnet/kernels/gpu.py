@@ -524,6 +524,24 @@ def lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta):
         power[...] = factor
 
 
+def lrn_across_channels_backward(x, dy, dx, scale, power, size, coeff, beta):
+    """The gradient of LRN across channels, written into ``dx``: dy * s^-beta - 2 coeff beta
+    * x * (sum over the ``size`` channels centred on each, inside the blob, of dy * x *
+    s^-beta / s), with ``scale`` and ``power`` the forward's s and s^-beta."""
+    cupy = backend.import_cupy()
+    ratio = dy * x
+    ratio *= power
+    ratio /= scale
+    sums = ratio.copy()
+    for shift_by in range(1, min(size // 2, x.shape[1] - 1) + 1):
+        sums[:, shift_by:] += ratio[:, :-shift_by]
+        sums[:, :-shift_by] += ratio[:, shift_by:]
+    sums *= x
+    sums *= -2 * coeff * beta
+    cupy.multiply(dy, power, out=dx)
+    dx += sums
+
+
 def _softmax_layout(shape, axis):
     """(outer, channels, inner) of an array softmaxed along ``axis``."""
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])

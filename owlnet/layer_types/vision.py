@@ -389,6 +389,11 @@ class LRNLayer(Layer):
             return
         x, dy = bottom[0].data, top[0].diff
         xp = backend.array_module(x)
+        if self.axes == (1,):
+            kernels.get(xp).lrn_across_channels_backward(
+                x, dy, bottom[0].diff, self.scale, self.scale_power, self.size, self.coeff,
+                self.beta)
+            return
         ratio = dy * x
         ratio *= self.scale_power
         ratio /= self.scale

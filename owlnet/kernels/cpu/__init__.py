@@ -9,7 +9,8 @@ from . import (convolution, depthwise, direct, native, normalization, pooling, p
                shared, updates)
 from .convolution import conv_backward_data, conv_backward_filter, conv_forward
 from .normalization import (batch_norm_backward, batch_norm_forward, channel_sums,
-                            lrn_across_channels_forward, relu_backward, scale_backward,
+                            lrn_across_channels_backward, lrn_across_channels_forward,
+                            relu_backward, scale_backward,
                             scale_forward)
 from .pooling import ave_pool_backward, ave_pool_forward, max_pool_backward, max_pool_forward
 from .products import add_matmul, matmul
@@ -18,4 +19,5 @@ __all__ = ["convolution", "depthwise", "direct", "native", "normalization", "poo
            "shared", "updates", "conv_forward", "conv_backward_data", "conv_backward_filter", "matmul",
            "add_matmul", "max_pool_forward", "max_pool_backward", "ave_pool_forward", "ave_pool_backward",
            "batch_norm_forward", "batch_norm_backward", "channel_sums", "relu_backward",
-           "lrn_across_channels_forward", "scale_forward", "scale_backward"]
+           "lrn_across_channels_forward", "lrn_across_channels_backward", "scale_forward",
+           "scale_backward"]

@@ -1071,6 +1071,46 @@ DEFINE_LRN(float, f32, sqrtf, powf, baseline, BASELINE)
 DEFINE_LRN(double, f64, sqrt, pow, fast, FAST)
 DEFINE_LRN(double, f64, sqrt, pow, baseline, BASELINE)
 
+/* LRN across channels, backward: dx = dy * power + factor * x * (sum over the channels
+ * ch - size/2 .. ch + size/2 inside the blob, in channel order, of dy * x * power / scale),
+ * factor = -2 coeff beta, with scale and power the forward's s and s^-beta. Positions go in
+ * blocks of 256, each block's terms for every channel made first (ratio: scratch of c * 256
+ * values), so that a term is made once, not once per window holding it. */
+#define DEFINE_LRN_BACKWARD(T, S, ISA, TARGET)                                                \
+TARGET void lrn_backward_##S##_##ISA(const T *x, const T *dy, const T *scale, const T *power, \
+                                     T *dx, T *ratio, i64 images, int c, i64 hw, int size,    \
+                                     T factor)                                                \
+{                                                                                             \
+    enum { BLOCK = 256 };                                                                     \
+    const int half = size / 2;                                                                \
+    for (i64 img = 0; img < images; ++img)                                                    \
+        for (i64 p0 = 0; p0 < hw; p0 += BLOCK) {                                              \
+            const int n = hw - p0 < BLOCK ? (int)(hw - p0) : BLOCK;                           \
+            for (int ch = 0; ch < c; ++ch) {                                                  \
+                const i64 at = (img * c + ch) * hw + p0;                                      \
+                T *row = ratio + (i64)ch * BLOCK;                                             \
+                for (int p = 0; p < n; ++p)                                                   \
+                    row[p] = dy[at + p] * x[at + p] * power[at + p] / scale[at + p];          \
+            }                                                                                 \
+            for (int ch = 0; ch < c; ++ch) {                                                  \
+                const int c0 = ch - half > 0 ? ch - half : 0;                                 \
+                const int c1 = ch + half < c - 1 ? ch + half : c - 1;                         \
+                const i64 at = (img * c + ch) * hw + p0;                                      \
+                T sums[BLOCK];                                                                \
+                for (int p = 0; p < n; ++p) sums[p] = ratio[(i64)c0 * BLOCK + p];             \
+                for (int cc = c0 + 1; cc <= c1; ++cc)                                         \
+                    for (int p = 0; p < n; ++p) sums[p] += ratio[(i64)cc * BLOCK + p];        \
+                for (int p = 0; p < n; ++p)                                                   \
+                    dx[at + p] = dy[at + p] * power[at + p] + factor * x[at + p] * sums[p];   \
+            }                                                                                 \
+        }                                                                                     \
+}
+
+DEFINE_LRN_BACKWARD(float, f32, fast, FAST)
+DEFINE_LRN_BACKWARD(float, f32, baseline, BASELINE)
+DEFINE_LRN_BACKWARD(double, f64, fast, FAST)
+DEFINE_LRN_BACKWARD(double, f64, baseline, BASELINE)
+
 /* -- SGD with momentum and L2 weight decay, one pass over the parameters ----------------------
  * Per element, in T, with the roundings of NumPy's separate passes over whole arrays (so
  * no multiply-add is contracted): g = diff + decay * data (when decayed), g = rate * g,

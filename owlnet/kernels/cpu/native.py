@@ -51,6 +51,7 @@ _VECTOR_SIZED = ("conv_direct_forward_framed", "conv_direct_backward_filter_fram
 # Functions whose last arguments are of the element type: (other arguments, how many).
 _TYPED_LAST = {"batch_norm_forward": ([_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT, _INT], 1),
                "lrn_forward": ([_POINTER] * 4 + [_I64, _INT, _I64, _INT], 3),
+               "lrn_backward": ([_POINTER] * 6 + [_I64, _INT, _I64, _INT], 1),
                "sgd_step": ([_POINTER] * 3 + [_I64, _INT], 3)}
 _SCALARS = {"f32": ctypes.c_float, "f64": ctypes.c_double}
 _SUFFIXES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}

@@ -175,3 +175,25 @@ def lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta):
     pieces = [slice(i, i + 1) for i in range(n)] if x.nbytes >= shared.SPLIT_BYTES \
         else [slice(0, n)]
     threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)
+
+
+def lrn_across_channels_backward(x, dy, dx, scale, power, size, coeff, beta):
+    """The gradient of LRN across channels, written into ``dx``: dy * s^-beta - 2 coeff beta
+    * x * (sum over the ``size`` channels centred on each, inside the blob, of dy * x *
+    s^-beta / s), with ``scale`` and ``power`` the forward's s and s^-beta. Pieces: images."""
+    x, dy, scale, power = (np.ascontiguousarray(a, dtype=x.dtype) for a in (x, dy, scale, power))
+    _contiguous_output(dx)
+    n, c = x.shape[:2]
+    positions = x[0, 0].size
+    compiled = native.function("lrn_backward", x.dtype)
+    image = c * positions
+
+    def piece(part):
+        ratio = np.empty(c * 256, dtype=x.dtype)
+        compiled(*[native.address(a, part.start * image) for a in (x, dy, scale, power, dx)],
+                 native.address(ratio), part.stop - part.start, c, positions, size,
+                 -2 * coeff * beta)
+
+    pieces = [slice(i, i + 1) for i in range(n)] if x.nbytes >= shared.SPLIT_BYTES \
+        else [slice(0, n)]
+    threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)
