@@ -69,7 +69,8 @@ def window_choice(request, monkeypatch):
 def choose(monkeypatch, algorithm):
     """Direct or im2col for every convolution that is neither depthwise nor pointwise."""
     for name in ("_DIRECT_WINDOW", "_DIRECT_WINDOW_ONE_THREAD", "_DIRECT_WINDOW_WHOLE_TILES",
-                 "_DIRECT_WINDOW_FORWARD", "_DIRECT_WINDOW_FORWARD_AVX512"):
+                 "_DIRECT_WINDOW_FORWARD", "_DIRECT_WINDOW_FORWARD_AVX512",
+                 "_DIRECT_WINDOW_SHORT_ROWS_AVX512"):
         monkeypatch.setattr(cpu.convolution, name, 0 if algorithm == "im2col" else 10 ** 9)
 
 

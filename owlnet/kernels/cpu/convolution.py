@@ -20,8 +20,9 @@ algorithm follows from the shapes:
   of inference: there im2col's copies and calls cost more than its product saves), and up to
   ``_DIRECT_WINDOW_WHOLE_TILES`` where output rows are whole tiles (a multiple of 16 values:
   no lane wasted), and for the forward alone up to ``_DIRECT_WINDOW_FORWARD`` (it runs on
-  native.c's own threads), at any window on a CPU with AVX-512; its backward-data as
-  im2col's below;
+  native.c's own threads), at any window on a CPU with AVX-512 (there the backward-filter
+  too up to ``_DIRECT_WINDOW_SHORT_ROWS_AVX512`` for rows of at most 8 outputs); its
+  backward-data as im2col's below;
 * anything else: im2col and a matrix product per group, piece by piece (a few images, or a
   band of output rows), each piece's column matrix made just before its product so that it
   is still in cache. Its backward-data with stride 1, one group and no more output than input
@@ -61,6 +62,12 @@ _DIRECT_WINDOW_FORWARD = 576
 # at every window, best of 20 forwards with K up to 576 / any: GoogLeNet b2 61.71 / 53.46 ms,
 # AlexNet b2 33.96 / 31.19, cifar10_full b2 0.97 / 0.81; training steps even.
 _DIRECT_WINDOW_FORWARD_AVX512 = 1 << 30
+# ... and the backward-filter up to this window where output rows are at most 8 wide (its
+# 32-byte AVX-512 build), ms against im2col: (32,32,8,8) to 64 5x5 2.28 / 1.57, (32,64,8,8)
+# to 64 3x3 1.29 / 1.15, LeNet's conv2 1.70 / 1.49; wider rows or windows mostly slower
+# (AlexNet's conv3 10.76 / 24.04, (4,64,13,13) to 256 3x3 1.44 / 3.84).
+_DIRECT_WINDOW_SHORT_ROWS_AVX512 = 800
+_SHORT_ROWS_AVX512 = 8
 
 
 def _algorithm(x_shape, w_shape, y_shape, pad, stride, group, forward=False):
@@ -74,11 +81,13 @@ def _algorithm(x_shape, w_shape, y_shape, pad, stride, group, forward=False):
     one_thread = y_shape[0] * y_shape[1] * y_shape[2] * y_shape[3] * window \
         < shared.PARALLEL_MULTIPLY_ADDS
     whole_tiles = y_shape[3] % _TILE_WIDTH == 0
-    forward_window = _DIRECT_WINDOW_FORWARD_AVX512 if 64 in native.vector_sizes() \
-        else _DIRECT_WINDOW_FORWARD
+    avx512 = 64 in native.vector_sizes()
+    forward_window = _DIRECT_WINDOW_FORWARD_AVX512 if avx512 else _DIRECT_WINDOW_FORWARD
+    short_rows = avx512 and y_shape[3] <= _SHORT_ROWS_AVX512
     if window <= max(_DIRECT_WINDOW, _DIRECT_WINDOW_ONE_THREAD if one_thread else 0,
                      _DIRECT_WINDOW_WHOLE_TILES if whole_tiles else 0,
-                     forward_window if forward else 0):
+                     forward_window if forward else 0,
+                     _DIRECT_WINDOW_SHORT_ROWS_AVX512 if short_rows else 0):
         return "direct"
     return "im2col"
 
