@@ -47,8 +47,10 @@ CASES = [
     # M <= C, stride 1: backward data as a convolution with the flipped kernel
     ((2, 5, 6, 7), (4, 5, 3, 2), (1, 0), (1, 1), (2, 1), 1, "im2col"),      # dilated
     ((2, 4, 3, 20), (4, 4, 3, 3), (1, 3), (1, 1), (1, 1), 1, "im2col"),     # pad > k - 1: col2im
-    # M > C, same size, short rows: flipped where the CPU has AVX-512, else col2im
+    # M > C, same size, short rows or a small window: flipped where the CPU has AVX-512,
+    # else col2im
     ((2, 3, 7, 9), (5, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, "im2col"),
+    ((1, 2, 4, 20), (3, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1, "im2col"),
     ((2, 6, 11, 21), (14, 3, 3, 5), (1, 2), (2, 3), (1, 2), 2, "im2col"),   # channel tiles, tails
 ]
 CASES = [case for case in CASES for algorithm in (

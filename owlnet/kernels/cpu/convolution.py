@@ -396,17 +396,20 @@ def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
 
 
 # With AVX-512's direct forward, the flipped backward-data also where M > C, for outputs the
-# size of the input and rows at most this wide. Measured against col2im, ms: (32,64,8,8)
-# to 32 5x5 1.68 / 1.20, (32,128,8,8) to 64 3x3 2.31 / 1.85; slower for (4,256,27,27) to 96
-# 5x5, 19.49 / 21.34, and for LeNet's conv2 (no pad: dy padded by 4), 2.01 / 5.22.
+# size of the input and rows at most this wide or a flipped window of at most this many
+# inputs. Measured against col2im, ms: (32,64,8,8) to 32 5x5 1.68 / 1.20, (32,128,8,8) to
+# 64 3x3 2.31 / 1.85, SqueezeNet's (4,64,55,55) to 16 3x3 1.84 / 1.51, (4,128,27,27) to 32
+# 3x3 1.52 / 1.48; slower for (4,256,27,27) to 96 5x5, 19.49 / 21.34, and for LeNet's conv2
+# (no pad: dy padded by 4), 2.01 / 5.22.
 _FLIPPED_ROWS = 16
+_FLIPPED_WINDOW = 576
 
 
 def _flipped_or_col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
     flipped_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], pad))
     flipped_cheaper = w.shape[0] <= w.shape[1] or (
-        flipped_pad == tuple(pad) and dy.shape[3] <= _FLIPPED_ROWS
-        and 64 in native.vector_sizes())
+        flipped_pad == tuple(pad) and 64 in native.vector_sizes()
+        and (dy.shape[3] <= _FLIPPED_ROWS or w[:, 0].size <= _FLIPPED_WINDOW))
     if group == 1 and tuple(stride) == (1, 1) and min(flipped_pad) >= 0 and flipped_cheaper:
         # With stride 1, dx is the convolution of dy (padded by d*(k-1) - p) with the kernel
         # flipped in space and with input and output channels swapped: a forward convolution
