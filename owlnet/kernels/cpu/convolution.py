@@ -397,9 +397,9 @@ def _im2col_backward_filter(x, dy, dw, pad, stride, dilation, group):
 
 # With AVX-512's direct forward, the flipped backward-data also where M > C, for outputs the
 # size of the input and rows at most this wide or a flipped window of at most this many
-# inputs. Measured against col2im, ms: (32,64,8,8) to 32 5x5 1.68 / 1.20, (32,128,8,8) to
-# 64 3x3 2.31 / 1.85, SqueezeNet's (4,64,55,55) to 16 3x3 1.84 / 1.51, (4,128,27,27) to 32
-# 3x3 1.52 / 1.48; slower for (4,256,27,27) to 96 5x5, 19.49 / 21.34, and for LeNet's conv2
+# inputs. Measured against col2im, ms: (32,32,8,8) to 64 5x5 1.68 / 1.20, (32,64,8,8) to
+# 128 3x3 2.31 / 1.85, SqueezeNet's (4,16,55,55) to 64 3x3 1.84 / 1.51, (4,32,27,27) to 128
+# 3x3 1.52 / 1.48; slower for (4,96,27,27) to 256 5x5, 19.49 / 21.34, and for LeNet's conv2
 # (no pad: dy padded by 4), 2.01 / 5.22.
 _FLIPPED_ROWS = 16
 _FLIPPED_WINDOW = 576
