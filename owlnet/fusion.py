@@ -12,10 +12,11 @@ at that forward (so edits to ``net.params`` between forwards count; on the host 
 values are kept while those values keep their bytes): the convolution's bias
 gives b = bias; BatchNorm (mu, s = 1 / sqrt(var + eps), its moving-average factor applied)
 maps (a, b) to (a s, (b - mu) s); Scale (gamma, beta) to (a gamma, b gamma + beta); Bias (beta)
-to (a, b + beta). A Convolution with fewer weights than outputs has a folded into its weights
-instead, conv(x, w) * a = conv(x, w * a) (into a buffer; the parameter is not changed). The
-top blob ends with the values the layer-by-layer run gives, up to float32 rounding (the
-intermediate values of the chain are not kept: the chain is in place).
+to (a, b + beta). A Convolution applies a, b and a plain ReLU as it writes its output
+(``conv_forward``'s scale, shift and relu: the CPU's direct kernel on each tile before
+storing it, else one pass after); a Deconvolution's output gets one pass after. The top blob
+ends with the values the layer-by-layer run gives, up to float32 rounding (the intermediate
+values of the chain are not kept: the chain is in place).
 
 The net's layers, blobs, parameters and files are unchanged; a chain is run layer by layer
 whenever its intermediate values can be observed: forward callbacks registered, or a
@@ -61,7 +62,6 @@ class FusedStep:
         self.first, self.last = first, first + len(affine) + (relu is not None)
         self.conv, self.bottom, self.top = conv, bottom, top
         self.affine, self.relu = affine, relu
-        self._scaled_weights = None
         self._affine_key, self._affine = None, None
 
     def forward(self):
@@ -69,38 +69,22 @@ class FusedStep:
         # The other layers work in place on the top, whose shape only the convolution sets.
         self.conv.reshape([self.bottom], [self.top])
         scale, shift = self._current_affine()
-        weights = self.conv.blobs[0].data
-        xp = backend.array_module(weights)
-        # conv(x, w) * a = conv(x, w * a) for a Convolution's weights (M, C/group, kh, kw):
-        # the smaller of the weights and the output is scaled.
-        if scale is not None and not self.conv.transposed and weights.size <= self.top.count:
-            weights = xp.multiply(weights, scale[:, None, None, None],
-                                  out=self._weights_buffer(xp, weights))
-            scale = None
         relu = self.relu
         plain_relu = relu is not None and relu.negative_slope == 0
-        if scale is None and not self.conv.transposed:
-            # The shift and a plain ReLU applied by the convolution as it writes its output.
-            self.conv.forward_without_bias(self.bottom, self.top, weights, shift=shift,
+        if not self.conv.transposed:
+            self.conv.forward_without_bias(self.bottom, self.top, scale=scale, shift=shift,
                                            relu=plain_relu)
             relu = None if plain_relu else relu
         else:
-            y = self.conv.forward_without_bias(self.bottom, self.top, weights)
+            y = self.conv.forward_without_bias(self.bottom, self.top)
             if scale is not None or shift is not None:
                 # One pass: the affine, and the ReLU when it has no slope.
                 y3 = y.reshape(y.shape[0], y.shape[1], -1)
-                kernels.get(xp).scale_forward(y3, scale, shift, y3, None, plain_relu)
+                kernels.get(backend.array_module(y)).scale_forward(y3, scale, shift, y3, None,
+                                                                   plain_relu)
                 relu = None if plain_relu else relu
         if relu is not None:
             relu.forward([self.top], [self.top])
-
-    def _weights_buffer(self, xp, weights):
-        """An array like ``weights`` kept for the scaled weights."""
-        kept = self._scaled_weights
-        if kept is None or kept.shape != weights.shape or kept.dtype != weights.dtype \
-                or backend.array_module(kept) is not xp:
-            kept = self._scaled_weights = xp.empty_like(weights)
-        return kept
 
     def _current_affine(self):
         """:meth:`per_channel_affine`, computed again on the host only when the values it is

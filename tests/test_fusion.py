@@ -223,8 +223,3 @@ def test_fused_forward_on_the_fake_gpu(monkeypatch):
     assert len(calls) == len(CHAINS)
     assert_same_blobs({k: backend.to_host(v) for k, v in got.items()}, expected, 1e-5)
 
-
-def test_scaled_weights_or_outputs():
-    net = build()
-    sizes = {name: (net.params[name][0].count, net.blobs[name].count) for name in "abce"}
-    assert [name for name, (weights, outputs) in sizes.items() if weights > outputs] == ["c"]

@@ -333,7 +333,8 @@ def test_direct_builds_agree_with_each_other_and_the_reference(monkeypatch, dtyp
 def test_conv_forward_shift_and_relu_as_a_pass_after(monkeypatch, algorithm, width, channels):
     """conv_forward's epilogue (the direct kernel's, as it stores each tile; im2col's as a
     pass after) gives the bits of the convolution, then + shift per channel, then max(., 0)
-    with NaN kept; without a shift the ReLU alone (a -0.0 stays -0.0)."""
+    with NaN kept; without a shift the ReLU alone (a -0.0 stays -0.0); with a scale too,
+    conv * scale + shift."""
     from test_kernels_cpu import choose
     choose(monkeypatch, algorithm)
     rng = np.random.default_rng(width)
@@ -355,3 +356,9 @@ def test_conv_forward_shift_and_relu_as_a_pass_after(monkeypatch, algorithm, wid
     y = np.empty_like(plain)
     cpu.conv_forward(x, w, y, *geometry, shift=shift)
     np.testing.assert_array_equal(y, plain + shift[:, None, None])
+    # With a scale: conv * scale + shift (a multiply-add: float64 for the reference).
+    scale = rng.standard_normal(channels).astype(np.float32)
+    cpu.conv_forward(x, w, y, *geometry, scale=scale, shift=shift, relu=True)
+    want = np.maximum(plain.astype(np.float64) * scale[:, None, None] + shift[:, None, None], 0)
+    want[np.isnan(plain)] = np.nan
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)

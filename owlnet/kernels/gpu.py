@@ -354,16 +354,17 @@ def _run(kind, method, arrays, x_shape, w_shape, y_shape, pad, stride, dilation,
     getattr(found, method)(*arrays)
 
 
-def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", shift=None,
-                 relu=False):
+def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", scale=None,
+                 shift=None, relu=False):
     """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
-    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; then ``shift`` (M values) added per
-    channel and with ``relu`` max(., 0) taken (NaN kept), as one pass after."""
+    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; then times ``scale`` and plus ``shift``
+    (M values each, or None) per channel and with ``relu`` max(., 0) taken (NaN kept), as one
+    pass after."""
     _run("fprop", "forward", (x, w, y), x.shape, w.shape, y.shape, pad, stride, dilation, group,
          engine)
-    if shift is not None or relu:
+    if scale is not None or shift is not None or relu:
         y3 = y.reshape(y.shape[0], y.shape[1], -1)
-        scale_forward(y3, None, shift, y3, None, relu)
+        scale_forward(y3, scale, shift, y3, None, relu)
 
 
 def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"):

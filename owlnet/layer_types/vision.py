@@ -110,7 +110,7 @@ class _ConvolutionBase(Layer):
     def convolve(self, name, *arrays, **epilogue):
         """Run kernel ``name`` ("conv_forward" | "conv_backward_data" | "conv_backward_filter")
         of the arrays' device on ``arrays`` with this layer's geometry (and conv_forward's
-        ``shift`` and ``relu``)."""
+        ``scale``, ``shift`` and ``relu``)."""
         k = kernels.get(backend.array_module(arrays[0]))
         getattr(k, name)(*arrays, self.pad, self.stride, self.dilation, self.group, self.engine,
                          **epilogue)
@@ -132,14 +132,13 @@ class _ConvolutionBase(Layer):
             else:     # the bias added by the convolution as it writes its output
                 self.forward_without_bias(b, t, shift=self.blobs[1].data)
 
-    def forward_without_bias(self, bottom_blob, top_blob, weights=None, **epilogue):
-        """The convolution of one bottom written into its top, bias not added, with the
-        layer's weights or ``weights`` of their shape; the top's array as images
-        ``(num, M, OH, OW)``. A Convolution takes conv_forward's ``shift`` and ``relu``."""
+    def forward_without_bias(self, bottom_blob, top_blob, **epilogue):
+        """The convolution of one bottom written into its top, bias not added; the top's
+        array as images ``(num, M, OH, OW)``. A Convolution takes conv_forward's ``scale``,
+        ``shift`` and ``relu``."""
         role = "conv_backward_data" if self.transposed else "conv_forward"
         y = self.images(top_blob.data)
-        self.convolve(role, self.images(bottom_blob.data),
-                      self.blobs[0].data if weights is None else weights, y, **epilogue)
+        self.convolve(role, self.images(bottom_blob.data), self.blobs[0].data, y, **epilogue)
         return y
 
     def backward(self, top, propagate_down, bottom):

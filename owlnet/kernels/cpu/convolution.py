@@ -92,20 +92,20 @@ def _algorithm(x_shape, w_shape, y_shape, pad, stride, group, forward=False):
     return "im2col"
 
 
-def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", shift=None,
-                 relu=False):
+def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", scale=None,
+                 shift=None, relu=False):
     """``y = conv(x, w)`` (no bias) written into ``y``: x ``(N, C, H, W)``, w
-    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; then ``shift`` (M values) added per
-    channel and with ``relu`` max(., 0) taken (NaN kept): by the direct kernel as it stores
-    each tile, else as one pass after."""
+    ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; then times ``scale`` and plus ``shift``
+    (M values each, or None) per channel and with ``relu`` max(., 0) taken (NaN kept): by the
+    direct kernel as it stores each tile, else as one pass after."""
     algorithm = _algorithm(x.shape, w.shape, y.shape, pad, stride, group, forward=True)
     if algorithm == "direct":
-        direct.forward(x, w, y, pad, stride, dilation, group, shift, relu)
+        direct.forward(x, w, y, pad, stride, dilation, group, scale, shift, relu)
         return
     _FORWARD[algorithm](x, w, y, pad, stride, dilation, group)
-    if shift is not None or relu:
+    if scale is not None or shift is not None or relu:
         y3 = _images_as_matrices(y, output=True)
-        scale_forward(y3, None, shift, y3, None, relu)
+        scale_forward(y3, scale, shift, y3, None, relu)
 
 
 def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"):

@@ -132,21 +132,23 @@ class _ForwardPlan:
 _forward_plan = functools.lru_cache(maxsize=512)(_ForwardPlan)
 
 
-def forward(x, w, y, pad, stride, dilation, group, shift=None, relu=False):
-    """``y = conv(x, w)``, written; then ``shift`` (one value per output channel) added and
-    with ``relu`` max(., 0) taken (NaN kept), as each tile is stored."""
+def forward(x, w, y, pad, stride, dilation, group, scale=None, shift=None, relu=False):
+    """``y = conv(x, w)``, written; then times ``scale`` and plus ``shift`` (one value per
+    output channel each) and with ``relu`` max(., 0) taken (NaN kept), as each tile is
+    stored."""
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     size = vector_bytes(y.shape[3], y.dtype)
     plan = _forward_plan(x.shape, w.shape, y.shape, tuple(pad), tuple(stride),
                          tuple(dilation), group, y.dtype.str, size)
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    shift = None if shift is None else np.ascontiguousarray(shift, dtype=y.dtype)
+    scale, shift = (None if a is None else np.ascontiguousarray(a, dtype=y.dtype)
+                    for a in (scale, shift))
     frame, packed = np.empty(plan.frame.shape, y.dtype), np.empty(plan.packed_shape, y.dtype)
     native.function("conv_direct_forward_framed", y.dtype, size)(
         x.ctypes.data, frame.ctypes.data, *plan.frame.arguments, w.ctypes.data,
         packed.ctypes.data, group, y.ctypes.data, *plan.rest,
-        None if shift is None else shift.ctypes.data, int(relu),
+        *native.addresses(scale, shift), int(relu),
         threads.workers() if plan.parallel else 1)
 
 

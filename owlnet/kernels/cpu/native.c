@@ -426,8 +426,8 @@ void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int 
     }                                                                                         \
 }
 
-/* One forward tile: acc[MT][PV] over all k, then (shift[m] added when shift is not null,
- * then max(., 0) with relu, NaN kept) stored (``valid`` outputs, ``mt`` rows). */
+/* One forward tile: acc[MT][PV] over all k, then (times scale[m], plus shift[m], each where
+ * not null, then max(., 0) with relu, NaN kept) stored (``valid`` outputs, ``mt`` rows). */
 #define FORWARD_TILE(T, V, VU, MT, PV)                                                        \
     {                                                                                         \
         V acc[MT][PV];                                                                        \
@@ -445,6 +445,7 @@ void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int 
         for (int a = 0; a < MT && m0 + a < m1; ++a) {                                         \
             T *out = y + img * y_image + ((i64)(m0 + a) * oh + oy) * ow + ox;                 \
             for (int b = 0; b < PV; ++b) {                                                    \
+                if (scale) acc[a][b] *= scale[m0 + a];                                        \
                 if (shift) acc[a][b] += shift[m0 + a];                                        \
                 if (relu) {                                                                   \
                     const __typeof__(acc[a][b] < acc[a][b]) negative = acc[a][b] < (V){0};    \
@@ -471,11 +472,11 @@ int conv_direct_tile_##S##_##ISA(int ow)                                        
 }                                                                                             \
                                                                                               \
 /* y[img][m][oy][ox] for images 0..images-1, channels m0..m1-1 (m0 a multiple of the tile),   \
- * rows r0..r1-1; shift (m1 values, or null) and relu as FORWARD_TILE applies them. */        \
+ * rows r0..r1-1; scale and shift (m1 values, or null) and relu as FORWARD_TILE applies them. */ \
 TARGET void conv_direct_forward_##S##_##ISA(                                                \
     const T *frame, i64 frame_image, const i64 *koff, int K, const T *packed, T *y,           \
     i64 y_image, i64 images, int m0_first, int m1, int oh, int ow, int r0, int r1, int sh,    \
-    int q, const T *shift, int relu)                                                          \
+    int q, const T *scale, const T *shift, int relu)                                          \
 {                                                                                             \
     const int L = (int)(sizeof(V) / sizeof(T));                                               \
     const int tile = conv_direct_tile_##S##_##ISA(ow);                                        \
@@ -546,13 +547,14 @@ TARGET void conv_direct_backward_filter_##S##_##ISA(                            
  * tiles, K, tile) with zero rows past mg (a tile of channels a task), then each piece of the
  * output (the rows of pieces[7i..7i+6]: images' offsets into the frame, the packed weights'
  * and y's offsets, the image count, first and end output rows, the group's first channel)
- * computed as conv_direct_forward does, with the shift per channel (or null) and relu. */
+ * computed as conv_direct_forward does, with the scale and shift per channel (or null) and
+ * relu. */
 #define DEFINE_DIRECT_FRAMED(T, S, ISA, TARGET)                                               \
 struct framed_##S##_##ISA {                                                                   \
     const T *x; T *frame; i64 planes; int bands, h, w, ph, pw, sw, hf, q;                     \
     const i64 *koff; int K; T *packed; T *y; i64 y_image, frame_image;                        \
     int mg, oh, ow, sh; const i64 *pieces; const T *weights; int tiles, tile;                 \
-    const T *shift; int relu;                                                                 \
+    const T *scale, *shift; int relu;                                                         \
 };                                                                                            \
 static void frame_band_##S##_##ISA(void *job, int band)                                       \
 {                                                                                             \
@@ -578,18 +580,19 @@ static void direct_piece_##S##_##ISA(void *job, int index)                      
     conv_direct_forward_##S##_##ISA(a->frame + p[0], a->frame_image, a->koff, a->K,           \
                                     a->packed + p[1], a->y + p[2], a->y_image, p[3], 0, a->mg, \
                                     a->oh, a->ow, (int)p[4], (int)p[5], a->sh, a->q,          \
+                                    a->scale ? a->scale + p[6] : 0,                           \
                                     a->shift ? a->shift + p[6] : 0, a->relu);                 \
 }                                                                                             \
 TARGET void conv_direct_forward_framed_##S##_##ISA(                                           \
     const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw, int hf, int q,    \
     const i64 *koff, int K, const T *weights, T *packed, int group, T *y, i64 y_image,        \
     i64 frame_image, int mg, int oh, int ow, int sh, const i64 *pieces, int count,            \
-    const T *shift, int relu, int threads)                                                    \
+    const T *scale, const T *shift, int relu, int threads)                                    \
 {                                                                                             \
     const int tile = conv_direct_tile_##S##_##ISA(ow), tiles = (mg + tile - 1) / tile;        \
     struct framed_##S##_##ISA job = {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K,   \
                                      packed, y, y_image, frame_image, mg, oh, ow, sh, pieces, \
-                                     weights, tiles, tile, shift, relu};                      \
+                                     weights, tiles, tile, scale, shift, relu};               \
     job.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);         \
     pieces_run(frame_band_##S##_##ISA, &job, job.bands + group * tiles, threads);             \
     pieces_run(direct_piece_##S##_##ISA, &job, count, threads);                               \
@@ -632,7 +635,7 @@ TARGET void conv_direct_backward_filter_framed_##S##_##ISA(                     
 {                                                                                             \
     struct filter_##S##_##ISA job = {                                                         \
         {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K, NULL, NULL, 0, frame_image,   \
-         mg, oh, 0, sh, pieces, NULL, 0, 0, NULL, 0},                                         \
+         mg, oh, 0, sh, pieces, NULL, 0, 0, NULL, NULL, 0},                                   \
         dy, dy_image, partial, partial_run, group_frame, group, owp, runs};                   \
     job.frame.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);   \
     pieces_run(filter_frame_band_##S##_##ISA, &job, job.frame.bands, threads);                \
