@@ -1034,7 +1034,10 @@ DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, baseline, BASELINE)
  * in channel order), y = x * s^-beta, for images of c channels of hw positions; scale and
  * power (both or neither) keep s and s^-beta for backward. With beta = 0.75 (the BVLC nets),
  * s^-0.75 is 1 / sqrt(s * sqrt(s)), which vectorizes; else pow. Positions go in blocks of 256
- * (a row of window sums in cache). */
+ * (a row of window sums in cache). Backward: dx = dy * power + factor * x * (the same window
+ * sum of dy * x * power / scale), factor = -2 coeff beta, with scale and power the forward's;
+ * each block of positions has its terms made first for every channel (ratio: scratch of
+ * c * 256 values), so that a term is made once, not once per window holding it. */
 #define DEFINE_LRN(T, S, SQRT, POW, ISA, TARGET)                                              \
 TARGET void lrn_forward_##S##_##ISA(const T *x, T *y, T *scale, T *power, i64 images,  \
                                            int c, i64 hw, int size, T coeff, T shift, T beta) \
@@ -1067,19 +1070,8 @@ TARGET void lrn_forward_##S##_##ISA(const T *x, T *y, T *scale, T *power, i64 im
                 }                                                                             \
             }                                                                                 \
         }                                                                                     \
-}
-
-DEFINE_LRN(float, f32, sqrtf, powf, fast, FAST)
-DEFINE_LRN(float, f32, sqrtf, powf, baseline, BASELINE)
-DEFINE_LRN(double, f64, sqrt, pow, fast, FAST)
-DEFINE_LRN(double, f64, sqrt, pow, baseline, BASELINE)
-
-/* LRN across channels, backward: dx = dy * power + factor * x * (sum over the channels
- * ch - size/2 .. ch + size/2 inside the blob, in channel order, of dy * x * power / scale),
- * factor = -2 coeff beta, with scale and power the forward's s and s^-beta. Positions go in
- * blocks of 256, each block's terms for every channel made first (ratio: scratch of c * 256
- * values), so that a term is made once, not once per window holding it. */
-#define DEFINE_LRN_BACKWARD(T, S, ISA, TARGET)                                                \
+}                                                                                             \
+                                                                                              \
 TARGET void lrn_backward_##S##_##ISA(const T *x, const T *dy, const T *scale, const T *power, \
                                      T *dx, T *ratio, i64 images, int c, i64 hw, int size,    \
                                      T factor)                                                \
@@ -1109,10 +1101,10 @@ TARGET void lrn_backward_##S##_##ISA(const T *x, const T *dy, const T *scale, co
         }                                                                                     \
 }
 
-DEFINE_LRN_BACKWARD(float, f32, fast, FAST)
-DEFINE_LRN_BACKWARD(float, f32, baseline, BASELINE)
-DEFINE_LRN_BACKWARD(double, f64, fast, FAST)
-DEFINE_LRN_BACKWARD(double, f64, baseline, BASELINE)
+DEFINE_LRN(float, f32, sqrtf, powf, fast, FAST)
+DEFINE_LRN(float, f32, sqrtf, powf, baseline, BASELINE)
+DEFINE_LRN(double, f64, sqrt, pow, fast, FAST)
+DEFINE_LRN(double, f64, sqrt, pow, baseline, BASELINE)
 
 /* -- SGD with momentum and L2 weight decay, one pass over the parameters ----------------------
  * Per element, in T, with the roundings of NumPy's separate passes over whole arrays (so
