@@ -10,8 +10,7 @@ from . import (convolution, depthwise, direct, native, normalization, pooling, p
 from .convolution import conv_backward_data, conv_backward_filter, conv_forward
 from .normalization import (batch_norm_backward, batch_norm_forward, channel_sums,
                             lrn_across_channels_backward, lrn_across_channels_forward,
-                            relu_backward, scale_backward,
-                            scale_forward)
+                            relu_backward, scale_backward, scale_forward)
 from .pooling import ave_pool_backward, ave_pool_forward, max_pool_backward, max_pool_forward
 from .products import add_matmul, matmul
 

@@ -24,9 +24,10 @@ def matmul(a, b, out):
     ``_UNPACKED_MULTIPLY_ADDS``; else (blocks of columns strided in memory measured 3-4x slower
     than one product), when big enough to share out, as a sum over four bands of the inner
     dimension (bands of ``b``'s rows). With more rows, when big enough, in four bands of
-    ``a``'s rows (of at least ``shared.PIECE_POSITIONS``), or where that leaves one band, in
-    ``shared.MIN_PIECES`` bands of ``b``'s columns (LeNet's ip1 at batch 64, 0.67 against 0.45
-    ms; 128 x 4096 by 4096 x 4096, 54.5 against 29.2 ms). Otherwise one product."""
+    ``a``'s rows (of at least ``shared.PIECE_POSITIONS``), or with fewer rows than two such
+    bands, in ``shared.MIN_PIECES`` bands of ``b``'s columns (LeNet's ip1 at batch 64, 0.67
+    against 0.45 ms; 128 x 4096 by 4096 x 4096, 54.5 against 29.2 ms). Otherwise one
+    product."""
     rows, inner = a.shape
     parallel = a.size * b.shape[1] >= shared.PARALLEL_MULTIPLY_ADDS
     few_rows, columns_contiguous = rows <= _FEW_ROWS, b.strides[0] < b.strides[1]
