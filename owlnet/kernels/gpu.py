@@ -506,16 +506,22 @@ def relu_backward(dy, x, dx):
     backend.import_cupy().multiply(dy, x > 0, out=dx)
 
 
+def _channel_window_sums(a, size):
+    """The sum of ``a`` (N, C, ...) over the ``size`` channels centred on each, inside the
+    blob, in a new array."""
+    sums = a.copy()
+    for shift_by in range(1, min(size // 2, a.shape[1] - 1) + 1):
+        sums[:, shift_by:] += a[:, :-shift_by]
+        sums[:, :-shift_by] += a[:, shift_by:]
+    return sums
+
+
 def lrn_across_channels_forward(x, y, scale, power, size, coeff, shift, beta):
     """LRN across channels: s = shift + coeff * (sum of x^2 over the ``size`` channels centred
     on each, inside the blob), ``y`` = x * s^-beta; ``scale`` and ``power`` (both None, or
     arrays like x) get s and s^-beta."""
     cupy = backend.import_cupy()
-    squares = x * x
-    sums = squares.copy()
-    for shift_by in range(1, min(size // 2, x.shape[1] - 1) + 1):
-        sums[:, shift_by:] += squares[:, :-shift_by]
-        sums[:, :-shift_by] += squares[:, shift_by:]
+    sums = _channel_window_sums(x * x, size)
     sums *= coeff
     sums += shift
     factor = sums ** -beta
@@ -533,10 +539,7 @@ def lrn_across_channels_backward(x, dy, dx, scale, power, size, coeff, beta):
     ratio = dy * x
     ratio *= power
     ratio /= scale
-    sums = ratio.copy()
-    for shift_by in range(1, min(size // 2, x.shape[1] - 1) + 1):
-        sums[:, shift_by:] += ratio[:, :-shift_by]
-        sums[:, :-shift_by] += ratio[:, shift_by:]
+    sums = _channel_window_sums(ratio, size)
     sums *= x
     sums *= -2 * coeff * beta
     cupy.multiply(dy, power, out=dx)
