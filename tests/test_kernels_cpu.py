@@ -69,7 +69,9 @@ def window_choice(request, monkeypatch):
 
 
 def choose(monkeypatch, algorithm):
-    """Direct or im2col for every convolution that is neither depthwise nor pointwise."""
+    """Direct or im2col for every convolution that is neither depthwise nor pointwise (and no
+    Winograd: its own tests are in test_kernels_cpu_winograd.py)."""
+    monkeypatch.setattr(cpu.winograd, "MIN_CHANNELS", 10 ** 9)
     for name in ("_DIRECT_WINDOW", "_DIRECT_WINDOW_ONE_THREAD", "_DIRECT_WINDOW_WHOLE_TILES",
                  "_DIRECT_WINDOW_FORWARD", "_DIRECT_WINDOW_FORWARD_AVX512",
                  "_DIRECT_WINDOW_SHORT_ROWS_AVX512"):

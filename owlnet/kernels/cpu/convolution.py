@@ -38,7 +38,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .. import threads
-from . import direct, native, shared
+from . import direct, native, shared, winograd
 from .depthwise import depthwise_backward_data, depthwise_backward_filter, depthwise_forward
 from .normalization import scale_forward
 
@@ -98,6 +98,9 @@ def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", scale=
     ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; then times ``scale`` and plus ``shift``
     (M values each, or None) per channel and with ``relu`` max(., 0) taken (NaN kept): by the
     direct kernel as it stores each tile, else as one pass after."""
+    if winograd.suits(x.shape, w.shape, pad, stride, dilation, group, y.dtype):
+        winograd.forward(x, w, y, pad, scale, shift, relu)
+        return
     algorithm = _algorithm(x.shape, w.shape, y.shape, pad, stride, group, forward=True)
     if algorithm == "direct":
         direct.forward(x, w, y, pad, stride, dilation, group, scale, shift, relu)
@@ -407,7 +410,9 @@ _FLIPPED_WINDOW = 576
 
 def _flipped_or_col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
     flipped_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], pad))
-    flipped_cheaper = w.shape[0] <= w.shape[1] or (
+    flipped_shape = (w.shape[1], w.shape[0]) + w.shape[2:]
+    flipped_cheaper = w.shape[0] <= w.shape[1] or winograd.suits(
+        dy.shape, flipped_shape, flipped_pad, stride, dilation, group, dx.dtype) or (
         flipped_pad == tuple(pad) and 64 in native.vector_sizes()
         and (dy.shape[3] <= _FLIPPED_ROWS or w[:, 0].size <= _FLIPPED_WINDOW))
     if group == 1 and tuple(stride) == (1, 1) and min(flipped_pad) >= 0 and flipped_cheaper:

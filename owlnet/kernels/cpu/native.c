@@ -19,6 +19,7 @@
  * gradient in output order, adding in T, as Caffe's CPU layer does.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 #include <string.h>
 #include <pthread.h>
@@ -664,6 +665,292 @@ DEFINE_FRAME(double, f64)
 
 DEFINE_DIRECT_ALL(float, f32, vf32, vf32u, vw32, vw32u)
 DEFINE_DIRECT_ALL(double, f64, vf64, vf64u, vw64, vw64u)
+
+/* -- Winograd convolution F(4x4, 3x3), float32 -------------------------------------------------
+ * A 3x3 convolution with stride 1 forms each 4x4 block of an output plane from the 6x6 block
+ * of input around it with 36 products per input channel instead of 144 (Lavin and Gray's
+ * F(4x4, 3x3)): Y = A^T [sum over c of (G g G^T) * (B^T d B)] A, * elementwise, with
+ *   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
+ *          0 4 0 -5 0 1],
+ *   G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1],
+ *   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1],
+ * the transformed position xi = 6 i + j of the 6x6 domain. Vectors run along channels
+ * (L lanes; channel counts padded with zeros to cp and kp, multiples of L). Layouts:
+ *   frame (n, hp, wp, cp): the images zero-padded (pad, then up to whole blocks), channels
+ *         last, hp = 4 th + 2 rows for th block rows (wp likewise for tw block columns);
+ *   u     (36, kp / L, cp, L): the transformed weights (winograd_weights), a panel of
+ *         cp x L values for each vector of output channels;
+ *   v     (36, blocks, cp) and s (36, blocks, band): a piece's transformed input blocks and
+ *         their products with u summed over c (in the calling thread's scratch).
+ * A piece is a chunk of blocks (in order image, block row, block column) and a band of
+ * output channels: it transforms its blocks' input, forms for every xi the sum over c (in
+ * order) of v times u, transforms each block back, applies scale, shift and relu as the
+ * direct kernel does, and stores the outputs inside the image. Each output is the same
+ * sum however the work is cut. */
+#define WINO_INPUT(o, d0, d1, d2, d3, d4, d5)                                                 \
+    {                                                                                         \
+        o[0] = 4.0f * d0 - 5.0f * d2 + d4;                                                    \
+        o[1] = d3 + d4 - 4.0f * (d1 + d2);                                                    \
+        o[2] = 4.0f * (d1 - d2) + d4 - d3;                                                    \
+        o[3] = 2.0f * (d3 - d1) + d4 - d2;                                                    \
+        o[4] = 2.0f * (d1 - d3) + d4 - d2;                                                    \
+        o[5] = 4.0f * d1 - 5.0f * d3 + d5;                                                    \
+    }
+#define WINO_FILTER(o, g0, g1, g2)                                                            \
+    {                                                                                         \
+        o[0] = 0.25f * g0;                                                                    \
+        o[1] = (g0 + g1 + g2) * (-1.0f / 6);                                                  \
+        o[2] = (g0 - g1 + g2) * (-1.0f / 6);                                                  \
+        o[3] = (1.0f / 24) * g0 + (1.0f / 12) * g1 + (1.0f / 6) * g2;                         \
+        o[4] = (1.0f / 24) * g0 - (1.0f / 12) * g1 + (1.0f / 6) * g2;                         \
+        o[5] = g2;                                                                            \
+    }
+#define WINO_OUTPUT(o, m0, m1, m2, m3, m4, m5)                                                \
+    {                                                                                         \
+        const __typeof__(m0) p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;      \
+        o[0] = m0 + p12 + p34;                                                                \
+        o[1] = n12 + 2.0f * n34;                                                              \
+        o[2] = p12 + 4.0f * p34;                                                              \
+        o[3] = n12 + 8.0f * n34 + m5;                                                         \
+    }
+
+/* s[a][b L ..] = sum over c of v[a][c] * u's panel b at c, for TT rows a and KV vectors b. */
+#define WINO_TILE(V, VU, TT, KV, v, s)                                                        \
+    {                                                                                         \
+        V acc[TT][KV];                                                                        \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b) acc[a][b] = (V){0};                                  \
+        const float *ur = u;                                                                  \
+        for (int c = 0; c < cp; ++c, ur += L) {                                               \
+            V uv[KV];                                                                         \
+            for (int b = 0; b < KV; ++b) uv[b] = *(const VU *)(ur + (i64)b * cp * L);         \
+            for (int a = 0; a < TT; ++a) {                                                    \
+                const float value = (v)[(i64)a * cp + c];                                     \
+                for (int b = 0; b < KV; ++b) acc[a][b] += value * uv[b];                      \
+            }                                                                                 \
+        }                                                                                     \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b) *(V *)((s) + (i64)a * band + b * L) = acc[a][b];     \
+    }
+
+/* All blocks' rows for KV vectors of output channels: TT rows at a time, then 8, 4, 2, 1. */
+#define DEFINE_WINO_TILES(V, VU, ISA, TARGET, KV, TT)                                         \
+static TARGET void wino_tiles_##KV##_##ISA(const float *v, const float *u, float *s,         \
+                                           int blocks, int cp, int band)                      \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(float));                                           \
+    int t = 0;                                                                                \
+    for (; t + TT <= blocks; t += TT) WINO_TILE(V, VU, TT, KV, v + (i64)t * cp, s + (i64)t * band) \
+    if (TT > 8)                                                                               \
+        for (; t + 8 <= blocks; t += 8) WINO_TILE(V, VU, 8, KV, v + (i64)t * cp, s + (i64)t * band) \
+    if (TT > 4)                                                                               \
+        for (; t + 4 <= blocks; t += 4) WINO_TILE(V, VU, 4, KV, v + (i64)t * cp, s + (i64)t * band) \
+    for (; t + 2 <= blocks; t += 2) WINO_TILE(V, VU, 2, KV, v + (i64)t * cp, s + (i64)t * band) \
+    for (; t < blocks; ++t) WINO_TILE(V, VU, 1, KV, v + (i64)t * cp, s + (i64)t * band)       \
+}
+
+/* Each thread's scratch for its pieces, grown as needed and kept (native.c's workers and
+ * the calling threads live as long as the process). */
+static _Thread_local float *wino_scratch_memory;
+static _Thread_local size_t wino_scratch_floats;
+
+static float *wino_scratch(size_t floats)
+{
+    if (floats > wino_scratch_floats) {
+        free(wino_scratch_memory);
+        wino_scratch_floats = 0;
+        wino_scratch_memory = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        if (wino_scratch_memory) wino_scratch_floats = floats;
+    }
+    return wino_scratch_memory;
+}
+
+/* Tiles (rows x vectors of output channels): KV_MAX vectors at most; TTk rows for k vectors. */
+#define DEFINE_WINOGRAD(V, VU, ISA, TARGET, KV_MAX, TT1, TT2, TT3, TT4)                       \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 1, TT1)                                                 \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 2, TT2)                                                 \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 3, TT3)                                                 \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 4, TT4)                                                 \
+                                                                                              \
+/* u from w (k, c, 3, 3) unless w equals copy (then 0 is returned): copy = w, u written       \
+ * (a vector of output channels a piece, on `threads` threads), 1 returned. */                \
+struct wino_weights_##ISA { const float *w; float *u; int k, c, cp, kp; };                    \
+static TARGET void wino_weights_piece_##ISA(void *job, int index)                             \
+{                                                                                             \
+    const struct wino_weights_##ISA *a = job;                                                 \
+    const int L = (int)(sizeof(V) / sizeof(float)), k0 = index * L, cp = a->cp, kp = a->kp;   \
+    const float *rows[sizeof(V) / sizeof(float)];                                             \
+    for (int l = 0; l < L; ++l) rows[l] = k0 + l < a->k ? a->w + (i64)(k0 + l) * a->c * 9 : 0; \
+    for (int ci = 0; ci < cp; ++ci) {                                                         \
+        V g[3][3], filtered[3][6];                                                            \
+        for (int e = 0; e < 9; ++e) {                                                         \
+            float lanes[sizeof(V) / sizeof(float)];                                           \
+            for (int l = 0; l < L; ++l) lanes[l] = rows[l] && ci < a->c ? rows[l][ci * 9 + e] : 0; \
+            memcpy(&g[e / 3][e % 3], lanes, sizeof lanes);                                    \
+        }                                                                                     \
+        for (int i = 0; i < 3; ++i) WINO_FILTER(filtered[i], g[i][0], g[i][1], g[i][2])       \
+        for (int jj = 0; jj < 6; ++jj) {                                                      \
+            V o[6];                                                                           \
+            WINO_FILTER(o, filtered[0][jj], filtered[1][jj], filtered[2][jj])                 \
+            for (int ii = 0; ii < 6; ++ii)                                                    \
+                *(VU *)(a->u + (((i64)(6 * ii + jj) * kp + k0) * cp + (i64)ci * L)) = o[ii];  \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+TARGET int winograd_weights_f32_##ISA(const float *w, float *copy, float *u, int k, int c,   \
+                                      int cp, int kp, int force, int threads)                 \
+{                                                                                             \
+    const size_t bytes = sizeof(float) * 9 * (size_t)k * c;                                   \
+    if (!force && memcmp(w, copy, bytes) == 0) return 0;                                      \
+    memcpy(copy, w, bytes);                                                                   \
+    struct wino_weights_##ISA job = {w, u, k, c, cp, kp};                                     \
+    pieces_run(wino_weights_piece_##ISA, &job, kp / (int)(sizeof(V) / sizeof(float)), threads); \
+    return 1;                                                                                 \
+}                                                                                             \
+                                                                                              \
+struct wino_##ISA {                                                                           \
+    const float *x, *u, *scale, *shift; float *frame, *y;                                     \
+    int n, c, h, w, ph, pw, cp, kp, k, oh, ow, th, tw, hp, wp, relu;                          \
+    int frame_bands, chunk, blocks, band, bands;                                              \
+    atomic_int failed;                                                                        \
+};                                                                                            \
+                                                                                              \
+static void wino_frame_band_##ISA(void *job, int index)                                       \
+{                                                                                             \
+    struct wino_##ISA *a = job;                                                               \
+    const i64 rows = (i64)a->n * a->hp;                                                       \
+    for (i64 r = rows * index / a->frame_bands; r < rows * (index + 1) / a->frame_bands; ++r) { \
+        const int img = (int)(r / a->hp), iy = (int)(r % a->hp) - a->ph;                      \
+        float *out = a->frame + r * a->wp * a->cp;                                            \
+        memset(out, 0, sizeof(float) * a->wp * a->cp);                                        \
+        if (iy < 0 || iy >= a->h) continue;                                                   \
+        for (int ci = 0; ci < a->c; ++ci) {                                                   \
+            const float *in = a->x + (((i64)img * a->c + ci) * a->h + iy) * a->w;             \
+            for (int ix = 0; ix < a->w; ++ix) out[(i64)(ix + a->pw) * a->cp + ci] = in[ix];   \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+static TARGET void wino_piece_##ISA(void *job, int index)                                     \
+{                                                                                             \
+    struct wino_##ISA *a = job;                                                               \
+    const int L = (int)(sizeof(V) / sizeof(float)), cp = a->cp, kp = a->kp;                   \
+    const int t0 = index / a->bands * a->chunk, k0 = index % a->bands * a->band;              \
+    const int blocks = a->blocks - t0 < a->chunk ? a->blocks - t0 : a->chunk;                 \
+    const int band = kp - k0 < a->band ? kp - k0 : a->band;                                   \
+    float *v = wino_scratch((size_t)36 * blocks * (cp + band));                               \
+    if (!v) {                                                                                 \
+        atomic_store(&a->failed, 1);                                                          \
+        return;                                                                               \
+    }                                                                                         \
+    float *s = v + (size_t)36 * blocks * cp;                                                  \
+    const int per_image = a->th * a->tw;                                                      \
+    for (int t = 0; t < blocks; ++t) {                                                        \
+        const int block = t0 + t, img = block / per_image;                                    \
+        const int by = block % per_image / a->tw, bx = block % a->tw;                         \
+        const float *corner = a->frame + (((i64)img * a->hp + 4 * by) * a->wp + 4 * bx) * cp; \
+        for (int c0 = 0; c0 < cp; c0 += L) {                                                  \
+            V rows[6][6];                                                                     \
+            for (int i = 0; i < 6; ++i) {                                                     \
+                const float *d = corner + (i64)i * a->wp * cp + c0;                           \
+                WINO_INPUT(rows[i], *(const VU *)d, *(const VU *)(d + cp),                    \
+                           *(const VU *)(d + 2 * cp), *(const VU *)(d + 3 * cp),              \
+                           *(const VU *)(d + 4 * cp), *(const VU *)(d + 5 * cp))              \
+            }                                                                                 \
+            for (int jj = 0; jj < 6; ++jj) {                                                  \
+                V o[6];                                                                       \
+                WINO_INPUT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj],             \
+                           rows[4][jj], rows[5][jj])                                          \
+                for (int ii = 0; ii < 6; ++ii)                                                \
+                    *(V *)(v + ((i64)(6 * ii + jj) * blocks + t) * cp + c0) = o[ii];          \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (int xi = 0; xi < 36; ++xi) {                                                         \
+        const float *vx = v + (i64)xi * blocks * cp, *ux = a->u + ((i64)xi * kp + k0) * cp;   \
+        float *sx = s + (i64)xi * blocks * band;                                              \
+        for (int kk = 0; kk < band;) {                                                        \
+            const int left = (band - kk) / L, kv = left < KV_MAX ? left : KV_MAX;             \
+            const float *uk = ux + (i64)kk * cp;                                              \
+            if (kv >= 4) wino_tiles_4_##ISA(vx, uk, sx + kk, blocks, cp, band);               \
+            else if (kv == 3) wino_tiles_3_##ISA(vx, uk, sx + kk, blocks, cp, band);          \
+            else if (kv == 2) wino_tiles_2_##ISA(vx, uk, sx + kk, blocks, cp, band);          \
+            else wino_tiles_1_##ISA(vx, uk, sx + kk, blocks, cp, band);                       \
+            kk += kv * L;                                                                     \
+        }                                                                                     \
+    }                                                                                         \
+    for (int t = 0; t < blocks; ++t) {                                                        \
+        const int block = t0 + t, img = block / per_image;                                    \
+        const int oy0 = block % per_image / a->tw * 4, ox0 = block % a->tw * 4;               \
+        const int rows_in = a->oh - oy0 < 4 ? a->oh - oy0 : 4;                                \
+        const int cols_in = a->ow - ox0 < 4 ? a->ow - ox0 : 4;                                \
+        for (int kk = 0; kk < band; kk += L) {                                                \
+            V half[6][4], out[4][4];                                                          \
+            for (int ii = 0; ii < 6; ++ii) {                                                  \
+                const float *m = s + ((i64)(6 * ii) * blocks + t) * band + kk;                \
+                const i64 step = (i64)blocks * band;                                          \
+                WINO_OUTPUT(half[ii], *(const V *)m, *(const V *)(m + step),                  \
+                            *(const V *)(m + 2 * step), *(const V *)(m + 3 * step),           \
+                            *(const V *)(m + 4 * step), *(const V *)(m + 5 * step))           \
+            }                                                                                 \
+            for (int sj = 0; sj < 4; ++sj) {                                                  \
+                V o[4];                                                                       \
+                WINO_OUTPUT(o, half[0][sj], half[1][sj], half[2][sj], half[3][sj],            \
+                            half[4][sj], half[5][sj])                                         \
+                for (int r = 0; r < 4; ++r) out[r][sj] = o[r];                                \
+            }                                                                                 \
+            const int first = k0 + kk, count = a->k - first < L ? a->k - first : L;           \
+            if (count <= 0) break;                                                            \
+            V scale = {0}, shift = {0};                                                       \
+            if (a->scale) scale = *(const VU *)(a->scale + first);                            \
+            if (a->shift) shift = *(const VU *)(a->shift + first);                            \
+            float lanes[4][4][sizeof(V) / sizeof(float)];                                     \
+            for (int r = 0; r < 4; ++r)                                                       \
+                for (int sj = 0; sj < 4; ++sj) {                                              \
+                    V value = out[r][sj];                                                     \
+                    if (a->scale) value *= scale;                                             \
+                    if (a->shift) value += shift;                                             \
+                    if (a->relu) {                                                            \
+                        const __typeof__(value < value) negative = value < (V){0};            \
+                        value = (V)((__typeof__(negative))value & ~negative);                 \
+                    }                                                                         \
+                    memcpy(lanes[r][sj], &value, sizeof value);                               \
+                }                                                                             \
+            for (int l = 0; l < count; ++l) {                                                 \
+                float *plane = a->y + ((i64)img * a->k + first + l) * a->oh * a->ow;          \
+                for (int r = 0; r < rows_in; ++r)                                             \
+                    for (int sj = 0; sj < cols_in; ++sj)                                      \
+                        plane[(i64)(oy0 + r) * a->ow + ox0 + sj] = lanes[r][sj][l];           \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* y (n, k, oh, ow) = the convolution of x (n, c, h, w) padded by (ph, pw) with the weights   \
+ * whose transform is u; then scale, shift (kp values each, or null) and relu as the direct   \
+ * kernel applies them. Blocks in chunks of `chunk`, output channels in bands of `band`;     \
+ * frame is (n, hp, wp, cp) scratch. Returns 0, or 1 when a thread's scratch could not be    \
+ * allocated. */                                                                              \
+TARGET int winograd_forward_f32_##ISA(                                                        \
+    const float *x, float *frame, const float *u, float *y, int n, int c, int h, int w,      \
+    int ph, int pw, int cp, int kp, int k, int oh, int ow, int chunk, int band,               \
+    const float *scale, const float *shift, int relu, int threads)                            \
+{                                                                                             \
+    const int th = (oh + 3) / 4, tw = (ow + 3) / 4;                                           \
+    struct wino_##ISA job = {x, u, scale, shift, frame, y, n, c, h, w, ph, pw, cp, kp, k,     \
+                             oh, ow, th, tw, 4 * th + 2, 4 * tw + 2, relu, 1, chunk,          \
+                             n * th * tw, band, (kp + band - 1) / band, 0};                   \
+    job.frame_bands = threads < 2 ? 1 : 2 * threads;                                          \
+    pieces_run(wino_frame_band_##ISA, &job, job.frame_bands, threads);                        \
+    const int chunks = (job.blocks + chunk - 1) / chunk;                                      \
+    pieces_run(wino_piece_##ISA, &job, chunks * job.bands, threads);                          \
+    return atomic_load(&job.failed);                                                          \
+}
+
+/* Tiles chosen by trying on AVX-512 (EPYC, 2 threads). */
+DEFINE_WINOGRAD(vw32, vw32u, wide, WIDE, 4, 16, 12, 8, 6)
+DEFINE_WINOGRAD(vf32, vf32u, fast, FAST, 2, 12, 6, 4, 3)
+DEFINE_WINOGRAD(vf32, vf32u, baseline, BASELINE, 2, 12, 6, 4, 3)
 
 /* -- col2im: a column matrix's window entries added back into the images ----------------------
  * cols holds rows (c, i, j) of (n, oh, ow) columns; dx (n, c, h, w) gets, for channels c0..c1-1,

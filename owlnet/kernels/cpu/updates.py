@@ -6,8 +6,6 @@ The compiled loop rounds as those passes do, so the two give the same bits.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .. import threads
 from . import native, shared
 

@@ -1,0 +1,158 @@
+"""Winograd convolution F(4x4, 3x3) on the compiled kernels of ``native.c``, for float32 3x3
+convolutions with stride 1.
+
+Each 4x4 block of an output plane is formed from the 6x6 block of input around it with 36
+products per input channel and output channel instead of the direct kernel's 144: the input
+blocks and the weights are transformed (``B^T d B``, ``G g G^T``), multiplied elementwise and
+summed over the input channels (36 matrix products), and each block transformed back
+(``A^T m A``); native.c's section on it gives the matrices and layouts. Its float32 results
+differ from the direct sum by rounding only (the transforms' constants are up to 8 and 1/24:
+about 1e-6 of the outputs' scale where the direct kernel's are 1e-7, measured in the tests);
+float64, the dtype of the gradient checks, keeps the direct kernel.
+
+The transformed weights (4x the weights, with channels padded to whole vectors) are kept
+for the next call: native.c compares the weights with the copy kept beside them and
+transforms them again only if they changed (a training step's update, a user's edit).
+Entries are found by the weights' address and shape, and the oldest are dropped beyond
+``_KEPT_BYTES``.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+
+import numpy as np
+
+from .. import threads
+from . import native
+
+# A piece's blocks: at least this many (where there are), their transformed input (36 x
+# blocks x cp floats) at most about this many bytes beyond that.
+_MIN_BLOCKS = 32
+_CHUNK_BYTES = 1 << 20
+# Multiply-adds (of the direct sum) from which a convolution runs on native.c's threads.
+_PARALLEL_MULTIPLY_ADDS = 1 << 21
+# Transformed weights kept, bytes (copies included).
+_KEPT_BYTES = 1 << 27
+# The fewest input and output channels for which it is used (``suits``).
+MIN_CHANNELS = 8
+
+
+def suits(x_shape, w_shape, pad, stride, dilation, group, dtype) -> bool:
+    """Whether this convolution is one Winograd's F(4x4, 3x3) serves here: float32, 3x3,
+    stride and dilation 1, one group, at least ``MIN_CHANNELS`` in and out."""
+    return (np.dtype(dtype) == np.float32 and group == 1 and tuple(w_shape[2:]) == (3, 3)
+            and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and min(w_shape[0], w_shape[1]) >= MIN_CHANNELS and min(pad) >= 0)
+
+
+def _lanes():
+    return max(native.vector_sizes()) // 4
+
+
+class _Plan:
+    """The geometry of one convolution's call: padded channel counts (``cp``, ``kp``), the
+    frame's shape, blocks a piece (``chunk``), output channels a piece (``band``), and
+    the threads it runs on (``workers``)."""
+
+    def __init__(self, x_shape, w_shape, y_shape, lanes, workers):
+        n, c, _, _ = x_shape
+        _, k, oh, ow = y_shape
+        self.cp, self.kp = -(-c // lanes) * lanes, -(-k // lanes) * lanes
+        th, tw = -(-oh // 4), -(-ow // 4)
+        blocks = n * th * tw
+        self.frame_shape = (n, 4 * th + 2, 4 * tw + 2, self.cp)
+        parallel = n * k * oh * ow * c * 9 >= _PARALLEL_MULTIPLY_ADDS
+        self.workers = workers if parallel else 1
+        self.chunk, self.band = _cut(blocks, self.cp, self.kp, lanes, self.workers)
+
+
+def _cut(blocks, cp, kp, lanes, workers):
+    """``(chunk, band)``: the cut of the blocks and output channels into pieces, at least
+    ``workers`` of them where the shape allows, each a chunk of at least ``_MIN_BLOCKS``
+    blocks (where there are) whose scratch stays within ``_CHUNK_BYTES``, the one that reads
+    the least: every chunk reads all the transformed weights (36 cp kp values), every band
+    transforms the input again (36 cp values a block)."""
+    vectors = kp // lanes
+    options = []
+    for bands in range(1, vectors + 1):
+        band = -(-vectors // bands) * lanes
+        bands = -(-kp // band)
+        most = max(_MIN_BLOCKS, _CHUNK_BYTES // (36 * 4 * (cp + band)))
+        chunks = max(-(-blocks // most), -(-workers // bands))
+        chunk = max(-(-blocks // chunks), min(blocks, _MIN_BLOCKS))
+        chunks = -(-blocks // chunk)
+        reads = chunks * cp * kp + bands * blocks * cp
+        options.append((chunks * bands < workers, reads, chunks * bands, chunk, band))
+    return min(options)[3:]
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(x_shape, w_shape, y_shape, lanes, workers):
+    return _Plan(x_shape, w_shape, y_shape, lanes, workers)
+
+
+_kept = collections.OrderedDict()   # (address, shape, lanes) -> (copy of the weights, u)
+_kept_bytes = [0]
+_kept_lock = threading.Lock()
+
+
+def _transformed(w, cp, kp, lanes, workers):
+    """``u`` (36, kp / lanes, cp, lanes) for weights ``w`` (K, C, 3, 3), kept between calls (module doc)."""
+    key = (w.ctypes.data, w.shape, lanes)
+    transform = native.function("winograd_weights", np.float32, 4 * lanes)
+    with _kept_lock:
+        entry = _kept.get(key)
+        if entry is not None:
+            _kept.move_to_end(key)
+            transform(w.ctypes.data, entry[0].ctypes.data, entry[1].ctypes.data,
+                      *w.shape[:2], cp, kp, 0, workers)
+            return entry[1]
+        entry = (np.empty_like(w), _aligned_empty((36, kp // lanes, cp, lanes)))
+        transform(*native.addresses(w, *entry), *w.shape[:2], cp, kp, 1, workers)
+        _kept[key] = entry
+        _kept_bytes[0] += entry[0].nbytes + entry[1].nbytes
+        while _kept_bytes[0] > _KEPT_BYTES and len(_kept) > 1:
+            copy, u = _kept.pop(next(iter(_kept)))
+            _kept_bytes[0] -= copy.nbytes + u.nbytes
+    return entry[1]
+
+
+def _aligned_empty(shape):
+    """An empty float32 array of ``shape`` starting on a 64-byte boundary (a cache line: no
+    vector of native.c's splits across two)."""
+    count = int(np.prod(shape))
+    memory = np.empty(count + 16, np.float32)
+    first = (-memory.ctypes.data % 64) // 4
+    return memory[first:first + count].reshape(shape)
+
+
+def _padded(values, length):
+    """Per-channel values padded with zeros to ``length`` (native.c reads whole vectors)."""
+    if values is None:
+        return None
+    out = np.zeros(length, np.float32)
+    out[:len(values)] = values
+    return out
+
+
+def forward(x, w, y, pad, scale=None, shift=None, relu=False):
+    """``y = conv(x, w)`` for a convolution that ``suits``, written; then times ``scale`` and
+    plus ``shift`` (per output channel, or None) and with ``relu`` max(., 0) taken (NaN kept),
+    as the direct kernel applies them."""
+    if not y.flags.c_contiguous:
+        raise ValueError("conv_forward writes into a C-contiguous y")
+    lanes = _lanes()
+    plan = _plan(x.shape, w.shape, y.shape, lanes, threads.workers())
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    u = _transformed(w, plan.cp, plan.kp, lanes, plan.workers)
+    frame = np.empty(plan.frame_shape, np.float32)
+    scale, shift = _padded(scale, plan.kp), _padded(shift, plan.kp)
+    n, c, h, wd = x.shape
+    failed = native.function("winograd_forward", np.float32, 4 * lanes)(
+        *native.addresses(x, frame, u, y), n, c, h, wd, *pad, plan.cp, plan.kp, w.shape[0],
+        *y.shape[2:], plan.chunk, plan.band, *native.addresses(scale, shift), int(relu),
+        plan.workers)
+    if failed:
+        raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")

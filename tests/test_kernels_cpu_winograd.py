@@ -1,0 +1,187 @@
+"""The Winograd convolution F(4x4, 3x3) of ``kernels.cpu.winograd``: against a float64 sum
+written here, its epilogue, its kept weight transforms (changed weights are seen), results
+that do not depend on how the work is cut, the AVX2 build beside the AVX-512 one, and which
+convolutions conv_forward sends to it."""
+import numpy as np
+import pytest
+
+from owlnet.kernels import cpu
+from owlnet.kernels.cpu import native, winograd
+
+
+def correlate(x, w, pad):
+    """y[n, k, r, q] = sum over c, i, j of w[k, c, i, j] * x[n, c, r + i - ph, q + j - pw]
+    (zero outside the image), in float64: nine products of shifted planes."""
+    n, c, h, wd = x.shape
+    ph, pw = pad
+    padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw))
+    padded[:, :, ph:ph + h, pw:pw + wd] = x
+    oh, ow = h + 2 * ph - 2, wd + 2 * pw - 2
+    y = np.zeros((n, w.shape[0], oh, ow))
+    for i in range(3):
+        for j in range(3):
+            y += np.einsum("kc,nchw->nkhw", w[:, :, i, j].astype(np.float64),
+                           padded[:, :, i:i + oh, j:j + ow])
+    return y
+
+
+def case(x_shape, k, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((k, x_shape[1], 3, 3)) / np.sqrt(9 * x_shape[1])).astype(np.float32)
+    return x, w
+
+
+def run(x, w, pad, **epilogue):
+    oh, ow = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
+    y = np.full((x.shape[0], w.shape[0], oh, ow), np.nan, np.float32)
+    winograd.forward(x, w, y, pad, **epilogue)
+    return y
+
+
+# Relative to the outputs' largest magnitude; the direct kernel's own error is ~1e-7 here.
+TOLERANCE = 3e-5
+
+SHAPES = [
+    ((2, 16, 32, 32), 16, (1, 1)),     # whole blocks, one vector of channels
+    ((2, 64, 8, 8), 64, (1, 1)),       # few blocks: bands of output channels
+    ((1, 13, 7, 9), 21, (1, 1)),       # channels padded, blocks cut at the plane's edge
+    ((3, 8, 5, 6), 8, (0, 2)),         # no padding in rows, two in columns
+    ((2, 40, 11, 3), 35, (2, 1)),      # a plane one block wide
+    ((1, 96, 14, 14), 130, (1, 1)),    # several vectors of output channels and a partial one
+]
+
+
+@pytest.mark.parametrize("x_shape, k, pad", SHAPES)
+def test_forward_against_float64(x_shape, k, pad):
+    x, w = case(x_shape, k)
+    want = correlate(x, w, pad)
+    y = run(x, w, pad)
+    assert np.abs(y - want).max() <= TOLERANCE * np.abs(want).max()
+
+
+def test_epilogue_scale_shift_relu_keeps_nan():
+    x, w = case((2, 12, 9, 10), 20, seed=1)
+    x[1, 3, 4, 4] = np.nan
+    rng = np.random.default_rng(2)
+    scale, shift = rng.standard_normal(20).astype(np.float32), rng.standard_normal(20).astype(
+        np.float32)
+    plain = run(x, w, (1, 1))
+    assert np.isnan(plain).any()
+    y = run(x, w, (1, 1), scale=scale, shift=shift, relu=True)
+    want = plain * scale[:, None, None] + shift[:, None, None]
+    want = np.where(want < 0, np.float32(0), want)
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(plain))
+    np.testing.assert_array_equal(run(x, w, (1, 1), shift=shift), plain + shift[:, None, None])
+
+
+def test_changed_weights_are_transformed_again():
+    """The transform is kept by the weights' address; an edit in place (a solver's update, a
+    user's assignment) is seen at the next call, as is another array at another address."""
+    x, w = case((1, 16, 8, 8), 16, seed=3)
+    first = run(x, w, (1, 1))
+    np.testing.assert_array_equal(run(x, w, (1, 1)), first)
+    w[3, 5, 1, 2] += 1.0
+    w[15, 0, 0, 0] = -w[15, 0, 0, 0]
+    changed = run(x, w, (1, 1))
+    want = correlate(x, w, (1, 1))
+    assert np.abs(changed - want).max() <= TOLERANCE * np.abs(want).max()
+    other = -w
+    np.testing.assert_allclose(run(x, other, (1, 1)), -changed, rtol=1e-6, atol=1e-6)
+
+
+def test_kept_transforms_stay_within_their_budget(monkeypatch):
+    monkeypatch.setattr(winograd, "_KEPT_BYTES", 1)
+    monkeypatch.setattr(winograd, "_kept", type(winograd._kept)())
+    monkeypatch.setattr(winograd, "_kept_bytes", [0])
+    x, _ = case((1, 8, 6, 6), 8)
+    weights = [case((1, 8, 6, 6), 8, seed=s)[1] for s in range(5)]
+    outputs = [run(x, w, (1, 1)) for w in weights]
+    assert len(winograd._kept) == 1
+    for w, y in zip(weights, outputs):      # dropped transforms are made again
+        np.testing.assert_array_equal(run(x, w, (1, 1)), y)
+
+
+@pytest.mark.parametrize("x_shape, k, pad", SHAPES[:3])
+def test_results_do_not_depend_on_the_cut(monkeypatch, x_shape, k, pad):
+    """Chunks of blocks, bands of output channels, one thread or several: every output is the
+    same sum over the input channels in the same order, so the same bits."""
+    x, w = case(x_shape, k)
+    whole = run(x, w, pad)
+    monkeypatch.setattr(winograd, "_PARALLEL_MULTIPLY_ADDS", 0)
+    cuts = []
+    for workers, least, most in ((1, 1, 1), (2, 1, 1), (8, 2, 1 << 30), (3, 1, 1 << 30)):
+        monkeypatch.setattr(winograd.threads, "workers", lambda: workers)
+        monkeypatch.setattr(winograd, "_MIN_BLOCKS", least)
+        monkeypatch.setattr(winograd, "_CHUNK_BYTES", most)
+        winograd._plan.cache_clear()
+        plan = winograd._plan(x.shape, w.shape, whole.shape, winograd._lanes(), workers)
+        cuts.append((plan.chunk, plan.band))
+        np.testing.assert_array_equal(run(x, w, pad), whole)
+    winograd._plan.cache_clear()
+    assert len(set(cuts)) > 1
+
+
+def test_cut_reads_least_and_gives_every_worker_a_piece():
+    lanes = 16
+    # Few blocks, many channels: one chunk, the output channels in bands.
+    chunk, band = winograd._cut(8, 64, 64, lanes, 2)
+    assert chunk == 8 and band == 32
+    # Many blocks, few channels: chunks, all the output channels in each.
+    chunk, band = winograd._cut(2048, 16, 16, lanes, 2)
+    assert band == 16 and 2048 / chunk >= 2 and 36 * 4 * chunk * 32 <= winograd._CHUNK_BYTES
+    # One worker: no band cut.
+    assert winograd._cut(8, 64, 64, lanes, 1) == (8, 64)
+
+
+def test_avx2_build_agrees_with_the_widest(monkeypatch):
+    """On a CPU with AVX-512 the 64-byte build and the AVX2 build (8 lanes: channels padded
+    otherwise) sum each output in the same order: the same values to rounding."""
+    x, w = case((2, 20, 9, 11), 24, seed=4)
+    wide = run(x, w, (1, 1))
+    native.function("winograd_forward", np.float32, max(native.vector_sizes()))
+    single = native._builds[None]
+    monkeypatch.setattr(native, "_builds", {None: single, 32: single})
+    monkeypatch.setattr(native, "_functions", {})
+    assert winograd._lanes() == 8
+    narrow = run(x, w, (1, 1))
+    np.testing.assert_allclose(narrow, wide, rtol=1e-6, atol=1e-6)
+    want = correlate(x, w, (1, 1))
+    assert np.abs(narrow - want).max() <= TOLERANCE * np.abs(want).max()
+
+
+@pytest.mark.parametrize("change, suits", [
+    ({}, True),
+    ({"dtype": np.float64}, False),          # the gradient checks' dtype keeps the direct sum
+    ({"stride": (2, 2)}, False),
+    ({"dilation": (2, 1)}, False),
+    ({"group": 2}, False),
+    ({"w_shape": (16, 16, 5, 5)}, False),
+    ({"w_shape": (4, 16, 3, 3)}, False),     # fewer than MIN_CHANNELS outputs
+    ({"x_shape": (2, 3, 8, 8), "w_shape": (16, 3, 3, 3)}, False),
+])
+def test_which_convolutions_it_serves(change, suits):
+    geometry = {"x_shape": (2, 16, 8, 8), "w_shape": (16, 16, 3, 3), "pad": (1, 1),
+                "stride": (1, 1), "dilation": (1, 1), "group": 1, "dtype": np.float32}
+    geometry.update(change)
+    assert winograd.suits(**geometry) == suits
+
+
+def test_conv_forward_and_flipped_backward_data_use_it(monkeypatch):
+    """conv_forward sends a float32 3x3 convolution to Winograd, as does the backward-data of
+    one with stride 1 (the forward of dy with the flipped kernel)."""
+    calls = []
+    forward = winograd.forward
+    monkeypatch.setattr(winograd, "forward", lambda *a, **k: calls.append(a[1].shape)
+                        or forward(*a, **k))
+    x, w = case((2, 16, 10, 10), 24, seed=5)
+    y = np.empty((2, 24, 10, 10), np.float32)
+    cpu.conv_forward(x, w, y, (1, 1), (1, 1), (1, 1), 1)
+    assert calls == [(24, 16, 3, 3)]
+    dx = np.empty_like(x)
+    cpu.conv_backward_data(y, w, dx, (1, 1), (1, 1), (1, 1), 1)
+    assert calls[1:] == [(16, 24, 3, 3)]
+    flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1].astype(np.float64)
+    want = correlate(y.astype(np.float64), flipped, (1, 1))
+    assert np.abs(dx - want).max() <= TOLERANCE * np.abs(want).max()
