@@ -41,6 +41,7 @@ typedef float vw32 __attribute__((vector_size(64)));
 typedef double vw64 __attribute__((vector_size(64)));
 typedef float vw32u __attribute__((vector_size(64), aligned(4)));
 typedef double vw64u __attribute__((vector_size(64), aligned(8)));
+typedef int32_t vwi32 __attribute__((vector_size(64)));
 
 /* The vectorised kernels are built twice, as name_fast (AVX2 with FMA) and name_baseline;
  * native.py binds the first where has_avx2_fma() says the CPU has them. The direct
@@ -677,16 +678,17 @@ DEFINE_DIRECT_ALL(double, f64, vf64, vf64u, vw64, vw64u)
  * the transformed position xi = 6 i + j of the 6x6 domain. Vectors run along channels
  * (L lanes; channel counts padded with zeros to cp and kp, multiples of L). Layouts:
  *   frame (n, hp, wp, cp): the images zero-padded (pad, then up to whole blocks), channels
- *         last, hp = 4 th + 2 rows for th block rows (wp likewise for tw block columns);
- *   u     (36, kp / L, cp, L): the transformed weights (winograd_weights), a panel of
- *         cp x L values for each vector of output channels;
- *   v     (36, blocks, cp) and s (36, blocks, band): a piece's transformed input blocks and
- *         their products with u summed over c (in the calling thread's scratch).
+ *         last (copied in L x L tiles turned in registers), hp = 4 th + 2 rows for th
+ *         block rows (wp likewise for tw block columns), in the calling thread's scratch;
+ *   u     (36, kp / L, cp, L): the transformed weights, a panel of cp x L values for each
+ *         vector of output channels;
+ *   v     (blocks, 36, cp) and s (blocks, 36, band): a piece's transformed input blocks and
+ *         their products with u summed over c, in its thread's scratch.
  * A piece is a chunk of blocks (in order image, block row, block column) and a band of
  * output channels: it transforms its blocks' input, forms for every xi the sum over c (in
  * order) of v times u, transforms each block back, applies scale, shift and relu as the
- * direct kernel does, and stores the outputs inside the image. Each output is the same
- * sum however the work is cut. */
+ * direct kernel does, and stores the block's outputs inside the image (turned back to
+ * planes in registers). Each output is the same sum however the work is cut. */
 #define WINO_INPUT(o, d0, d1, d2, d3, d4, d5)                                                 \
     {                                                                                         \
         o[0] = 4.0f * d0 - 5.0f * d2 + d4;                                                    \
@@ -714,7 +716,8 @@ DEFINE_DIRECT_ALL(double, f64, vf64, vf64u, vw64, vw64u)
         o[3] = n12 + 8.0f * n34 + m5;                                                         \
     }
 
-/* s[a][b L ..] = sum over c of v[a][c] * u's panel b at c, for TT rows a and KV vectors b. */
+/* s[a][b L ..] = sum over c of v[a][c] * u's panel b at c, for TT rows a (rows vs and ss
+ * values apart) and KV vectors b. */
 #define WINO_TILE(V, VU, TT, KV, v, s)                                                        \
     {                                                                                         \
         V acc[TT][KV];                                                                        \
@@ -725,12 +728,12 @@ DEFINE_DIRECT_ALL(double, f64, vf64, vf64u, vw64, vw64u)
             V uv[KV];                                                                         \
             for (int b = 0; b < KV; ++b) uv[b] = *(const VU *)(ur + (i64)b * cp * L);         \
             for (int a = 0; a < TT; ++a) {                                                    \
-                const float value = (v)[(i64)a * cp + c];                                     \
+                const float value = (v)[a * vs + c];                                          \
                 for (int b = 0; b < KV; ++b) acc[a][b] += value * uv[b];                      \
             }                                                                                 \
         }                                                                                     \
         for (int a = 0; a < TT; ++a)                                                          \
-            for (int b = 0; b < KV; ++b) *(V *)((s) + (i64)a * band + b * L) = acc[a][b];     \
+            for (int b = 0; b < KV; ++b) *(V *)((s) + a * ss + b * L) = acc[a][b];            \
     }
 
 /* All blocks' rows for KV vectors of output channels: TT rows at a time, then 8, 4, 2, 1. */
@@ -739,53 +742,89 @@ static TARGET void wino_tiles_##KV##_##ISA(const float *v, const float *u, float
                                            int blocks, int cp, int band)                      \
 {                                                                                             \
     const int L = (int)(sizeof(V) / sizeof(float));                                           \
+    const i64 vs = 36 * (i64)cp, ss = 36 * (i64)band;                                         \
     int t = 0;                                                                                \
-    for (; t + TT <= blocks; t += TT) WINO_TILE(V, VU, TT, KV, v + (i64)t * cp, s + (i64)t * band) \
+    for (; t + TT <= blocks; t += TT) WINO_TILE(V, VU, TT, KV, v + t * vs, s + t * ss)        \
     if (TT > 8)                                                                               \
-        for (; t + 8 <= blocks; t += 8) WINO_TILE(V, VU, 8, KV, v + (i64)t * cp, s + (i64)t * band) \
+        for (; t + 8 <= blocks; t += 8) WINO_TILE(V, VU, 8, KV, v + t * vs, s + t * ss)       \
     if (TT > 4)                                                                               \
-        for (; t + 4 <= blocks; t += 4) WINO_TILE(V, VU, 4, KV, v + (i64)t * cp, s + (i64)t * band) \
-    for (; t + 2 <= blocks; t += 2) WINO_TILE(V, VU, 2, KV, v + (i64)t * cp, s + (i64)t * band) \
-    for (; t < blocks; ++t) WINO_TILE(V, VU, 1, KV, v + (i64)t * cp, s + (i64)t * band)       \
+        for (; t + 4 <= blocks; t += 4) WINO_TILE(V, VU, 4, KV, v + t * vs, s + t * ss)       \
+    for (; t + 2 <= blocks; t += 2) WINO_TILE(V, VU, 2, KV, v + t * vs, s + t * ss)           \
+    for (; t < blocks; ++t) WINO_TILE(V, VU, 1, KV, v + t * vs, s + t * ss)                   \
 }
 
-/* Each thread's scratch for its pieces, grown as needed and kept (native.c's workers and
- * the calling threads live as long as the process). */
-static _Thread_local float *wino_scratch_memory;
-static _Thread_local size_t wino_scratch_floats;
+/* rows[0..L-1] (an L x L matrix of floats, a row a vector) transposed in place: for each
+ * b = 1, 2, 4, ..., entries (i, j) with bit b of j set and bit b of i clear trade places
+ * with (i + b, j - b); lane j of row i then comes from lane KEEP(j) of the pair (row i,
+ * row i + b) taken as one 2L-lane vector, and lane j of row i + b from lane TAKE(j). */
+#define KEEP(j, b, L) ((j) & (b) ? (L) + (j) - (b) : (j))
+#define TAKE(j, b, L) ((j) & (b) ? (L) + (j) : (j) + (b))
+#define LANES_8(F, b) F(0, b, 8), F(1, b, 8), F(2, b, 8), F(3, b, 8), F(4, b, 8), F(5, b, 8), \
+    F(6, b, 8), F(7, b, 8)
+#define LANES_16(F, b) F(0, b, 16), F(1, b, 16), F(2, b, 16), F(3, b, 16), F(4, b, 16),       \
+    F(5, b, 16), F(6, b, 16), F(7, b, 16), F(8, b, 16), F(9, b, 16), F(10, b, 16),            \
+    F(11, b, 16), F(12, b, 16), F(13, b, 16), F(14, b, 16), F(15, b, 16)
+#define DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                           \
+static inline __attribute__((always_inline)) TARGET void transpose_##ISA(V *rows)            \
+{                                                                                             \
+    _Pragma("GCC unroll 4")                                                                   \
+    for (int b = 1; b < LANES; b *= 2) {                                                      \
+        const VI keep = {LANES_##LANES(KEEP, b)}, take = {LANES_##LANES(TAKE, b)};            \
+        _Pragma("GCC unroll 16")                                                              \
+        for (int i = 0; i < LANES; ++i)                                                       \
+            if (!(i & b)) {                                                                   \
+                const V low = rows[i], high = rows[i + b];                                    \
+                rows[i] = __builtin_shuffle(low, high, keep);                                 \
+                rows[i + b] = __builtin_shuffle(low, high, take);                             \
+            }                                                                                 \
+    }                                                                                         \
+}
 
-static float *wino_scratch(size_t floats)
+/* A thread's scratch, grown as needed and kept: native.c's workers and the calling threads
+ * live as long as the process, and a piece's scratch is then already in cache and mapped. */
+struct scratch { float *memory; size_t floats; };
+static _Thread_local struct scratch wino_frame_scratch, wino_piece_scratch;
+
+static float *scratch_floats(struct scratch *s, size_t floats)
 {
-    if (floats > wino_scratch_floats) {
-        free(wino_scratch_memory);
-        wino_scratch_floats = 0;
-        wino_scratch_memory = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-        if (wino_scratch_memory) wino_scratch_floats = floats;
+    if (floats > s->floats) {
+        free(s->memory);
+        s->floats = 0;
+        s->memory = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        if (s->memory) s->floats = floats;
     }
-    return wino_scratch_memory;
+    return s->memory;
 }
 
 /* Tiles (rows x vectors of output channels): KV_MAX vectors at most; TTk rows for k vectors. */
-#define DEFINE_WINOGRAD(V, VU, ISA, TARGET, KV_MAX, TT1, TT2, TT3, TT4)                       \
+#define DEFINE_WINOGRAD(V, VU, VI, LANES, ISA, TARGET, KV_MAX, TT1, TT2, TT3, TT4)            \
 DEFINE_WINO_TILES(V, VU, ISA, TARGET, 1, TT1)                                                 \
 DEFINE_WINO_TILES(V, VU, ISA, TARGET, 2, TT2)                                                 \
 DEFINE_WINO_TILES(V, VU, ISA, TARGET, 3, TT3)                                                 \
 DEFINE_WINO_TILES(V, VU, ISA, TARGET, 4, TT4)                                                 \
+DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                                   \
                                                                                               \
-/* u from w (k, c, 3, 3) unless w equals copy (then 0 is returned): copy = w, u written       \
- * (a vector of output channels a piece, on `threads` threads), 1 returned. */                \
-struct wino_weights_##ISA { const float *w; float *u; int k, c, cp, kp; };                    \
+struct wino_##ISA {                                                                           \
+    const float *x, *w, *u, *scale, *shift; float *frame, *y;                                 \
+    int n, c, h, wd, ph, pw, cp, kp, k, oh, ow, th, tw, hp, wp, relu;                         \
+    int frame_bands, chunk, blocks, band, bands;                                              \
+    atomic_int failed;                                                                        \
+};                                                                                            \
+                                                                                              \
+/* Pieces of the weights' transform: a vector of output channels each, u's panel for it. */  \
 static TARGET void wino_weights_piece_##ISA(void *job, int index)                             \
 {                                                                                             \
-    const struct wino_weights_##ISA *a = job;                                                 \
-    const int L = (int)(sizeof(V) / sizeof(float)), k0 = index * L, cp = a->cp, kp = a->kp;   \
-    const float *rows[sizeof(V) / sizeof(float)];                                             \
-    for (int l = 0; l < L; ++l) rows[l] = k0 + l < a->k ? a->w + (i64)(k0 + l) * a->c * 9 : 0; \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int k0 = index * L, cp = a->cp;                                                     \
+    float *panel = (float *)a->u + (i64)k0 * cp;                                              \
     for (int ci = 0; ci < cp; ++ci) {                                                         \
         V g[3][3], filtered[3][6];                                                            \
         for (int e = 0; e < 9; ++e) {                                                         \
-            float lanes[sizeof(V) / sizeof(float)];                                           \
-            for (int l = 0; l < L; ++l) lanes[l] = rows[l] && ci < a->c ? rows[l][ci * 9 + e] : 0; \
+            float lanes[L];                                                                   \
+            for (int l = 0; l < L; ++l)                                                       \
+                lanes[l] = k0 + l < a->k && ci < a->c                                         \
+                    ? a->w[((i64)(k0 + l) * a->c + ci) * 9 + e] : 0;                          \
             memcpy(&g[e / 3][e % 3], lanes, sizeof lanes);                                    \
         }                                                                                     \
         for (int i = 0; i < 3; ++i) WINO_FILTER(filtered[i], g[i][0], g[i][1], g[i][2])       \
@@ -793,40 +832,79 @@ static TARGET void wino_weights_piece_##ISA(void *job, int index)               
             V o[6];                                                                           \
             WINO_FILTER(o, filtered[0][jj], filtered[1][jj], filtered[2][jj])                 \
             for (int ii = 0; ii < 6; ++ii)                                                    \
-                *(VU *)(a->u + (((i64)(6 * ii + jj) * kp + k0) * cp + (i64)ci * L)) = o[ii];  \
+                *(VU *)(panel + (i64)(6 * ii + jj) * a->kp * cp + (i64)ci * L) = o[ii];       \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
-TARGET int winograd_weights_f32_##ISA(const float *w, float *copy, float *u, int k, int c,   \
-                                      int cp, int kp, int force, int threads)                 \
+                                                                                              \
+/* Pieces of the frame: bands of its rows. */                                                 \
+static TARGET void wino_frame_band_##ISA(void *job, int index)                                \
 {                                                                                             \
-    const size_t bytes = sizeof(float) * 9 * (size_t)k * c;                                   \
-    if (!force && memcmp(w, copy, bytes) == 0) return 0;                                      \
-    memcpy(copy, w, bytes);                                                                   \
-    struct wino_weights_##ISA job = {w, u, k, c, cp, kp};                                     \
-    pieces_run(wino_weights_piece_##ISA, &job, kp / (int)(sizeof(V) / sizeof(float)), threads); \
-    return 1;                                                                                 \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const i64 rows = (i64)a->n * a->hp, plane = (i64)a->h * a->wd;                            \
+    for (i64 r = rows * index / a->frame_bands; r < rows * (index + 1) / a->frame_bands; ++r) { \
+        const int img = (int)(r / a->hp), iy = (int)(r % a->hp) - a->ph;                     \
+        float *out = a->frame + r * a->wp * a->cp + (i64)a->pw * a->cp;                       \
+        memset(out - (i64)a->pw * a->cp, 0, sizeof(float) * a->wp * a->cp);                   \
+        if (iy < 0 || iy >= a->h) continue;                                                   \
+        const float *in = a->x + (i64)img * a->c * plane + (i64)iy * a->wd;                   \
+        for (int c0 = 0; c0 < a->c; c0 += L)                                                  \
+            for (int x0 = 0; x0 < a->wd; x0 += L) {                                           \
+                if (c0 + L <= a->c && x0 + L <= a->wd) {                                      \
+                    V tile[L];                                                                \
+                    for (int l = 0; l < L; ++l)                                               \
+                        tile[l] = *(const VU *)(in + (c0 + l) * plane + x0);                  \
+                    transpose_##ISA(tile);                                                    \
+                    for (int l = 0; l < L; ++l)                                               \
+                        *(VU *)(out + (i64)(x0 + l) * a->cp + c0) = tile[l];                  \
+                    continue;                                                                 \
+                }                                                                             \
+                for (int ci = c0; ci < c0 + L && ci < a->c; ++ci)                             \
+                    for (int ix = x0; ix < x0 + L && ix < a->wd; ++ix)                        \
+                        out[(i64)ix * a->cp + ci] = in[ci * plane + ix];                      \
+            }                                                                                 \
+    }                                                                                         \
 }                                                                                             \
                                                                                               \
-struct wino_##ISA {                                                                           \
-    const float *x, *u, *scale, *shift; float *frame, *y;                                     \
-    int n, c, h, w, ph, pw, cp, kp, k, oh, ow, th, tw, hp, wp, relu;                          \
-    int frame_bands, chunk, blocks, band, bands;                                              \
-    atomic_int failed;                                                                        \
-};                                                                                            \
-                                                                                              \
-static void wino_frame_band_##ISA(void *job, int index)                                       \
+/* One block's outputs for L output channels from `first` (count of them in the image):      \
+ * out[r][q] holds output (oy0 + r, ox0 + q) of each channel in its lanes. */                 \
+static inline __attribute__((always_inline)) TARGET void wino_store_##ISA(                   \
+    const struct wino_##ISA *a, V out[4][4], int img, int first, int count, int oy0, int ox0) \
 {                                                                                             \
-    struct wino_##ISA *a = job;                                                               \
-    const i64 rows = (i64)a->n * a->hp;                                                       \
-    for (i64 r = rows * index / a->frame_bands; r < rows * (index + 1) / a->frame_bands; ++r) { \
-        const int img = (int)(r / a->hp), iy = (int)(r % a->hp) - a->ph;                      \
-        float *out = a->frame + r * a->wp * a->cp;                                            \
-        memset(out, 0, sizeof(float) * a->wp * a->cp);                                        \
-        if (iy < 0 || iy >= a->h) continue;                                                   \
-        for (int ci = 0; ci < a->c; ++ci) {                                                   \
-            const float *in = a->x + (((i64)img * a->c + ci) * a->h + iy) * a->w;             \
-            for (int ix = 0; ix < a->w; ++ix) out[(i64)(ix + a->pw) * a->cp + ci] = in[ix];   \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int rows_in = a->oh - oy0 < 4 ? a->oh - oy0 : 4;                                    \
+    const int cols_in = a->ow - ox0 < 4 ? a->ow - ox0 : 4;                                    \
+    float scale[L] = {0}, shift[L] = {0};                                                     \
+    if (a->scale) memcpy(scale, a->scale + first, sizeof(float) * count);                     \
+    if (a->shift) memcpy(shift, a->shift + first, sizeof(float) * count);                     \
+    V scale_v, shift_v;                                                                       \
+    memcpy(&scale_v, scale, sizeof scale_v);                                                  \
+    memcpy(&shift_v, shift, sizeof shift_v);                                                  \
+    for (int g = 0; g < 16 / L; ++g) {      /* L of the 16 outputs at a time */               \
+        V tile[L];                                                                            \
+        for (int p = 0; p < L; ++p) {                                                         \
+            V value = out[(g * L + p) / 4][(g * L + p) % 4];                                  \
+            if (a->scale) value *= scale_v;                                                   \
+            if (a->shift) value += shift_v;                                                   \
+            if (a->relu) {                                                                    \
+                const __typeof__(value < value) negative = value < (V){0};                    \
+                value = (V)((__typeof__(negative))value & ~negative);                         \
+            }                                                                                 \
+            tile[p] = value;                                                                  \
+        }                                                                                     \
+        transpose_##ISA(tile);              /* tile[l]: channel first + l's outputs */        \
+        for (int l = 0; l < count; ++l) {                                                     \
+            float values[L];                                                                  \
+            memcpy(values, &tile[l], sizeof values);                                          \
+            float *plane = a->y + ((i64)img * a->k + first + l) * a->oh * a->ow;              \
+            for (int q = 0; q < L / 4; ++q) {                                                 \
+                const int r = g * L / 4 + q;                                                  \
+                if (r >= rows_in) break;                                                      \
+                float *row = plane + (i64)(oy0 + r) * a->ow + ox0;                            \
+                if (cols_in == 4) memcpy(row, values + 4 * q, 4 * sizeof(float));             \
+                else memcpy(row, values + 4 * q, cols_in * sizeof(float));                    \
+            }                                                                                 \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
@@ -834,11 +912,12 @@ static void wino_frame_band_##ISA(void *job, int index)                         
 static TARGET void wino_piece_##ISA(void *job, int index)                                     \
 {                                                                                             \
     struct wino_##ISA *a = job;                                                               \
-    const int L = (int)(sizeof(V) / sizeof(float)), cp = a->cp, kp = a->kp;                   \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp, kp = a->kp;                                                         \
     const int t0 = index / a->bands * a->chunk, k0 = index % a->bands * a->band;              \
     const int blocks = a->blocks - t0 < a->chunk ? a->blocks - t0 : a->chunk;                 \
     const int band = kp - k0 < a->band ? kp - k0 : a->band;                                   \
-    float *v = wino_scratch((size_t)36 * blocks * (cp + band));                               \
+    float *v = scratch_floats(&wino_piece_scratch, (size_t)36 * blocks * (cp + band));        \
     if (!v) {                                                                                 \
         atomic_store(&a->failed, 1);                                                          \
         return;                                                                               \
@@ -849,7 +928,7 @@ static TARGET void wino_piece_##ISA(void *job, int index)                       
         const int block = t0 + t, img = block / per_image;                                    \
         const int by = block % per_image / a->tw, bx = block % a->tw;                         \
         const float *corner = a->frame + (((i64)img * a->hp + 4 * by) * a->wp + 4 * bx) * cp; \
-        for (int c0 = 0; c0 < cp; c0 += L) {                                                  \
+        for (int c0 = 0; c0 < cp; c0 += L) {                                                 \
             V rows[6][6];                                                                     \
             for (int i = 0; i < 6; ++i) {                                                     \
                 const float *d = corner + (i64)i * a->wp * cp + c0;                           \
@@ -862,13 +941,13 @@ static TARGET void wino_piece_##ISA(void *job, int index)                       
                 WINO_INPUT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj],             \
                            rows[4][jj], rows[5][jj])                                          \
                 for (int ii = 0; ii < 6; ++ii)                                                \
-                    *(V *)(v + ((i64)(6 * ii + jj) * blocks + t) * cp + c0) = o[ii];          \
+                    *(V *)(v + ((i64)t * 36 + 6 * ii + jj) * cp + c0) = o[ii];                \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
     for (int xi = 0; xi < 36; ++xi) {                                                         \
-        const float *vx = v + (i64)xi * blocks * cp, *ux = a->u + ((i64)xi * kp + k0) * cp;   \
-        float *sx = s + (i64)xi * blocks * band;                                              \
+        const float *vx = v + (i64)xi * cp, *ux = a->u + ((i64)xi * kp + k0) * cp;           \
+        float *sx = s + (i64)xi * band;                                                       \
         for (int kk = 0; kk < band;) {                                                        \
             const int left = (band - kk) / L, kv = left < KV_MAX ? left : KV_MAX;             \
             const float *uk = ux + (i64)kk * cp;                                              \
@@ -882,64 +961,49 @@ static TARGET void wino_piece_##ISA(void *job, int index)                       
     for (int t = 0; t < blocks; ++t) {                                                        \
         const int block = t0 + t, img = block / per_image;                                    \
         const int oy0 = block % per_image / a->tw * 4, ox0 = block % a->tw * 4;               \
-        const int rows_in = a->oh - oy0 < 4 ? a->oh - oy0 : 4;                                \
-        const int cols_in = a->ow - ox0 < 4 ? a->ow - ox0 : 4;                                \
-        for (int kk = 0; kk < band; kk += L) {                                                \
+        for (int kk = 0; kk < band && k0 + kk < a->k; kk += L) {                              \
             V half[6][4], out[4][4];                                                          \
             for (int ii = 0; ii < 6; ++ii) {                                                  \
-                const float *m = s + ((i64)(6 * ii) * blocks + t) * band + kk;                \
-                const i64 step = (i64)blocks * band;                                          \
-                WINO_OUTPUT(half[ii], *(const V *)m, *(const V *)(m + step),                  \
-                            *(const V *)(m + 2 * step), *(const V *)(m + 3 * step),           \
-                            *(const V *)(m + 4 * step), *(const V *)(m + 5 * step))           \
+                const float *m = s + ((i64)t * 36 + 6 * ii) * band + kk;                      \
+                WINO_OUTPUT(half[ii], *(const V *)m, *(const V *)(m + band),                  \
+                            *(const V *)(m + 2 * band), *(const V *)(m + 3 * band),           \
+                            *(const V *)(m + 4 * band), *(const V *)(m + 5 * band))           \
             }                                                                                 \
-            for (int sj = 0; sj < 4; ++sj) {                                                  \
+            for (int q = 0; q < 4; ++q) {                                                     \
                 V o[4];                                                                       \
-                WINO_OUTPUT(o, half[0][sj], half[1][sj], half[2][sj], half[3][sj],            \
-                            half[4][sj], half[5][sj])                                         \
-                for (int r = 0; r < 4; ++r) out[r][sj] = o[r];                                \
+                WINO_OUTPUT(o, half[0][q], half[1][q], half[2][q], half[3][q], half[4][q],    \
+                            half[5][q])                                                       \
+                for (int r = 0; r < 4; ++r) out[r][q] = o[r];                                 \
             }                                                                                 \
-            const int first = k0 + kk, count = a->k - first < L ? a->k - first : L;           \
-            if (count <= 0) break;                                                            \
-            V scale = {0}, shift = {0};                                                       \
-            if (a->scale) scale = *(const VU *)(a->scale + first);                            \
-            if (a->shift) shift = *(const VU *)(a->shift + first);                            \
-            float lanes[4][4][sizeof(V) / sizeof(float)];                                     \
-            for (int r = 0; r < 4; ++r)                                                       \
-                for (int sj = 0; sj < 4; ++sj) {                                              \
-                    V value = out[r][sj];                                                     \
-                    if (a->scale) value *= scale;                                             \
-                    if (a->shift) value += shift;                                             \
-                    if (a->relu) {                                                            \
-                        const __typeof__(value < value) negative = value < (V){0};            \
-                        value = (V)((__typeof__(negative))value & ~negative);                 \
-                    }                                                                         \
-                    memcpy(lanes[r][sj], &value, sizeof value);                               \
-                }                                                                             \
-            for (int l = 0; l < count; ++l) {                                                 \
-                float *plane = a->y + ((i64)img * a->k + first + l) * a->oh * a->ow;          \
-                for (int r = 0; r < rows_in; ++r)                                             \
-                    for (int sj = 0; sj < cols_in; ++sj)                                      \
-                        plane[(i64)(oy0 + r) * a->ow + ox0 + sj] = lanes[r][sj][l];           \
-            }                                                                                 \
+            const int first = k0 + kk;                                                        \
+            wino_store_##ISA(a, out, img, first, a->k - first < L ? a->k - first : L, oy0,    \
+                             ox0);                                                            \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* y (n, k, oh, ow) = the convolution of x (n, c, h, w) padded by (ph, pw) with the weights   \
- * whose transform is u; then scale, shift (kp values each, or null) and relu as the direct   \
- * kernel applies them. Blocks in chunks of `chunk`, output channels in bands of `band`;     \
- * frame is (n, hp, wp, cp) scratch. Returns 0, or 1 when a thread's scratch could not be    \
- * allocated. */                                                                              \
+/* y (n, k, oh, ow) = the convolution of x (n, c, h, wd) padded by (ph, pw) with w (k, c, 3,  \
+ * 3); then times scale, plus shift (k values each, or null) and relu as the direct kernel    \
+ * applies them. u is w's transform when w equals copy (unless `force`); else copy = w and u  \
+ * is made anew first. Blocks in chunks of `chunk`, output channels in bands of `band`.       \
+ * Returns 0, or 1 when a thread's scratch could not be allocated. */                         \
 TARGET int winograd_forward_f32_##ISA(                                                        \
-    const float *x, float *frame, const float *u, float *y, int n, int c, int h, int w,      \
-    int ph, int pw, int cp, int kp, int k, int oh, int ow, int chunk, int band,               \
-    const float *scale, const float *shift, int relu, int threads)                            \
+    const float *x, const float *w, float *copy, float *u, float *y, int force, int n,        \
+    int c, int h, int wd, int ph, int pw, int cp, int kp, int k, int oh, int ow, int chunk,   \
+    int band, const float *scale, const float *shift, int relu, int threads)                  \
 {                                                                                             \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
     const int th = (oh + 3) / 4, tw = (ow + 3) / 4;                                           \
-    struct wino_##ISA job = {x, u, scale, shift, frame, y, n, c, h, w, ph, pw, cp, kp, k,     \
+    struct wino_##ISA job = {x, w, u, scale, shift, NULL, y, n, c, h, wd, ph, pw, cp, kp, k,  \
                              oh, ow, th, tw, 4 * th + 2, 4 * tw + 2, relu, 1, chunk,          \
                              n * th * tw, band, (kp + band - 1) / band, 0};                   \
+    const size_t weight_bytes = sizeof(float) * 9 * (size_t)k * c;                            \
+    if (force || memcmp(w, copy, weight_bytes) != 0) {                                        \
+        memcpy(copy, w, weight_bytes);                                                        \
+        pieces_run(wino_weights_piece_##ISA, &job, kp / L, threads);                          \
+    }                                                                                         \
+    job.frame = scratch_floats(&wino_frame_scratch, (size_t)n * job.hp * job.wp * cp);        \
+    if (!job.frame) return 1;                                                                 \
     job.frame_bands = threads < 2 ? 1 : 2 * threads;                                          \
     pieces_run(wino_frame_band_##ISA, &job, job.frame_bands, threads);                        \
     const int chunks = (job.blocks + chunk - 1) / chunk;                                      \
@@ -948,9 +1012,9 @@ TARGET int winograd_forward_f32_##ISA(                                          
 }
 
 /* Tiles chosen by trying on AVX-512 (EPYC, 2 threads). */
-DEFINE_WINOGRAD(vw32, vw32u, wide, WIDE, 4, 16, 12, 8, 6)
-DEFINE_WINOGRAD(vf32, vf32u, fast, FAST, 2, 12, 6, 4, 3)
-DEFINE_WINOGRAD(vf32, vf32u, baseline, BASELINE, 2, 12, 6, 4, 3)
+DEFINE_WINOGRAD(vw32, vw32u, vwi32, 16, wide, WIDE, 4, 16, 12, 8, 6)
+DEFINE_WINOGRAD(vf32, vf32u, vi32, 8, fast, FAST, 2, 12, 6, 4, 3)
+DEFINE_WINOGRAD(vf32, vf32u, vi32, 8, baseline, BASELINE, 2, 12, 6, 4, 3)
 
 /* -- col2im: a column matrix's window entries added back into the images ----------------------
  * cols holds rows (c, i, j) of (n, oh, ow) columns; dx (n, c, h, w) gets, for channels c0..c1-1,

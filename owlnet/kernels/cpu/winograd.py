@@ -98,25 +98,24 @@ _kept_bytes = [0]
 _kept_lock = threading.Lock()
 
 
-def _transformed(w, cp, kp, lanes, workers):
-    """``u`` (36, kp / lanes, cp, lanes) for weights ``w`` (K, C, 3, 3), kept between calls (module doc)."""
+def _kept_transform(w, cp, kp, lanes):
+    """``(copy, u, fresh)``: the arrays kept for weights ``w`` (K, C, 3, 3) at this address,
+    a copy of them and their transform ``u`` (36, kp / lanes, cp, lanes), new (``fresh``:
+    to be filled) if there were none. Two threads with the same weights may share them:
+    both then write the same values."""
     key = (w.ctypes.data, w.shape, lanes)
-    transform = native.function("winograd_weights", np.float32, 4 * lanes)
     with _kept_lock:
         entry = _kept.get(key)
         if entry is not None:
             _kept.move_to_end(key)
-            transform(w.ctypes.data, entry[0].ctypes.data, entry[1].ctypes.data,
-                      *w.shape[:2], cp, kp, 0, workers)
-            return entry[1]
+            return (*entry, False)
         entry = (np.empty_like(w), _aligned_empty((36, kp // lanes, cp, lanes)))
-        transform(*native.addresses(w, *entry), *w.shape[:2], cp, kp, 1, workers)
         _kept[key] = entry
         _kept_bytes[0] += entry[0].nbytes + entry[1].nbytes
         while _kept_bytes[0] > _KEPT_BYTES and len(_kept) > 1:
             copy, u = _kept.pop(next(iter(_kept)))
             _kept_bytes[0] -= copy.nbytes + u.nbytes
-    return entry[1]
+    return (*entry, True)
 
 
 def _aligned_empty(shape):
@@ -128,15 +127,6 @@ def _aligned_empty(shape):
     return memory[first:first + count].reshape(shape)
 
 
-def _padded(values, length):
-    """Per-channel values padded with zeros to ``length`` (native.c reads whole vectors)."""
-    if values is None:
-        return None
-    out = np.zeros(length, np.float32)
-    out[:len(values)] = values
-    return out
-
-
 def forward(x, w, y, pad, scale=None, shift=None, relu=False):
     """``y = conv(x, w)`` for a convolution that ``suits``, written; then times ``scale`` and
     plus ``shift`` (per output channel, or None) and with ``relu`` max(., 0) taken (NaN kept),
@@ -146,13 +136,12 @@ def forward(x, w, y, pad, scale=None, shift=None, relu=False):
     lanes = _lanes()
     plan = _plan(x.shape, w.shape, y.shape, lanes, threads.workers())
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    u = _transformed(w, plan.cp, plan.kp, lanes, plan.workers)
-    frame = np.empty(plan.frame_shape, np.float32)
-    scale, shift = _padded(scale, plan.kp), _padded(shift, plan.kp)
-    n, c, h, wd = x.shape
+    scale, shift = (None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+                    for a in (scale, shift))
+    copy, u, fresh = _kept_transform(w, plan.cp, plan.kp, lanes)
     failed = native.function("winograd_forward", np.float32, 4 * lanes)(
-        *native.addresses(x, frame, u, y), n, c, h, wd, *pad, plan.cp, plan.kp, w.shape[0],
-        *y.shape[2:], plan.chunk, plan.band, *native.addresses(scale, shift), int(relu),
-        plan.workers)
+        *native.addresses(x, w, copy, u, y), int(fresh), *x.shape, *pad, plan.cp, plan.kp,
+        w.shape[0], *y.shape[2:], plan.chunk, plan.band, *native.addresses(scale, shift),
+        int(relu), plan.workers)
     if failed:
         raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
