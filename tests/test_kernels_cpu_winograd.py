@@ -170,18 +170,117 @@ def test_which_convolutions_it_serves(change, suits):
 
 def test_conv_forward_and_flipped_backward_data_use_it(monkeypatch):
     """conv_forward sends a float32 3x3 convolution to Winograd, as does the backward-data of
-    one with stride 1 (the forward of dy with the flipped kernel)."""
+    one with stride 1 (the forward of dy with the kernel flipped, read where it lies)."""
     calls = []
     forward = winograd.forward
-    monkeypatch.setattr(winograd, "forward", lambda *a, **k: calls.append(a[1].shape)
-                        or forward(*a, **k))
+    monkeypatch.setattr(winograd, "forward", lambda *a, **k: calls.append(
+        (a[1].shape, k.get("flipped", False))) or forward(*a, **k))
     x, w = case((2, 16, 10, 10), 24, seed=5)
     y = np.empty((2, 24, 10, 10), np.float32)
     cpu.conv_forward(x, w, y, (1, 1), (1, 1), (1, 1), 1)
-    assert calls == [(24, 16, 3, 3)]
+    assert calls == [((24, 16, 3, 3), False)]
     dx = np.empty_like(x)
     cpu.conv_backward_data(y, w, dx, (1, 1), (1, 1), (1, 1), 1)
-    assert calls[1:] == [(16, 24, 3, 3)]
+    assert calls[1:] == [((24, 16, 3, 3), True)]
     flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1].astype(np.float64)
     want = correlate(y.astype(np.float64), flipped, (1, 1))
     assert np.abs(dx - want).max() <= TOLERANCE * np.abs(want).max()
+    # The same weights forward again: the flipped transform is kept apart from the plain one.
+    again = np.empty_like(y)
+    cpu.conv_forward(x, w, again, (1, 1), (1, 1), (1, 1), 1)
+    np.testing.assert_array_equal(again, y)
+
+
+# -- the backward-filter ---------------------------------------------------------------------
+def filter_gradient(x, dy, pad):
+    """dw[k, c, i, j] = sum over images and outputs of dy[n, k, r, q] * x[n, c, r + i - ph,
+    q + j - pw] (zero outside), in float64."""
+    n, c, h, wd = x.shape
+    ph, pw = pad
+    padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw))
+    padded[:, :, ph:ph + h, pw:pw + wd] = x
+    oh, ow = dy.shape[2:]
+    dw = np.empty((dy.shape[1], c, 3, 3))
+    for i in range(3):
+        for j in range(3):
+            dw[:, :, i, j] = np.einsum("nkhw,nchw->kc", dy.astype(np.float64),
+                                       padded[:, :, i:i + oh, j:j + ow])
+    return dw
+
+
+def gradient_case(x_shape, k, pad, seed=0):
+    x, _ = case(x_shape, k, seed)
+    oh, ow = x_shape[2] + 2 * pad[0] - 2, x_shape[3] + 2 * pad[1] - 2
+    dy = np.random.default_rng(seed + 100).standard_normal((x_shape[0], k, oh, ow)).astype(
+        np.float32)
+    return x, dy
+
+
+def run_gradient(x, dy, pad):
+    dw = np.full((dy.shape[1], x.shape[1], 3, 3), np.nan, np.float32)
+    winograd.backward_filter(x, dy, dw, pad)
+    return dw
+
+
+# Relative to the gradient's largest magnitude: sums over many blocks (the direct kernel's
+# error is ~3e-7 here).
+GRADIENT_TOLERANCE = 5e-5
+
+
+@pytest.mark.parametrize("x_shape, k, pad", SHAPES)
+def test_backward_filter_against_float64(x_shape, k, pad):
+    x, dy = gradient_case(x_shape, k, pad)
+    want = filter_gradient(x, dy, pad)
+    dw = run_gradient(x, dy, pad)
+    assert np.abs(dw - want).max() <= GRADIENT_TOLERANCE * np.abs(want).max()
+
+
+def test_backward_filter_passes_and_threads_give_the_same_bits(monkeypatch):
+    """The sums run over the blocks in passes cut by shape alone, each position's sum by one
+    thread: any number of threads gives the same bits, and passes of other sizes the same
+    values to rounding."""
+    x, dy = gradient_case((3, 16, 13, 11), 24, (1, 1))
+    monkeypatch.setattr(winograd, "_PARALLEL_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(winograd, "_PASS_BYTES", 36 * 4 * 32 * 5)      # passes of 5 blocks
+    found = []
+    for workers in (1, 2, 3, 8):
+        monkeypatch.setattr(winograd.threads, "workers", lambda: workers)
+        winograd._plan.cache_clear()
+        found.append(run_gradient(x, dy, (1, 1)))
+    winograd._plan.cache_clear()
+    for dw in found[1:]:
+        np.testing.assert_array_equal(dw, found[0])
+    monkeypatch.setattr(winograd, "_PASS_BYTES", 1 << 30)             # one pass
+    whole = run_gradient(x, dy, (1, 1))
+    np.testing.assert_allclose(whole, found[0], rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
+def test_backward_filter_avx2_build_agrees(monkeypatch):
+    x, dy = gradient_case((2, 20, 9, 11), 24, (1, 1), seed=6)
+    wide = run_gradient(x, dy, (1, 1))
+    native.function("winograd_backward_filter", np.float32, max(native.vector_sizes()))
+    single = native._builds[None]
+    monkeypatch.setattr(native, "_builds", {None: single, 32: single})
+    monkeypatch.setattr(native, "_functions", {})
+    narrow = run_gradient(x, dy, (1, 1))
+    np.testing.assert_allclose(narrow, wide, rtol=1e-5, atol=1e-5 * np.abs(wide).max())
+
+
+def test_conv_backward_filter_uses_it_within_its_scratch(monkeypatch):
+    calls = []
+    backward = winograd.backward_filter
+    monkeypatch.setattr(winograd, "backward_filter", lambda *a: calls.append(a[2].shape)
+                        or backward(*a))
+    x, dy = gradient_case((2, 16, 10, 10), 24, (1, 1))
+    dw = np.empty((24, 16, 3, 3), np.float32)
+    cpu.conv_backward_filter(x, dy, dw, (1, 1), (1, 1), (1, 1), 1)
+    assert calls == [(24, 16, 3, 3)]
+    want = filter_gradient(x, dy, (1, 1))
+    assert np.abs(dw - want).max() <= GRADIENT_TOLERANCE * np.abs(want).max()
+    # Beyond the scratch bound: the direct kernel's.
+    monkeypatch.setattr(winograd, "_GRADIENT_SCRATCH_BYTES", 1000)
+    assert not winograd.suits_backward_filter(x.shape, dw.shape, dy.shape, (1, 1), (1, 1),
+                                              (1, 1), 1, np.float32)
+    cpu.conv_backward_filter(x, dy, dw, (1, 1), (1, 1), (1, 1), 1)
+    assert len(calls) == 1
+    assert np.abs(dw - want).max() <= 1e-6 * np.abs(want).max()

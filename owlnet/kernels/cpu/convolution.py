@@ -121,6 +121,10 @@ def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"
 def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="default"):
     """Gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``, written (not
     added) into ``dw``."""
+    if winograd.suits_backward_filter(x.shape, dw.shape, dy.shape, pad, stride, dilation, group,
+                                      dw.dtype):
+        winograd.backward_filter(x, dy, dw, pad)
+        return
     run = _BACKWARD_FILTER[_algorithm(x.shape, dw.shape, dy.shape, pad, stride, group)]
     run(x, dy, dw, pad, stride, dilation, group)
 
@@ -410,9 +414,12 @@ _FLIPPED_WINDOW = 576
 
 def _flipped_or_col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
     flipped_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], pad))
-    flipped_shape = (w.shape[1], w.shape[0]) + w.shape[2:]
-    flipped_cheaper = w.shape[0] <= w.shape[1] or winograd.suits(
-        dy.shape, flipped_shape, flipped_pad, stride, dilation, group, dx.dtype) or (
+    if winograd.suits(dy.shape, (w.shape[1], w.shape[0]) + w.shape[2:], flipped_pad, stride,
+                      dilation, group, dx.dtype):
+        # The flipped forward below, by Winograd, which reads w flipped where it lies.
+        winograd.forward(dy, w, dx, flipped_pad, flipped=True)
+        return
+    flipped_cheaper = w.shape[0] <= w.shape[1] or (
         flipped_pad == tuple(pad) and 64 in native.vector_sizes()
         and (dy.shape[3] <= _FLIPPED_ROWS or w[:, 0].size <= _FLIPPED_WINDOW))
     if group == 1 and tuple(stride) == (1, 1) and min(flipped_pad) >= 0 and flipped_cheaper:

@@ -716,6 +716,67 @@ DEFINE_DIRECT_ALL(double, f64, vf64, vf64u, vw64, vw64u)
         o[3] = n12 + 8.0f * n34 + m5;                                                         \
     }
 
+/* The backward-filter's transforms, the adjoints of the forward's: A dY A^T of a 4x4 block of
+ * the output gradient (one dimension: 4 values to 6) and G^T m G of the summed products
+ * (6 values to 3). */
+#define WINO_GRADIENT(o, y0, y1, y2, y3)                                                      \
+    {                                                                                         \
+        const __typeof__(y0) even1 = y0 + y2, odd1 = y1 + y3, even4 = y0 + 4.0f * y2,         \
+                             odd4 = 2.0f * y1 + 8.0f * y3;                                    \
+        o[0] = y0;                                                                            \
+        o[1] = even1 + odd1;                                                                  \
+        o[2] = even1 - odd1;                                                                  \
+        o[3] = even4 + odd4;                                                                  \
+        o[4] = even4 - odd4;                                                                  \
+        o[5] = y3;                                                                            \
+    }
+#define WINO_FILTER_GRADIENT(o, m0, m1, m2, m3, m4, m5)                                       \
+    {                                                                                         \
+        o[0] = 0.25f * m0 - (1.0f / 6) * (m1 + m2) + (1.0f / 24) * (m3 + m4);                 \
+        o[1] = (1.0f / 6) * (m2 - m1) + (1.0f / 12) * (m3 - m4);                              \
+        o[2] = (1.0f / 6) * (m3 + m4 - m1 - m2) + m5;                                         \
+    }
+
+/* m[a][b L ..] (plus what it holds, with `accumulate`) + the sum over blocks t (in order) of
+ * z[t][a] * v[t][b L ..], for TT rows a of output channels and KV vectors b of input
+ * channels; rows of m cp values apart. */
+#define WINO_GRADIENT_TILE(V, TT, KV, z, v, m)                                                \
+    {                                                                                         \
+        V acc[TT][KV];                                                                        \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b)                                                      \
+                acc[a][b] = accumulate ? *(const V *)((m) + (i64)a * cp + b * L) : (V){0};    \
+        const float *zr = (z), *vr = (v);                                                     \
+        for (int t = 0; t < blocks; ++t, zr += zs, vr += vs) {                                \
+            V vv[KV];                                                                         \
+            for (int b = 0; b < KV; ++b) vv[b] = *(const V *)(vr + b * L);                    \
+            for (int a = 0; a < TT; ++a) {                                                    \
+                const float value = zr[a];                                                    \
+                for (int b = 0; b < KV; ++b) acc[a][b] += value * vv[b];                      \
+            }                                                                                 \
+        }                                                                                     \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b) *(V *)((m) + (i64)a * cp + b * L) = acc[a][b];       \
+    }
+
+/* All kp rows of m for KV vectors of input channels: TT rows at a time, then 8, 4, 2, 1. */
+#define DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, KV, TT)                                    \
+static TARGET void wino_gradient_tiles_##KV##_##ISA(const float *z, const float *v, float *m, \
+                                                    int blocks, int cp, int kp,               \
+                                                    int accumulate)                           \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(float));                                           \
+    const i64 zs = 36 * (i64)kp, vs = 36 * (i64)cp;                                           \
+    int k = 0;                                                                                \
+    for (; k + TT <= kp; k += TT) WINO_GRADIENT_TILE(V, TT, KV, z + k, v, m + (i64)k * cp)    \
+    if (TT > 8)                                                                               \
+        for (; k + 8 <= kp; k += 8) WINO_GRADIENT_TILE(V, 8, KV, z + k, v, m + (i64)k * cp)   \
+    if (TT > 4)                                                                               \
+        for (; k + 4 <= kp; k += 4) WINO_GRADIENT_TILE(V, 4, KV, z + k, v, m + (i64)k * cp)   \
+    for (; k + 2 <= kp; k += 2) WINO_GRADIENT_TILE(V, 2, KV, z + k, v, m + (i64)k * cp)       \
+    for (; k < kp; ++k) WINO_GRADIENT_TILE(V, 1, KV, z + k, v, m + (i64)k * cp)               \
+}
+
 /* s[a][b L ..] = sum over c of v[a][c] * u's panel b at c, for TT rows a (rows vs and ss
  * values apart) and KV vectors b. */
 #define WINO_TILE(V, VU, TT, KV, v, s)                                                        \
@@ -802,16 +863,22 @@ DEFINE_WINO_TILES(V, VU, ISA, TARGET, 1, TT1)                                   
 DEFINE_WINO_TILES(V, VU, ISA, TARGET, 2, TT2)                                                 \
 DEFINE_WINO_TILES(V, VU, ISA, TARGET, 3, TT3)                                                 \
 DEFINE_WINO_TILES(V, VU, ISA, TARGET, 4, TT4)                                                 \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 1, TT1)                                            \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 2, TT2)                                            \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 3, TT3)                                            \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 4, TT4)                                            \
 DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                                   \
                                                                                               \
 struct wino_##ISA {                                                                           \
-    const float *x, *w, *u, *scale, *shift; float *frame, *y;                                 \
-    int n, c, h, wd, ph, pw, cp, kp, k, oh, ow, th, tw, hp, wp, relu;                         \
-    int frame_bands, chunk, blocks, band, bands;                                              \
+    const float *x, *w, *u, *scale, *shift, *dy; float *frame, *y, *dw, *gradient, *v, *z, *m; \
+    int n, c, h, wd, ph, pw, cp, kp, k, oh, ow, th, tw, hp, wp, relu, flipped;                \
+    int frame_bands, chunk, blocks, band, bands, pass, pass_blocks;                           \
     atomic_int failed;                                                                        \
 };                                                                                            \
                                                                                               \
-/* Pieces of the weights' transform: a vector of output channels each, u's panel for it. */  \
+/* Pieces of the weights' transform: a vector of output channels each, u's panel for it. The  \
+ * weights are w (k, c, 3, 3), or with `flipped` w (c, k, 3, 3) flipped in space with input    \
+ * and output channels swapped (the backward-data's convolution). */                          \
 static TARGET void wino_weights_piece_##ISA(void *job, int index)                             \
 {                                                                                             \
     const struct wino_##ISA *a = job;                                                         \
@@ -823,8 +890,9 @@ static TARGET void wino_weights_piece_##ISA(void *job, int index)               
         for (int e = 0; e < 9; ++e) {                                                         \
             float lanes[L];                                                                   \
             for (int l = 0; l < L; ++l)                                                       \
-                lanes[l] = k0 + l < a->k && ci < a->c                                         \
-                    ? a->w[((i64)(k0 + l) * a->c + ci) * 9 + e] : 0;                          \
+                lanes[l] = k0 + l >= a->k || ci >= a->c ? 0                                   \
+                    : a->flipped ? a->w[((i64)ci * a->k + k0 + l) * 9 + 8 - e]                \
+                    : a->w[((i64)(k0 + l) * a->c + ci) * 9 + e];                              \
             memcpy(&g[e / 3][e % 3], lanes, sizeof lanes);                                    \
         }                                                                                     \
         for (int i = 0; i < 3; ++i) WINO_FILTER(filtered[i], g[i][0], g[i][1], g[i][2])       \
@@ -837,33 +905,75 @@ static TARGET void wino_weights_piece_##ISA(void *job, int index)               
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* Pieces of the frame: bands of its rows. */                                                 \
-static TARGET void wino_frame_band_##ISA(void *job, int index)                                \
+/* Rows r0..r1-1 of images (channels, h, wd) copied channels last into rows of `width`     \
+ * positions of `stride` values (rows_each a image): row r holds image row r % rows_each -    \
+ * top from column left on, zeros elsewhere (outside the image, channels past `channels`). */ \
+static TARGET void channels_last_rows_##ISA(const float *images, int channels, int h, int wd, \
+                                            int top, int left, float *rows, int rows_each,    \
+                                            int width, int stride, i64 r0, i64 r1)            \
 {                                                                                             \
-    const struct wino_##ISA *a = job;                                                         \
     enum { L = sizeof(V) / sizeof(float) };                                                   \
-    const i64 rows = (i64)a->n * a->hp, plane = (i64)a->h * a->wd;                            \
-    for (i64 r = rows * index / a->frame_bands; r < rows * (index + 1) / a->frame_bands; ++r) { \
-        const int img = (int)(r / a->hp), iy = (int)(r % a->hp) - a->ph;                     \
-        float *out = a->frame + r * a->wp * a->cp + (i64)a->pw * a->cp;                       \
-        memset(out - (i64)a->pw * a->cp, 0, sizeof(float) * a->wp * a->cp);                   \
-        if (iy < 0 || iy >= a->h) continue;                                                   \
-        const float *in = a->x + (i64)img * a->c * plane + (i64)iy * a->wd;                   \
-        for (int c0 = 0; c0 < a->c; c0 += L)                                                  \
-            for (int x0 = 0; x0 < a->wd; x0 += L) {                                           \
-                if (c0 + L <= a->c && x0 + L <= a->wd) {                                      \
+    const i64 plane = (i64)h * wd;                                                            \
+    for (i64 r = r0; r < r1; ++r) {                                                           \
+        const int img = (int)(r / rows_each), iy = (int)(r % rows_each) - top;                \
+        float *out = rows + r * width * stride + (i64)left * stride;                          \
+        memset(out - (i64)left * stride, 0, sizeof(float) * width * stride);                  \
+        if (iy < 0 || iy >= h) continue;                                                      \
+        const float *in = images + (i64)img * channels * plane + (i64)iy * wd;                \
+        for (int c0 = 0; c0 < channels; c0 += L)                                              \
+            for (int x0 = 0; x0 < wd; x0 += L) {                                              \
+                if (c0 + L <= channels && x0 + L <= wd) {                                     \
                     V tile[L];                                                                \
                     for (int l = 0; l < L; ++l)                                               \
                         tile[l] = *(const VU *)(in + (c0 + l) * plane + x0);                  \
                     transpose_##ISA(tile);                                                    \
                     for (int l = 0; l < L; ++l)                                               \
-                        *(VU *)(out + (i64)(x0 + l) * a->cp + c0) = tile[l];                  \
+                        *(VU *)(out + (i64)(x0 + l) * stride + c0) = tile[l];                 \
                     continue;                                                                 \
                 }                                                                             \
-                for (int ci = c0; ci < c0 + L && ci < a->c; ++ci)                             \
-                    for (int ix = x0; ix < x0 + L && ix < a->wd; ++ix)                        \
-                        out[(i64)ix * a->cp + ci] = in[ci * plane + ix];                      \
+                for (int ci = c0; ci < c0 + L && ci < channels; ++ci)                         \
+                    for (int ix = x0; ix < x0 + L && ix < wd; ++ix)                           \
+                        out[(i64)ix * stride + ci] = in[ci * plane + ix];                     \
             }                                                                                 \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* Pieces of the frame: bands of its rows. */                                                 \
+static TARGET void wino_frame_band_##ISA(void *job, int index)                                \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    const i64 rows = (i64)a->n * a->hp;                                                       \
+    channels_last_rows_##ISA(a->x, a->c, a->h, a->wd, a->ph, a->pw, a->frame, a->hp, a->wp,   \
+                             a->cp, rows * index / a->frame_bands,                            \
+                             rows * (index + 1) / a->frame_bands);                            \
+}                                                                                             \
+                                                                                              \
+/* v[t] (36 x cp) = B^T d B for blocks t0..t0+blocks-1, each channel's 6x6 input block d. */  \
+static inline __attribute__((always_inline)) TARGET void wino_input_blocks_##ISA(            \
+    const struct wino_##ISA *a, int t0, int blocks, float *v)                                 \
+{                                                                                             \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp, per_image = a->th * a->tw;                                          \
+    for (int t = 0; t < blocks; ++t) {                                                        \
+        const int block = t0 + t, img = block / per_image;                                    \
+        const int by = block % per_image / a->tw, bx = block % a->tw;                         \
+        const float *corner = a->frame + (((i64)img * a->hp + 4 * by) * a->wp + 4 * bx) * cp; \
+        for (int c0 = 0; c0 < cp; c0 += L) {                                                  \
+            V rows[6][6];                                                                     \
+            for (int i = 0; i < 6; ++i) {                                                     \
+                const float *d = corner + (i64)i * a->wp * cp + c0;                           \
+                WINO_INPUT(rows[i], *(const VU *)d, *(const VU *)(d + cp),                    \
+                           *(const VU *)(d + 2 * cp), *(const VU *)(d + 3 * cp),              \
+                           *(const VU *)(d + 4 * cp), *(const VU *)(d + 5 * cp))              \
+            }                                                                                 \
+            for (int jj = 0; jj < 6; ++jj) {                                                  \
+                V o[6];                                                                       \
+                WINO_INPUT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj],             \
+                           rows[4][jj], rows[5][jj])                                          \
+                for (int ii = 0; ii < 6; ++ii)                                                \
+                    *(V *)(v + ((i64)t * 36 + 6 * ii + jj) * cp + c0) = o[ii];                \
+            }                                                                                 \
+        }                                                                                     \
     }                                                                                         \
 }                                                                                             \
                                                                                               \
@@ -924,27 +1034,7 @@ static TARGET void wino_piece_##ISA(void *job, int index)                       
     }                                                                                         \
     float *s = v + (size_t)36 * blocks * cp;                                                  \
     const int per_image = a->th * a->tw;                                                      \
-    for (int t = 0; t < blocks; ++t) {                                                        \
-        const int block = t0 + t, img = block / per_image;                                    \
-        const int by = block % per_image / a->tw, bx = block % a->tw;                         \
-        const float *corner = a->frame + (((i64)img * a->hp + 4 * by) * a->wp + 4 * bx) * cp; \
-        for (int c0 = 0; c0 < cp; c0 += L) {                                                 \
-            V rows[6][6];                                                                     \
-            for (int i = 0; i < 6; ++i) {                                                     \
-                const float *d = corner + (i64)i * a->wp * cp + c0;                           \
-                WINO_INPUT(rows[i], *(const VU *)d, *(const VU *)(d + cp),                    \
-                           *(const VU *)(d + 2 * cp), *(const VU *)(d + 3 * cp),              \
-                           *(const VU *)(d + 4 * cp), *(const VU *)(d + 5 * cp))              \
-            }                                                                                 \
-            for (int jj = 0; jj < 6; ++jj) {                                                  \
-                V o[6];                                                                       \
-                WINO_INPUT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj],             \
-                           rows[4][jj], rows[5][jj])                                          \
-                for (int ii = 0; ii < 6; ++ii)                                                \
-                    *(V *)(v + ((i64)t * 36 + 6 * ii + jj) * cp + c0) = o[ii];                \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
+    wino_input_blocks_##ISA(a, t0, blocks, v);                                                \
     for (int xi = 0; xi < 36; ++xi) {                                                         \
         const float *vx = v + (i64)xi * cp, *ux = a->u + ((i64)xi * kp + k0) * cp;           \
         float *sx = s + (i64)xi * band;                                                       \
@@ -982,21 +1072,25 @@ static TARGET void wino_piece_##ISA(void *job, int index)                       
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-/* y (n, k, oh, ow) = the convolution of x (n, c, h, wd) padded by (ph, pw) with w (k, c, 3,  \
- * 3); then times scale, plus shift (k values each, or null) and relu as the direct kernel    \
- * applies them. u is w's transform when w equals copy (unless `force`); else copy = w and u  \
- * is made anew first. Blocks in chunks of `chunk`, output channels in bands of `band`.       \
- * Returns 0, or 1 when a thread's scratch could not be allocated. */                         \
+/* y (n, k, oh, ow) = the convolution of x (n, c, h, wd) padded by (ph, pw) with the weights  \
+ * w (as wino_weights_piece reads them, `flipped` or not); then times scale, plus shift (k     \
+ * values each, or null) and relu as the direct kernel applies them. u is their transform     \
+ * when w equals copy (unless `force`); else copy = w and u is made anew first. Blocks in     \
+ * chunks of `chunk`, output channels in bands of `band`. Returns 0, or 1 when a thread's     \
+ * scratch could not be allocated. */                                                         \
 TARGET int winograd_forward_f32_##ISA(                                                        \
-    const float *x, const float *w, float *copy, float *u, float *y, int force, int n,        \
-    int c, int h, int wd, int ph, int pw, int cp, int kp, int k, int oh, int ow, int chunk,   \
-    int band, const float *scale, const float *shift, int relu, int threads)                  \
+    const float *x, const float *w, float *copy, float *u, float *y, int force, int flipped,  \
+    int n, int c, int h, int wd, int ph, int pw, int cp, int kp, int k, int oh, int ow,       \
+    int chunk, int band, const float *scale, const float *shift, int relu, int threads)       \
 {                                                                                             \
     enum { L = sizeof(V) / sizeof(float) };                                                   \
     const int th = (oh + 3) / 4, tw = (ow + 3) / 4;                                           \
-    struct wino_##ISA job = {x, w, u, scale, shift, NULL, y, n, c, h, wd, ph, pw, cp, kp, k,  \
-                             oh, ow, th, tw, 4 * th + 2, 4 * tw + 2, relu, 1, chunk,          \
-                             n * th * tw, band, (kp + band - 1) / band, 0};                   \
+    struct wino_##ISA job = {                                                                 \
+        .x = x, .w = w, .u = u, .scale = scale, .shift = shift, .y = y, .n = n, .c = c,       \
+        .h = h, .wd = wd, .ph = ph, .pw = pw, .cp = cp, .kp = kp, .k = k, .oh = oh, .ow = ow, \
+        .th = th, .tw = tw, .hp = 4 * th + 2, .wp = 4 * tw + 2, .relu = relu,                 \
+        .flipped = flipped, .chunk = chunk, .blocks = n * th * tw, .band = band,              \
+        .bands = (kp + band - 1) / band};                                                     \
     const size_t weight_bytes = sizeof(float) * 9 * (size_t)k * c;                            \
     if (force || memcmp(w, copy, weight_bytes) != 0) {                                        \
         memcpy(copy, w, weight_bytes);                                                        \
@@ -1009,6 +1103,130 @@ TARGET int winograd_forward_f32_##ISA(                                          
     const int chunks = (job.blocks + chunk - 1) / chunk;                                      \
     pieces_run(wino_piece_##ISA, &job, chunks * job.bands, threads);                          \
     return atomic_load(&job.failed);                                                          \
+}                                                                                             \
+                                                                                              \
+/* The backward-filter's pieces: the output gradient channels last, bands of its rows. */     \
+static TARGET void wino_gradient_band_##ISA(void *job, int index)                             \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    const i64 rows = (i64)a->n * 4 * a->th;                                                   \
+    channels_last_rows_##ISA(a->dy, a->k, a->oh, a->ow, 0, 0, a->gradient, 4 * a->th,        \
+                             4 * a->tw, a->kp, rows * index / a->frame_bands,                 \
+                             rows * (index + 1) / a->frame_bands);                            \
+}                                                                                             \
+/* ... a chunk of the pass's blocks: v[t] = B^T d B, z[t] = A dY A^T (dY its 4x4 block of   \
+ * the output gradient, zero past the plane), t counted from the pass's first block. */       \
+static TARGET void wino_gradient_blocks_##ISA(void *job, int index)                           \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int first = index * a->chunk, kp = a->kp, per_image = a->th * a->tw;               \
+    const int blocks = a->pass_blocks - first < a->chunk ? a->pass_blocks - first : a->chunk; \
+    wino_input_blocks_##ISA(a, a->pass + first, blocks, a->v + (i64)first * 36 * a->cp);      \
+    for (int i = first; i < first + blocks; ++i) {                                            \
+        const int t = a->pass + i;                                                            \
+        const int img = t / per_image, by = t % per_image / a->tw, bx = t % a->tw;            \
+        const float *corner =                                                                 \
+            a->gradient + (((i64)img * 4 * a->th + 4 * by) * 4 * a->tw + 4 * bx) * kp;        \
+        for (int k0 = 0; k0 < kp; k0 += L) {                                                  \
+            V rows[4][6];                                                                     \
+            for (int r = 0; r < 4; ++r) {                                                     \
+                const float *d = corner + (i64)r * 4 * a->tw * kp + k0;                       \
+                WINO_GRADIENT(rows[r], *(const VU *)d, *(const VU *)(d + kp),                 \
+                              *(const VU *)(d + 2 * kp), *(const VU *)(d + 3 * kp))           \
+            }                                                                                 \
+            for (int jj = 0; jj < 6; ++jj) {                                                  \
+                V o[6];                                                                       \
+                WINO_GRADIENT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj])          \
+                for (int ii = 0; ii < 6; ++ii)                                                \
+                    *(V *)(a->z + ((i64)i * 36 + 6 * ii + jj) * kp + k0) = o[ii];             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* ... a transformed position xi: m[xi] (kp x cp) = the sum over the pass's blocks of z x v,   \
+ * added to the earlier passes'. */                                                           \
+static TARGET void wino_gradient_sums_##ISA(void *job, int xi)                                \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp, kp = a->kp, blocks = a->pass_blocks, more = a->pass > 0;            \
+    const float *z = a->z + (i64)xi * kp, *v = a->v + (i64)xi * cp;                           \
+    float *m = a->m + (i64)xi * kp * cp;                                                      \
+    for (int c0 = 0; c0 < cp;) {                                                              \
+        const int left = (cp - c0) / L, kv = left < KV_MAX ? left : KV_MAX;                   \
+        if (kv >= 4) wino_gradient_tiles_4_##ISA(z, v + c0, m + c0, blocks, cp, kp, more);      \
+        else if (kv == 3) wino_gradient_tiles_3_##ISA(z, v + c0, m + c0, blocks, cp, kp, more);  \
+        else if (kv == 2) wino_gradient_tiles_2_##ISA(z, v + c0, m + c0, blocks, cp, kp, more);  \
+        else wino_gradient_tiles_1_##ISA(z, v + c0, m + c0, blocks, cp, kp, more);               \
+        c0 += kv * L;                                                                         \
+    }                                                                                         \
+}                                                                                             \
+/* ... an output channel: dw[k] (c x 3 x 3) = G^T m G. */                                     \
+static TARGET void wino_gradient_filter_##ISA(void *job, int k)                               \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp;                                                                     \
+    const i64 step = (i64)a->kp * cp;                                                         \
+    for (int c0 = 0; c0 < a->c; c0 += L) {                                                    \
+        V rows[6][3];                                                                         \
+        for (int ii = 0; ii < 6; ++ii) {                                                      \
+            const float *m = a->m + (i64)6 * ii * step + (i64)k * cp + c0;                    \
+            WINO_FILTER_GRADIENT(rows[ii], *(const V *)m, *(const V *)(m + step),             \
+                                 *(const V *)(m + 2 * step), *(const V *)(m + 3 * step),      \
+                                 *(const V *)(m + 4 * step), *(const V *)(m + 5 * step))      \
+        }                                                                                     \
+        float values[9][L];                                                                   \
+        for (int j = 0; j < 3; ++j) {                                                         \
+            V o[3];                                                                           \
+            WINO_FILTER_GRADIENT(o, rows[0][j], rows[1][j], rows[2][j], rows[3][j],           \
+                                 rows[4][j], rows[5][j])                                      \
+            for (int i = 0; i < 3; ++i) memcpy(values[3 * i + j], &o[i], sizeof o[i]);        \
+        }                                                                                     \
+        float *out = a->dw + ((i64)k * a->c + c0) * 9;                                        \
+        for (int l = 0; l < L && c0 + l < a->c; ++l)                                          \
+            for (int e = 0; e < 9; ++e) out[l * 9 + e] = values[e][l];                        \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* dw (k, c, 3, 3) = the gradient of the convolution of x (n, c, h, wd) padded by (ph, pw)   \
+ * for the output gradient dy (n, k, oh, ow), written: G^T [sum over blocks of (A dY A^T) *   \
+ * (B^T d B)] G, the adjoint of the forward's transforms. The blocks go in passes of `pass`    \
+ * (their transforms made in chunks of `chunk`, then summed for each xi by one thread, in      \
+ * order, added to the earlier passes' sums). The scratch (frames, a pass's v and z, m) is    \
+ * the calling thread's. Returns 0, or 1 when it could not be allocated. */                   \
+TARGET int winograd_backward_filter_f32_##ISA(                                                \
+    const float *x, const float *dy, float *dw, int n, int c, int h, int wd, int ph, int pw,  \
+    int cp, int kp, int k, int oh, int ow, int pass, int chunk, int threads)                  \
+{                                                                                             \
+    const int th = (oh + 3) / 4, tw = (ow + 3) / 4;                                           \
+    struct wino_##ISA job = {                                                                 \
+        .x = x, .dy = dy, .dw = dw, .n = n, .c = c, .h = h, .wd = wd, .ph = ph, .pw = pw,     \
+        .cp = cp, .kp = kp, .k = k, .oh = oh, .ow = ow, .th = th, .tw = tw, .hp = 4 * th + 2, \
+        .wp = 4 * tw + 2, .chunk = chunk, .blocks = n * th * tw};                             \
+    const size_t frame = (size_t)n * job.hp * job.wp * cp;                                   \
+    const size_t gradient = (size_t)n * 16 * th * tw * kp;                                    \
+    const size_t blocks = (size_t)(pass < job.blocks ? pass : job.blocks) * 36;               \
+    float *memory = scratch_floats(&wino_frame_scratch, frame + gradient + blocks * (cp + kp) \
+                                   + (size_t)36 * kp * cp);                                   \
+    if (!memory) return 1;                                                                    \
+    job.frame = memory;                                                                       \
+    job.gradient = job.frame + frame;                                                         \
+    job.v = job.gradient + gradient;                                                          \
+    job.z = job.v + blocks * cp;                                                              \
+    job.m = job.z + blocks * kp;                                                              \
+    job.frame_bands = threads < 2 ? 1 : 2 * threads;                                          \
+    pieces_run(wino_frame_band_##ISA, &job, job.frame_bands, threads);                        \
+    pieces_run(wino_gradient_band_##ISA, &job, job.frame_bands, threads);                     \
+    for (job.pass = 0; job.pass < job.blocks; job.pass += pass) {                             \
+        job.pass_blocks = job.blocks - job.pass < pass ? job.blocks - job.pass : pass;        \
+        pieces_run(wino_gradient_blocks_##ISA, &job, (job.pass_blocks + chunk - 1) / chunk,   \
+                   threads);                                                                  \
+        pieces_run(wino_gradient_sums_##ISA, &job, 36, threads);                              \
+    }                                                                                         \
+    pieces_run(wino_gradient_filter_##ISA, &job, k, threads);                                 \
+    return 0;                                                                                 \
 }
 
 /* Tiles chosen by trying on AVX-512 (EPYC, 2 threads). */

@@ -44,14 +44,15 @@ _SIGNATURES = {
     + [_INT] * 8,
     "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
     "conv_direct_tile": [_INT],
-    "winograd_forward": [_POINTER] * 5 + [_INT] * 14 + [_POINTER, _POINTER, _INT, _INT],
+    "winograd_forward": [_POINTER] * 5 + [_INT] * 15 + [_POINTER, _POINTER, _INT, _INT],
+    "winograd_backward_filter": [_POINTER] * 3 + [_INT] * 14,
 }
 # Functions that return an int (the others return nothing).
-_RETURNS_INT = ("conv_direct_tile", "winograd_forward")
+_RETURNS_INT = ("conv_direct_tile", "winograd_forward", "winograd_backward_filter")
 # The direct convolution's, whose AVX-512 builds come in two vector sizes (``function``),
 # and the Winograd convolution's (float32 only, asked for with the widest vectors).
 _VECTOR_SIZED = ("conv_direct_forward_framed", "conv_direct_backward_filter_framed",
-                 "conv_direct_tile", "winograd_forward")
+                 "conv_direct_tile", "winograd_forward", "winograd_backward_filter")
 # Functions whose last arguments are of the element type: (other arguments, how many).
 _TYPED_LAST = {"batch_norm_forward": ([_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT, _INT], 1),
                "lrn_forward": ([_POINTER] * 4 + [_I64, _INT, _I64, _INT], 3),

@@ -37,6 +37,12 @@ _PARALLEL_MULTIPLY_ADDS = 1 << 21
 _KEPT_BYTES = 1 << 27
 # The fewest input and output channels for which it is used (``suits``).
 MIN_CHANNELS = 8
+# The backward-filter sums over the blocks in passes, each pass's transforms within about
+# this many bytes (the L2 cache)...
+_PASS_BYTES = 1 << 23
+# ... and serves convolutions whose frames (the images' and the gradient's) stay within
+# this many bytes.
+_GRADIENT_SCRATCH_BYTES = 1 << 28
 
 
 def suits(x_shape, w_shape, pad, stride, dilation, group, dtype) -> bool:
@@ -98,12 +104,12 @@ _kept_bytes = [0]
 _kept_lock = threading.Lock()
 
 
-def _kept_transform(w, cp, kp, lanes):
-    """``(copy, u, fresh)``: the arrays kept for weights ``w`` (K, C, 3, 3) at this address,
-    a copy of them and their transform ``u`` (36, kp / lanes, cp, lanes), new (``fresh``:
-    to be filled) if there were none. Two threads with the same weights may share them:
-    both then write the same values."""
-    key = (w.ctypes.data, w.shape, lanes)
+def _kept_transform(w, cp, kp, lanes, flipped):
+    """``(copy, u, fresh)``: the arrays kept for weights ``w`` at this address (``flipped``
+    or not, as ``forward`` takes them), a copy of them and their transform ``u`` (36, kp /
+    lanes, cp, lanes), new (``fresh``: to be filled) if there were none. Two threads with
+    the same weights may share them: both then write the same values."""
+    key = (w.ctypes.data, w.shape, lanes, flipped)
     with _kept_lock:
         entry = _kept.get(key)
         if entry is not None:
@@ -127,21 +133,68 @@ def _aligned_empty(shape):
     return memory[first:first + count].reshape(shape)
 
 
-def forward(x, w, y, pad, scale=None, shift=None, relu=False):
+def forward(x, w, y, pad, scale=None, shift=None, relu=False, flipped=False):
     """``y = conv(x, w)`` for a convolution that ``suits``, written; then times ``scale`` and
     plus ``shift`` (per output channel, or None) and with ``relu`` max(., 0) taken (NaN kept),
-    as the direct kernel applies them."""
+    as the direct kernel applies them. With ``flipped``, w (C, M, 3, 3) is a convolution's
+    kernel whose backward-data this is: the kernel used is w flipped in space with input and
+    output channels swapped (no copy made; its transform is kept like any other)."""
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     lanes = _lanes()
-    plan = _plan(x.shape, w.shape, y.shape, lanes, threads.workers())
+    w_shape = (w.shape[1], w.shape[0], 3, 3) if flipped else w.shape
+    plan = _plan(x.shape, w_shape, y.shape, lanes, threads.workers())
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
     scale, shift = (None if a is None else np.ascontiguousarray(a, dtype=np.float32)
                     for a in (scale, shift))
-    copy, u, fresh = _kept_transform(w, plan.cp, plan.kp, lanes)
+    copy, u, fresh = _kept_transform(w, plan.cp, plan.kp, lanes, flipped)
     failed = native.function("winograd_forward", np.float32, 4 * lanes)(
-        *native.addresses(x, w, copy, u, y), int(fresh), *x.shape, *pad, plan.cp, plan.kp,
-        w.shape[0], *y.shape[2:], plan.chunk, plan.band, *native.addresses(scale, shift),
-        int(relu), plan.workers)
+        *native.addresses(x, w, copy, u, y), int(fresh), int(flipped), *x.shape, *pad,
+        plan.cp, plan.kp, w_shape[0], *y.shape[2:], plan.chunk, plan.band,
+        *native.addresses(scale, shift), int(relu), plan.workers)
+    if failed:
+        raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
+
+
+def _gradient_pass(cp, kp):
+    """Blocks a pass of the backward-filter."""
+    return max(1, _PASS_BYTES // (36 * 4 * (cp + kp)))
+
+
+def _gradient_scratch_bytes(x_shape, y_shape, cp, kp):
+    """The backward-filter's scratch: the frame and the gradient's, a pass's transforms and
+    the summed products (native.c's winograd_backward_filter)."""
+    n = x_shape[0]
+    th, tw = -(-y_shape[2] // 4), -(-y_shape[3] // 4)
+    blocks = min(n * th * tw, _gradient_pass(cp, kp))
+    return 4 * (n * (4 * th + 2) * (4 * tw + 2) * cp + n * 16 * th * tw * kp
+                + 36 * blocks * (cp + kp) + 36 * kp * cp)
+
+
+def suits_backward_filter(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype):
+    """Whether the backward-filter of this convolution runs here: one that ``suits``, whose
+    scratch stays within ``_GRADIENT_SCRATCH_BYTES``."""
+    if not suits(x_shape, w_shape, pad, stride, dilation, group, dtype):
+        return False
+    lanes = _lanes()
+    cp, kp = -(-w_shape[1] // lanes) * lanes, -(-w_shape[0] // lanes) * lanes
+    return _gradient_scratch_bytes(x_shape, y_shape, cp, kp) <= _GRADIENT_SCRATCH_BYTES
+
+
+def backward_filter(x, dy, dw, pad):
+    """``dw`` = the gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``,
+    written, for a convolution that ``suits_backward_filter``: G^T [sum over blocks of
+    (A dY A^T) * (B^T d B)] G, the adjoint of the forward's transforms, the sums in passes
+    over the blocks cut by shape alone (the same bits on any number of threads)."""
+    if not dw.flags.c_contiguous:
+        raise ValueError("conv_backward_filter writes into a C-contiguous dw")
+    lanes = _lanes()
+    plan = _plan(x.shape, dw.shape, dy.shape, lanes, threads.workers())
+    x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    blocks = x.shape[0] * -(-dy.shape[2] // 4) * -(-dy.shape[3] // 4)
+    step = min(blocks, _gradient_pass(plan.cp, plan.kp))
+    failed = native.function("winograd_backward_filter", np.float32, 4 * lanes)(
+        *native.addresses(x, dy, dw), *x.shape, *pad, plan.cp, plan.kp, dw.shape[0],
+        *dy.shape[2:], step, -(-step // (2 * plan.workers)), plan.workers)
     if failed:
         raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
