@@ -112,7 +112,7 @@ def test_results_do_not_depend_on_the_cut(monkeypatch, x_shape, k, pad):
     monkeypatch.setattr(winograd, "_PARALLEL_MULTIPLY_ADDS", 0)
     cuts = []
     for workers, least, most in ((1, 1, 1), (2, 1, 1), (8, 2, 1 << 30), (3, 1, 1 << 30)):
-        monkeypatch.setattr(winograd.threads, "workers", lambda: workers)
+        monkeypatch.setattr(winograd.threads, "workers", lambda count=workers: count)
         monkeypatch.setattr(winograd, "_MIN_BLOCKS", least)
         monkeypatch.setattr(winograd, "_CHUNK_BYTES", most)
         winograd._plan.cache_clear()
@@ -160,6 +160,7 @@ def test_avx2_build_agrees_with_the_widest(monkeypatch):
     ({"w_shape": (16, 16, 5, 5)}, False),
     ({"w_shape": (4, 16, 3, 3)}, False),     # fewer than MIN_CHANNELS outputs
     ({"x_shape": (2, 3, 8, 8), "w_shape": (16, 3, 3, 3)}, False),
+    ({"x_shape": (64, 16, 1024, 1024)}, False),     # a frame beyond its scratch bound
 ])
 def test_which_convolutions_it_serves(change, suits):
     geometry = {"x_shape": (2, 16, 8, 8), "w_shape": (16, 16, 3, 3), "pad": (1, 1),
@@ -244,7 +245,7 @@ def test_backward_filter_passes_and_threads_give_the_same_bits(monkeypatch):
     monkeypatch.setattr(winograd, "_PASS_BYTES", 36 * 4 * 32 * 5)      # passes of 5 blocks
     found = []
     for workers in (1, 2, 3, 8):
-        monkeypatch.setattr(winograd.threads, "workers", lambda: workers)
+        monkeypatch.setattr(winograd.threads, "workers", lambda count=workers: count)
         winograd._plan.cache_clear()
         found.append(run_gradient(x, dy, (1, 1)))
     winograd._plan.cache_clear()
@@ -278,7 +279,7 @@ def test_conv_backward_filter_uses_it_within_its_scratch(monkeypatch):
     want = filter_gradient(x, dy, (1, 1))
     assert np.abs(dw - want).max() <= GRADIENT_TOLERANCE * np.abs(want).max()
     # Beyond the scratch bound: the direct kernel's.
-    monkeypatch.setattr(winograd, "_GRADIENT_SCRATCH_BYTES", 1000)
+    monkeypatch.setattr(winograd, "_SCRATCH_BYTES", 4 * 2 * 14 * 14 * 16)   # the frame alone
     assert not winograd.suits_backward_filter(x.shape, dw.shape, dy.shape, (1, 1), (1, 1),
                                               (1, 1), 1, np.float32)
     cpu.conv_backward_filter(x, dy, dw, (1, 1), (1, 1), (1, 1), 1)

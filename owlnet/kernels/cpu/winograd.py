@@ -1,20 +1,26 @@
 """Winograd convolution F(4x4, 3x3) on the compiled kernels of ``native.c``, for float32 3x3
-convolutions with stride 1.
+convolutions with stride 1: the forward, the backward-data (the forward of the output
+gradient with the kernel flipped, which native.c reads flipped where it lies) and the
+backward-filter.
 
 Each 4x4 block of an output plane is formed from the 6x6 block of input around it with 36
 products per input channel and output channel instead of the direct kernel's 144: the input
 blocks and the weights are transformed (``B^T d B``, ``G g G^T``), multiplied elementwise and
 summed over the input channels (36 matrix products), and each block transformed back
-(``A^T m A``); native.c's section on it gives the matrices and layouts. Its float32 results
-differ from the direct sum by rounding only (the transforms' constants are up to 8 and 1/24:
-about 1e-6 of the outputs' scale where the direct kernel's are 1e-7, measured in the tests);
-float64, the dtype of the gradient checks, keeps the direct kernel.
+(``A^T m A``). The backward-filter is the adjoint: ``G^T [sum over blocks of (A dY A^T) *
+(B^T d B)] G``. native.c's section on it gives the matrices and layouts. Results differ from
+the direct sums by rounding only, but more of it (the transforms' constants run from 1/24
+to 8): measured against float64, up to ~7e-6 of the outputs' largest magnitude for the
+forward and ~2e-5 of the gradient's for the backward-filter (a sum over every block), where
+the direct kernel's are ~1e-7 to 1e-6. float64, the dtype of the gradient checks, keeps the
+direct kernel.
 
 The transformed weights (4x the weights, with channels padded to whole vectors) are kept
 for the next call: native.c compares the weights with the copy kept beside them and
 transforms them again only if they changed (a training step's update, a user's edit).
 Entries are found by the weights' address and shape, and the oldest are dropped beyond
-``_KEPT_BYTES``.
+``_KEPT_BYTES``. The frames (images copied channels last) and the blocks' transforms live in
+scratch that each thread keeps (native.c), up to ``_SCRATCH_BYTES`` for a convolution.
 """
 from __future__ import annotations
 
@@ -37,38 +43,46 @@ _PARALLEL_MULTIPLY_ADDS = 1 << 21
 _KEPT_BYTES = 1 << 27
 # The fewest input and output channels for which it is used (``suits``).
 MIN_CHANNELS = 8
-# The backward-filter sums over the blocks in passes, each pass's transforms within about
-# this many bytes (the L2 cache)...
+# The backward-filter sums over the blocks in passes of about this many bytes of transforms.
 _PASS_BYTES = 1 << 23
-# ... and serves convolutions whose frames (the images' and the gradient's) stay within
-# this many bytes.
-_GRADIENT_SCRATCH_BYTES = 1 << 28
+# A convolution is served where its scratch (frames, a pass's transforms) stays within this.
+_SCRATCH_BYTES = 1 << 28
 
 
 def suits(x_shape, w_shape, pad, stride, dilation, group, dtype) -> bool:
     """Whether this convolution is one Winograd's F(4x4, 3x3) serves here: float32, 3x3,
-    stride and dilation 1, one group, at least ``MIN_CHANNELS`` in and out."""
-    return (np.dtype(dtype) == np.float32 and group == 1 and tuple(w_shape[2:]) == (3, 3)
+    stride and dilation 1, one group, at least ``MIN_CHANNELS`` in and out, its frame within
+    ``_SCRATCH_BYTES``."""
+    if not (np.dtype(dtype) == np.float32 and group == 1 and tuple(w_shape[2:]) == (3, 3)
             and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and min(w_shape[0], w_shape[1]) >= MIN_CHANNELS and min(pad) >= 0)
+            and min(w_shape[0], w_shape[1]) >= MIN_CHANNELS and min(pad) >= 0):
+        return False
+    n, c, h, w = x_shape
+    rows, columns = -(-(h + 2 * pad[0] - 2) // 4), -(-(w + 2 * pad[1] - 2) // 4)
+    cp = _padded_count(c, _lanes())
+    return 4 * n * (4 * rows + 2) * (4 * columns + 2) * cp <= _SCRATCH_BYTES
 
 
 def _lanes():
+    """float32 values a vector of the widest build native.c has on this CPU."""
     return max(native.vector_sizes()) // 4
 
 
+def _padded_count(channels, lanes):
+    """A channel count padded to whole vectors."""
+    return -(-channels // lanes) * lanes
+
+
 class _Plan:
-    """The geometry of one convolution's call: padded channel counts (``cp``, ``kp``), the
-    frame's shape, blocks a piece (``chunk``), output channels a piece (``band``), and
-    the threads it runs on (``workers``)."""
+    """The geometry of one convolution's call: padded channel counts (``cp``, ``kp``), blocks
+    a piece (``chunk``), output channels a piece (``band``), and the threads it runs on
+    (``workers``)."""
 
     def __init__(self, x_shape, w_shape, y_shape, lanes, workers):
         n, c, _, _ = x_shape
         _, k, oh, ow = y_shape
-        self.cp, self.kp = -(-c // lanes) * lanes, -(-k // lanes) * lanes
-        th, tw = -(-oh // 4), -(-ow // 4)
-        blocks = n * th * tw
-        self.frame_shape = (n, 4 * th + 2, 4 * tw + 2, self.cp)
+        self.cp, self.kp = _padded_count(c, lanes), _padded_count(k, lanes)
+        blocks = n * -(-oh // 4) * -(-ow // 4)
         parallel = n * k * oh * ow * c * 9 >= _PARALLEL_MULTIPLY_ADDS
         self.workers = workers if parallel else 1
         self.chunk, self.band = _cut(blocks, self.cp, self.kp, lanes, self.workers)
@@ -99,7 +113,7 @@ def _plan(x_shape, w_shape, y_shape, lanes, workers):
     return _Plan(x_shape, w_shape, y_shape, lanes, workers)
 
 
-_kept = collections.OrderedDict()   # (address, shape, lanes) -> (copy of the weights, u)
+_kept = collections.OrderedDict()   # (address, shape, lanes, flipped) -> (copy, u)
 _kept_bytes = [0]
 _kept_lock = threading.Lock()
 
@@ -173,12 +187,12 @@ def _gradient_scratch_bytes(x_shape, y_shape, cp, kp):
 
 def suits_backward_filter(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype):
     """Whether the backward-filter of this convolution runs here: one that ``suits``, whose
-    scratch stays within ``_GRADIENT_SCRATCH_BYTES``."""
+    scratch stays within ``_SCRATCH_BYTES``."""
     if not suits(x_shape, w_shape, pad, stride, dilation, group, dtype):
         return False
     lanes = _lanes()
-    cp, kp = -(-w_shape[1] // lanes) * lanes, -(-w_shape[0] // lanes) * lanes
-    return _gradient_scratch_bytes(x_shape, y_shape, cp, kp) <= _GRADIENT_SCRATCH_BYTES
+    cp, kp = _padded_count(w_shape[1], lanes), _padded_count(w_shape[0], lanes)
+    return _gradient_scratch_bytes(x_shape, y_shape, cp, kp) <= _SCRATCH_BYTES
 
 
 def backward_filter(x, dy, dw, pad):
