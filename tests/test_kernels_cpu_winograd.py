@@ -1,7 +1,8 @@
-"""The Winograd convolution F(4x4, 3x3) of ``kernels.cpu.winograd``: against a float64 sum
-written here, its epilogue, its kept weight transforms (changed weights are seen), results
-that do not depend on how the work is cut, the AVX2 build beside the AVX-512 one, and which
-convolutions conv_forward sends to it."""
+"""The Winograd convolutions F(4x4, 3x3) and F(2x2, 5x5) of ``kernels.cpu.winograd``: forward,
+backward-data and backward-filter against float64 sums written here, the epilogue, the kept
+weight transforms (changed weights are seen), results that do not depend on how the work is
+cut, the AVX2 build beside the AVX-512 one, and which convolutions the entry points send to
+it."""
 import numpy as np
 import pytest
 
@@ -11,29 +12,30 @@ from owlnet.kernels.cpu import native, winograd
 
 def correlate(x, w, pad):
     """y[n, k, r, q] = sum over c, i, j of w[k, c, i, j] * x[n, c, r + i - ph, q + j - pw]
-    (zero outside the image), in float64: nine products of shifted planes."""
+    (zero outside the image), in float64: a product of shifted planes per kernel entry."""
     n, c, h, wd = x.shape
     ph, pw = pad
+    kernel = w.shape[2]
     padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw))
     padded[:, :, ph:ph + h, pw:pw + wd] = x
-    oh, ow = h + 2 * ph - 2, wd + 2 * pw - 2
+    oh, ow = h + 2 * ph - kernel + 1, wd + 2 * pw - kernel + 1
     y = np.zeros((n, w.shape[0], oh, ow))
-    for i in range(3):
-        for j in range(3):
+    for i in range(kernel):
+        for j in range(kernel):
             y += np.einsum("kc,nchw->nkhw", w[:, :, i, j].astype(np.float64),
                            padded[:, :, i:i + oh, j:j + ow])
     return y
 
 
-def case(x_shape, k, seed=0):
+def case(x_shape, k, seed=0, kernel=3):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape).astype(np.float32)
-    w = (rng.standard_normal((k, x_shape[1], 3, 3)) / np.sqrt(9 * x_shape[1])).astype(np.float32)
-    return x, w
+    w = rng.standard_normal((k, x_shape[1], kernel, kernel)) / np.sqrt(kernel ** 2 * x_shape[1])
+    return x, w.astype(np.float32)
 
 
 def run(x, w, pad, **epilogue):
-    oh, ow = x.shape[2] + 2 * pad[0] - 2, x.shape[3] + 2 * pad[1] - 2
+    oh, ow = (size + 2 * p - w.shape[2] + 1 for size, p in zip(x.shape[2:], pad))
     y = np.full((x.shape[0], w.shape[0], oh, ow), np.nan, np.float32)
     winograd.forward(x, w, y, pad, **epilogue)
     return y
@@ -43,18 +45,21 @@ def run(x, w, pad, **epilogue):
 TOLERANCE = 3e-5
 
 SHAPES = [
-    ((2, 16, 32, 32), 16, (1, 1)),     # whole blocks, one vector of channels
-    ((2, 64, 8, 8), 64, (1, 1)),       # few blocks: bands of output channels
-    ((1, 13, 7, 9), 21, (1, 1)),       # channels padded, blocks cut at the plane's edge
-    ((3, 8, 5, 6), 8, (0, 2)),         # no padding in rows, two in columns
-    ((2, 40, 11, 3), 35, (2, 1)),      # a plane one block wide
-    ((1, 96, 14, 14), 130, (1, 1)),    # several vectors of output channels and a partial one
+    ((2, 16, 32, 32), 16, (1, 1), 3),     # whole blocks, one vector of channels
+    ((2, 64, 8, 8), 64, (1, 1), 3),       # few blocks: bands of output channels
+    ((1, 13, 7, 9), 21, (1, 1), 3),       # channels padded, blocks cut at the plane's edge
+    ((3, 8, 5, 6), 8, (0, 2), 3),         # no padding in rows, two in columns
+    ((2, 40, 11, 3), 35, (2, 1), 3),      # a plane one block wide
+    ((1, 96, 14, 14), 130, (1, 1), 3),    # several vectors of output channels, a partial one
+    ((2, 16, 9, 9), 16, (2, 2), 5),       # 5x5: 2x2 blocks, the last cut
+    ((1, 13, 7, 9), 21, (1, 2), 5),
+    ((3, 8, 12, 12), 10, (0, 0), 5),      # LeNet's kind: no padding
 ]
 
 
-@pytest.mark.parametrize("x_shape, k, pad", SHAPES)
-def test_forward_against_float64(x_shape, k, pad):
-    x, w = case(x_shape, k)
+@pytest.mark.parametrize("x_shape, k, pad, kernel", SHAPES)
+def test_forward_against_float64(x_shape, k, pad, kernel):
+    x, w = case(x_shape, k, kernel=kernel)
     want = correlate(x, w, pad)
     y = run(x, w, pad)
     assert np.abs(y - want).max() <= TOLERANCE * np.abs(want).max()
@@ -103,11 +108,11 @@ def test_kept_transforms_stay_within_their_budget(monkeypatch):
         np.testing.assert_array_equal(run(x, w, (1, 1)), y)
 
 
-@pytest.mark.parametrize("x_shape, k, pad", SHAPES[:3])
-def test_results_do_not_depend_on_the_cut(monkeypatch, x_shape, k, pad):
+@pytest.mark.parametrize("x_shape, k, pad, kernel", SHAPES[:3] + SHAPES[-1:])
+def test_results_do_not_depend_on_the_cut(monkeypatch, x_shape, k, pad, kernel):
     """Chunks of blocks, bands of output channels, one thread or several: every output is the
     same sum over the input channels in the same order, so the same bits."""
-    x, w = case(x_shape, k)
+    x, w = case(x_shape, k, kernel=kernel)
     whole = run(x, w, pad)
     monkeypatch.setattr(winograd, "_PARALLEL_MULTIPLY_ADDS", 0)
     cuts = []
@@ -157,7 +162,9 @@ def test_avx2_build_agrees_with_the_widest(monkeypatch):
     ({"stride": (2, 2)}, False),
     ({"dilation": (2, 1)}, False),
     ({"group": 2}, False),
-    ({"w_shape": (16, 16, 5, 5)}, False),
+    ({"w_shape": (16, 16, 5, 5)}, True),
+    ({"w_shape": (16, 16, 7, 7)}, False),
+    ({"w_shape": (16, 16, 3, 5)}, False),
     ({"w_shape": (4, 16, 3, 3)}, False),     # fewer than MIN_CHANNELS outputs
     ({"x_shape": (2, 3, 8, 8), "w_shape": (16, 3, 3, 3)}, False),
     ({"x_shape": (64, 16, 1024, 1024)}, False),     # a frame beyond its scratch bound
@@ -169,31 +176,34 @@ def test_which_convolutions_it_serves(change, suits):
     assert winograd.suits(**geometry) == suits
 
 
-def test_conv_forward_and_flipped_backward_data_use_it(monkeypatch):
-    """conv_forward sends a float32 3x3 convolution to Winograd, as does the backward-data of
-    one with stride 1 (the forward of dy with the kernel flipped, read where it lies)."""
+@pytest.mark.parametrize("kernel, pad", [(3, (1, 1)), (5, (2, 1))])
+def test_conv_forward_and_flipped_backward_data_use_it(monkeypatch, kernel, pad):
+    """conv_forward sends a float32 3x3 or 5x5 convolution to Winograd, as does the
+    backward-data of one with stride 1 (the forward of dy with the kernel flipped, read where
+    it lies)."""
     calls = []
     forward = winograd.forward
     monkeypatch.setattr(winograd, "forward", lambda *a, **k: calls.append(
         (a[1].shape, k.get("flipped", False))) or forward(*a, **k))
-    x, w = case((2, 16, 10, 10), 24, seed=5)
-    y = np.empty((2, 24, 10, 10), np.float32)
-    cpu.conv_forward(x, w, y, (1, 1), (1, 1), (1, 1), 1)
-    assert calls == [((24, 16, 3, 3), False)]
+    x, w = case((2, 16, 10, 10), 24, seed=5, kernel=kernel)
+    y = run(x, w, pad)
+    calls.clear()
+    cpu.conv_forward(x, w, y, pad, (1, 1), (1, 1), 1)
+    assert calls == [(w.shape, False)]
     dx = np.empty_like(x)
-    cpu.conv_backward_data(y, w, dx, (1, 1), (1, 1), (1, 1), 1)
-    assert calls[1:] == [((24, 16, 3, 3), True)]
+    cpu.conv_backward_data(y, w, dx, pad, (1, 1), (1, 1), 1)
+    assert calls[1:] == [(w.shape, True)]
     flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1].astype(np.float64)
-    want = correlate(y.astype(np.float64), flipped, (1, 1))
+    want = correlate(y.astype(np.float64), flipped, tuple(kernel - 1 - p for p in pad))
     assert np.abs(dx - want).max() <= TOLERANCE * np.abs(want).max()
     # The same weights forward again: the flipped transform is kept apart from the plain one.
     again = np.empty_like(y)
-    cpu.conv_forward(x, w, again, (1, 1), (1, 1), (1, 1), 1)
+    cpu.conv_forward(x, w, again, pad, (1, 1), (1, 1), 1)
     np.testing.assert_array_equal(again, y)
 
 
 # -- the backward-filter ---------------------------------------------------------------------
-def filter_gradient(x, dy, pad):
+def filter_gradient(x, dy, pad, kernel=3):
     """dw[k, c, i, j] = sum over images and outputs of dy[n, k, r, q] * x[n, c, r + i - ph,
     q + j - pw] (zero outside), in float64."""
     n, c, h, wd = x.shape
@@ -201,38 +211,38 @@ def filter_gradient(x, dy, pad):
     padded = np.zeros((n, c, h + 2 * ph, wd + 2 * pw))
     padded[:, :, ph:ph + h, pw:pw + wd] = x
     oh, ow = dy.shape[2:]
-    dw = np.empty((dy.shape[1], c, 3, 3))
-    for i in range(3):
-        for j in range(3):
+    dw = np.empty((dy.shape[1], c, kernel, kernel))
+    for i in range(kernel):
+        for j in range(kernel):
             dw[:, :, i, j] = np.einsum("nkhw,nchw->kc", dy.astype(np.float64),
                                        padded[:, :, i:i + oh, j:j + ow])
     return dw
 
 
-def gradient_case(x_shape, k, pad, seed=0):
+def gradient_case(x_shape, k, pad, seed=0, kernel=3):
     x, _ = case(x_shape, k, seed)
-    oh, ow = x_shape[2] + 2 * pad[0] - 2, x_shape[3] + 2 * pad[1] - 2
+    oh, ow = (size + 2 * p - kernel + 1 for size, p in zip(x_shape[2:], pad))
     dy = np.random.default_rng(seed + 100).standard_normal((x_shape[0], k, oh, ow)).astype(
         np.float32)
     return x, dy
 
 
-def run_gradient(x, dy, pad):
-    dw = np.full((dy.shape[1], x.shape[1], 3, 3), np.nan, np.float32)
+def run_gradient(x, dy, pad, kernel=3):
+    dw = np.full((dy.shape[1], x.shape[1], kernel, kernel), np.nan, np.float32)
     winograd.backward_filter(x, dy, dw, pad)
     return dw
 
 
 # Relative to the gradient's largest magnitude: sums over many blocks (the direct kernel's
-# error is ~3e-7 here).
+# error is ~3e-7 here; 5x5's transforms reach 16, whose sums lose more).
 GRADIENT_TOLERANCE = 5e-5
 
 
-@pytest.mark.parametrize("x_shape, k, pad", SHAPES)
-def test_backward_filter_against_float64(x_shape, k, pad):
-    x, dy = gradient_case(x_shape, k, pad)
-    want = filter_gradient(x, dy, pad)
-    dw = run_gradient(x, dy, pad)
+@pytest.mark.parametrize("x_shape, k, pad, kernel", SHAPES)
+def test_backward_filter_against_float64(x_shape, k, pad, kernel):
+    x, dy = gradient_case(x_shape, k, pad, kernel=kernel)
+    want = filter_gradient(x, dy, pad, kernel)
+    dw = run_gradient(x, dy, pad, kernel)
     assert np.abs(dw - want).max() <= GRADIENT_TOLERANCE * np.abs(want).max()
 
 

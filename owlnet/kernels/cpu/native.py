@@ -44,8 +44,8 @@ _SIGNATURES = {
     + [_INT] * 8,
     "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
     "conv_direct_tile": [_INT],
-    "winograd_forward": [_POINTER] * 5 + [_INT] * 15 + [_POINTER, _POINTER, _INT, _INT],
-    "winograd_backward_filter": [_POINTER] * 3 + [_INT] * 14,
+    "winograd_forward": [_POINTER] * 5 + [_INT] * 16 + [_POINTER, _POINTER, _INT, _INT],
+    "winograd_backward_filter": [_POINTER] * 3 + [_INT] * 15,
 }
 # Functions that return an int (the others return nothing).
 _RETURNS_INT = ("conv_direct_tile", "winograd_forward", "winograd_backward_filter")

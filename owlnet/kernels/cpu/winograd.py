@@ -1,18 +1,19 @@
-"""Winograd convolution F(4x4, 3x3) on the compiled kernels of ``native.c``, for float32 3x3
-convolutions with stride 1: the forward, the backward-data (the forward of the output
-gradient with the kernel flipped, which native.c reads flipped where it lies) and the
-backward-filter.
+"""Winograd convolution F(4x4, 3x3) and F(2x2, 5x5) on the compiled kernels of ``native.c``,
+for float32 3x3 and 5x5 convolutions with stride 1: the forward, the backward-data (the
+forward of the output gradient with the kernel flipped, which native.c reads flipped where it
+lies) and the backward-filter.
 
-Each 4x4 block of an output plane is formed from the 6x6 block of input around it with 36
-products per input channel and output channel instead of the direct kernel's 144: the input
-blocks and the weights are transformed (``B^T d B``, ``G g G^T``), multiplied elementwise and
-summed over the input channels (36 matrix products), and each block transformed back
-(``A^T m A``). The backward-filter is the adjoint: ``G^T [sum over blocks of (A dY A^T) *
-(B^T d B)] G``. native.c's section on it gives the matrices and layouts. Results differ from
-the direct sums by rounding only, but more of it (the transforms' constants run from 1/24
-to 8): measured against float64, up to ~7e-6 of the outputs' largest magnitude for the
-forward and ~2e-5 of the gradient's for the backward-filter (a sum over every block), where
-the direct kernel's are ~1e-7 to 1e-6. float64, the dtype of the gradient checks, keeps the
+Each m x m block of an output plane (m = 4 for 3x3 kernels, 2 for 5x5) is formed from the
+6x6 block of input around it with 36 products per input channel and output channel instead
+of the direct kernel's 144 (3x3) or 100 (5x5): the input blocks and the weights are
+transformed (``B^T d B``, ``G g G^T``), multiplied elementwise and summed over the input
+channels (36 matrix products), and each block transformed back (``A^T m A``). The
+backward-filter is the adjoint: ``G^T [sum over blocks of (A dY A^T) * (B^T d B)] G``.
+native.c's section on it gives the matrices and layouts. Results differ from the direct sums
+by rounding only, but more of it (the transforms' constants run from 1/24 to 16): measured
+against float64 in the tests, up to ~1e-5 of the outputs' largest magnitude for the forward
+and ~2e-5 of the gradient's for the backward-filter (a sum over every block), where the
+direct kernel's are ~1e-7 to 1e-6. float64, the dtype of the gradient checks, keeps the
 direct kernel.
 
 The transformed weights (4x the weights, with channels padded to whole vectors) are kept
@@ -43,6 +44,8 @@ _PARALLEL_MULTIPLY_ADDS = 1 << 21
 _KEPT_BYTES = 1 << 27
 # The fewest input and output channels for which it is used (``suits``).
 MIN_CHANNELS = 8
+# The output block's edge for each kernel size served.
+_EDGES = {3: 4, 5: 2}
 # The backward-filter sums over the blocks in passes of about this many bytes of transforms.
 _PASS_BYTES = 1 << 23
 # A convolution is served where its scratch (frames, a pass's transforms) stays within this.
@@ -50,17 +53,25 @@ _SCRATCH_BYTES = 1 << 28
 
 
 def suits(x_shape, w_shape, pad, stride, dilation, group, dtype) -> bool:
-    """Whether this convolution is one Winograd's F(4x4, 3x3) serves here: float32, 3x3,
-    stride and dilation 1, one group, at least ``MIN_CHANNELS`` in and out, its frame within
-    ``_SCRATCH_BYTES``."""
-    if not (np.dtype(dtype) == np.float32 and group == 1 and tuple(w_shape[2:]) == (3, 3)
-            and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+    """Whether this convolution is one Winograd's F(4x4, 3x3) or F(2x2, 5x5) serves here:
+    float32, 3x3 or 5x5, stride and dilation 1, one group, at least ``MIN_CHANNELS`` in and
+    out, its frame within ``_SCRATCH_BYTES``."""
+    kernel = w_shape[2]
+    if not (np.dtype(dtype) == np.float32 and group == 1 and kernel in _EDGES
+            and w_shape[3] == kernel and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and min(w_shape[0], w_shape[1]) >= MIN_CHANNELS and min(pad) >= 0):
         return False
     n, c, h, w = x_shape
-    rows, columns = -(-(h + 2 * pad[0] - 2) // 4), -(-(w + 2 * pad[1] - 2) // 4)
+    edge = _EDGES[kernel]
+    rows, columns = (_blocks(size + 2 * p - kernel + 1, edge) for size, p in zip((h, w), pad))
     cp = _padded_count(c, _lanes())
-    return 4 * n * (4 * rows + 2) * (4 * columns + 2) * cp <= _SCRATCH_BYTES
+    return 4 * n * (edge * rows + 6 - edge) * (edge * columns + 6 - edge) * cp \
+        <= _SCRATCH_BYTES
+
+
+def _blocks(size, edge):
+    """Blocks of ``edge`` outputs along an output side of ``size``."""
+    return -(-size // edge)
 
 
 def _lanes():
@@ -82,8 +93,9 @@ class _Plan:
         n, c, _, _ = x_shape
         _, k, oh, ow = y_shape
         self.cp, self.kp = _padded_count(c, lanes), _padded_count(k, lanes)
-        blocks = n * -(-oh // 4) * -(-ow // 4)
-        parallel = n * k * oh * ow * c * 9 >= _PARALLEL_MULTIPLY_ADDS
+        edge = _EDGES[w_shape[2]]
+        blocks = n * _blocks(oh, edge) * _blocks(ow, edge)
+        parallel = n * k * oh * ow * c * w_shape[2] ** 2 >= _PARALLEL_MULTIPLY_ADDS
         self.workers = workers if parallel else 1
         self.chunk, self.band = _cut(blocks, self.cp, self.kp, lanes, self.workers)
 
@@ -150,20 +162,21 @@ def _aligned_empty(shape):
 def forward(x, w, y, pad, scale=None, shift=None, relu=False, flipped=False):
     """``y = conv(x, w)`` for a convolution that ``suits``, written; then times ``scale`` and
     plus ``shift`` (per output channel, or None) and with ``relu`` max(., 0) taken (NaN kept),
-    as the direct kernel applies them. With ``flipped``, w (C, M, 3, 3) is a convolution's
+    as the direct kernel applies them. With ``flipped``, w (C, M, r, r) is a convolution's
     kernel whose backward-data this is: the kernel used is w flipped in space with input and
     output channels swapped (no copy made; its transform is kept like any other)."""
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     lanes = _lanes()
-    w_shape = (w.shape[1], w.shape[0], 3, 3) if flipped else w.shape
+    w_shape = (w.shape[1], w.shape[0]) + w.shape[2:] if flipped else w.shape
     plan = _plan(x.shape, w_shape, y.shape, lanes, threads.workers())
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
     scale, shift = (None if a is None else np.ascontiguousarray(a, dtype=np.float32)
                     for a in (scale, shift))
     copy, u, fresh = _kept_transform(w, plan.cp, plan.kp, lanes, flipped)
     failed = native.function("winograd_forward", np.float32, 4 * lanes)(
-        *native.addresses(x, w, copy, u, y), int(fresh), int(flipped), *x.shape, *pad,
+        *native.addresses(x, w, copy, u, y), int(fresh), int(flipped), w.shape[2], *x.shape,
+        *pad,
         plan.cp, plan.kp, w_shape[0], *y.shape[2:], plan.chunk, plan.band,
         *native.addresses(scale, shift), int(relu), plan.workers)
     if failed:
@@ -175,14 +188,14 @@ def _gradient_pass(cp, kp):
     return max(1, _PASS_BYTES // (36 * 4 * (cp + kp)))
 
 
-def _gradient_scratch_bytes(x_shape, y_shape, cp, kp):
+def _gradient_scratch_bytes(x_shape, y_shape, edge, cp, kp):
     """The backward-filter's scratch: the frame and the gradient's, a pass's transforms and
     the summed products (native.c's winograd_backward_filter)."""
     n = x_shape[0]
-    th, tw = -(-y_shape[2] // 4), -(-y_shape[3] // 4)
+    th, tw = _blocks(y_shape[2], edge), _blocks(y_shape[3], edge)
     blocks = min(n * th * tw, _gradient_pass(cp, kp))
-    return 4 * (n * (4 * th + 2) * (4 * tw + 2) * cp + n * 16 * th * tw * kp
-                + 36 * blocks * (cp + kp) + 36 * kp * cp)
+    return 4 * (n * (edge * th + 6 - edge) * (edge * tw + 6 - edge) * cp
+                + n * edge * edge * th * tw * kp + 36 * blocks * (cp + kp) + 36 * kp * cp)
 
 
 def suits_backward_filter(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype):
@@ -192,7 +205,8 @@ def suits_backward_filter(x_shape, w_shape, y_shape, pad, stride, dilation, grou
         return False
     lanes = _lanes()
     cp, kp = _padded_count(w_shape[1], lanes), _padded_count(w_shape[0], lanes)
-    return _gradient_scratch_bytes(x_shape, y_shape, cp, kp) <= _SCRATCH_BYTES
+    return _gradient_scratch_bytes(x_shape, y_shape, _EDGES[w_shape[2]], cp, kp) \
+        <= _SCRATCH_BYTES
 
 
 def backward_filter(x, dy, dw, pad):
@@ -205,10 +219,11 @@ def backward_filter(x, dy, dw, pad):
     lanes = _lanes()
     plan = _plan(x.shape, dw.shape, dy.shape, lanes, threads.workers())
     x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
-    blocks = x.shape[0] * -(-dy.shape[2] // 4) * -(-dy.shape[3] // 4)
+    edge = _EDGES[dw.shape[2]]
+    blocks = x.shape[0] * _blocks(dy.shape[2], edge) * _blocks(dy.shape[3], edge)
     step = min(blocks, _gradient_pass(plan.cp, plan.kp))
     failed = native.function("winograd_backward_filter", np.float32, 4 * lanes)(
-        *native.addresses(x, dy, dw), *x.shape, *pad, plan.cp, plan.kp, dw.shape[0],
-        *dy.shape[2:], step, -(-step // (2 * plan.workers)), plan.workers)
+        *native.addresses(x, dy, dw), dw.shape[2], *x.shape, *pad, plan.cp, plan.kp,
+        dw.shape[0], *dy.shape[2:], step, -(-step // (2 * plan.workers)), plan.workers)
     if failed:
         raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
