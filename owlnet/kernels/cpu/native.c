@@ -1317,6 +1317,7 @@ TARGET int winograd_backward_filter_f32_##ISA(                                  
 
 /* Tiles chosen by trying on AVX-512 (EPYC, 2 threads). */
 DEFINE_WINOGRAD(vw32, vw32u, vwi32, 16, wide, WIDE, 4, 16, 12, 8, 6)
+DEFINE_WINOGRAD(vf32, vf32u, vi32, 8, wide_half, WIDE, 4, 16, 12, 8, 6)
 DEFINE_WINOGRAD(vf32, vf32u, vi32, 8, fast, FAST, 2, 12, 6, 4, 3)
 DEFINE_WINOGRAD(vf32, vf32u, vi32, 8, baseline, BASELINE, 2, 12, 6, 4, 3)
 
