@@ -696,164 +696,164 @@ DEFINE_DIRECT_ALL(double, f64, vf64, vf64u, vw64, vw64u)
  * order) of v times u, transforms each block back, applies scale, shift and relu as the
  * direct kernel does, and stores the block's outputs inside the image (turned back to
  * planes in registers). Each output is the same sum however the work is cut. */
-#define WINO_INPUT(o, d0, d1, d2, d3, d4, d5)                                                  \
-    {                                                                                          \
-        o[0] = 4.0f * d0 - 5.0f * d2 + d4;                                                     \
-        o[1] = d3 + d4 - 4.0f * (d1 + d2);                                                     \
-        o[2] = 4.0f * (d1 - d2) + d4 - d3;                                                     \
-        o[3] = 2.0f * (d3 - d1) + d4 - d2;                                                     \
-        o[4] = 2.0f * (d1 - d3) + d4 - d2;                                                     \
-        o[5] = 4.0f * d1 - 5.0f * d3 + d5;                                                     \
+#define WINO_INPUT(o, d0, d1, d2, d3, d4, d5)                                                 \
+    {                                                                                         \
+        o[0] = 4.0f * d0 - 5.0f * d2 + d4;                                                    \
+        o[1] = d3 + d4 - 4.0f * (d1 + d2);                                                    \
+        o[2] = 4.0f * (d1 - d2) + d4 - d3;                                                    \
+        o[3] = 2.0f * (d3 - d1) + d4 - d2;                                                    \
+        o[4] = 2.0f * (d1 - d3) + d4 - d2;                                                    \
+        o[5] = 4.0f * d1 - 5.0f * d3 + d5;                                                    \
     }
-#define WINO_FILTER(o, g0, g1, g2)                                                             \
-    {                                                                                          \
-        o[0] = 0.25f * g0;                                                                     \
-        o[1] = (g0 + g1 + g2) * (-1.0f / 6);                                                   \
-        o[2] = (g0 - g1 + g2) * (-1.0f / 6);                                                   \
-        o[3] = (1.0f / 24) * g0 + (1.0f / 12) * g1 + (1.0f / 6) * g2;                          \
-        o[4] = (1.0f / 24) * g0 - (1.0f / 12) * g1 + (1.0f / 6) * g2;                          \
-        o[5] = g2;                                                                             \
+#define WINO_FILTER(o, g0, g1, g2)                                                            \
+    {                                                                                         \
+        o[0] = 0.25f * g0;                                                                    \
+        o[1] = (g0 + g1 + g2) * (-1.0f / 6);                                                  \
+        o[2] = (g0 - g1 + g2) * (-1.0f / 6);                                                  \
+        o[3] = (1.0f / 24) * g0 + (1.0f / 12) * g1 + (1.0f / 6) * g2;                         \
+        o[4] = (1.0f / 24) * g0 - (1.0f / 12) * g1 + (1.0f / 6) * g2;                         \
+        o[5] = g2;                                                                            \
     }
-#define WINO_OUTPUT(o, m0, m1, m2, m3, m4, m5)                                                 \
-    {                                                                                          \
-        const __typeof__(m0) p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;       \
-        o[0] = m0 + p12 + p34;                                                                 \
-        o[1] = n12 + 2.0f * n34;                                                               \
-        o[2] = p12 + 4.0f * p34;                                                               \
-        o[3] = n12 + 8.0f * n34 + m5;                                                          \
+#define WINO_OUTPUT(o, m0, m1, m2, m3, m4, m5)                                                \
+    {                                                                                         \
+        const __typeof__(m0) p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;      \
+        o[0] = m0 + p12 + p34;                                                                \
+        o[1] = n12 + 2.0f * n34;                                                              \
+        o[2] = p12 + 4.0f * p34;                                                              \
+        o[3] = n12 + 8.0f * n34 + m5;                                                         \
     }
-#define WINO_FILTER5(o, g0, g1, g2, g3, g4)                                                    \
-    {                                                                                          \
-        const __typeof__(g0) even = g0 + g2 + g4, odd = g1 + g3;                               \
+#define WINO_FILTER5(o, g0, g1, g2, g3, g4)                                                   \
+    {                                                                                         \
+        const __typeof__(g0) even = g0 + g2 + g4, odd = g1 + g3;                              \
         const __typeof__(g0) even4 = g0 + 4.0f * g2 + 16.0f * g4, odd4 = 2.0f * g1 + 8.0f * g3; \
-        o[0] = 0.25f * g0;                                                                     \
-        o[1] = (even + odd) * (-1.0f / 6);                                                     \
-        o[2] = (even - odd) * (-1.0f / 6);                                                     \
-        o[3] = (even4 + odd4) * (1.0f / 24);                                                   \
-        o[4] = (even4 - odd4) * (1.0f / 24);                                                   \
-        o[5] = g4;                                                                             \
+        o[0] = 0.25f * g0;                                                                    \
+        o[1] = (even + odd) * (-1.0f / 6);                                                    \
+        o[2] = (even - odd) * (-1.0f / 6);                                                    \
+        o[3] = (even4 + odd4) * (1.0f / 24);                                                  \
+        o[4] = (even4 - odd4) * (1.0f / 24);                                                  \
+        o[5] = g4;                                                                            \
     }
-#define WINO_OUTPUT2(o, m0, m1, m2, m3, m4, m5)                                                \
-    {                                                                                          \
-        o[0] = m0 + m1 + m2 + m3 + m4;                                                         \
-        o[1] = m1 - m2 + 2.0f * (m3 - m4) + m5;                                                \
+#define WINO_OUTPUT2(o, m0, m1, m2, m3, m4, m5)                                               \
+    {                                                                                         \
+        o[0] = m0 + m1 + m2 + m3 + m4;                                                        \
+        o[1] = m1 - m2 + 2.0f * (m3 - m4) + m5;                                               \
     }
 
 /* The backward-filter's transforms, the adjoints of the forward's: A dY A^T of an m x m block
  * of the output gradient (one dimension: m values to 6) and G^T m G of the summed products
  * (6 values to r). */
-#define WINO_GRADIENT(o, y0, y1, y2, y3)                                                       \
-    {                                                                                          \
-        const __typeof__(y0) even1 = y0 + y2, odd1 = y1 + y3, even4 = y0 + 4.0f * y2,          \
-                             odd4 = 2.0f * y1 + 8.0f * y3;                                     \
-        o[0] = y0;                                                                             \
-        o[1] = even1 + odd1;                                                                   \
-        o[2] = even1 - odd1;                                                                   \
-        o[3] = even4 + odd4;                                                                   \
-        o[4] = even4 - odd4;                                                                   \
-        o[5] = y3;                                                                             \
+#define WINO_GRADIENT(o, y0, y1, y2, y3)                                                      \
+    {                                                                                         \
+        const __typeof__(y0) even1 = y0 + y2, odd1 = y1 + y3, even4 = y0 + 4.0f * y2,         \
+                             odd4 = 2.0f * y1 + 8.0f * y3;                                    \
+        o[0] = y0;                                                                            \
+        o[1] = even1 + odd1;                                                                  \
+        o[2] = even1 - odd1;                                                                  \
+        o[3] = even4 + odd4;                                                                  \
+        o[4] = even4 - odd4;                                                                  \
+        o[5] = y3;                                                                            \
     }
-#define WINO_FILTER_GRADIENT(o, m0, m1, m2, m3, m4, m5)                                        \
-    {                                                                                          \
-        o[0] = 0.25f * m0 - (1.0f / 6) * (m1 + m2) + (1.0f / 24) * (m3 + m4);                  \
-        o[1] = (1.0f / 6) * (m2 - m1) + (1.0f / 12) * (m3 - m4);                               \
-        o[2] = (1.0f / 6) * (m3 + m4 - m1 - m2) + m5;                                          \
+#define WINO_FILTER_GRADIENT(o, m0, m1, m2, m3, m4, m5)                                       \
+    {                                                                                         \
+        o[0] = 0.25f * m0 - (1.0f / 6) * (m1 + m2) + (1.0f / 24) * (m3 + m4);                 \
+        o[1] = (1.0f / 6) * (m2 - m1) + (1.0f / 12) * (m3 - m4);                              \
+        o[2] = (1.0f / 6) * (m3 + m4 - m1 - m2) + m5;                                         \
     }
-#define WINO_GRADIENT2(o, y0, y1)                                                              \
-    {                                                                                          \
-        o[0] = y0;                                                                             \
-        o[1] = y0 + y1;                                                                        \
-        o[2] = y0 - y1;                                                                        \
-        o[3] = y0 + 2.0f * y1;                                                                 \
-        o[4] = y0 - 2.0f * y1;                                                                 \
-        o[5] = y1;                                                                             \
+#define WINO_GRADIENT2(o, y0, y1)                                                             \
+    {                                                                                         \
+        o[0] = y0;                                                                            \
+        o[1] = y0 + y1;                                                                       \
+        o[2] = y0 - y1;                                                                       \
+        o[3] = y0 + 2.0f * y1;                                                                \
+        o[4] = y0 - 2.0f * y1;                                                                \
+        o[5] = y1;                                                                            \
     }
-#define WINO_FILTER_GRADIENT5(o, m0, m1, m2, m3, m4, m5)                                       \
-    {                                                                                          \
-        const __typeof__(m0) sum12 = m1 + m2, less12 = m2 - m1, sum34 = m3 + m4,               \
-                             less34 = m3 - m4;                                                 \
-        o[0] = 0.25f * m0 - (1.0f / 6) * sum12 + (1.0f / 24) * sum34;                          \
-        o[1] = (1.0f / 6) * less12 + (1.0f / 12) * less34;                                     \
-        o[2] = (1.0f / 6) * (sum34 - sum12);                                                   \
-        o[3] = (1.0f / 6) * less12 + (1.0f / 3) * less34;                                      \
-        o[4] = (2.0f / 3) * sum34 - (1.0f / 6) * sum12 + m5;                                   \
+#define WINO_FILTER_GRADIENT5(o, m0, m1, m2, m3, m4, m5)                                      \
+    {                                                                                         \
+        const __typeof__(m0) sum12 = m1 + m2, less12 = m2 - m1, sum34 = m3 + m4,              \
+                             less34 = m3 - m4;                                                \
+        o[0] = 0.25f * m0 - (1.0f / 6) * sum12 + (1.0f / 24) * sum34;                         \
+        o[1] = (1.0f / 6) * less12 + (1.0f / 12) * less34;                                    \
+        o[2] = (1.0f / 6) * (sum34 - sum12);                                                  \
+        o[3] = (1.0f / 6) * less12 + (1.0f / 3) * less34;                                     \
+        o[4] = (2.0f / 3) * sum34 - (1.0f / 6) * sum12 + m5;                                  \
     }
 
 /* m[a][b L ..] (plus what it holds, with `accumulate`) + the sum over blocks t (in order) of
  * z[t][a] * v[t][b L ..], for TT rows a of output channels and KV vectors b of input
  * channels; rows of m cp values apart. */
-#define WINO_GRADIENT_TILE(V, TT, KV, z, v, m)                                                 \
-    {                                                                                          \
-        V acc[TT][KV];                                                                         \
-        for (int a = 0; a < TT; ++a)                                                           \
-            for (int b = 0; b < KV; ++b)                                                       \
-                acc[a][b] = accumulate ? *(const V *)((m) + (i64)a * cp + b * L) : (V){0};     \
-        const float *zr = (z), *vr = (v);                                                      \
-        for (int t = 0; t < blocks; ++t, zr += zs, vr += vs) {                                 \
-            V vv[KV];                                                                          \
-            for (int b = 0; b < KV; ++b) vv[b] = *(const V *)(vr + b * L);                     \
-            for (int a = 0; a < TT; ++a) {                                                     \
-                const float value = zr[a];                                                     \
-                for (int b = 0; b < KV; ++b) acc[a][b] += value * vv[b];                       \
-            }                                                                                  \
-        }                                                                                      \
-        for (int a = 0; a < TT; ++a)                                                           \
-            for (int b = 0; b < KV; ++b) *(V *)((m) + (i64)a * cp + b * L) = acc[a][b];        \
+#define WINO_GRADIENT_TILE(V, TT, KV, z, v, m)                                                \
+    {                                                                                         \
+        V acc[TT][KV];                                                                        \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b)                                                      \
+                acc[a][b] = accumulate ? *(const V *)((m) + (i64)a * cp + b * L) : (V){0};    \
+        const float *zr = (z), *vr = (v);                                                     \
+        for (int t = 0; t < blocks; ++t, zr += zs, vr += vs) {                                \
+            V vv[KV];                                                                         \
+            for (int b = 0; b < KV; ++b) vv[b] = *(const V *)(vr + b * L);                    \
+            for (int a = 0; a < TT; ++a) {                                                    \
+                const float value = zr[a];                                                    \
+                for (int b = 0; b < KV; ++b) acc[a][b] += value * vv[b];                      \
+            }                                                                                 \
+        }                                                                                     \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b) *(V *)((m) + (i64)a * cp + b * L) = acc[a][b];       \
     }
 
 /* All kp rows of m for KV vectors of input channels: TT rows at a time, then 8, 4, 2, 1. */
-#define DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, KV, TT)                                     \
-static TARGET void wino_gradient_tiles_##KV##_##ISA(const float *z, const float *v, float *m,  \
-                                                    int blocks, int cp, int kp,                \
-                                                    int accumulate)                            \
-{                                                                                              \
-    const int L = (int)(sizeof(V) / sizeof(float));                                            \
-    const i64 zs = 36 * (i64)kp, vs = 36 * (i64)cp;                                            \
-    int k = 0;                                                                                 \
-    for (; k + TT <= kp; k += TT) WINO_GRADIENT_TILE(V, TT, KV, z + k, v, m + (i64)k * cp)     \
-    if (TT > 8)                                                                                \
-        for (; k + 8 <= kp; k += 8) WINO_GRADIENT_TILE(V, 8, KV, z + k, v, m + (i64)k * cp)    \
-    if (TT > 4)                                                                                \
-        for (; k + 4 <= kp; k += 4) WINO_GRADIENT_TILE(V, 4, KV, z + k, v, m + (i64)k * cp)    \
-    for (; k + 2 <= kp; k += 2) WINO_GRADIENT_TILE(V, 2, KV, z + k, v, m + (i64)k * cp)        \
-    for (; k < kp; ++k) WINO_GRADIENT_TILE(V, 1, KV, z + k, v, m + (i64)k * cp)                \
+#define DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, KV, TT)                                    \
+static TARGET void wino_gradient_tiles_##KV##_##ISA(const float *z, const float *v, float *m, \
+                                                    int blocks, int cp, int kp,               \
+                                                    int accumulate)                           \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(float));                                           \
+    const i64 zs = 36 * (i64)kp, vs = 36 * (i64)cp;                                           \
+    int k = 0;                                                                                \
+    for (; k + TT <= kp; k += TT) WINO_GRADIENT_TILE(V, TT, KV, z + k, v, m + (i64)k * cp)    \
+    if (TT > 8)                                                                               \
+        for (; k + 8 <= kp; k += 8) WINO_GRADIENT_TILE(V, 8, KV, z + k, v, m + (i64)k * cp)   \
+    if (TT > 4)                                                                               \
+        for (; k + 4 <= kp; k += 4) WINO_GRADIENT_TILE(V, 4, KV, z + k, v, m + (i64)k * cp)   \
+    for (; k + 2 <= kp; k += 2) WINO_GRADIENT_TILE(V, 2, KV, z + k, v, m + (i64)k * cp)       \
+    for (; k < kp; ++k) WINO_GRADIENT_TILE(V, 1, KV, z + k, v, m + (i64)k * cp)               \
 }
 
 /* s[a][b L ..] = sum over c of v[a][c] * u's panel b at c, for TT rows a (rows vs and ss
  * values apart) and KV vectors b. */
-#define WINO_TILE(V, VU, TT, KV, v, s)                                                         \
-    {                                                                                          \
-        V acc[TT][KV];                                                                         \
-        for (int a = 0; a < TT; ++a)                                                           \
-            for (int b = 0; b < KV; ++b) acc[a][b] = (V){0};                                   \
-        const float *ur = u;                                                                   \
-        for (int c = 0; c < cp; ++c, ur += L) {                                                \
-            V uv[KV];                                                                          \
-            for (int b = 0; b < KV; ++b) uv[b] = *(const VU *)(ur + (i64)b * cp * L);          \
-            for (int a = 0; a < TT; ++a) {                                                     \
-                const float value = (v)[a * vs + c];                                           \
-                for (int b = 0; b < KV; ++b) acc[a][b] += value * uv[b];                       \
-            }                                                                                  \
-        }                                                                                      \
-        for (int a = 0; a < TT; ++a)                                                           \
-            for (int b = 0; b < KV; ++b) *(V *)((s) + a * ss + b * L) = acc[a][b];             \
+#define WINO_TILE(V, VU, TT, KV, v, s)                                                        \
+    {                                                                                         \
+        V acc[TT][KV];                                                                        \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b) acc[a][b] = (V){0};                                  \
+        const float *ur = u;                                                                  \
+        for (int c = 0; c < cp; ++c, ur += L) {                                               \
+            V uv[KV];                                                                         \
+            for (int b = 0; b < KV; ++b) uv[b] = *(const VU *)(ur + (i64)b * cp * L);         \
+            for (int a = 0; a < TT; ++a) {                                                    \
+                const float value = (v)[a * vs + c];                                          \
+                for (int b = 0; b < KV; ++b) acc[a][b] += value * uv[b];                      \
+            }                                                                                 \
+        }                                                                                     \
+        for (int a = 0; a < TT; ++a)                                                          \
+            for (int b = 0; b < KV; ++b) *(V *)((s) + a * ss + b * L) = acc[a][b];            \
     }
 
 /* All blocks' rows for KV vectors of output channels: TT rows at a time, then 8, 4, 2, 1. */
-#define DEFINE_WINO_TILES(V, VU, ISA, TARGET, KV, TT)                                          \
-static TARGET void wino_tiles_##KV##_##ISA(const float *v, const float *u, float *s,           \
-                                           int blocks, int cp, int band)                       \
-{                                                                                              \
-    const int L = (int)(sizeof(V) / sizeof(float));                                            \
-    const i64 vs = 36 * (i64)cp, ss = 36 * (i64)band;                                          \
-    int t = 0;                                                                                 \
-    for (; t + TT <= blocks; t += TT) WINO_TILE(V, VU, TT, KV, v + t * vs, s + t * ss)         \
-    if (TT > 8)                                                                                \
-        for (; t + 8 <= blocks; t += 8) WINO_TILE(V, VU, 8, KV, v + t * vs, s + t * ss)        \
-    if (TT > 4)                                                                                \
-        for (; t + 4 <= blocks; t += 4) WINO_TILE(V, VU, 4, KV, v + t * vs, s + t * ss)        \
-    for (; t + 2 <= blocks; t += 2) WINO_TILE(V, VU, 2, KV, v + t * vs, s + t * ss)            \
-    for (; t < blocks; ++t) WINO_TILE(V, VU, 1, KV, v + t * vs, s + t * ss)                    \
+#define DEFINE_WINO_TILES(V, VU, ISA, TARGET, KV, TT)                                         \
+static TARGET void wino_tiles_##KV##_##ISA(const float *v, const float *u, float *s,          \
+                                           int blocks, int cp, int band)                      \
+{                                                                                             \
+    const int L = (int)(sizeof(V) / sizeof(float));                                           \
+    const i64 vs = 36 * (i64)cp, ss = 36 * (i64)band;                                         \
+    int t = 0;                                                                                \
+    for (; t + TT <= blocks; t += TT) WINO_TILE(V, VU, TT, KV, v + t * vs, s + t * ss)        \
+    if (TT > 8)                                                                               \
+        for (; t + 8 <= blocks; t += 8) WINO_TILE(V, VU, 8, KV, v + t * vs, s + t * ss)       \
+    if (TT > 4)                                                                               \
+        for (; t + 4 <= blocks; t += 4) WINO_TILE(V, VU, 4, KV, v + t * vs, s + t * ss)       \
+    for (; t + 2 <= blocks; t += 2) WINO_TILE(V, VU, 2, KV, v + t * vs, s + t * ss)           \
+    for (; t < blocks; ++t) WINO_TILE(V, VU, 1, KV, v + t * vs, s + t * ss)                   \
 }
 
 /* rows[0..L-1] (an L x L matrix of floats, a row a vector) transposed in place: for each
@@ -862,25 +862,25 @@ static TARGET void wino_tiles_##KV##_##ISA(const float *v, const float *u, float
  * row i + b) taken as one 2L-lane vector, and lane j of row i + b from lane TAKE(j). */
 #define KEEP(j, b, L) ((j) & (b) ? (L) + (j) - (b) : (j))
 #define TAKE(j, b, L) ((j) & (b) ? (L) + (j) : (j) + (b))
-#define LANES_8(F, b) F(0, b, 8), F(1, b, 8), F(2, b, 8), F(3, b, 8), F(4, b, 8), F(5, b, 8),  \
+#define LANES_8(F, b) F(0, b, 8), F(1, b, 8), F(2, b, 8), F(3, b, 8), F(4, b, 8), F(5, b, 8), \
     F(6, b, 8), F(7, b, 8)
-#define LANES_16(F, b) F(0, b, 16), F(1, b, 16), F(2, b, 16), F(3, b, 16), F(4, b, 16),        \
-    F(5, b, 16), F(6, b, 16), F(7, b, 16), F(8, b, 16), F(9, b, 16), F(10, b, 16),             \
+#define LANES_16(F, b) F(0, b, 16), F(1, b, 16), F(2, b, 16), F(3, b, 16), F(4, b, 16),       \
+    F(5, b, 16), F(6, b, 16), F(7, b, 16), F(8, b, 16), F(9, b, 16), F(10, b, 16),            \
     F(11, b, 16), F(12, b, 16), F(13, b, 16), F(14, b, 16), F(15, b, 16)
-#define DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                            \
-static inline __attribute__((always_inline)) TARGET void transpose_##ISA(V *rows)              \
-{                                                                                              \
-    _Pragma("GCC unroll 4")                                                                    \
-    for (int b = 1; b < LANES; b *= 2) {                                                       \
-        const VI keep = {LANES_##LANES(KEEP, b)}, take = {LANES_##LANES(TAKE, b)};             \
-        _Pragma("GCC unroll 16")                                                               \
-        for (int i = 0; i < LANES; ++i)                                                        \
-            if (!(i & b)) {                                                                    \
-                const V low = rows[i], high = rows[i + b];                                     \
-                rows[i] = __builtin_shuffle(low, high, keep);                                  \
-                rows[i + b] = __builtin_shuffle(low, high, take);                              \
-            }                                                                                  \
-    }                                                                                          \
+#define DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                           \
+static inline __attribute__((always_inline)) TARGET void transpose_##ISA(V *rows)             \
+{                                                                                             \
+    _Pragma("GCC unroll 4")                                                                   \
+    for (int b = 1; b < LANES; b *= 2) {                                                      \
+        const VI keep = {LANES_##LANES(KEEP, b)}, take = {LANES_##LANES(TAKE, b)};            \
+        _Pragma("GCC unroll 16")                                                              \
+        for (int i = 0; i < LANES; ++i)                                                       \
+            if (!(i & b)) {                                                                   \
+                const V low = rows[i], high = rows[i + b];                                    \
+                rows[i] = __builtin_shuffle(low, high, keep);                                 \
+                rows[i + b] = __builtin_shuffle(low, high, take);                             \
+            }                                                                                 \
+    }                                                                                         \
 }
 
 /* A thread's scratch, grown as needed and kept: native.c's workers and the calling threads
@@ -900,419 +900,424 @@ static float *scratch_floats(struct scratch *s, size_t floats)
 }
 
 /* Tiles (rows x vectors of output channels): KV_MAX vectors at most; TTk rows for k vectors. */
-#define DEFINE_WINOGRAD(V, VU, VI, LANES, ISA, TARGET, KV_MAX, TT1, TT2, TT3, TT4)             \
-DEFINE_WINO_TILES(V, VU, ISA, TARGET, 1, TT1)                                                  \
-DEFINE_WINO_TILES(V, VU, ISA, TARGET, 2, TT2)                                                  \
-DEFINE_WINO_TILES(V, VU, ISA, TARGET, 3, TT3)                                                  \
-DEFINE_WINO_TILES(V, VU, ISA, TARGET, 4, TT4)                                                  \
-DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 1, TT1)                                             \
-DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 2, TT2)                                             \
-DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 3, TT3)                                             \
-DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 4, TT4)                                             \
-DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                                    \
-                                                                                               \
-struct wino_##ISA {                                                                            \
+#define DEFINE_WINOGRAD(V, VU, VI, LANES, ISA, TARGET, KV_MAX, TT1, TT2, TT3, TT4)            \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 1, TT1)                                                 \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 2, TT2)                                                 \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 3, TT3)                                                 \
+DEFINE_WINO_TILES(V, VU, ISA, TARGET, 4, TT4)                                                 \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 1, TT1)                                            \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 2, TT2)                                            \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 3, TT3)                                            \
+DEFINE_WINO_GRADIENT_TILES(V, ISA, TARGET, 4, TT4)                                            \
+DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                                   \
+                                                                                              \
+struct wino_##ISA {                                                                           \
     const float *x, *w, *u, *scale, *shift, *dy; float *frame, *y, *dw, *gradient, *v, *z, *m; \
-    int n, c, h, wd, ph, pw, cp, kp, k, oh, ow, edge, r, th, tw, hp, wp, relu, flipped;        \
-    int frame_bands, chunk, blocks, band, bands, pass, pass_blocks;                            \
-    atomic_int failed;                                                                         \
-};                                                                                             \
-                                                                                               \
-/* Pieces of the weights' transform: a vector of output channels each, u's panel for it. The   \
- * weights are w (k, c, r, r), or with `flipped` w (c, k, r, r) flipped in space with input    \
- * and output channels swapped (the backward-data's convolution). */                           \
-static TARGET void wino_weights_piece_##ISA(void *job, int index)                              \
-{                                                                                              \
-    const struct wino_##ISA *a = job;                                                          \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int k0 = index * L, cp = a->cp;                                                      \
-    float *panel = (float *)a->u + (i64)k0 * cp;                                               \
-    const int r = a->r, taps = r * r;                                                          \
-    for (int ci = 0; ci < cp; ++ci) {                                                          \
-        V g[5][5], filtered[5][6];                                                             \
-        for (int e = 0; e < taps; ++e) {                                                       \
-            float lanes[L];                                                                    \
-            for (int l = 0; l < L; ++l)                                                        \
-                lanes[l] = k0 + l >= a->k || ci >= a->c ? 0                                    \
-                    : a->flipped ? a->w[((i64)ci * a->k + k0 + l) * taps + taps - 1 - e]       \
-                    : a->w[((i64)(k0 + l) * a->c + ci) * taps + e];                            \
-            memcpy(&g[e / r][e % r], lanes, sizeof lanes);                                     \
-        }                                                                                      \
-        for (int i = 0; i < r; ++i)                                                            \
-            if (r == 3) WINO_FILTER(filtered[i], g[i][0], g[i][1], g[i][2])                    \
-            else WINO_FILTER5(filtered[i], g[i][0], g[i][1], g[i][2], g[i][3], g[i][4])        \
-        for (int jj = 0; jj < 6; ++jj) {                                                       \
-            V o[6];                                                                            \
-            if (r == 3) WINO_FILTER(o, filtered[0][jj], filtered[1][jj], filtered[2][jj])      \
-            else WINO_FILTER5(o, filtered[0][jj], filtered[1][jj], filtered[2][jj],            \
-                              filtered[3][jj], filtered[4][jj])                                \
-            for (int ii = 0; ii < 6; ++ii)                                                     \
-                *(VU *)(panel + (i64)(6 * ii + jj) * a->kp * cp + (i64)ci * L) = o[ii];        \
-        }                                                                                      \
-    }                                                                                          \
-}                                                                                              \
-                                                                                               \
-/* Rows r0..r1-1 of images (channels, h, wd) copied channels last into rows of `width`         \
- * positions of `stride` values (rows_each a image): row r holds image row r % rows_each -     \
- * top from column left on, zeros elsewhere (outside the image, channels past `channels`). */  \
-static TARGET void channels_last_rows_##ISA(const float *images, int channels, int h, int wd,  \
-                                            int top, int left, float *rows, int rows_each,     \
-                                            int width, int stride, i64 r0, i64 r1)             \
-{                                                                                              \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const i64 plane = (i64)h * wd;                                                             \
-    for (i64 r = r0; r < r1; ++r) {                                                            \
-        const int img = (int)(r / rows_each), iy = (int)(r % rows_each) - top;                 \
-        float *out = rows + r * width * stride + (i64)left * stride;                           \
-        memset(out - (i64)left * stride, 0, sizeof(float) * width * stride);                   \
-        if (iy < 0 || iy >= h) continue;                                                       \
-        const float *in = images + (i64)img * channels * plane + (i64)iy * wd;                 \
-        for (int c0 = 0; c0 < channels; c0 += L)                                               \
-            for (int x0 = 0; x0 < wd; x0 += L) {                                               \
-                if (c0 + L <= channels && x0 + L <= wd) {                                      \
-                    V tile[L];                                                                 \
-                    for (int l = 0; l < L; ++l)                                                \
-                        tile[l] = *(const VU *)(in + (c0 + l) * plane + x0);                   \
-                    transpose_##ISA(tile);                                                     \
-                    for (int l = 0; l < L; ++l)                                                \
-                        *(VU *)(out + (i64)(x0 + l) * stride + c0) = tile[l];                  \
-                    continue;                                                                  \
-                }                                                                              \
-                for (int ci = c0; ci < c0 + L && ci < channels; ++ci)                          \
-                    for (int ix = x0; ix < x0 + L && ix < wd; ++ix)                            \
-                        out[(i64)ix * stride + ci] = in[ci * plane + ix];                      \
-            }                                                                                  \
-    }                                                                                          \
-}                                                                                              \
-                                                                                               \
-/* Pieces of the frame: bands of its rows. */                                                  \
-static TARGET void wino_frame_band_##ISA(void *job, int index)                                 \
-{                                                                                              \
-    const struct wino_##ISA *a = job;                                                          \
-    const i64 rows = (i64)a->n * a->hp;                                                        \
-    channels_last_rows_##ISA(a->x, a->c, a->h, a->wd, a->ph, a->pw, a->frame, a->hp, a->wp,    \
-                             a->cp, rows * index / a->frame_bands,                             \
-                             rows * (index + 1) / a->frame_bands);                             \
-}                                                                                              \
-                                                                                               \
-/* v[t] (36 x cp) = B^T d B for blocks t0..t0+blocks-1, each channel's 6x6 input block d. */   \
-static inline __attribute__((always_inline)) TARGET void wino_input_blocks_##ISA(              \
-    const struct wino_##ISA *a, int t0, int blocks, float *v)                                  \
-{                                                                                              \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int cp = a->cp, per_image = a->th * a->tw, m = a->edge;                              \
-    for (int t = 0; t < blocks; ++t) {                                                         \
-        const int block = t0 + t, img = block / per_image;                                     \
-        const int by = block % per_image / a->tw, bx = block % a->tw;                          \
-        const float *corner =                                                                  \
-            a->frame + (((i64)img * a->hp + m * by) * a->wp + m * bx) * cp;                    \
-        for (int c0 = 0; c0 < cp; c0 += L) {                                                   \
-            V rows[6][6];                                                                      \
-            for (int i = 0; i < 6; ++i) {                                                      \
-                const float *d = corner + (i64)i * a->wp * cp + c0;                            \
-                WINO_INPUT(rows[i], *(const VU *)d, *(const VU *)(d + cp),                     \
-                           *(const VU *)(d + 2 * cp), *(const VU *)(d + 3 * cp),               \
-                           *(const VU *)(d + 4 * cp), *(const VU *)(d + 5 * cp))               \
-            }                                                                                  \
-            for (int jj = 0; jj < 6; ++jj) {                                                   \
-                V o[6];                                                                        \
-                WINO_INPUT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj],              \
-                           rows[4][jj], rows[5][jj])                                           \
-                for (int ii = 0; ii < 6; ++ii)                                                 \
-                    *(V *)(v + ((i64)t * 36 + 6 * ii + jj) * cp + c0) = o[ii];                 \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-}                                                                                              \
-                                                                                               \
-/* One block's outputs for L output channels from `first` (count of them in the image):        \
- * out[r][q] holds output (oy0 + r, ox0 + q) of each channel in its lanes, r and q < m; with   \
- * scale, shift and relu applied, stored: 4x4 blocks turned to planes in registers, 2x2 ones   \
- * value by value. */                                                                          \
-static inline __attribute__((always_inline)) TARGET void wino_store_##ISA(                     \
-    const struct wino_##ISA *a, V out[4][4], int img, int first, int count, int oy0, int ox0)  \
-{                                                                                              \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int m = a->edge;                                                                     \
-    const int rows_in = a->oh - oy0 < m ? a->oh - oy0 : m;                                     \
-    const int cols_in = a->ow - ox0 < m ? a->ow - ox0 : m;                                     \
-    float scale[L] = {0}, shift[L] = {0};                                                      \
-    if (a->scale) memcpy(scale, a->scale + first, sizeof(float) * count);                      \
-    if (a->shift) memcpy(shift, a->shift + first, sizeof(float) * count);                      \
-    V scale_v, shift_v;                                                                        \
-    memcpy(&scale_v, scale, sizeof scale_v);                                                   \
-    memcpy(&shift_v, shift, sizeof shift_v);                                                   \
-    for (int r = 0; r < m; ++r)                                                                \
-        for (int q = 0; q < m; ++q) {                                                          \
-            V value = out[r][q];                                                               \
-            if (a->scale) value *= scale_v;                                                    \
-            if (a->shift) value += shift_v;                                                    \
-            if (a->relu) {                                                                     \
-                const __typeof__(value < value) negative = value < (V){0};                     \
-                value = (V)((__typeof__(negative))value & ~negative);                          \
-            }                                                                                  \
-            out[r][q] = value;                                                                 \
-        }                                                                                      \
-    if (m == 2) {                                                                              \
-        float values[2][2][L];                                                                 \
-        for (int r = 0; r < 2; ++r)                                                            \
-            for (int q = 0; q < 2; ++q) memcpy(values[r][q], &out[r][q], sizeof(V));           \
-        for (int l = 0; l < count; ++l) {                                                      \
-            float *plane = a->y + ((i64)img * a->k + first + l) * a->oh * a->ow;               \
-            for (int r = 0; r < rows_in; ++r)                                                  \
-                for (int q = 0; q < cols_in; ++q)                                              \
-                    plane[(i64)(oy0 + r) * a->ow + ox0 + q] = values[r][q][l];                 \
-        }                                                                                      \
-        return;                                                                                \
-    }                                                                                          \
-    for (int g = 0; g < 16 / L; ++g) {      /* L of the 16 outputs at a time */                \
-        V tile[L];                                                                             \
-        for (int p = 0; p < L; ++p) tile[p] = out[(g * L + p) / 4][(g * L + p) % 4];           \
-        transpose_##ISA(tile);              /* tile[l]: channel first + l's outputs */         \
-        for (int l = 0; l < count; ++l) {                                                      \
-            float values[L];                                                                   \
-            memcpy(values, &tile[l], sizeof values);                                           \
-            float *plane = a->y + ((i64)img * a->k + first + l) * a->oh * a->ow;               \
-            for (int q = 0; q < L / 4; ++q) {                                                  \
-                const int r = g * L / 4 + q;                                                   \
-                if (r >= rows_in) break;                                                       \
-                float *row = plane + (i64)(oy0 + r) * a->ow + ox0;                             \
-                if (cols_in == 4) memcpy(row, values + 4 * q, 4 * sizeof(float));              \
-                else memcpy(row, values + 4 * q, cols_in * sizeof(float));                     \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-}                                                                                              \
-                                                                                               \
-static TARGET void wino_piece_##ISA(void *job, int index)                                      \
-{                                                                                              \
-    struct wino_##ISA *a = job;                                                                \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int cp = a->cp, kp = a->kp;                                                          \
-    const int t0 = index / a->bands * a->chunk, k0 = index % a->bands * a->band;               \
-    const int blocks = a->blocks - t0 < a->chunk ? a->blocks - t0 : a->chunk;                  \
-    const int band = kp - k0 < a->band ? kp - k0 : a->band;                                    \
-    float *v = scratch_floats(&wino_piece_scratch, (size_t)36 * blocks * (cp + band));         \
-    if (!v) {                                                                                  \
-        atomic_store(&a->failed, 1);                                                           \
-        return;                                                                                \
-    }                                                                                          \
-    float *s = v + (size_t)36 * blocks * cp;                                                   \
-    const int per_image = a->th * a->tw;                                                       \
-    wino_input_blocks_##ISA(a, t0, blocks, v);                                                 \
-    for (int xi = 0; xi < 36; ++xi) {                                                          \
-        const float *vx = v + (i64)xi * cp, *ux = a->u + ((i64)xi * kp + k0) * cp;             \
-        float *sx = s + (i64)xi * band;                                                        \
-        for (int kk = 0; kk < band;) {                                                         \
-            const int left = (band - kk) / L, kv = left < KV_MAX ? left : KV_MAX;              \
-            const float *uk = ux + (i64)kk * cp;                                               \
-            if (kv >= 4) wino_tiles_4_##ISA(vx, uk, sx + kk, blocks, cp, band);                \
-            else if (kv == 3) wino_tiles_3_##ISA(vx, uk, sx + kk, blocks, cp, band);           \
-            else if (kv == 2) wino_tiles_2_##ISA(vx, uk, sx + kk, blocks, cp, band);           \
-            else wino_tiles_1_##ISA(vx, uk, sx + kk, blocks, cp, band);                        \
-            kk += kv * L;                                                                      \
-        }                                                                                      \
-    }                                                                                          \
-    for (int t = 0; t < blocks; ++t) {                                                         \
-        const int block = t0 + t, img = block / per_image;                                     \
-        const int m = a->edge, oy0 = block % per_image / a->tw * m, ox0 = block % a->tw * m;   \
-                                                                                               \
-        for (int kk = 0; kk < band && k0 + kk < a->k; kk += L) {                               \
-            V half[6][4], out[4][4];                                                           \
-            for (int ii = 0; ii < 6; ++ii) {                                                   \
-                const float *sum = s + ((i64)t * 36 + 6 * ii) * band + kk;                     \
-                const V m0 = *(const V *)sum, m1 = *(const V *)(sum + band),                   \
-                        m2 = *(const V *)(sum + 2 * band), m3 = *(const V *)(sum + 3 * band),  \
-                        m4 = *(const V *)(sum + 4 * band), m5 = *(const V *)(sum + 5 * band);  \
-                if (m == 4) WINO_OUTPUT(half[ii], m0, m1, m2, m3, m4, m5)                      \
-                else WINO_OUTPUT2(half[ii], m0, m1, m2, m3, m4, m5)                            \
-            }                                                                                  \
-            for (int q = 0; q < m; ++q) {                                                      \
-                V o[4] = {0};                                                                  \
-                if (m == 4)                                                                    \
-                    WINO_OUTPUT(o, half[0][q], half[1][q], half[2][q], half[3][q],             \
-                                half[4][q], half[5][q])                                        \
-                else WINO_OUTPUT2(o, half[0][q], half[1][q], half[2][q], half[3][q],           \
-                                  half[4][q], half[5][q])                                      \
-                for (int r = 0; r < m; ++r) out[r][q] = o[r];                                  \
-            }                                                                                  \
-            const int first = k0 + kk;                                                         \
-            wino_store_##ISA(a, out, img, first, a->k - first < L ? a->k - first : L, oy0,     \
-                             ox0);                                                             \
-        }                                                                                      \
-    }                                                                                          \
-}                                                                                              \
-                                                                                               \
-/* y (n, k, oh, ow) = the convolution of x (n, c, h, wd) padded by (ph, pw) with the r x r     \
- * weights w (as wino_weights_piece reads them, `flipped` or not), F(4x4, 3x3) or F(2x2,       \
- * 5x5); then times scale, plus shift (k                                                       \
- * values each, or null) and relu as the direct kernel applies them. u is their transform      \
- * when w equals copy (unless `force`); else copy = w and u is made anew first. Blocks in      \
- * chunks of `chunk`, output channels in bands of `band`. Returns 0, or 1 when a thread's      \
- * scratch could not be allocated. */                                                          \
-TARGET int winograd_forward_f32_##ISA(                                                         \
-    const float *x, const float *w, float *copy, float *u, float *y, int force, int flipped,   \
-    int r, int n, int c, int h, int wd, int ph, int pw, int cp, int kp, int k, int oh,         \
-    int ow, int chunk, int band, const float *scale, const float *shift, int relu,             \
-    int threads)                                                                               \
-{                                                                                              \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int m = r == 3 ? 4 : 2, th = (oh + m - 1) / m, tw = (ow + m - 1) / m;                \
-    struct wino_##ISA job = {                                                                  \
-        .x = x, .w = w, .u = u, .scale = scale, .shift = shift, .y = y, .n = n, .c = c,        \
-        .h = h, .wd = wd, .ph = ph, .pw = pw, .cp = cp, .kp = kp, .k = k, .oh = oh, .ow = ow,  \
-        .edge = m, .r = r, .th = th, .tw = tw, .hp = m * th + 6 - m, .wp = m * tw + 6 - m,     \
-        .relu = relu, .flipped = flipped, .chunk = chunk, .blocks = n * th * tw,               \
-        .band = band, .bands = (kp + band - 1) / band};                                        \
-    const size_t weight_bytes = sizeof(float) * r * r * (size_t)k * c;                         \
-    if (force || memcmp(w, copy, weight_bytes) != 0) {                                         \
-        memcpy(copy, w, weight_bytes);                                                         \
-        pieces_run(wino_weights_piece_##ISA, &job, kp / L, threads);                           \
-    }                                                                                          \
-    job.frame = scratch_floats(&wino_frame_scratch, (size_t)n * job.hp * job.wp * cp);         \
-    if (!job.frame) return 1;                                                                  \
-    job.frame_bands = threads < 2 ? 1 : 2 * threads;                                           \
-    pieces_run(wino_frame_band_##ISA, &job, job.frame_bands, threads);                         \
-    const int chunks = (job.blocks + chunk - 1) / chunk;                                       \
-    pieces_run(wino_piece_##ISA, &job, chunks * job.bands, threads);                           \
-    return atomic_load(&job.failed);                                                           \
-}                                                                                              \
-                                                                                               \
-/* The backward-filter's pieces: the output gradient channels last, bands of its rows. */      \
-static TARGET void wino_gradient_band_##ISA(void *job, int index)                              \
-{                                                                                              \
-    const struct wino_##ISA *a = job;                                                          \
-    const i64 rows = (i64)a->n * a->edge * a->th;                                              \
-    channels_last_rows_##ISA(a->dy, a->k, a->oh, a->ow, 0, 0, a->gradient, a->edge * a->th,    \
-                             a->edge * a->tw, a->kp, rows * index / a->frame_bands,            \
-                             rows * (index + 1) / a->frame_bands);                             \
-}                                                                                              \
-/* ... a chunk of the pass's blocks: v[t] = B^T d B, z[t] = A dY A^T (dY its m x m block of    \
- * the output gradient, zero past the plane), t counted from the pass's first block. */        \
-static TARGET void wino_gradient_blocks_##ISA(void *job, int index)                            \
-{                                                                                              \
-    const struct wino_##ISA *a = job;                                                          \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int first = index * a->chunk, kp = a->kp, per_image = a->th * a->tw;                 \
-    const int blocks = a->pass_blocks - first < a->chunk ? a->pass_blocks - first : a->chunk;  \
-    wino_input_blocks_##ISA(a, a->pass + first, blocks, a->v + (i64)first * 36 * a->cp);       \
-    for (int i = first; i < first + blocks; ++i) {                                             \
-        const int t = a->pass + i;                                                             \
-        const int img = t / per_image, by = t % per_image / a->tw, bx = t % a->tw;             \
-        const int m = a->edge, row = m * a->tw * kp;                                           \
-        const float *corner = a->gradient + (((i64)img * m * a->th + m * by) * m * a->tw       \
-                                             + m * bx) * kp;                                   \
-        for (int k0 = 0; k0 < kp; k0 += L) {                                                   \
-            V rows[4][6];                                                                      \
-            for (int r = 0; r < m; ++r) {                                                      \
-                const float *d = corner + (i64)r * row + k0;                                   \
-                if (m == 4)                                                                    \
-                    WINO_GRADIENT(rows[r], *(const VU *)d, *(const VU *)(d + kp),              \
-                                  *(const VU *)(d + 2 * kp), *(const VU *)(d + 3 * kp))        \
-                else WINO_GRADIENT2(rows[r], *(const VU *)d, *(const VU *)(d + kp))            \
-            }                                                                                  \
-            for (int jj = 0; jj < 6; ++jj) {                                                   \
-                V o[6];                                                                        \
-                if (m == 4)                                                                    \
-                    WINO_GRADIENT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj])       \
-                else WINO_GRADIENT2(o, rows[0][jj], rows[1][jj])                               \
-                for (int ii = 0; ii < 6; ++ii)                                                 \
-                    *(V *)(a->z + ((i64)i * 36 + 6 * ii + jj) * kp + k0) = o[ii];              \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-}                                                                                              \
-/* ... a transformed position xi: m[xi] (kp x cp) = the sum over the pass's blocks of z x v,   \
- * added to the earlier passes'. */                                                            \
-static TARGET void wino_gradient_sums_##ISA(void *job, int xi)                                 \
-{                                                                                              \
-    const struct wino_##ISA *a = job;                                                          \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int cp = a->cp, kp = a->kp, blocks = a->pass_blocks, more = a->pass > 0;             \
-    const float *z = a->z + (i64)xi * kp, *v = a->v + (i64)xi * cp;                            \
-    float *m = a->m + (i64)xi * kp * cp;                                                       \
-    for (int c0 = 0; c0 < cp;) {                                                               \
-        const int left = (cp - c0) / L, kv = left < KV_MAX ? left : KV_MAX;                    \
-        const float *vc = v + c0;                                                              \
-        float *mc = m + c0;                                                                    \
-        if (kv >= 4) wino_gradient_tiles_4_##ISA(z, vc, mc, blocks, cp, kp, more);             \
-        else if (kv == 3) wino_gradient_tiles_3_##ISA(z, vc, mc, blocks, cp, kp, more);        \
-        else if (kv == 2) wino_gradient_tiles_2_##ISA(z, vc, mc, blocks, cp, kp, more);        \
-        else wino_gradient_tiles_1_##ISA(z, vc, mc, blocks, cp, kp, more);                     \
-        c0 += kv * L;                                                                          \
-    }                                                                                          \
-}                                                                                              \
-/* ... an output channel: dw[k] (c x r x r) = G^T m G. */                                      \
-static TARGET void wino_gradient_filter_##ISA(void *job, int k)                                \
-{                                                                                              \
-    const struct wino_##ISA *a = job;                                                          \
-    enum { L = sizeof(V) / sizeof(float) };                                                    \
-    const int cp = a->cp, r = a->r, taps = r * r;                                              \
-    const i64 step = (i64)a->kp * cp;                                                          \
-    for (int c0 = 0; c0 < a->c; c0 += L) {                                                     \
-        V rows[6][5];                                                                          \
-        for (int ii = 0; ii < 6; ++ii) {                                                       \
-            const float *m = a->m + (i64)6 * ii * step + (i64)k * cp + c0;                     \
-            const V m0 = *(const V *)m, m1 = *(const V *)(m + step),                           \
-                    m2 = *(const V *)(m + 2 * step), m3 = *(const V *)(m + 3 * step),          \
-                    m4 = *(const V *)(m + 4 * step), m5 = *(const V *)(m + 5 * step);          \
-            if (r == 3) WINO_FILTER_GRADIENT(rows[ii], m0, m1, m2, m3, m4, m5)                 \
-            else WINO_FILTER_GRADIENT5(rows[ii], m0, m1, m2, m3, m4, m5)                       \
-        }                                                                                      \
-        float values[25][L];                                                                   \
-        for (int j = 0; j < r; ++j) {                                                          \
-            V o[5];                                                                            \
-            if (r == 3)                                                                        \
-                WINO_FILTER_GRADIENT(o, rows[0][j], rows[1][j], rows[2][j], rows[3][j],        \
-                                     rows[4][j], rows[5][j])                                   \
-            else WINO_FILTER_GRADIENT5(o, rows[0][j], rows[1][j], rows[2][j], rows[3][j],      \
-                                       rows[4][j], rows[5][j])                                 \
-            for (int i = 0; i < r; ++i) memcpy(values[r * i + j], &o[i], sizeof o[i]);         \
-        }                                                                                      \
-        float *out = a->dw + ((i64)k * a->c + c0) * taps;                                      \
-        for (int l = 0; l < L && c0 + l < a->c; ++l)                                           \
-            for (int e = 0; e < taps; ++e) out[l * taps + e] = values[e][l];                   \
-    }                                                                                          \
-}                                                                                              \
-                                                                                               \
-/* dw (k, c, r, r) = the gradient of the convolution of x (n, c, h, wd) padded by (ph, pw)     \
- * for the output gradient dy (n, k, oh, ow), written: G^T [sum over blocks of (A dY A^T) *    \
- * (B^T d B)] G, the adjoint of the forward's transforms. The blocks go in passes of `pass`    \
- * (their transforms made in chunks of `chunk`, then summed for each xi by one thread, in      \
- * order, added to the earlier passes' sums). The scratch (frames, a pass's v and z, m) is     \
- * the calling thread's. Returns 0, or 1 when it could not be allocated. */                    \
-TARGET int winograd_backward_filter_f32_##ISA(                                                 \
-    const float *x, const float *dy, float *dw, int r, int n, int c, int h, int wd, int ph,    \
-    int pw, int cp, int kp, int k, int oh, int ow, int pass, int chunk, int threads)           \
-{                                                                                              \
-    const int m = r == 3 ? 4 : 2, th = (oh + m - 1) / m, tw = (ow + m - 1) / m;                \
-    struct wino_##ISA job = {                                                                  \
-        .x = x, .dy = dy, .dw = dw, .n = n, .c = c, .h = h, .wd = wd, .ph = ph, .pw = pw,      \
-        .cp = cp, .kp = kp, .k = k, .oh = oh, .ow = ow, .edge = m, .r = r, .th = th,           \
-        .tw = tw, .hp = m * th + 6 - m, .wp = m * tw + 6 - m, .chunk = chunk,                  \
-        .blocks = n * th * tw};                                                                \
-    const size_t frame = (size_t)n * job.hp * job.wp * cp;                                     \
-    const size_t gradient = (size_t)n * m * m * th * tw * kp;                                  \
-    const size_t blocks = (size_t)(pass < job.blocks ? pass : job.blocks) * 36;                \
-    float *memory = scratch_floats(&wino_frame_scratch, frame + gradient + blocks * (cp + kp)  \
-                                   + (size_t)36 * kp * cp);                                    \
-    if (!memory) return 1;                                                                     \
-    job.frame = memory;                                                                        \
-    job.gradient = job.frame + frame;                                                          \
-    job.v = job.gradient + gradient;                                                           \
-    job.z = job.v + blocks * cp;                                                               \
-    job.m = job.z + blocks * kp;                                                               \
-    job.frame_bands = threads < 2 ? 1 : 2 * threads;                                           \
-    pieces_run(wino_frame_band_##ISA, &job, job.frame_bands, threads);                         \
-    pieces_run(wino_gradient_band_##ISA, &job, job.frame_bands, threads);                      \
-    for (job.pass = 0; job.pass < job.blocks; job.pass += pass) {                              \
-        job.pass_blocks = job.blocks - job.pass < pass ? job.blocks - job.pass : pass;         \
-        pieces_run(wino_gradient_blocks_##ISA, &job, (job.pass_blocks + chunk - 1) / chunk,    \
-                   threads);                                                                   \
-        pieces_run(wino_gradient_sums_##ISA, &job, 36, threads);                               \
-    }                                                                                          \
-    pieces_run(wino_gradient_filter_##ISA, &job, k, threads);                                  \
-    return 0;                                                                                  \
+    int n, c, h, wd, ph, pw, cp, kp, k, oh, ow, edge, r, th, tw, hp, wp, relu, flipped;       \
+    int frame_bands, chunk, blocks, band, bands, pass, pass_blocks;                           \
+    atomic_int failed;                                                                        \
+};                                                                                            \
+                                                                                              \
+/* Pieces of the weights' transform: a vector of output channels each, u's panel for it. The  \
+ * weights are w (k, c, r, r), or with `flipped` w (c, k, r, r) flipped in space with input   \
+ * and output channels swapped (the backward-data's convolution). */                          \
+static TARGET void wino_weights_piece_##ISA(void *job, int index)                             \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int k0 = index * L, cp = a->cp;                                                     \
+    float *panel = (float *)a->u + (i64)k0 * cp;                                              \
+    const int r = a->r, taps = r * r;                                                         \
+    for (int ci = 0; ci < cp; ++ci) {                                                         \
+        V g[5][5], filtered[5][6];                                                            \
+        for (int e = 0; e < taps; ++e) {                                                      \
+            float lanes[L];                                                                   \
+            for (int l = 0; l < L; ++l)                                                       \
+                lanes[l] = k0 + l >= a->k || ci >= a->c ? 0                                   \
+                    : a->flipped ? a->w[((i64)ci * a->k + k0 + l) * taps + taps - 1 - e]      \
+                    : a->w[((i64)(k0 + l) * a->c + ci) * taps + e];                           \
+            memcpy(&g[e / r][e % r], lanes, sizeof lanes);                                    \
+        }                                                                                     \
+        for (int i = 0; i < r; ++i)                                                           \
+            if (r == 3) WINO_FILTER(filtered[i], g[i][0], g[i][1], g[i][2])                   \
+            else WINO_FILTER5(filtered[i], g[i][0], g[i][1], g[i][2], g[i][3], g[i][4])       \
+        for (int jj = 0; jj < 6; ++jj) {                                                      \
+            V o[6];                                                                           \
+            if (r == 3) WINO_FILTER(o, filtered[0][jj], filtered[1][jj], filtered[2][jj])     \
+            else WINO_FILTER5(o, filtered[0][jj], filtered[1][jj], filtered[2][jj],           \
+                              filtered[3][jj], filtered[4][jj])                               \
+            for (int ii = 0; ii < 6; ++ii)                                                    \
+                *(VU *)(panel + (i64)(6 * ii + jj) * a->kp * cp + (i64)ci * L) = o[ii];       \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* Rows r0..r1-1 of images (channels, h, wd) copied channels last into rows of `width`        \
+ * positions of `stride` values (rows_each a image): row r holds image row r % rows_each -    \
+ * top from column left on, zeros elsewhere (outside the image, channels past `channels`). */ \
+static TARGET void channels_last_rows_##ISA(const float *images, int channels, int h, int wd, \
+                                            int top, int left, float *rows, int rows_each,    \
+                                            int width, int stride, i64 r0, i64 r1)            \
+{                                                                                             \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const i64 plane = (i64)h * wd;                                                            \
+    for (i64 r = r0; r < r1; ++r) {                                                           \
+        const int img = (int)(r / rows_each), iy = (int)(r % rows_each) - top;                \
+        float *out = rows + r * width * stride + (i64)left * stride;                          \
+        if (iy < 0 || iy >= h || channels < stride) {          /* else the side columns only */ \
+            memset(out - (i64)left * stride, 0, sizeof(float) * width * stride);              \
+            if (iy < 0 || iy >= h) continue;                                                  \
+        } else {                                                                              \
+            memset(out - (i64)left * stride, 0, sizeof(float) * left * stride);               \
+            memset(out + (i64)wd * stride, 0, sizeof(float) * (width - left - wd) * stride);  \
+        }                                                                                     \
+        const float *in = images + (i64)img * channels * plane + (i64)iy * wd;                \
+        for (int c0 = 0; c0 < channels; c0 += L)                                              \
+            for (int x0 = 0; x0 < wd; x0 += L) {                                              \
+                if (c0 + L <= channels && x0 + L <= wd) {                                     \
+                    V tile[L];                                                                \
+                    for (int l = 0; l < L; ++l)                                               \
+                        tile[l] = *(const VU *)(in + (c0 + l) * plane + x0);                  \
+                    transpose_##ISA(tile);                                                    \
+                    for (int l = 0; l < L; ++l)                                               \
+                        *(VU *)(out + (i64)(x0 + l) * stride + c0) = tile[l];                 \
+                    continue;                                                                 \
+                }                                                                             \
+                for (int ci = c0; ci < c0 + L && ci < channels; ++ci)                         \
+                    for (int ix = x0; ix < x0 + L && ix < wd; ++ix)                           \
+                        out[(i64)ix * stride + ci] = in[ci * plane + ix];                     \
+            }                                                                                 \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* Pieces of the frame: bands of its rows. */                                                 \
+static TARGET void wino_frame_band_##ISA(void *job, int index)                                \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    const i64 rows = (i64)a->n * a->hp;                                                       \
+    channels_last_rows_##ISA(a->x, a->c, a->h, a->wd, a->ph, a->pw, a->frame, a->hp, a->wp,   \
+                             a->cp, rows * index / a->frame_bands,                            \
+                             rows * (index + 1) / a->frame_bands);                            \
+}                                                                                             \
+                                                                                              \
+/* v[t] (36 x cp) = B^T d B for blocks t0..t0+blocks-1, each channel's 6x6 input block d. */  \
+static inline __attribute__((always_inline)) TARGET void wino_input_blocks_##ISA(             \
+    const struct wino_##ISA *a, int t0, int blocks, float *v)                                 \
+{                                                                                             \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp, per_image = a->th * a->tw, m = a->edge;                             \
+    for (int t = 0; t < blocks; ++t) {                                                        \
+        const int block = t0 + t, img = block / per_image;                                    \
+        const int by = block % per_image / a->tw, bx = block % a->tw;                         \
+        const float *corner =                                                                 \
+            a->frame + (((i64)img * a->hp + m * by) * a->wp + m * bx) * cp;                   \
+        for (int c0 = 0; c0 < cp; c0 += L) {                                                  \
+            V rows[6][6];                                                                     \
+            for (int i = 0; i < 6; ++i) {                                                     \
+                const float *d = corner + (i64)i * a->wp * cp + c0;                           \
+                WINO_INPUT(rows[i], *(const VU *)d, *(const VU *)(d + cp),                    \
+                           *(const VU *)(d + 2 * cp), *(const VU *)(d + 3 * cp),              \
+                           *(const VU *)(d + 4 * cp), *(const VU *)(d + 5 * cp))              \
+            }                                                                                 \
+            for (int jj = 0; jj < 6; ++jj) {                                                  \
+                V o[6];                                                                       \
+                WINO_INPUT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj],             \
+                           rows[4][jj], rows[5][jj])                                          \
+                for (int ii = 0; ii < 6; ++ii)                                                \
+                    *(V *)(v + ((i64)t * 36 + 6 * ii + jj) * cp + c0) = o[ii];                \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* One block's outputs for L output channels from `first` (count of them in the image):       \
+ * out[r][q] holds output (oy0 + r, ox0 + q) of each channel in its lanes, r and q < m; with  \
+ * scale, shift and relu applied, stored: 4x4 blocks turned to planes in registers, 2x2 ones  \
+ * value by value. */                                                                         \
+static inline __attribute__((always_inline)) TARGET void wino_store_##ISA(                    \
+    const struct wino_##ISA *a, V out[4][4], int img, int first, int count, int oy0, int ox0) \
+{                                                                                             \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int m = a->edge;                                                                    \
+    const int rows_in = a->oh - oy0 < m ? a->oh - oy0 : m;                                    \
+    const int cols_in = a->ow - ox0 < m ? a->ow - ox0 : m;                                    \
+    float scale[L] = {0}, shift[L] = {0};                                                     \
+    if (a->scale) memcpy(scale, a->scale + first, sizeof(float) * count);                     \
+    if (a->shift) memcpy(shift, a->shift + first, sizeof(float) * count);                     \
+    V scale_v, shift_v;                                                                       \
+    memcpy(&scale_v, scale, sizeof scale_v);                                                  \
+    memcpy(&shift_v, shift, sizeof shift_v);                                                  \
+    for (int r = 0; r < m; ++r)                                                               \
+        for (int q = 0; q < m; ++q) {                                                         \
+            V value = out[r][q];                                                              \
+            if (a->scale) value *= scale_v;                                                   \
+            if (a->shift) value += shift_v;                                                   \
+            if (a->relu) {                                                                    \
+                const __typeof__(value < value) negative = value < (V){0};                    \
+                value = (V)((__typeof__(negative))value & ~negative);                         \
+            }                                                                                 \
+            out[r][q] = value;                                                                \
+        }                                                                                     \
+    if (m == 2) {                                                                             \
+        float values[2][2][L];                                                                \
+        for (int r = 0; r < 2; ++r)                                                           \
+            for (int q = 0; q < 2; ++q) memcpy(values[r][q], &out[r][q], sizeof(V));          \
+        for (int l = 0; l < count; ++l) {                                                     \
+            float *plane = a->y + ((i64)img * a->k + first + l) * a->oh * a->ow;              \
+            for (int r = 0; r < rows_in; ++r)                                                 \
+                for (int q = 0; q < cols_in; ++q)                                             \
+                    plane[(i64)(oy0 + r) * a->ow + ox0 + q] = values[r][q][l];                \
+        }                                                                                     \
+        return;                                                                               \
+    }                                                                                         \
+    for (int g = 0; g < 16 / L; ++g) {      /* L of the 16 outputs at a time */               \
+        V tile[L];                                                                            \
+        for (int p = 0; p < L; ++p) tile[p] = out[(g * L + p) / 4][(g * L + p) % 4];          \
+        transpose_##ISA(tile);              /* tile[l]: channel first + l's outputs */        \
+        for (int l = 0; l < count; ++l) {                                                     \
+            float values[L];                                                                  \
+            memcpy(values, &tile[l], sizeof values);                                          \
+            float *plane = a->y + ((i64)img * a->k + first + l) * a->oh * a->ow;              \
+            for (int q = 0; q < L / 4; ++q) {                                                 \
+                const int r = g * L / 4 + q;                                                  \
+                if (r >= rows_in) break;                                                      \
+                float *row = plane + (i64)(oy0 + r) * a->ow + ox0;                            \
+                if (cols_in == 4) memcpy(row, values + 4 * q, 4 * sizeof(float));             \
+                else memcpy(row, values + 4 * q, cols_in * sizeof(float));                    \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+static TARGET void wino_piece_##ISA(void *job, int index)                                     \
+{                                                                                             \
+    struct wino_##ISA *a = job;                                                               \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp, kp = a->kp;                                                         \
+    const int t0 = index / a->bands * a->chunk, k0 = index % a->bands * a->band;              \
+    const int blocks = a->blocks - t0 < a->chunk ? a->blocks - t0 : a->chunk;                 \
+    const int band = kp - k0 < a->band ? kp - k0 : a->band;                                   \
+    float *v = scratch_floats(&wino_piece_scratch, (size_t)36 * blocks * (cp + band));        \
+    if (!v) {                                                                                 \
+        atomic_store(&a->failed, 1);                                                          \
+        return;                                                                               \
+    }                                                                                         \
+    float *s = v + (size_t)36 * blocks * cp;                                                  \
+    const int per_image = a->th * a->tw;                                                      \
+    wino_input_blocks_##ISA(a, t0, blocks, v);                                                \
+    for (int xi = 0; xi < 36; ++xi) {                                                         \
+        const float *vx = v + (i64)xi * cp, *ux = a->u + ((i64)xi * kp + k0) * cp;            \
+        float *sx = s + (i64)xi * band;                                                       \
+        for (int kk = 0; kk < band;) {                                                        \
+            const int left = (band - kk) / L, kv = left < KV_MAX ? left : KV_MAX;             \
+            const float *uk = ux + (i64)kk * cp;                                              \
+            if (kv >= 4) wino_tiles_4_##ISA(vx, uk, sx + kk, blocks, cp, band);               \
+            else if (kv == 3) wino_tiles_3_##ISA(vx, uk, sx + kk, blocks, cp, band);          \
+            else if (kv == 2) wino_tiles_2_##ISA(vx, uk, sx + kk, blocks, cp, band);          \
+            else wino_tiles_1_##ISA(vx, uk, sx + kk, blocks, cp, band);                       \
+            kk += kv * L;                                                                     \
+        }                                                                                     \
+    }                                                                                         \
+    for (int t = 0; t < blocks; ++t) {                                                        \
+        const int block = t0 + t, img = block / per_image;                                    \
+        const int m = a->edge, oy0 = block % per_image / a->tw * m, ox0 = block % a->tw * m;  \
+                                                                                              \
+        for (int kk = 0; kk < band && k0 + kk < a->k; kk += L) {                              \
+            V half[6][4], out[4][4];                                                          \
+            for (int ii = 0; ii < 6; ++ii) {                                                  \
+                const float *sum = s + ((i64)t * 36 + 6 * ii) * band + kk;                    \
+                const V m0 = *(const V *)sum, m1 = *(const V *)(sum + band),                  \
+                        m2 = *(const V *)(sum + 2 * band), m3 = *(const V *)(sum + 3 * band), \
+                        m4 = *(const V *)(sum + 4 * band), m5 = *(const V *)(sum + 5 * band); \
+                if (m == 4) WINO_OUTPUT(half[ii], m0, m1, m2, m3, m4, m5)                     \
+                else WINO_OUTPUT2(half[ii], m0, m1, m2, m3, m4, m5)                           \
+            }                                                                                 \
+            for (int q = 0; q < m; ++q) {                                                     \
+                V o[4] = {0};                                                                 \
+                if (m == 4)                                                                   \
+                    WINO_OUTPUT(o, half[0][q], half[1][q], half[2][q], half[3][q],            \
+                                half[4][q], half[5][q])                                       \
+                else WINO_OUTPUT2(o, half[0][q], half[1][q], half[2][q], half[3][q],          \
+                                  half[4][q], half[5][q])                                     \
+                for (int r = 0; r < m; ++r) out[r][q] = o[r];                                 \
+            }                                                                                 \
+            const int first = k0 + kk;                                                        \
+            wino_store_##ISA(a, out, img, first, a->k - first < L ? a->k - first : L, oy0,    \
+                             ox0);                                                            \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* y (n, k, oh, ow) = the convolution of x (n, c, h, wd) padded by (ph, pw) with the r x r    \
+ * weights w (as wino_weights_piece reads them, `flipped` or not), F(4x4, 3x3) or F(2x2,      \
+ * 5x5); then times scale, plus shift (k                                                      \
+ * values each, or null) and relu as the direct kernel applies them. u is their transform     \
+ * when w equals copy (unless `force`); else copy = w and u is made anew first. Blocks in     \
+ * chunks of `chunk`, output channels in bands of `band`. Returns 0, or 1 when a thread's     \
+ * scratch could not be allocated. */                                                         \
+TARGET int winograd_forward_f32_##ISA(                                                        \
+    const float *x, const float *w, float *copy, float *u, float *y, int force, int flipped,  \
+    int r, int n, int c, int h, int wd, int ph, int pw, int cp, int kp, int k, int oh,        \
+    int ow, int chunk, int band, const float *scale, const float *shift, int relu,            \
+    int threads)                                                                              \
+{                                                                                             \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int m = r == 3 ? 4 : 2, th = (oh + m - 1) / m, tw = (ow + m - 1) / m;               \
+    struct wino_##ISA job = {                                                                 \
+        .x = x, .w = w, .u = u, .scale = scale, .shift = shift, .y = y, .n = n, .c = c,       \
+        .h = h, .wd = wd, .ph = ph, .pw = pw, .cp = cp, .kp = kp, .k = k, .oh = oh, .ow = ow, \
+        .edge = m, .r = r, .th = th, .tw = tw, .hp = m * th + 6 - m, .wp = m * tw + 6 - m,    \
+        .relu = relu, .flipped = flipped, .chunk = chunk, .blocks = n * th * tw,              \
+        .band = band, .bands = (kp + band - 1) / band};                                       \
+    const size_t weight_bytes = sizeof(float) * r * r * (size_t)k * c;                        \
+    if (force || memcmp(w, copy, weight_bytes) != 0) {                                        \
+        memcpy(copy, w, weight_bytes);                                                        \
+        pieces_run(wino_weights_piece_##ISA, &job, kp / L, threads);                          \
+    }                                                                                         \
+    job.frame = scratch_floats(&wino_frame_scratch, (size_t)n * job.hp * job.wp * cp);        \
+    if (!job.frame) return 1;                                                                 \
+    job.frame_bands = threads < 2 ? 1 : 2 * threads;                                          \
+    pieces_run(wino_frame_band_##ISA, &job, job.frame_bands, threads);                        \
+    const int chunks = (job.blocks + chunk - 1) / chunk;                                      \
+    pieces_run(wino_piece_##ISA, &job, chunks * job.bands, threads);                          \
+    return atomic_load(&job.failed);                                                          \
+}                                                                                             \
+                                                                                              \
+/* The backward-filter's pieces: the output gradient channels last, bands of its rows. */     \
+static TARGET void wino_gradient_band_##ISA(void *job, int index)                             \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    const i64 rows = (i64)a->n * a->edge * a->th;                                             \
+    channels_last_rows_##ISA(a->dy, a->k, a->oh, a->ow, 0, 0, a->gradient, a->edge * a->th,   \
+                             a->edge * a->tw, a->kp, rows * index / a->frame_bands,           \
+                             rows * (index + 1) / a->frame_bands);                            \
+}                                                                                             \
+/* ... a chunk of the pass's blocks: v[t] = B^T d B, z[t] = A dY A^T (dY its m x m block of   \
+ * the output gradient, zero past the plane), t counted from the pass's first block. */       \
+static TARGET void wino_gradient_blocks_##ISA(void *job, int index)                           \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int first = index * a->chunk, kp = a->kp, per_image = a->th * a->tw;                \
+    const int blocks = a->pass_blocks - first < a->chunk ? a->pass_blocks - first : a->chunk; \
+    wino_input_blocks_##ISA(a, a->pass + first, blocks, a->v + (i64)first * 36 * a->cp);      \
+    for (int i = first; i < first + blocks; ++i) {                                            \
+        const int t = a->pass + i;                                                            \
+        const int img = t / per_image, by = t % per_image / a->tw, bx = t % a->tw;            \
+        const int m = a->edge, row = m * a->tw * kp;                                          \
+        const float *corner = a->gradient + (((i64)img * m * a->th + m * by) * m * a->tw      \
+                                             + m * bx) * kp;                                  \
+        for (int k0 = 0; k0 < kp; k0 += L) {                                                  \
+            V rows[4][6];                                                                     \
+            for (int r = 0; r < m; ++r) {                                                     \
+                const float *d = corner + (i64)r * row + k0;                                  \
+                if (m == 4)                                                                   \
+                    WINO_GRADIENT(rows[r], *(const VU *)d, *(const VU *)(d + kp),             \
+                                  *(const VU *)(d + 2 * kp), *(const VU *)(d + 3 * kp))       \
+                else WINO_GRADIENT2(rows[r], *(const VU *)d, *(const VU *)(d + kp))           \
+            }                                                                                 \
+            for (int jj = 0; jj < 6; ++jj) {                                                  \
+                V o[6];                                                                       \
+                if (m == 4)                                                                   \
+                    WINO_GRADIENT(o, rows[0][jj], rows[1][jj], rows[2][jj], rows[3][jj])      \
+                else WINO_GRADIENT2(o, rows[0][jj], rows[1][jj])                              \
+                for (int ii = 0; ii < 6; ++ii)                                                \
+                    *(V *)(a->z + ((i64)i * 36 + 6 * ii + jj) * kp + k0) = o[ii];             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* ... a transformed position xi: m[xi] (kp x cp) = the sum over the pass's blocks of z x v,  \
+ * added to the earlier passes'. */                                                           \
+static TARGET void wino_gradient_sums_##ISA(void *job, int xi)                                \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp, kp = a->kp, blocks = a->pass_blocks, more = a->pass > 0;            \
+    const float *z = a->z + (i64)xi * kp, *v = a->v + (i64)xi * cp;                           \
+    float *m = a->m + (i64)xi * kp * cp;                                                      \
+    for (int c0 = 0; c0 < cp;) {                                                              \
+        const int left = (cp - c0) / L, kv = left < KV_MAX ? left : KV_MAX;                   \
+        const float *vc = v + c0;                                                             \
+        float *mc = m + c0;                                                                   \
+        if (kv >= 4) wino_gradient_tiles_4_##ISA(z, vc, mc, blocks, cp, kp, more);            \
+        else if (kv == 3) wino_gradient_tiles_3_##ISA(z, vc, mc, blocks, cp, kp, more);       \
+        else if (kv == 2) wino_gradient_tiles_2_##ISA(z, vc, mc, blocks, cp, kp, more);       \
+        else wino_gradient_tiles_1_##ISA(z, vc, mc, blocks, cp, kp, more);                    \
+        c0 += kv * L;                                                                         \
+    }                                                                                         \
+}                                                                                             \
+/* ... an output channel: dw[k] (c x r x r) = G^T m G. */                                     \
+static TARGET void wino_gradient_filter_##ISA(void *job, int k)                               \
+{                                                                                             \
+    const struct wino_##ISA *a = job;                                                         \
+    enum { L = sizeof(V) / sizeof(float) };                                                   \
+    const int cp = a->cp, r = a->r, taps = r * r;                                             \
+    const i64 step = (i64)a->kp * cp;                                                         \
+    for (int c0 = 0; c0 < a->c; c0 += L) {                                                    \
+        V rows[6][5];                                                                         \
+        for (int ii = 0; ii < 6; ++ii) {                                                      \
+            const float *m = a->m + (i64)6 * ii * step + (i64)k * cp + c0;                    \
+            const V m0 = *(const V *)m, m1 = *(const V *)(m + step),                          \
+                    m2 = *(const V *)(m + 2 * step), m3 = *(const V *)(m + 3 * step),         \
+                    m4 = *(const V *)(m + 4 * step), m5 = *(const V *)(m + 5 * step);         \
+            if (r == 3) WINO_FILTER_GRADIENT(rows[ii], m0, m1, m2, m3, m4, m5)                \
+            else WINO_FILTER_GRADIENT5(rows[ii], m0, m1, m2, m3, m4, m5)                      \
+        }                                                                                     \
+        float values[25][L];                                                                  \
+        for (int j = 0; j < r; ++j) {                                                         \
+            V o[5];                                                                           \
+            if (r == 3)                                                                       \
+                WINO_FILTER_GRADIENT(o, rows[0][j], rows[1][j], rows[2][j], rows[3][j],       \
+                                     rows[4][j], rows[5][j])                                  \
+            else WINO_FILTER_GRADIENT5(o, rows[0][j], rows[1][j], rows[2][j], rows[3][j],     \
+                                       rows[4][j], rows[5][j])                                \
+            for (int i = 0; i < r; ++i) memcpy(values[r * i + j], &o[i], sizeof o[i]);        \
+        }                                                                                     \
+        float *out = a->dw + ((i64)k * a->c + c0) * taps;                                     \
+        for (int l = 0; l < L && c0 + l < a->c; ++l)                                          \
+            for (int e = 0; e < taps; ++e) out[l * taps + e] = values[e][l];                  \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+/* dw (k, c, r, r) = the gradient of the convolution of x (n, c, h, wd) padded by (ph, pw)    \
+ * for the output gradient dy (n, k, oh, ow), written: G^T [sum over blocks of (A dY A^T) *   \
+ * (B^T d B)] G, the adjoint of the forward's transforms. The blocks go in passes of `pass`   \
+ * (their transforms made in chunks of `chunk`, then summed for each xi by one thread, in     \
+ * order, added to the earlier passes' sums). The scratch (frames, a pass's v and z, m) is    \
+ * the calling thread's. Returns 0, or 1 when it could not be allocated. */                   \
+TARGET int winograd_backward_filter_f32_##ISA(                                                \
+    const float *x, const float *dy, float *dw, int r, int n, int c, int h, int wd, int ph,   \
+    int pw, int cp, int kp, int k, int oh, int ow, int pass, int chunk, int threads)          \
+{                                                                                             \
+    const int m = r == 3 ? 4 : 2, th = (oh + m - 1) / m, tw = (ow + m - 1) / m;               \
+    struct wino_##ISA job = {                                                                 \
+        .x = x, .dy = dy, .dw = dw, .n = n, .c = c, .h = h, .wd = wd, .ph = ph, .pw = pw,     \
+        .cp = cp, .kp = kp, .k = k, .oh = oh, .ow = ow, .edge = m, .r = r, .th = th,          \
+        .tw = tw, .hp = m * th + 6 - m, .wp = m * tw + 6 - m, .chunk = chunk,                 \
+        .blocks = n * th * tw};                                                               \
+    const size_t frame = (size_t)n * job.hp * job.wp * cp;                                    \
+    const size_t gradient = (size_t)n * m * m * th * tw * kp;                                 \
+    const size_t blocks = (size_t)(pass < job.blocks ? pass : job.blocks) * 36;               \
+    float *memory = scratch_floats(&wino_frame_scratch, frame + gradient + blocks * (cp + kp) \
+                                   + (size_t)36 * kp * cp);                                   \
+    if (!memory) return 1;                                                                    \
+    job.frame = memory;                                                                       \
+    job.gradient = job.frame + frame;                                                         \
+    job.v = job.gradient + gradient;                                                          \
+    job.z = job.v + blocks * cp;                                                              \
+    job.m = job.z + blocks * kp;                                                              \
+    job.frame_bands = threads < 2 ? 1 : 2 * threads;                                          \
+    pieces_run(wino_frame_band_##ISA, &job, job.frame_bands, threads);                        \
+    pieces_run(wino_gradient_band_##ISA, &job, job.frame_bands, threads);                     \
+    for (job.pass = 0; job.pass < job.blocks; job.pass += pass) {                             \
+        job.pass_blocks = job.blocks - job.pass < pass ? job.blocks - job.pass : pass;        \
+        pieces_run(wino_gradient_blocks_##ISA, &job, (job.pass_blocks + chunk - 1) / chunk,   \
+                   threads);                                                                  \
+        pieces_run(wino_gradient_sums_##ISA, &job, 36, threads);                              \
+    }                                                                                         \
+    pieces_run(wino_gradient_filter_##ISA, &job, k, threads);                                 \
+    return 0;                                                                                 \
 }
 
 /* Tiles chosen by trying on AVX-512 (EPYC, 2 threads). */
