@@ -10,6 +10,15 @@ from owlnet.kernels import cpu
 from owlnet.kernels.cpu import native, winograd
 
 
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Plans are made once per geometry: the tests that change the module's constants see
+    their own."""
+    winograd._planned.cache_clear()
+    yield
+    winograd._planned.cache_clear()
+
+
 def correlate(x, w, pad):
     """y[n, k, r, q] = sum over c, i, j of w[k, c, i, j] * x[n, c, r + i - ph, q + j - pw]
     (zero outside the image), in float64: a product of shifted planes per kernel entry."""
@@ -37,7 +46,8 @@ def case(x_shape, k, seed=0, kernel=3):
 def run(x, w, pad, **epilogue):
     oh, ow = (size + 2 * p - w.shape[2] + 1 for size, p in zip(x.shape[2:], pad))
     y = np.full((x.shape[0], w.shape[0], oh, ow), np.nan, np.float32)
-    winograd.forward(x, w, y, pad, **epilogue)
+    planned = winograd.plan(x.shape, w.shape, y.shape, pad, (1, 1), (1, 1), 1, np.float32)
+    winograd.forward(planned, x, w, y, **epilogue)
     return y
 
 
@@ -120,12 +130,11 @@ def test_results_do_not_depend_on_the_cut(monkeypatch, x_shape, k, pad, kernel):
         monkeypatch.setattr(winograd.threads, "workers", lambda count=workers: count)
         monkeypatch.setattr(winograd, "_MIN_BLOCKS", least)
         monkeypatch.setattr(winograd, "_CHUNK_BYTES", most)
-        winograd._plan.cache_clear()
-        plan = winograd._plan(x.shape, w.shape, whole.shape, winograd._lanes(*w.shape[1::-1]),
-                              workers)
-        cuts.append((plan.chunk, plan.band))
+        winograd._planned.cache_clear()
+        planned = winograd.plan(x.shape, w.shape, whole.shape, pad, (1, 1), (1, 1), 1,
+                                np.float32)
+        cuts.append((planned.chunk, planned.band))
         np.testing.assert_array_equal(run(x, w, pad), whole)
-    winograd._plan.cache_clear()
     assert len(set(cuts)) > 1
 
 
@@ -151,6 +160,7 @@ def test_builds_agree(monkeypatch, kernel):
     monkeypatch.setattr(winograd, "_NARROW_PADDING", 10 ** 9)
     found = [run(x, w, pad)]
     monkeypatch.undo()
+    winograd._planned.cache_clear()
     assert winograd._lanes(20, 50) == min(native.vector_sizes()) // 4
     found.append(run(x, w, pad))
     native.function("winograd_forward", np.float32, max(native.vector_sizes()))
@@ -192,7 +202,7 @@ def test_conv_forward_and_flipped_backward_data_use_it(monkeypatch, kernel, pad)
     calls = []
     forward = winograd.forward
     monkeypatch.setattr(winograd, "forward", lambda *a, **k: calls.append(
-        (a[1].shape, k.get("flipped", False))) or forward(*a, **k))
+        (a[2].shape, a[0].flipped)) or forward(*a, **k))
     x, w = case((2, 16, 10, 10), 24, seed=5, kernel=kernel)
     y = run(x, w, pad)
     calls.clear()
@@ -237,7 +247,9 @@ def gradient_case(x_shape, k, pad, seed=0, kernel=3):
 
 def run_gradient(x, dy, pad, kernel=3):
     dw = np.full((dy.shape[1], x.shape[1], kernel, kernel), np.nan, np.float32)
-    winograd.backward_filter(x, dy, dw, pad)
+    planned = winograd.gradient_plan(x.shape, dw.shape, dy.shape, pad, (1, 1), (1, 1), 1,
+                                     np.float32)
+    winograd.backward_filter(planned, x, dy, dw)
     return dw
 
 
@@ -264,12 +276,12 @@ def test_backward_filter_passes_and_threads_give_the_same_bits(monkeypatch):
     found = []
     for workers in (1, 2, 3, 8):
         monkeypatch.setattr(winograd.threads, "workers", lambda count=workers: count)
-        winograd._plan.cache_clear()
+        winograd._planned.cache_clear()
         found.append(run_gradient(x, dy, (1, 1)))
-    winograd._plan.cache_clear()
     for dw in found[1:]:
         np.testing.assert_array_equal(dw, found[0])
     monkeypatch.setattr(winograd, "_PASS_BYTES", 1 << 30)             # one pass
+    winograd._planned.cache_clear()
     whole = run_gradient(x, dy, (1, 1))
     np.testing.assert_allclose(whole, found[0], rtol=1e-5, atol=1e-5 * np.abs(whole).max())
 
@@ -288,7 +300,7 @@ def test_backward_filter_avx2_build_agrees(monkeypatch):
 def test_conv_backward_filter_uses_it_within_its_scratch(monkeypatch):
     calls = []
     backward = winograd.backward_filter
-    monkeypatch.setattr(winograd, "backward_filter", lambda *a: calls.append(a[2].shape)
+    monkeypatch.setattr(winograd, "backward_filter", lambda *a: calls.append(a[3].shape)
                         or backward(*a))
     x, dy = gradient_case((2, 16, 10, 10), 24, (1, 1))
     dw = np.empty((24, 16, 3, 3), np.float32)
@@ -298,8 +310,9 @@ def test_conv_backward_filter_uses_it_within_its_scratch(monkeypatch):
     assert np.abs(dw - want).max() <= GRADIENT_TOLERANCE * np.abs(want).max()
     # Beyond the scratch bound: the direct kernel's.
     monkeypatch.setattr(winograd, "_SCRATCH_BYTES", 4 * 2 * 14 * 14 * 16)   # the frame alone
-    assert not winograd.suits_backward_filter(x.shape, dw.shape, dy.shape, (1, 1), (1, 1),
-                                              (1, 1), 1, np.float32)
+    winograd._planned.cache_clear()
+    assert winograd.gradient_plan(x.shape, dw.shape, dy.shape, (1, 1), (1, 1), (1, 1), 1,
+                                  np.float32) is None
     cpu.conv_backward_filter(x, dy, dw, (1, 1), (1, 1), (1, 1), 1)
     assert len(calls) == 1
     assert np.abs(dw - want).max() <= 1e-6 * np.abs(want).max()

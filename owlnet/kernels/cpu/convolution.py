@@ -103,8 +103,9 @@ def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", scale=
     ``(M, C/group, kh, kw)``, y ``(N, M, OH, OW)``; then times ``scale`` and plus ``shift``
     (M values each, or None) per channel and with ``relu`` max(., 0) taken (NaN kept): by the
     Winograd and direct kernels as they store their outputs, else as one pass after."""
-    if winograd.suits(x.shape, w.shape, pad, stride, dilation, group, y.dtype):
-        winograd.forward(x, w, y, pad, scale, shift, relu)
+    planned = winograd.plan(x.shape, w.shape, y.shape, pad, stride, dilation, group, y.dtype)
+    if planned is not None:
+        winograd.forward(planned, x, w, y, scale, shift, relu)
         return
     algorithm = _algorithm(x.shape, w.shape, y.shape, pad, stride, group, forward=True)
     if algorithm == "direct":
@@ -126,9 +127,10 @@ def conv_backward_data(dy, w, dx, pad, stride, dilation, group, engine="default"
 def conv_backward_filter(x, dy, dw, pad, stride, dilation, group, engine="default"):
     """Gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``, written (not
     added) into ``dw``."""
-    if winograd.suits_backward_filter(x.shape, dw.shape, dy.shape, pad, stride, dilation, group,
-                                      dw.dtype):
-        winograd.backward_filter(x, dy, dw, pad)
+    planned = winograd.gradient_plan(x.shape, dw.shape, dy.shape, pad, stride, dilation, group,
+                                     dw.dtype)
+    if planned is not None:
+        winograd.backward_filter(planned, x, dy, dw)
         return
     run = _BACKWARD_FILTER[_algorithm(x.shape, dw.shape, dy.shape, pad, stride, group)]
     run(x, dy, dw, pad, stride, dilation, group)
@@ -419,10 +421,11 @@ _FLIPPED_WINDOW = 576
 
 def _flipped_or_col2im_backward_data(dy, w, dx, pad, stride, dilation, group):
     flipped_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], pad))
-    if winograd.suits(dy.shape, (w.shape[1], w.shape[0]) + w.shape[2:], flipped_pad, stride,
-                      dilation, group, dx.dtype):
+    planned = winograd.plan(dy.shape, w.shape, dx.shape, flipped_pad, stride, dilation, group,
+                            dx.dtype, flipped=True)
+    if planned is not None:
         # The flipped forward below, by Winograd, which reads w flipped where it lies.
-        winograd.forward(dy, w, dx, flipped_pad, flipped=True)
+        winograd.forward(planned, dy, w, dx)
         return
     flipped_cheaper = w.shape[0] <= w.shape[1] or (
         flipped_pad == tuple(pad) and 64 in native.vector_sizes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -138,9 +139,21 @@ def _bind(name, dtype, vector_bytes):
     return function
 
 
+_addresses = {}         # id(array) -> (weak reference to the array, its data address)
+
+
 def address(array, first=0):
-    """The address of ``array``'s element ``first`` (flat, C order)."""
-    return array.ctypes.data + first * array.itemsize
+    """The address of ``array``'s element ``first`` (flat, C order). An array's address is
+    asked for once and kept while the array lives (``array.ctypes`` makes an object at each
+    call: about a microsecond, a few hundred times a small net's forward); owlnet never
+    moves an array's data (no ndarray.resize)."""
+    entry = _addresses.get(id(array))
+    if entry is None or entry[0]() is not array:
+        key = id(array)
+        entry = (weakref.ref(array, lambda _, key=key: _addresses.pop(key, None)),
+                 array.ctypes.data)
+        _addresses[key] = entry
+    return entry[1] + first * array.itemsize
 
 
 def addresses(*arrays):

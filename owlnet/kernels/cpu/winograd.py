@@ -94,20 +94,60 @@ def _padded_count(channels, lanes):
     return -(-channels // lanes) * lanes
 
 
-class _Plan:
-    """The geometry of one convolution's call: padded channel counts (``cp``, ``kp``), blocks
-    a piece (``chunk``), output channels a piece (``band``), and the threads it runs on
-    (``workers``)."""
+def plan(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype, flipped=False):
+    """The plan of a forward (with ``flipped``: of the backward-data's flipped forward, w_shape
+    then being the convolution's own) that ``suits``, made once per geometry, CPU and thread
+    count; None for one it does not serve."""
+    return _planned(tuple(x_shape), tuple(w_shape), tuple(y_shape), tuple(pad), tuple(stride),
+                    tuple(dilation), group, dtype, flipped, tuple(native.vector_sizes()),
+                    threads.workers())
 
-    def __init__(self, x_shape, w_shape, y_shape, lanes, workers):
+
+def gradient_plan(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype):
+    """The plan of a backward-filter: one whose forward ``suits`` and whose scratch stays
+    within ``_SCRATCH_BYTES``; else None."""
+    planned = plan(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype)
+    return planned if planned is not None and planned.gradient_fits else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _planned(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype, flipped, sizes,
+             workers):
+    if flipped:
+        w_shape = (w_shape[1], w_shape[0]) + w_shape[2:]
+    if not suits(x_shape, w_shape, pad, stride, dilation, group, dtype):
+        return None
+    return _Plan(x_shape, w_shape, y_shape, pad, flipped, workers)
+
+
+class _Plan:
+    """What a call for one geometry needs beside its arrays, made once: the vector width
+    (``lanes``) and padded channel counts (``cp``, ``kp``); for the forward the cut into
+    pieces (``chunk`` blocks, ``band`` output channels) and its compiled call's arguments
+    (``before``: between the weights' flag and scale; ``after``: the threads); for the
+    backward-filter whether its scratch fits (``gradient_fits``), its passes and its call's
+    arguments (``gradient_arguments``)."""
+
+    def __init__(self, x_shape, w_shape, y_shape, pad, flipped, workers):
         n, c, _, _ = x_shape
-        _, k, oh, ow = y_shape
-        self.cp, self.kp = _padded_count(c, lanes), _padded_count(k, lanes)
-        edge = _EDGES[w_shape[2]]
+        k, _, kernel, _ = w_shape
+        oh, ow = y_shape[2:]
+        self.lanes = lanes = _lanes(c, k)
+        self.flipped = flipped
+        self.cp, self.kp = cp, kp = _padded_count(c, lanes), _padded_count(k, lanes)
+        edge = _EDGES[kernel]
         blocks = n * _blocks(oh, edge) * _blocks(ow, edge)
-        parallel = n * k * oh * ow * c * w_shape[2] ** 2 >= _PARALLEL_MULTIPLY_ADDS
+        parallel = n * k * oh * ow * c * kernel ** 2 >= _PARALLEL_MULTIPLY_ADDS
         self.workers = workers if parallel else 1
-        self.chunk, self.band = _cut(blocks, self.cp, self.kp, lanes, self.workers)
+        self.chunk, self.band = _cut(blocks, cp, kp, lanes, self.workers)
+        self.forward = native.function("winograd_forward", np.float32, 4 * lanes)
+        self.before = (int(flipped), kernel, *x_shape, *pad, cp, kp, k, oh, ow, self.chunk,
+                       self.band)
+        self.gradient_fits = _gradient_scratch_bytes(x_shape, y_shape, edge, cp, kp) \
+            <= _SCRATCH_BYTES
+        step = min(blocks, _gradient_pass(cp, kp))
+        self.gradient_arguments = (kernel, *x_shape, *pad, cp, kp, k, oh, ow, step,
+                                   -(-step // (2 * self.workers)), self.workers)
 
 
 def _cut(blocks, cp, kp, lanes, workers):
@@ -130,68 +170,6 @@ def _cut(blocks, cp, kp, lanes, workers):
     return min(options)[3:]
 
 
-@functools.lru_cache(maxsize=512)
-def _plan(x_shape, w_shape, y_shape, lanes, workers):
-    return _Plan(x_shape, w_shape, y_shape, lanes, workers)
-
-
-_kept = collections.OrderedDict()   # (address, shape, lanes, flipped) -> (copy, u)
-_kept_bytes = [0]
-_kept_lock = threading.Lock()
-
-
-def _kept_transform(w, cp, kp, lanes, flipped):
-    """``(copy, u, fresh)``: the arrays kept for weights ``w`` at this address (``flipped``
-    or not, as ``forward`` takes them), a copy of them and their transform ``u`` (36, kp /
-    lanes, cp, lanes), new (``fresh``: to be filled) if there were none. Two threads with
-    the same weights may share them: both then write the same values."""
-    key = (w.ctypes.data, w.shape, lanes, flipped)
-    with _kept_lock:
-        entry = _kept.get(key)
-        if entry is not None:
-            _kept.move_to_end(key)
-            return (*entry, False)
-        entry = (np.empty_like(w), _aligned_empty((36, kp // lanes, cp, lanes)))
-        _kept[key] = entry
-        _kept_bytes[0] += entry[0].nbytes + entry[1].nbytes
-        while _kept_bytes[0] > _KEPT_BYTES and len(_kept) > 1:
-            copy, u = _kept.pop(next(iter(_kept)))
-            _kept_bytes[0] -= copy.nbytes + u.nbytes
-    return (*entry, True)
-
-
-def _aligned_empty(shape):
-    """An empty float32 array of ``shape`` starting on a 64-byte boundary (a cache line: no
-    vector of native.c's splits across two)."""
-    count = int(np.prod(shape))
-    memory = np.empty(count + 16, np.float32)
-    first = (-memory.ctypes.data % 64) // 4
-    return memory[first:first + count].reshape(shape)
-
-
-def forward(x, w, y, pad, scale=None, shift=None, relu=False, flipped=False):
-    """``y = conv(x, w)`` for a convolution that ``suits``, written; then times ``scale`` and
-    plus ``shift`` (per output channel, or None) and with ``relu`` max(., 0) taken (NaN kept),
-    as the direct kernel applies them. With ``flipped``, w (C, M, r, r) is a convolution's
-    kernel whose backward-data this is: the kernel used is w flipped in space with input and
-    output channels swapped (no copy made; its transform is kept like any other)."""
-    if not y.flags.c_contiguous:
-        raise ValueError("conv_forward writes into a C-contiguous y")
-    w_shape = (w.shape[1], w.shape[0]) + w.shape[2:] if flipped else w.shape
-    lanes = _lanes(w_shape[1], w_shape[0])
-    plan = _plan(x.shape, w_shape, y.shape, lanes, threads.workers())
-    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    scale, shift = (None if a is None else np.ascontiguousarray(a, dtype=np.float32)
-                    for a in (scale, shift))
-    copy, u, fresh = _kept_transform(w, plan.cp, plan.kp, lanes, flipped)
-    failed = native.function("winograd_forward", np.float32, 4 * lanes)(
-        *native.addresses(x, w, copy, u, y), int(fresh), int(flipped), w.shape[2], *x.shape,
-        *pad, plan.cp, plan.kp, w_shape[0], *y.shape[2:], plan.chunk, plan.band,
-        *native.addresses(scale, shift), int(relu), plan.workers)
-    if failed:
-        raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
-
-
 def _gradient_pass(cp, kp):
     """Blocks a pass of the backward-filter."""
     return max(1, _PASS_BYTES // (36 * 4 * (cp + kp)))
@@ -207,32 +185,73 @@ def _gradient_scratch_bytes(x_shape, y_shape, edge, cp, kp):
                 + n * edge * edge * th * tw * kp + 36 * blocks * (cp + kp) + 36 * kp * cp)
 
 
-def suits_backward_filter(x_shape, w_shape, y_shape, pad, stride, dilation, group, dtype):
-    """Whether the backward-filter of this convolution runs here: one that ``suits``, whose
-    scratch stays within ``_SCRATCH_BYTES``."""
-    if not suits(x_shape, w_shape, pad, stride, dilation, group, dtype):
-        return False
-    lanes = _lanes(w_shape[1], w_shape[0])
-    cp, kp = _padded_count(w_shape[1], lanes), _padded_count(w_shape[0], lanes)
-    return _gradient_scratch_bytes(x_shape, y_shape, _EDGES[w_shape[2]], cp, kp) \
-        <= _SCRATCH_BYTES
+_kept = collections.OrderedDict()   # (address, shape, lanes, flipped) -> (copy, u, addresses)
+_kept_bytes = [0]
+_kept_lock = threading.Lock()
 
 
-def backward_filter(x, dy, dw, pad):
+def _kept_transform(w, planned):
+    """``(copy address, u address, fresh)``: the arrays kept for weights ``w`` at this address
+    (as ``planned`` reads them, flipped or not), a copy of them and their transform ``u``
+    (36, kp / lanes, cp, lanes), new (``fresh``: to be filled) if there were none. Two threads
+    with the same weights may share them: both then write the same values."""
+    key = (native.address(w), w.shape, planned.lanes, planned.flipped)
+    with _kept_lock:
+        entry = _kept.get(key)
+        if entry is not None:
+            _kept.move_to_end(key)
+            return (*entry[2], False)
+        copy = np.empty_like(w)
+        u = _aligned_empty((36, planned.kp // planned.lanes, planned.cp, planned.lanes))
+        entry = _kept[key] = (copy, u, native.addresses(copy, u))
+        _kept_bytes[0] += copy.nbytes + u.nbytes
+        while _kept_bytes[0] > _KEPT_BYTES and len(_kept) > 1:
+            copy, u, _ = _kept.pop(next(iter(_kept)))
+            _kept_bytes[0] -= copy.nbytes + u.nbytes
+    return (*entry[2], True)
+
+
+def _aligned_empty(shape):
+    """An empty float32 array of ``shape`` starting on a 64-byte boundary (a cache line: no
+    vector of native.c's splits across two)."""
+    count = int(np.prod(shape))
+    memory = np.empty(count + 16, np.float32)
+    first = (-memory.ctypes.data % 64) // 4
+    return memory[first:first + count].reshape(shape)
+
+
+def forward(planned, x, w, y, scale=None, shift=None, relu=False):
+    """``y = conv(x, w)`` for a convolution ``planned`` (``plan``), written; then times
+    ``scale`` and plus ``shift`` (per output channel, or None) and with ``relu`` max(., 0)
+    taken (NaN kept), as the direct kernel applies them. For a flipped plan, w (C, M, r, r)
+    is a convolution's kernel whose backward-data this is: the kernel used is w flipped in
+    space with input and output channels swapped (no copy made; its transform is kept like
+    any other)."""
+    if not y.flags.c_contiguous:
+        raise ValueError("conv_forward writes into a C-contiguous y")
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    if scale is not None:
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+    if shift is not None:
+        shift = np.ascontiguousarray(shift, dtype=np.float32)
+    copy, u, fresh = _kept_transform(w, planned)
+    failed = planned.forward(
+        native.address(x), native.address(w), copy, u, native.address(y), int(fresh),
+        *planned.before, None if scale is None else native.address(scale),
+        None if shift is None else native.address(shift), int(relu), planned.workers)
+    if failed:
+        raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
+
+
+def backward_filter(planned, x, dy, dw):
     """``dw`` = the gradient of ``conv(x, w)`` with respect to w for output gradient ``dy``,
-    written, for a convolution that ``suits_backward_filter``: G^T [sum over blocks of
-    (A dY A^T) * (B^T d B)] G, the adjoint of the forward's transforms, the sums in passes
-    over the blocks cut by shape alone (the same bits on any number of threads)."""
+    written, for a convolution with a ``gradient_plan``: G^T [sum over blocks of (A dY A^T) *
+    (B^T d B)] G, the adjoint of the forward's transforms, the sums in passes over the blocks
+    cut by shape alone (the same bits on any number of threads)."""
     if not dw.flags.c_contiguous:
         raise ValueError("conv_backward_filter writes into a C-contiguous dw")
-    lanes = _lanes(dw.shape[1], dw.shape[0])
-    plan = _plan(x.shape, dw.shape, dy.shape, lanes, threads.workers())
     x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
-    edge = _EDGES[dw.shape[2]]
-    blocks = x.shape[0] * _blocks(dy.shape[2], edge) * _blocks(dy.shape[3], edge)
-    step = min(blocks, _gradient_pass(plan.cp, plan.kp))
-    failed = native.function("winograd_backward_filter", np.float32, 4 * lanes)(
-        *native.addresses(x, dy, dw), dw.shape[2], *x.shape, *pad, plan.cp, plan.kp,
-        dw.shape[0], *dy.shape[2:], step, -(-step // (2 * plan.workers)), plan.workers)
+    failed = native.function("winograd_backward_filter", np.float32, 4 * planned.lanes)(
+        *native.addresses(x, dy, dw), *planned.gradient_arguments)
     if failed:
         raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
