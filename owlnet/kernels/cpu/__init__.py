@@ -1,6 +1,6 @@
 """CPU kernels, with ``kernels.gpu``'s entry points: convolution (``convolution``, whose
 depthwise case is ``depthwise``, whose small windows are ``direct`` and whose float32 3x3
-forwards are ``winograd``), the fully connected
+and 5x5 ones with stride 1 are ``winograd``), the fully connected
 layers' products (``products``), pooling (``pooling``) and the per-channel passes of the
 training step and LRN (``normalization``). ``shared`` cuts their work into pieces for the worker
 threads; ``native`` loads the compiled loops of ``native.c`` that ``direct``, ``winograd``,
