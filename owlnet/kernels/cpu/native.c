@@ -4,12 +4,12 @@
  * native.py, which releases the GIL for the call: the worker threads of kernels/threads.py
  * each run a band of planes or positions at once, or (the direct convolution) one call runs
  * its pieces on this file's own workers (pieces_run). Every function exists for float ("_f32")
- * and double ("_f64"), written once as a macro over the element type T; the vectorised ones
- * are built for AVX2 with FMA and for the baseline, one bound at load time. A function
- * writes only its own band of the output, and sums run in a fixed order, so results do not
- * depend on how work is cut among threads. Sections: pooling, direct convolution, col2im,
- * depthwise convolution, per-channel passes (BatchNorm, Scale, channel sums, ReLU's gradient),
- * LRN.
+ * and double ("_f64"), written once as a macro over the element type T (the Winograd
+ * convolution for float only); the vectorised ones are built for AVX2 with FMA and for the
+ * baseline, one bound at load time. A function writes only its own band of the output, and
+ * sums run in a fixed order, so results do not depend on how work is cut among threads.
+ * Sections: pooling, direct convolution, Winograd convolution, col2im, depthwise convolution,
+ * per-channel passes (BatchNorm, Scale, channel sums, ReLU's gradient), LRN, SGD.
  *
  * Pooling follows Caffe's windows: output (py, px) of a plane covers rows py*sh - ph ..
  * + kh and columns px*sw - pw .. + kw. MAX reads the part inside the image, keeps the first
@@ -44,11 +44,12 @@ typedef double vw64u __attribute__((vector_size(64), aligned(8)));
 typedef int32_t vwi32 __attribute__((vector_size(64)));
 
 /* The vectorised kernels are built twice, as name_fast (AVX2 with FMA) and name_baseline;
- * native.py binds the first where has_avx2_fma() says the CPU has them. The direct
- * convolution is also built for AVX-512 (its 32 registers hold bigger tiles), as name_wide
- * (64-byte vectors) and name_wide_half (32-byte vectors, for rows of at most half a wide
- * vector), which native.py binds where has_avx512() says the CPU has it. Elsewhere than on
- * x86 all are the same baseline build. */
+ * native.py binds the first where has_avx2_fma() says the CPU has them. The direct and
+ * Winograd convolutions are also built for AVX-512 (its 32 registers hold bigger tiles), as
+ * name_wide (64-byte vectors) and name_wide_half (32-byte vectors: rows of at most half a
+ * wide vector, channel counts that 64-byte vectors would pad badly), which native.py binds
+ * where has_avx512() says the CPU has it. Elsewhere than on x86 all are the same baseline
+ * build. */
 #define BASELINE
 #if defined(__x86_64__) || defined(__i386__)
 #define FAST __attribute__((target("avx2,fma")))
@@ -867,8 +868,9 @@ static TARGET void wino_tiles_##KV##_##ISA(const float *v, const float *u, float
 #define LANES_16(F, b) F(0, b, 16), F(1, b, 16), F(2, b, 16), F(3, b, 16), F(4, b, 16),       \
     F(5, b, 16), F(6, b, 16), F(7, b, 16), F(8, b, 16), F(9, b, 16), F(10, b, 16),            \
     F(11, b, 16), F(12, b, 16), F(13, b, 16), F(14, b, 16), F(15, b, 16)
+#if defined(__GNUC__) && !defined(__clang__)
 #define DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                           \
-static inline __attribute__((always_inline)) TARGET void transpose_##ISA(V *rows)             \
+static inline __attribute__((always_inline)) TARGET void transpose_##ISA(V *rows)            \
 {                                                                                             \
     _Pragma("GCC unroll 4")                                                                   \
     for (int b = 1; b < LANES; b *= 2) {                                                      \
@@ -882,6 +884,17 @@ static inline __attribute__((always_inline)) TARGET void transpose_##ISA(V *rows
             }                                                                                 \
     }                                                                                         \
 }
+#else   /* compilers without GCC's __builtin_shuffle: through memory */
+#define DEFINE_TRANSPOSE(V, VI, ISA, TARGET, LANES)                                           \
+static inline TARGET void transpose_##ISA(V *rows)                                           \
+{                                                                                             \
+    float values[LANES][LANES], turned[LANES][LANES];                                         \
+    memcpy(values, rows, sizeof values);                                                      \
+    for (int i = 0; i < LANES; ++i)                                                           \
+        for (int j = 0; j < LANES; ++j) turned[i][j] = values[j][i];                          \
+    memcpy(rows, turned, sizeof turned);                                                      \
+}
+#endif
 
 /* A thread's scratch, grown as needed and kept: native.c's workers and the calling threads
  * live as long as the process, and a piece's scratch is then already in cache and mapped. */
