@@ -50,8 +50,8 @@ _SIGNATURES = {
 }
 # Functions that return an int (the others return nothing).
 _RETURNS_INT = ("conv_direct_tile", "winograd_forward", "winograd_backward_filter")
-# The direct convolution's, whose AVX-512 builds come in two vector sizes (``function``),
-# and the Winograd convolution's (float32 only, asked for with the widest vectors).
+# The direct and Winograd convolutions' (Winograd's float32 only), whose AVX-512 builds come
+# in two vector sizes (``function``).
 _VECTOR_SIZED = ("conv_direct_forward_framed", "conv_direct_backward_filter_framed",
                  "conv_direct_tile", "winograd_forward", "winograd_backward_filter")
 # Functions whose last arguments are of the element type: (other arguments, how many).
@@ -111,7 +111,8 @@ def vector_sizes() -> list:
 
 def function(name, dtype, vector_bytes=32):
     """The compiled ``name`` for elements of ``dtype`` (float32 or float64); for the direct
-    convolution's, the build with vectors of ``vector_bytes`` (one of ``vector_sizes()``)."""
+    and Winograd convolutions', the build with vectors of ``vector_bytes`` (one of
+    ``vector_sizes()``)."""
     key = (name, np.dtype(dtype), vector_bytes)
     found = _functions.get(key)
     if found is None:
