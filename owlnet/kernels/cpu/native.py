@@ -103,7 +103,7 @@ def _loaded():
 
 
 def vector_sizes() -> list:
-    """The vector sizes (bytes) the direct convolution's kernels come in on this CPU: [32],
+    """The vector sizes (bytes) the direct and Winograd convolutions come in on this CPU: [32],
     or [32, 64] with AVX-512."""
     _loaded()
     return sorted(size for size in _builds if size)
