@@ -422,8 +422,12 @@ void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int 
                 /* image columns xx with (xx + pw) % sw == phase, at position (xx + pw) / sw */   \
                 const int first = ((phase - pw) % sw + sw) % sw;                              \
                 T *out_row = row + (i64)phase * hf * q + (first + pw) / sw;                   \
-                const T *in = plane + (i64)yy * w;                                            \
-                for (int xx = first, at = 0; xx < w; xx += sw, ++at) out_row[at] = in[xx];    \
+                const T *in = plane + (i64)yy * w + first;                                    \
+                const int count = (w - first + sw - 1) / sw;                                  \
+                if (sw == 2)                    /* a constant stride: vectorised */           \
+                    for (int at = 0; at < count; ++at) out_row[at] = in[2 * at];              \
+                else                                                                          \
+                    for (int at = 0; at < count; ++at) out_row[at] = in[(i64)at * sw];        \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
