@@ -11,12 +11,13 @@ channels (36 matrix products), and each block transformed back (``A^T m A``). Th
 backward-filter is the adjoint: ``G^T [sum over blocks of (A dY A^T) * (B^T d B)] G``.
 native.c's section on it gives the matrices and layouts. Results differ from the direct sums
 by rounding only, but more of it (the transforms' constants run from 1/24 to 16): measured
-against float64 in the tests, up to ~1e-5 of the outputs' largest magnitude for the forward
-and ~2e-5 of the gradient's for the backward-filter (a sum over every block), where the
-direct kernel's are ~1e-7 to 1e-6. float64, the dtype of the gradient checks, keeps the
-direct kernel.
+against float64, up to ~7e-6 of the outputs' largest magnitude for the forward and 2e-5
+(3x3) to 5e-5 (5x5) of the gradient's for the backward-filter (a sum over every block), where
+the direct kernel's are ~1e-7 to 1e-6 (bench/RESULTS.md, round 9). float64, the dtype of the
+gradient checks, keeps the direct kernel.
 
-The transformed weights (4x the weights, with channels padded to whole vectors) are kept
+The transformed weights (36 values for every 9 or 25 weights, channels padded to whole
+vectors) are kept
 for the next call: native.c compares the weights with the copy kept beside them and
 transforms them again only if they changed (a training step's update, a user's edit).
 Entries are found by the weights' address and shape, and the oldest are dropped beyond
