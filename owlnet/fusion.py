@@ -63,11 +63,15 @@ class FusedStep:
         self.conv, self.bottom, self.top = conv, bottom, top
         self.affine, self.relu = affine, relu
         self._affine_key, self._affine = None, None
+        self._shapes = None         # (bottom, top) shapes when the convolution last reshaped
 
     def forward(self):
         """Run the chain on the current parameter values (see the module docstring)."""
-        # The other layers work in place on the top, whose shape only the convolution sets.
-        self.conv.reshape([self.bottom], [self.top])
+        # The other layers work in place on the top, whose shape only the convolution sets
+        # (again only when a shape changed: a ResNet-56 forward has 57 of these steps).
+        if self._shapes != (self.bottom.shape, self.top.shape):
+            self.conv.reshape([self.bottom], [self.top])
+            self._shapes = (self.bottom.shape, self.top.shape)
         scale, shift = self._current_affine()
         relu = self.relu
         plain_relu = relu is not None and relu.negative_slope == 0

@@ -212,6 +212,20 @@ def test_reshaped_net_still_fuses_right():
     assert_same_blobs(all_blobs(net, fuse=True), expected, 1e-5)
 
 
+def test_fused_steps_follow_a_new_input_shape_between_forwards():
+    """A fused step reshapes its convolution only when a shape changed: an input reshaped
+    between two forwards (no net.reshape, as pycaffe scripts do) still gives the layer by layer
+    blobs, at the new shape and back at the old one."""
+    net = build()
+    rng = np.random.default_rng(4)
+    for shape in ((3, 3, 4, 7), (2, 3, 5, 5), (3, 3, 4, 7)):
+        net.blobs["data"].reshape(shape)
+        net.blobs["data"].data[...] = rng.standard_normal(shape)
+        got = all_blobs(net, fuse=True)
+        assert got["e"].shape[0] == shape[0] and got["e"].shape[2:] == shape[2:]
+        assert_same_blobs(got, all_blobs(net, fuse=False), 1e-5)
+
+
 def test_fused_forward_on_the_fake_gpu(monkeypatch):
     expected = all_blobs(build(), fuse=False)
     calls = count_fused_steps(monkeypatch)
