@@ -11,9 +11,9 @@ algorithm follows from the shapes:
 * float32 3x3 or 5x5 with stride 1 and one group, at least ``winograd.MIN_CHANNELS`` channels
   in and out: ``winograd`` (F(4x4, 3x3), F(2x2, 5x5)), for the forward, the backward-data (the
   forward of dy with the kernel flipped) and the backward-filter (where its scratch is within
-  bounds); measured 0.3-0.8x the direct kernel's time for the 3x3 forward, 0.3-0.6x for the
-  backward-filter but with 16 channels in and out (ResNet's first stage: even), 0.5-0.6x for
-  the 5x5s of cifar10_quick;
+  bounds); measured 0.3-0.8x the direct kernel's time for the 3x3 forward, 0.3-0.4x for the
+  backward-filter but with 16 channels in and out (ResNet's first stage: even), 0.4-0.6x for
+  the 5x5s of cifar10_quick (bench/RESULTS.md, round 9);
 * depthwise (one input channel per group): ``depthwise``;
 * pointwise (1x1, stride 1, no pad, one group): matrix products on the NCHW layout, with no
   column matrix, big ones in bands of pixels;

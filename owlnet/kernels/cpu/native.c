@@ -433,6 +433,13 @@ void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int 
     }                                                                                         \
 }
 
+/* max(value, 0) of a vector in place, lanes holding NaN kept (a compare makes them 0 else). */
+#define VECTOR_RELU(value)                                                                    \
+    {                                                                                         \
+        const __typeof__((value) < (value)) negative = (value) < (__typeof__(value)){0};      \
+        (value) = (__typeof__(value))((__typeof__(negative))(value) & ~negative);             \
+    }
+
 /* One forward tile: acc[MT][PV] over all k, then (times scale[m], plus shift[m], each where
  * not null, then max(., 0) with relu, NaN kept) stored (``valid`` outputs, ``mt`` rows). */
 #define FORWARD_TILE(T, V, VU, MT, PV)                                                        \
@@ -454,10 +461,7 @@ void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int 
             for (int b = 0; b < PV; ++b) {                                                    \
                 if (scale) acc[a][b] *= scale[m0 + a];                                        \
                 if (shift) acc[a][b] += shift[m0 + a];                                        \
-                if (relu) {                                                                   \
-                    const __typeof__(acc[a][b] < acc[a][b]) negative = acc[a][b] < (V){0};    \
-                    acc[a][b] = (V)((__typeof__(negative))acc[a][b] & ~negative);             \
-                }                                                                             \
+                if (relu) VECTOR_RELU(acc[a][b])                                              \
             }                                                                                 \
             if (valid == PV * L) {                                                            \
                 for (int b = 0; b < PV; ++b) *(VU *)(out + b * L) = acc[a][b];                \
@@ -730,7 +734,8 @@ DEFINE_DIRECT_ALL(double, f64, vf64, vf64u, vw64, vw64u)
 #define WINO_FILTER5(o, g0, g1, g2, g3, g4)                                                   \
     {                                                                                         \
         const __typeof__(g0) even = g0 + g2 + g4, odd = g1 + g3;                              \
-        const __typeof__(g0) even4 = g0 + 4.0f * g2 + 16.0f * g4, odd4 = 2.0f * g1 + 8.0f * g3; \
+        const __typeof__(g0) even4 = g0 + 4.0f * g2 + 16.0f * g4,                            \
+                             odd4 = 2.0f * g1 + 8.0f * g3;                                    \
         o[0] = 0.25f * g0;                                                                    \
         o[1] = (even + odd) * (-1.0f / 6);                                                    \
         o[2] = (even - odd) * (-1.0f / 6);                                                    \
@@ -981,7 +986,7 @@ static TARGET void channels_last_rows_##ISA(const float *images, int channels, i
     for (i64 r = r0; r < r1; ++r) {                                                           \
         const int img = (int)(r / rows_each), iy = (int)(r % rows_each) - top;                \
         float *out = rows + r * width * stride + (i64)left * stride;                          \
-        if (iy < 0 || iy >= h || channels < stride) {          /* else the side columns only */ \
+        if (iy < 0 || iy >= h || channels < stride) {     /* else only the side columns */   \
             memset(out - (i64)left * stride, 0, sizeof(float) * width * stride);              \
             if (iy < 0 || iy >= h) continue;                                                  \
         } else {                                                                              \
@@ -1069,10 +1074,7 @@ static inline __attribute__((always_inline)) TARGET void wino_store_##ISA(      
             V value = out[r][q];                                                              \
             if (a->scale) value *= scale_v;                                                   \
             if (a->shift) value += shift_v;                                                   \
-            if (a->relu) {                                                                    \
-                const __typeof__(value < value) negative = value < (V){0};                    \
-                value = (V)((__typeof__(negative))value & ~negative);                         \
-            }                                                                                 \
+            if (a->relu) VECTOR_RELU(value)                                                   \
             out[r][q] = value;                                                                \
         }                                                                                     \
     if (m == 2) {                                                                             \
@@ -1138,7 +1140,6 @@ static TARGET void wino_piece_##ISA(void *job, int index)                       
     for (int t = 0; t < blocks; ++t) {                                                        \
         const int block = t0 + t, img = block / per_image;                                    \
         const int m = a->edge, oy0 = block % per_image / a->tw * m, ox0 = block % a->tw * m;  \
-                                                                                              \
         for (int kk = 0; kk < band && k0 + kk < a->k; kk += L) {                              \
             V half[6][4], out[4][4];                                                          \
             for (int ii = 0; ii < 6; ++ii) {                                                  \
@@ -1167,11 +1168,10 @@ static TARGET void wino_piece_##ISA(void *job, int index)                       
                                                                                               \
 /* y (n, k, oh, ow) = the convolution of x (n, c, h, wd) padded by (ph, pw) with the r x r    \
  * weights w (as wino_weights_piece reads them, `flipped` or not), F(4x4, 3x3) or F(2x2,      \
- * 5x5); then times scale, plus shift (k                                                      \
- * values each, or null) and relu as the direct kernel applies them. u is their transform     \
- * when w equals copy (unless `force`); else copy = w and u is made anew first. Blocks in     \
- * chunks of `chunk`, output channels in bands of `band`. Returns 0, or 1 when a thread's     \
- * scratch could not be allocated. */                                                         \
+ * 5x5); then times scale, plus shift (k values each, or null) and relu as the direct kernel  \
+ * applies them. u is their transform when w equals copy (unless `force`); else copy = w and  \
+ * u is made anew first. Blocks in chunks of `chunk`, output channels in bands of `band`.     \
+ * Returns 0, or 1 when a thread's scratch could not be allocated. */                         \
 TARGET int winograd_forward_f32_##ISA(                                                        \
     const float *x, const float *w, float *copy, float *u, float *y, int force, int flipped,  \
     int r, int n, int c, int h, int wd, int ph, int pw, int cp, int kp, int k, int oh,        \

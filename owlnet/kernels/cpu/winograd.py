@@ -125,9 +125,9 @@ class _Plan:
     """What a call for one geometry needs beside its arrays, made once: the vector width
     (``lanes``) and padded channel counts (``cp``, ``kp``); for the forward the cut into
     pieces (``chunk`` blocks, ``band`` output channels) and its compiled call's arguments
-    (``before``: between the weights' flag and scale; ``after``: the threads); for the
-    backward-filter whether its scratch fits (``gradient_fits``), its passes and its call's
-    arguments (``gradient_arguments``)."""
+    (``before``: between the weights' flag and scale); for the backward-filter whether its
+    scratch fits (``gradient_fits``), its compiled call and that call's arguments after the
+    arrays (``gradient``, ``gradient_arguments``: the passes among them)."""
 
     def __init__(self, x_shape, w_shape, y_shape, pad, flipped, workers):
         n, c, _, _ = x_shape
@@ -146,6 +146,7 @@ class _Plan:
                        self.band)
         self.gradient_fits = _gradient_scratch_bytes(x_shape, y_shape, edge, cp, kp) \
             <= _SCRATCH_BYTES
+        self.gradient = native.function("winograd_backward_filter", np.float32, 4 * lanes)
         step = min(blocks, _gradient_pass(cp, kp))
         self.gradient_arguments = (kernel, *x_shape, *pad, cp, kp, k, oh, ow, step,
                                    -(-step // (2 * self.workers)), self.workers)
@@ -252,7 +253,6 @@ def backward_filter(planned, x, dy, dw):
     if not dw.flags.c_contiguous:
         raise ValueError("conv_backward_filter writes into a C-contiguous dw")
     x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
-    failed = native.function("winograd_backward_filter", np.float32, 4 * planned.lanes)(
-        *native.addresses(x, dy, dw), *planned.gradient_arguments)
+    failed = planned.gradient(*native.addresses(x, dy, dw), *planned.gradient_arguments)
     if failed:
         raise MemoryError("owlnet's Winograd convolution could not allocate its scratch")
