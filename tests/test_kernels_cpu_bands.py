@@ -195,3 +195,37 @@ def test_pooling_float32_with_odd_band_count(tiny_bands):
     np.testing.assert_array_equal(y, y_want.astype(np.float32))
     np.testing.assert_array_equal(index, index_want)
     np.testing.assert_allclose(dx, backward(dy.astype(np.float64)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_shape, stride", [
+    ((2, 5, 7, 5), (1, 1)),       # rows of part of a vector: each row's last vector spills
+    ((2, 4, 9, 13), (2, 2)),      # 3x3 (its own unrolled loop), two column phases
+    ((1, 6, 4, 70), (1, 1)),      # runs of four vectors, then one, then part of one
+])
+def test_depthwise_pieces_in_any_order_write_only_their_outputs(monkeypatch, tiny_bands, dtype,
+                                                                x_shape, stride):
+    """The forward stores a row's last partial vector whole only where the values past the
+    row lie in outputs its piece writes later. Pieces run one at a time in reverse order
+    (so a piece that spilled into the one before it in memory would spoil what that piece
+    wrote), with y the front of a bigger buffer whose tail must stay untouched, give the
+    outputs of the whole."""
+    x = RNG.standard_normal(x_shape).astype(dtype)
+    c = x_shape[1]
+    w = RNG.standard_normal((c, 1, 3, 3)).astype(dtype)
+    args = ((1, 1), stride, (1, 1), c)
+    want = reference_conv(x.astype(np.float64), w.astype(np.float64), *args)
+    whole = np.empty(want.shape, dtype)
+    cpu.conv_forward(x, w, whole, *args)
+    tiny_bands(depthwise_work=1, pool_bytes=1)
+    pieces = cpu.depthwise._pieces
+    monkeypatch.setattr(cpu.depthwise, "_pieces", lambda *shape: pieces(*shape)[::-1])
+    monkeypatch.setattr(cpu.depthwise.threads, "workers", lambda: 1)
+    assert len(cpu.depthwise._pieces(x_shape[0], c, want.size * 9)) > 2
+    buffer = np.full(want.size + 64, 7.0, dtype)
+    y = buffer[:want.size].reshape(want.shape)
+    cpu.conv_forward(x, w, y, *args)
+    np.testing.assert_array_equal(y, whole)
+    assert (buffer[want.size:] == 7.0).all()
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, want, rtol=tolerance, atol=tolerance)

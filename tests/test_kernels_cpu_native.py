@@ -328,21 +328,25 @@ def test_direct_builds_agree_with_each_other_and_the_reference(monkeypatch, dtyp
     np.testing.assert_allclose(found[1], dw_want, rtol=tolerance, atol=tolerance * 10)
 
 
-@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
+@pytest.mark.parametrize("algorithm", ["direct", "im2col", "depthwise"])
 @pytest.mark.parametrize("width, channels", [(5, 10), (13, 20), (40, 10)])
 def test_conv_forward_shift_and_relu_as_a_pass_after(monkeypatch, algorithm, width, channels):
-    """conv_forward's epilogue (the direct kernel's, as it stores each tile; im2col's as a
-    pass after) gives the bits of the convolution, then + shift per channel, then max(., 0)
-    with NaN kept; without a shift the ReLU alone (a -0.0 stays -0.0); with a scale too,
-    conv * scale + shift."""
+    """conv_forward's epilogue (the direct and depthwise kernels', as they store their
+    outputs; im2col's as a pass after) gives the bits of the convolution, then + shift per
+    channel, then max(., 0) with NaN kept; without a shift the ReLU alone (a -0.0 stays
+    -0.0); with a scale too, conv * scale + shift."""
     from test_kernels_cpu import choose
     choose(monkeypatch, algorithm)
     rng = np.random.default_rng(width)
-    x = rng.standard_normal((2, 3, 7, width)).astype(np.float32)
+    inputs = channels if algorithm == "depthwise" else 3
+    x = rng.standard_normal((2, inputs, 7, width)).astype(np.float32)
     x[1, 2, 3, 2] = np.nan
-    w = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)
+    w = rng.standard_normal((channels, inputs // (channels if algorithm == "depthwise" else 1),
+                             3, 3)).astype(np.float32)
     shift = rng.standard_normal(channels).astype(np.float32)
-    geometry = ((1, 1), (1, 1), (1, 1), 1)
+    geometry = ((1, 1), (1, 1), (1, 1), channels if algorithm == "depthwise" else 1)
+    assert cpu.convolution._algorithm(x.shape, w.shape, x.shape, (1, 1), (1, 1),
+                                      geometry[-1]) == algorithm
     plain = np.empty((2, channels, 7, width), np.float32)
     cpu.conv_forward(x, w, plain, *geometry)
     assert np.isnan(plain).any()

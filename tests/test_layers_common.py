@@ -390,8 +390,9 @@ def test_inner_product_weight_gradient_in_row_blocks_matches(monkeypatch, parall
 
 @pytest.mark.parametrize("transpose, rows", [(False, 2), (True, 2), (False, 300), (True, 300)])
 def test_inner_product_in_column_or_row_blocks_matches(monkeypatch, transpose, rows):
-    """Few rows: blocks of columns, or bands of the inner dimension summed (backward-data, and
-    forward with transposed weights); many: bands of rows; on the worker threads."""
+    """Few rows: native.c's few_rows_product, or bands of the inner dimension summed
+    (backward-data, and forward with transposed weights); many: bands of rows; on the worker
+    threads."""
     from owlnet.kernels import cpu
     x = np.random.default_rng(7).standard_normal((rows, 9))
     layer, bottom, top = make_layer(f"""name: "ip" type: "InnerProduct" inner_product_param {{
@@ -399,8 +400,9 @@ def test_inner_product_in_column_or_row_blocks_matches(monkeypatch, transpose, r
                                     [x])
     w = layer.blobs[0].data
     weights_t = w if transpose else w.T
-    # 2 * 9 * 8 multiply-adds: blocks of 8, 8 and 5 columns; 300 rows: bands of 128 rows
-    monkeypatch.setattr(cpu.products, "_UNPACKED_MULTIPLY_ADDS", 2 * 9 * 8)
+    # 2 rows: bands of 8 weight rows (3 pieces); 300 rows: bands of 128 rows
+    monkeypatch.setattr(cpu.products, "_FEW_ROWS_BAND", 8)
+    monkeypatch.setattr(cpu.products, "_FEW_ROWS_PARALLEL_WEIGHTS", 0)
     monkeypatch.setattr(cpu.shared, "PARALLEL_MULTIPLY_ADDS", 0)
     y = forward(layer, bottom, top)[0]
     np.testing.assert_allclose(y, x @ weights_t + layer.blobs[1].data, rtol=1e-13)

@@ -109,8 +109,9 @@ def conv_forward(x, w, y, pad, stride, dilation, group, engine="default", scale=
         winograd.forward(planned, x, w, y, scale, shift, relu)
         return
     algorithm = _algorithm(x.shape, w.shape, y.shape, pad, stride, group, forward=True)
-    if algorithm == "direct":
-        direct.forward(x, w, y, pad, stride, dilation, group, scale, shift, relu)
+    if algorithm in ("direct", "depthwise"):
+        run = direct.forward if algorithm == "direct" else depthwise_forward
+        run(x, w, y, pad, stride, dilation, group, scale, shift, relu)
         return
     _FORWARD[algorithm](x, w, y, pad, stride, dilation, group)
     if scale is not None or shift is not None or relu:

@@ -39,30 +39,32 @@ def _pieces(n, m, work):
     return [(a, a + 1, b0, b1) for a in range(n) for b0, b1 in zip(edges, edges[1:])]
 
 
-def depthwise_forward(x, w, y, pad, stride, dilation, group):
-    """``y = conv(x, w)`` for one input channel per group, written."""
+def depthwise_forward(x, w, y, pad, stride, dilation, group, scale=None, shift=None,
+                      relu=False):
+    """``y = conv(x, w)`` for one input channel per group, written; then times ``scale`` and
+    plus ``shift`` (M values each, or None) per channel and with ``relu`` max(., 0) taken (NaN
+    kept), as the outputs are stored."""
     n, c, h, wd = x.shape
     m, oh, ow = y.shape[1:]
     _, _, kh, kw = w.shape
     k = kh * kw
     (ph, pw), (sh, sw), (dh, dwd) = pad, stride, dilation
-    pieces = _pieces(n, m, y.size * k)
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
+    pieces = np.array(_pieces(n, m, y.size * k), dtype=np.int64)
     images = np.ascontiguousarray(x)
     rows, q = direct.frame_geometry(x.shape, pad, sw, direct.lanes(x.dtype))
     koff = direct.window_offsets(1, kh, kw, sw, dh, dwd, rows, q)
     weights = np.ascontiguousarray(w.reshape(m, k))
-    compiled = native.function("depthwise_forward", y.dtype)
-
-    def piece(part):
-        n0, n1, m0, m1 = part
-        plane = np.empty(sw * rows * q, dtype=y.dtype)      # one framed input plane
-        compiled(native.address(images, n0 * c * h * wd), native.address(plane), h, wd, ph, pw,
-                 sw, rows, native.address(koff), k, native.address(weights),
-                 native.address(y, n0 * m * oh * ow), n1 - n0, c, m // c, m0, m1, oh, ow, sh, q)
-
-    threads.run_pieces(piece, pieces, len(pieces) > 1, blas=False)
+    plane = sw * rows * q
+    scratch = np.empty(len(pieces) * plane, dtype=y.dtype)      # a framed plane per piece
+    scale, shift = (None if a is None else np.ascontiguousarray(a, dtype=y.dtype)
+                    for a in (scale, shift))
+    native.function("depthwise_forward", y.dtype)(
+        native.address(images), native.address(scratch), plane, h, wd, ph, pw, sw, rows,
+        native.address(koff), k, native.address(weights), native.address(y), c, m // c, oh, ow,
+        sh, q, native.address(pieces), len(pieces), *native.addresses(scale, shift), int(relu),
+        threads.workers() if len(pieces) > 1 else 1)
 
 
 def depthwise_backward_filter(x, dy, dw, pad, stride, dilation, group):

@@ -405,32 +405,33 @@ DEFINE_POOL_BACKWARD(double, f64)
  * columns), whose lanes are then added in order: dw[m][k] is written, or added to.
  */
 #define DEFINE_FRAME(T, S)                                                                    \
+static void conv_frame_values_##S(const T *x, T *frame, i64 planes, int h, int w, int ph,     \
+                                  int pw, int sw, int hf, int q)                              \
+{                                                                                             \
+    for (int phase = 0; phase < sw; ++phase) {                                                \
+        /* image columns xx with (xx + pw) % sw == phase, at position (xx + pw) / sw (the     \
+         * divisions once per phase: per row they cost more than the copy of a small plane) */ \
+        const int first = ((phase - pw) % sw + sw) % sw;                                      \
+        const int count = (w - first + sw - 1) / sw;                                          \
+        const i64 to = ((i64)phase * hf + ph) * q + (first + pw) / sw;                        \
+        for (i64 p = 0; p < planes; ++p) {                                                    \
+            const T *in = x + p * h * w + first;                                              \
+            T *out = frame + p * sw * hf * q + to;                                            \
+            for (int yy = 0; yy < h; ++yy, in += w, out += q)                                 \
+                if (sw == 1)                                                                  \
+                    memcpy(out, in, sizeof(T) * w);                                           \
+                else if (sw == 2)               /* a constant stride: vectorised */           \
+                    for (int at = 0; at < count; ++at) out[at] = in[2 * at];                  \
+                else                                                                          \
+                    for (int at = 0; at < count; ++at) out[at] = in[(i64)at * sw];            \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
 void conv_frame_##S(const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw,   \
                     int hf, int q)                                                            \
 {                                                                                             \
     memset(frame, 0, sizeof(T) * planes * sw * hf * q);                                       \
-    for (i64 p = 0; p < planes; ++p) {                                                        \
-        const T *plane = x + p * h * w;                                                       \
-        T *out = frame + p * sw * hf * q;                                                     \
-        for (int yy = 0; yy < h; ++yy) {                                                      \
-            T *row = out + (i64)(yy + ph) * q;                                                \
-            if (sw == 1) {                                                                    \
-                memcpy(row + pw, plane + (i64)yy * w, sizeof(T) * w);                         \
-                continue;                                                                     \
-            }                                                                                 \
-            for (int phase = 0; phase < sw; ++phase) {                                        \
-                /* image columns xx with (xx + pw) % sw == phase, at position (xx + pw) / sw */   \
-                const int first = ((phase - pw) % sw + sw) % sw;                              \
-                T *out_row = row + (i64)phase * hf * q + (first + pw) / sw;                   \
-                const T *in = plane + (i64)yy * w + first;                                    \
-                const int count = (w - first + sw - 1) / sw;                                  \
-                if (sw == 2)                    /* a constant stride: vectorised */           \
-                    for (int at = 0; at < count; ++at) out_row[at] = in[2 * at];              \
-                else                                                                          \
-                    for (int at = 0; at < count; ++at) out_row[at] = in[(i64)at * sw];        \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
+    conv_frame_values_##S(x, frame, planes, h, w, ph, pw, sw, hf, q);                         \
 }
 
 /* max(value, 0) of a vector in place, lanes holding NaN kept (a compare makes them 0 else). */
@@ -1392,51 +1393,89 @@ DEFINE_COL2IM(double, f64)
  * column ox*sw + j*dw), in order of output channel, entry, row, column; the image part is
  * then copied out. */
 #define DEFINE_DEPTHWISE(T, S, V, VU, ISA, TARGET)                                            \
-TARGET void depthwise_forward_##S##_##ISA(                                             \
-    const T *x, T *plane, int h, int wd, int ph, int pw, int sw, int hf, const i64 *koff,     \
-    int K, const T *w, T *y, i64 images, int c, int mult, int m0, int m1, int oh, int ow,     \
-    int sh, int q)                                                                            \
+/* One output plane from its framed input plane: K entries at offsets koff, weights wk; each  \
+ * output times a plus b, then max(., 0) with relu. A row's last partial vector is stored   \
+ * whole where the values past the row's end lie before ``limit`` (outputs this call writes  \
+ * later), else lane by lane. Inlined with K a constant 9 (3x3) too, whose weights and       \
+ * offsets then stay in registers. */                                                        \
+static inline __attribute__((always_inline)) TARGET void depthwise_plane_##S##_##ISA(       \
+    const T *restrict plane, const i64 *restrict koff, const int K, const T *restrict wk,     \
+    T *restrict out, const T *limit, int oh, int ow, int sh, int q, T a, T b, int affine,     \
+    int relu)                                                                                 \
 {                                                                                             \
     const int L = (int)(sizeof(V) / sizeof(T));                                               \
-    const int m = c * mult;                                                                   \
-    for (i64 img = 0; img < images; ++img)                                                    \
-        for (int mo = m0; mo < m1; ++mo) {                                                    \
-            if (mo == m0 || mo % mult == 0)      /* the input plane's frame, still in cache */ \
-                conv_frame_##S(x + (img * c + mo / mult) * h * wd, plane, 1, h, wd, ph, pw,   \
-                               sw, hf, q);                                                    \
-            const T *wk = w + (i64)mo * K;                                                    \
-            T *out = y + (img * m + mo) * oh * ow;                                            \
-            for (int oy = 0; oy < oh; ++oy) {                                                 \
-                const T *base = plane + (i64)oy * sh * q;                                     \
-                T *row = out + (i64)oy * ow;                                                  \
-                int ox = 0;                                                                   \
-                for (; ox + 4 * L <= ow; ox += 4 * L) {                                       \
-                    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                 \
-                    for (int k = 0; k < K; ++k) {                                             \
-                        const T *src = base + koff[k] + ox;                                   \
-                        a0 += *(const VU *)src * wk[k];                                       \
-                        a1 += *(const VU *)(src + L) * wk[k];                                 \
-                        a2 += *(const VU *)(src + 2 * L) * wk[k];                             \
-                        a3 += *(const VU *)(src + 3 * L) * wk[k];                             \
-                    }                                                                         \
-                    *(VU *)(row + ox) = a0;                                                   \
-                    *(VU *)(row + ox + L) = a1;                                               \
-                    *(VU *)(row + ox + 2 * L) = a2;                                           \
-                    *(VU *)(row + ox + 3 * L) = a3;                                           \
-                }                                                                             \
-                for (; ox < ow; ox += L) {                                                    \
-                    V a0 = {0};                                                               \
-                    for (int k = 0; k < K; ++k) a0 += *(const VU *)(base + koff[k] + ox) * wk[k]; \
-                    if (ox + L <= ow) {                                                       \
-                        *(VU *)(row + ox) = a0;                                               \
-                    } else {                                                                  \
-                        T lanes[sizeof(V) / sizeof(T)];                                       \
-                        memcpy(lanes, &a0, sizeof lanes);                                     \
-                        memcpy(row + ox, lanes, sizeof(T) * (ow - ox));                       \
-                    }                                                                         \
-                }                                                                             \
+    for (int oy = 0; oy < oh; ++oy) {                                                         \
+        const T *base = plane + (i64)oy * sh * q;                                             \
+        T *row = out + (i64)oy * ow;                                                          \
+        int ox = 0;                                                                           \
+        for (; ox + 4 * L <= ow; ox += 4 * L) {                                               \
+            V acc[4] = {{0}};                                                                 \
+            for (int k = 0; k < K; ++k) {                                                     \
+                const T *src = base + koff[k] + ox;                                           \
+                for (int v = 0; v < 4; ++v) acc[v] += *(const VU *)(src + v * L) * wk[k];     \
+            }                                                                                 \
+            for (int v = 0; v < 4; ++v) {                                                     \
+                if (affine) acc[v] = acc[v] * a + b;                                          \
+                if (relu) VECTOR_RELU(acc[v]);                                                \
+                *(VU *)(row + ox + v * L) = acc[v];                                           \
             }                                                                                 \
         }                                                                                     \
+        for (; ox < ow; ox += L) {                                                            \
+            V acc = {0};                                                                      \
+            for (int k = 0; k < K; ++k) acc += *(const VU *)(base + koff[k] + ox) * wk[k];    \
+            if (affine) acc = acc * a + b;                                                    \
+            if (relu) VECTOR_RELU(acc);                                                       \
+            if (ox + L <= ow || row + ox + L <= limit) {                                      \
+                *(VU *)(row + ox) = acc;                                                      \
+            } else {                                                                          \
+                for (int l = 0; l < ow - ox; ++l) row[ox + l] = acc[l];                       \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+struct depthwise_##S##_##ISA {                                                                \
+    const T *x; T *scratch; i64 plane_size; int h, wd, ph, pw, sw, hf; const i64 *koff;       \
+    int K; const T *w; T *y; int c, mult, oh, ow, sh, q; const i64 *pieces;                   \
+    const T *scale, *shift; int relu;                                                         \
+};                                                                                            \
+static TARGET void depthwise_piece_##S##_##ISA(void *job, int index)                          \
+{                                                                                             \
+    const struct depthwise_##S##_##ISA *a = job;                                              \
+    const i64 *p = a->pieces + 4 * (i64)index;        /* images p0..p1-1, channels p2..p3-1 */ \
+    const int m = a->c * a->mult, K = a->K, affine = a->scale || a->shift;                    \
+    const i64 out_plane = (i64)a->oh * a->ow, in_plane = (i64)a->h * a->wd;                   \
+    T *plane = a->scratch + index * a->plane_size;                                            \
+    for (i64 img = p[0]; img < p[1]; ++img)                                                   \
+        for (int mo = (int)p[2]; mo < p[3]; ++mo) {                                           \
+            const T *image = a->x + (img * a->c + mo / a->mult) * in_plane;                   \
+            if (img == p[0] && mo == p[2])     /* zeros once: every plane's values lie alike */ \
+                conv_frame_##S(image, plane, 1, a->h, a->wd, a->ph, a->pw, a->sw, a->hf, a->q); \
+            else if (mo == p[2] || mo % a->mult == 0)     /* the last frame serves the others */ \
+                conv_frame_values_##S(image, plane, 1, a->h, a->wd, a->ph, a->pw, a->sw,      \
+                                      a->hf, a->q);                                           \
+            const T *wk = a->w + (i64)mo * K;                                                 \
+            T *out = a->y + (img * m + mo) * out_plane;                                       \
+            const T *limit = a->y + (img * m + p[3]) * out_plane;                             \
+            const T scale = a->scale ? a->scale[mo] : 1, shift = a->shift ? a->shift[mo] : 0; \
+            if (K == 9)                                                                       \
+                depthwise_plane_##S##_##ISA(plane, a->koff, 9, wk, out, limit, a->oh, a->ow,  \
+                                            a->sh, a->q, scale, shift, affine, a->relu);      \
+            else                                                                              \
+                depthwise_plane_##S##_##ISA(plane, a->koff, K, wk, out, limit, a->oh, a->ow,  \
+                                            a->sh, a->q, scale, shift, affine, a->relu);      \
+        }                                                                                     \
+}                                                                                             \
+/* Forward, pieces (p0, p1, m0, m1) on the workers, each with a scratch plane of its own     \
+ * (plane_size values from scratch + index * plane_size). */                                  \
+TARGET void depthwise_forward_##S##_##ISA(                                                    \
+    const T *x, T *scratch, i64 plane_size, int h, int wd, int ph, int pw, int sw, int hf,    \
+    const i64 *koff, int K, const T *w, T *y, int c, int mult, int oh, int ow, int sh, int q, \
+    const i64 *pieces, int count, const T *scale, const T *shift, int relu, int threads)      \
+{                                                                                             \
+    struct depthwise_##S##_##ISA job = {x, scratch, plane_size, h, wd, ph, pw, sw, hf, koff,  \
+                                        K, w, y, c, mult, oh, ow, sh, q, pieces, scale, shift, \
+                                        relu};                                                \
+    pieces_run(depthwise_piece_##S##_##ISA, &job, count, threads);                            \
 }                                                                                             \
                                                                                               \
 TARGET void depthwise_backward_filter_##S##_##ISA(                                     \
@@ -1515,6 +1554,73 @@ DEFINE_DEPTHWISE(float, f32, vf32, vf32u, fast, FAST)
 DEFINE_DEPTHWISE(float, f32, vf32, vf32u, baseline, BASELINE)
 DEFINE_DEPTHWISE(double, f64, vf64, vf64u, fast, FAST)
 DEFINE_DEPTHWISE(double, f64, vf64, vf64u, baseline, BASELINE)
+
+/* -- products with few rows: out = a @ w^T, w's rows contiguous (fully connected layers) -----
+ * out[r][o] = sum over i of a[r][i] * w[o][i] for R rows of a (a handful: a batch), O rows of w
+ * (the outputs) and I inner values: each w row is read once from memory for all rows of a
+ * (a general product packs w first, which costs more than the product at a few rows). A tile
+ * of 4 w rows x 2 a rows (RT) keeps 8 vectors of partial sums over i along the rows; a row's
+ * lanes are then added in order, then its last I % L products: every output is summed the
+ * same way whatever the pieces (bands of w's rows, on the workers). */
+#define FEW_ROWS_TILE(T, V, VU, RT, OT)                                                       \
+    {                                                                                         \
+        V acc[RT][OT];                                                                        \
+        for (int r = 0; r < RT; ++r)                                                          \
+            for (int j = 0; j < OT; ++j) acc[r][j] = (V){0};                                  \
+        int i = 0;                                                                            \
+        for (; i + L <= inner; i += L) {                                                      \
+            V wv[OT];                                                                         \
+            for (int j = 0; j < OT; ++j) wv[j] = *(const VU *)(w + (o + j) * ldw + i);        \
+            for (int r = 0; r < RT; ++r) {                                                    \
+                const V av = *(const VU *)(a + (r0 + r) * lda + i);                           \
+                for (int j = 0; j < OT; ++j) acc[r][j] += av * wv[j];                         \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < RT; ++r)                                                          \
+            for (int j = 0; j < OT; ++j) {                                                    \
+                T sum = 0;                                                                    \
+                for (int l = 0; l < L; ++l) sum += acc[r][j][l];                              \
+                for (int t = i; t < inner; ++t) sum += a[(r0 + r) * lda + t] * w[(o + j) * ldw + t]; \
+                out[(r0 + r) * ldo + o + j] = sum;                                            \
+            }                                                                                 \
+    }
+
+#define DEFINE_FEW_ROWS(T, S, V, VU, ISA, TARGET)                                             \
+struct few_rows_##S##_##ISA {                                                                 \
+    const T *a, *w; T *out; i64 lda, ldw, ldo; int rows, inner, outs, band;                   \
+};                                                                                            \
+static TARGET void few_rows_piece_##S##_##ISA(void *job, int index)                           \
+{                                                                                             \
+    const struct few_rows_##S##_##ISA *p = job;                                               \
+    const T *a = p->a, *w = p->w;                                                             \
+    T *out = p->out;                                                                          \
+    const i64 lda = p->lda, ldw = p->ldw, ldo = p->ldo;                                       \
+    const int L = (int)(sizeof(V) / sizeof(T)), rows = p->rows, inner = p->inner;             \
+    const int o1 = (index + 1) * p->band < p->outs ? (index + 1) * p->band : p->outs;         \
+    i64 o = (i64)index * p->band;                                                             \
+    for (; o + 4 <= o1; o += 4) {                                                             \
+        int r0 = 0;                                                                           \
+        for (; r0 + 2 <= rows; r0 += 2) FEW_ROWS_TILE(T, V, VU, 2, 4)                         \
+        if (r0 < rows) FEW_ROWS_TILE(T, V, VU, 1, 4)                                          \
+    }                                                                                         \
+    for (; o < o1; ++o) {                                                                     \
+        int r0 = 0;                                                                           \
+        for (; r0 + 2 <= rows; r0 += 2) FEW_ROWS_TILE(T, V, VU, 2, 1)                         \
+        if (r0 < rows) FEW_ROWS_TILE(T, V, VU, 1, 1)                                          \
+    }                                                                                         \
+}                                                                                             \
+TARGET void few_rows_product_##S##_##ISA(const T *a, i64 lda, const T *w, i64 ldw, T *out,   \
+                                         i64 ldo, int rows, int inner, int outs, int band,    \
+                                         int threads)                                         \
+{                                                                                             \
+    struct few_rows_##S##_##ISA job = {a, w, out, lda, ldw, ldo, rows, inner, outs, band};    \
+    pieces_run(few_rows_piece_##S##_##ISA, &job, (outs + band - 1) / band, threads);          \
+}
+
+DEFINE_FEW_ROWS(float, f32, vf32, vf32u, fast, FAST)
+DEFINE_FEW_ROWS(float, f32, vf32, vf32u, baseline, BASELINE)
+DEFINE_FEW_ROWS(double, f64, vf64, vf64u, fast, FAST)
+DEFINE_FEW_ROWS(double, f64, vf64, vf64u, baseline, BASELINE)
 
 /* -- per-channel passes: BatchNorm with batch statistics (alone, or with the Scale and ReLU
  * after it), channel sums, ReLU's gradient ------------------------------------------------------

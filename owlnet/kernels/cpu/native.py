@@ -38,12 +38,14 @@ _SIGNATURES = {
     "channel_pass": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT],
     "scale_forward": [_POINTER] * 5 + [_I64, _INT, _I64, _INT, _INT, _INT],
     "relu_backward": [_POINTER] * 3 + [_I64],
-    "depthwise_forward": [_POINTER, _POINTER] + [_INT] * 6 + [_POINTER, _INT, _POINTER, _POINTER,
-                                                              _I64] + [_INT] * 8,
+    "depthwise_forward": [_POINTER, _POINTER, _I64] + [_INT] * 6 + [_POINTER, _INT, _POINTER,
+                                                                    _POINTER] + [_INT] * 6
+    + [_POINTER, _INT, _POINTER, _POINTER, _INT, _INT],
     "depthwise_backward_filter": [_POINTER, _POINTER] + [_INT] * 6 + [_POINTER, _INT, _POINTER,
                                                                       _POINTER, _I64]
     + [_INT] * 8,
     "depthwise_backward_data": [_POINTER] * 4 + [_I64] + [_INT] * 18,
+    "few_rows_product": [_POINTER, _I64, _POINTER, _I64, _POINTER, _I64] + [_INT] * 5,
     "conv_direct_tile": [_INT],
     "winograd_forward": [_POINTER] * 5 + [_INT] * 16 + [_POINTER, _POINTER, _INT, _INT],
     "winograd_backward_filter": [_POINTER] * 3 + [_INT] * 15,
