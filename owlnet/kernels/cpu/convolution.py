@@ -16,7 +16,10 @@ algorithm follows from the shapes:
   the 5x5s of cifar10_quick (bench/RESULTS.md, round 9);
 * depthwise (one input channel per group): ``depthwise``;
 * pointwise (1x1, stride 1, no pad, one group): matrix products on the NCHW layout, with no
-  column matrix, big ones in bands of pixels;
+  column matrix, big ones in bands of pixels; but the forward on a CPU with AVX-512, for
+  rows of more than 8 outputs, is ``direct`` (its epilogue applied as it stores, no pass
+  after: MobileNet v2's and GoogLeNet's 1x1s from 13x13 up measured 0.55-0.9x the products'
+  time; at 7x7, 1.2-1.5x);
 * few inputs per window (C/group * kh * kw <= ``_DIRECT_WINDOW``: first layers, CIFAR and
   MNIST nets): ``direct``, compiled loops with no column matrix, whose copies would cost
   more than these products (measured 1.1-1.9x faster forward and backward-filter up to 144
@@ -81,15 +84,15 @@ def _algorithm(x_shape, w_shape, y_shape, pad, stride, group, forward=False):
     ``forward``: for the forward pass."""
     if w_shape[1] == 1 and group == x_shape[1] and group > 1:
         return "depthwise"
+    avx512 = 64 in native.vector_sizes()
+    short_rows = avx512 and y_shape[3] <= _SHORT_ROWS_AVX512
     if group == 1 and w_shape[2:] == (1, 1) and tuple(stride) == (1, 1) and not any(pad):
-        return "pointwise"
+        return "direct" if forward and avx512 and not short_rows else "pointwise"
     window = w_shape[1] * w_shape[2] * w_shape[3]
     one_thread = y_shape[0] * y_shape[1] * y_shape[2] * y_shape[3] * window \
         < shared.PARALLEL_MULTIPLY_ADDS
     whole_tiles = y_shape[3] % _TILE_WIDTH == 0
-    avx512 = 64 in native.vector_sizes()
     forward_window = _DIRECT_WINDOW_FORWARD_AVX512 if avx512 else _DIRECT_WINDOW_FORWARD
-    short_rows = avx512 and y_shape[3] <= _SHORT_ROWS_AVX512
     if window <= max(_DIRECT_WINDOW, _DIRECT_WINDOW_ONE_THREAD if one_thread else 0,
                      _DIRECT_WINDOW_WHOLE_TILES if whole_tiles else 0,
                      forward_window if forward else 0,
