@@ -161,14 +161,8 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     parallel = multiply_adds >= _PARALLEL_MULTIPLY_ADDS
     size = vector_bytes(ow, dy.dtype)
     frame = Frame(x.shape, dw.shape, pad, stride, dilation, lanes(dy.dtype, size))
-    # Rows padded with zeros to whole vectors: the kernel then has no partial vectors.
-    padded_width = -(-ow // lanes(dy.dtype, size)) * lanes(dy.dtype, size)
-    if padded_width == ow:
-        grads = np.ascontiguousarray(dy)
-    else:
-        grads = np.zeros((n, m, oh, padded_width), dtype=dy.dtype)
-        grads[..., :ow] = dy
-    image_out = m * oh * padded_width
+    grads = np.ascontiguousarray(dy)
+    image_out = m * oh * ow
     pieces = np.array([(n0 * frame.image_stride, n0 * image_out, n1 - n0, r0, r1)
                        for n0, n1, _, r0, r1 in _pieces(n, 1, oh, multiply_adds)],
                       dtype=np.int64)
@@ -181,7 +175,7 @@ def backward_filter(x, dy, dw, pad, stride, dilation, group):
     native.function("conv_direct_backward_filter_framed", dw.dtype, size)(
         *native.addresses(x, framed), *frame.arguments, native.address(grads), image_out,
         native.address(partial), dw.size, frame.image_stride, frame.group_stride, group, mg,
-        oh, padded_width, frame.sh,
+        oh, ow, frame.sh,
         native.address(pieces), native.address(runs), len(runs) - 1,
         threads.workers() if parallel else 1)
     np.copyto(dw, partial[0])

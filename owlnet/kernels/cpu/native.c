@@ -508,12 +508,12 @@ TARGET void conv_direct_forward_##S##_##ISA(                                    
 }                                                                                             \
                                                                                               \
 /* dw[m][k] (= or +=) the sum over images, rows r0..r1-1 and columns of                      \
- * dy[img][m][oy][ox] * frame[img][koff[k] + oy*sh*q + ox], for channels 0..m-1. The rows of  \
- * dy are padded with zeros to a whole number of vectors (width owp); the frame values that  \
- * the padding meets are multiplied by zero (finite inputs assumed). */                      \
+ * dy[img][m][oy][ox] * frame[img][koff[k] + oy*sh*q + ox], for channels 0..m-1. A row's   \
+ * last partial vector of dy is completed with zeros; the frame values those lanes meet are  \
+ * multiplied by zero (finite inputs assumed). */                                             \
 TARGET void conv_direct_backward_filter_##S##_##ISA(                                        \
     const T *frame, i64 frame_image, const i64 *koff, int K, const T *dy, i64 dy_image,       \
-    T *dw, int accumulate, i64 images, int m, int oh, int owp, int r0, int r1, int sh, int q) \
+    T *dw, int accumulate, i64 images, int m, int oh, int ow, int r0, int r1, int sh, int q)  \
 {                                                                                             \
     enum { MT2 = MT2_, KT = KT_ };                                                            \
     const int L = (int)(sizeof(V) / sizeof(T));                                               \
@@ -532,10 +532,16 @@ TARGET void conv_direct_backward_filter_##S##_##ISA(                            
                     const T *grads[MT2];                                                      \
                     for (int a = 0; a < MT2; ++a)                                             \
                         grads[a] = dy + img * dy_image                                        \
-                            + ((i64)(m0 + (a < m_last ? a : m_last)) * oh + oy) * owp;        \
-                    for (int ox = 0; ox < owp; ox += L) {                                     \
+                            + ((i64)(m0 + (a < m_last ? a : m_last)) * oh + oy) * ow;         \
+                    for (int ox = 0; ox < ow; ox += L) {                                      \
                         V gv[MT2];                                                            \
-                        for (int a = 0; a < MT2; ++a) gv[a] = *(const VU *)(grads[a] + ox);   \
+                        if (ox + L <= ow)                                                     \
+                            for (int a = 0; a < MT2; ++a) gv[a] = *(const VU *)(grads[a] + ox); \
+                        else                  /* the row's last part, completed with zeros */ \
+                            for (int a = 0; a < MT2; ++a) {                                   \
+                                gv[a] = (V){0};                                               \
+                                for (int l = 0; l < ow - ox; ++l) gv[a][l] = grads[a][ox + l]; \
+                            }                                                                 \
                         for (int b = 0; b < KT; ++b) {                                        \
                             const V xv = *(const VU *)(base + offsets[b] + ox);               \
                             for (int a = 0; a < MT2; ++a) acc[a][b] += gv[a] * xv;            \
@@ -618,7 +624,7 @@ TARGET void conv_direct_forward_framed_##S##_##ISA(                             
 #define DEFINE_DIRECT_FILTER_FRAMED(T, S, ISA, TARGET)                                        \
 struct filter_##S##_##ISA {                                                                   \
     struct framed_##S##_##ISA frame; const T *dy; i64 dy_image; T *partial; i64 partial_run;  \
-    i64 group_frame; int group, owp; const int *runs;                                         \
+    i64 group_frame; int group, ow; const int *runs;                                          \
 };                                                                                            \
 static void filter_frame_band_##S##_##ISA(void *job, int band)                                \
 {                                                                                             \
@@ -634,21 +640,21 @@ static void filter_run_##S##_##ISA(void *job, int run)                          
         for (int g = 0; g < a->group; ++g)                                                    \
             conv_direct_backward_filter_##S##_##ISA(                                          \
                 f->frame + p[0] + g * a->group_frame, f->frame_image, f->koff, f->K,          \
-                a->dy + p[1] + (i64)g * f->mg * f->oh * a->owp, a->dy_image,                  \
-                out + (i64)g * f->mg * f->K, i > a->runs[run], p[2], f->mg, f->oh, a->owp,    \
+                a->dy + p[1] + (i64)g * f->mg * f->oh * a->ow, a->dy_image,                   \
+                out + (i64)g * f->mg * f->K, i > a->runs[run], p[2], f->mg, f->oh, a->ow,     \
                 (int)p[3], (int)p[4], f->sh, f->q);                                           \
     }                                                                                         \
 }                                                                                             \
 TARGET void conv_direct_backward_filter_framed_##S##_##ISA(                                   \
     const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw, int hf, int q,    \
     const i64 *koff, int K, const T *dy, i64 dy_image, T *partial, i64 partial_run,           \
-    i64 frame_image, i64 group_frame, int group, int mg, int oh, int owp, int sh,             \
+    i64 frame_image, i64 group_frame, int group, int mg, int oh, int ow, int sh,              \
     const i64 *pieces, const int *runs, int run_count, int threads)                           \
 {                                                                                             \
     struct filter_##S##_##ISA job = {                                                         \
         {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K, NULL, NULL, 0, frame_image,   \
          mg, oh, 0, sh, pieces, NULL, 0, 0, NULL, NULL, 0},                                   \
-        dy, dy_image, partial, partial_run, group_frame, group, owp, runs};                   \
+        dy, dy_image, partial, partial_run, group_frame, group, ow, runs};                    \
     job.frame.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);   \
     pieces_run(filter_frame_band_##S##_##ISA, &job, job.frame.bands, threads);                \
     pieces_run(filter_run_##S##_##ISA, &job, run_count, threads);                             \
