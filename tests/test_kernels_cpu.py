@@ -41,6 +41,9 @@ CASES = [
     ((2, 3, 4, 40), (3, 1, 3, 3), (1, 1), (1, 1), (1, 1), 3, "depthwise"),  # long output rows
     ((1, 2, 5, 70), (4, 1, 3, 3), (0, 1), (1, 2), (1, 1), 2, "depthwise"),
     ((3, 5, 4, 6), (7, 5, 1, 1), (0, 0), (1, 1), (1, 1), 1, "pointwise"),
+    # rows of more than 8: with AVX-512 the forward and backward-data are direct (the latter
+    # reading the weights transposed), 20 and 7 channels each a tile and a part
+    ((2, 20, 3, 12), (7, 20, 1, 1), (0, 0), (1, 1), (1, 1), 1, "pointwise"),
     ((2, 4, 6, 5), (6, 2, 3, 3), (1, 1), (2, 1), (1, 1), 2, "im2col"),
     ((2, 3, 20, 18), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, "im2col"),    # long output rows
     ((2, 4, 5, 5), (4, 4, 1, 1), (0, 0), (2, 2), (1, 1), 1, "im2col"),      # strided 1x1

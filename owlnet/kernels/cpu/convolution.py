@@ -16,10 +16,11 @@ algorithm follows from the shapes:
   the 5x5s of cifar10_quick (bench/RESULTS.md, round 9);
 * depthwise (one input channel per group): ``depthwise``;
 * pointwise (1x1, stride 1, no pad, one group): matrix products on the NCHW layout, with no
-  column matrix, big ones in bands of pixels; but the forward on a CPU with AVX-512, for
-  rows of more than 8 outputs, is ``direct`` (its epilogue applied as it stores, no pass
+  column matrix, big ones in bands of pixels; but on a CPU with AVX-512, for rows of more
+  than 8 outputs, the forward is ``direct`` (its epilogue applied as it stores, no pass
   after: MobileNet v2's and GoogLeNet's 1x1s from 13x13 up measured 0.55-0.9x the products'
-  time; at 7x7, 1.2-1.5x);
+  time; at 7x7, 1.2-1.5x) and the backward-data the direct forward of dy with the weights
+  read transposed (SqueezeNet's conv10 at batch 4, 2.7 against 3.4 ms);
 * few inputs per window (C/group * kh * kw <= ``_DIRECT_WINDOW``: first layers, CIFAR and
   MNIST nets): ``direct``, compiled loops with no column matrix, whose copies would cost
   more than these products (measured 1.1-1.9x faster forward and backward-filter up to 144
@@ -178,6 +179,11 @@ def _pointwise_forward(x, w, y, pad, stride, dilation, group):
 
 
 def _pointwise_backward_data(dy, w, dx, pad, stride, dilation, group):
+    if 64 in native.vector_sizes() and dx.shape[3] > _SHORT_ROWS_AVX512:
+        # The forward of dy with the transposed weights, through the direct kernel (module
+        # doc).
+        direct.forward(dy, w, dx, pad, stride, dilation, group, transposed=True)
+        return
     weights_t = w.reshape(w.shape[0], -1).T
     dy3, dx3 = _images_as_matrices(dy), _images_as_matrices(dx, output=True)
     threads.run_pieces(lambda piece: _pointwise_product(weights_t, dy3, dx3, piece),

@@ -132,14 +132,18 @@ class _ForwardPlan:
 _forward_plan = functools.lru_cache(maxsize=512)(_ForwardPlan)
 
 
-def forward(x, w, y, pad, stride, dilation, group, scale=None, shift=None, relu=False):
+def forward(x, w, y, pad, stride, dilation, group, scale=None, shift=None, relu=False,
+            transposed=False):
     """``y = conv(x, w)``, written; then times ``scale`` and plus ``shift`` (one value per
     output channel each) and with ``relu`` max(., 0) taken (NaN kept), as each tile is
-    stored."""
+    stored. With ``transposed`` (1x1, one group), ``w`` comes transposed, as (x's channels,
+    y's channels, 1, 1): a 1x1 convolution's backward-data reads its forward's weights as
+    they lie."""
     if not y.flags.c_contiguous:
         raise ValueError("conv_forward writes into a C-contiguous y")
     size = vector_bytes(y.shape[3], y.dtype)
-    plan = _forward_plan(x.shape, w.shape, y.shape, tuple(pad), tuple(stride),
+    w_shape = (w.shape[1], w.shape[0]) + w.shape[2:] if transposed else w.shape
+    plan = _forward_plan(x.shape, w_shape, y.shape, tuple(pad), tuple(stride),
                          tuple(dilation), group, y.dtype.str, size)
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
     scale, shift = (None if a is None else np.ascontiguousarray(a, dtype=y.dtype)
@@ -148,7 +152,7 @@ def forward(x, w, y, pad, stride, dilation, group, scale=None, shift=None, relu=
     native.function("conv_direct_forward_framed", y.dtype, size)(
         x.ctypes.data, frame.ctypes.data, *plan.frame.arguments, w.ctypes.data,
         packed.ctypes.data, group, y.ctypes.data, *plan.rest,
-        *native.addresses(scale, shift), int(relu),
+        *native.addresses(scale, shift), int(relu), int(transposed),
         threads.workers() if plan.parallel else 1)
 
 

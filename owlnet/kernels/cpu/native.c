@@ -566,13 +566,14 @@ TARGET void conv_direct_backward_filter_##S##_##ISA(                            
  * output (the rows of pieces[7i..7i+6]: images' offsets into the frame, the packed weights'
  * and y's offsets, the image count, first and end output rows, the group's first channel)
  * computed as conv_direct_forward does, with the scale and shift per channel (or null) and
- * relu. */
+ * relu. With ``transposed`` (one group) the weights are read as (K, mg): a 1x1 convolution's
+ * backward-data passes its forward's (M, C) weights as they lie. */
 #define DEFINE_DIRECT_FRAMED(T, S, ISA, TARGET)                                               \
 struct framed_##S##_##ISA {                                                                   \
     const T *x; T *frame; i64 planes; int bands, h, w, ph, pw, sw, hf, q;                     \
     const i64 *koff; int K; T *packed; T *y; i64 y_image, frame_image;                        \
     int mg, oh, ow, sh; const i64 *pieces; const T *weights; int tiles, tile;                 \
-    const T *scale, *shift; int relu;                                                         \
+    const T *scale, *shift; int relu, transposed;                                             \
 };                                                                                            \
 static void frame_band_##S##_##ISA(void *job, int band)                                       \
 {                                                                                             \
@@ -580,11 +581,13 @@ static void frame_band_##S##_##ISA(void *job, int band)                         
     if (band >= a->bands) {              /* a tile of weights: (group, tile index) */          \
         const int t = band - a->bands, g = t / a->tiles, first = t % a->tiles * a->tile;       \
         const int count = a->mg - first < a->tile ? a->mg - first : a->tile;                  \
-        const T *from = a->weights + ((i64)g * a->mg + first) * a->K;                         \
+        /* weights (group, mg, K), or with ``transposed`` (one group) (K, mg) */              \
+        const i64 along_c = a->transposed ? 1 : a->K, along_k = a->transposed ? a->mg : 1;   \
+        const T *from = a->weights + (i64)g * a->mg * a->K + first * along_c;                 \
         T *to = a->packed + ((i64)g * a->tiles * a->tile + first) * a->K;                     \
         for (int k = 0; k < a->K; ++k)                                                        \
             for (int c = 0; c < a->tile; ++c)                                                 \
-                to[(i64)k * a->tile + c] = c < count ? from[(i64)c * a->K + k] : 0;           \
+                to[(i64)k * a->tile + c] = c < count ? from[c * along_c + k * along_k] : 0;   \
         return;                                                                               \
     }                                                                                         \
     const i64 p0 = a->planes * band / a->bands, p1 = a->planes * (band + 1) / a->bands;        \
@@ -605,12 +608,12 @@ TARGET void conv_direct_forward_framed_##S##_##ISA(                             
     const T *x, T *frame, i64 planes, int h, int w, int ph, int pw, int sw, int hf, int q,    \
     const i64 *koff, int K, const T *weights, T *packed, int group, T *y, i64 y_image,        \
     i64 frame_image, int mg, int oh, int ow, int sh, const i64 *pieces, int count,            \
-    const T *scale, const T *shift, int relu, int threads)                                    \
+    const T *scale, const T *shift, int relu, int transposed, int threads)                    \
 {                                                                                             \
     const int tile = conv_direct_tile_##S##_##ISA(ow), tiles = (mg + tile - 1) / tile;        \
     struct framed_##S##_##ISA job = {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K,   \
                                      packed, y, y_image, frame_image, mg, oh, ow, sh, pieces, \
-                                     weights, tiles, tile, scale, shift, relu};               \
+                                     weights, tiles, tile, scale, shift, relu, transposed};   \
     job.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);         \
     pieces_run(frame_band_##S##_##ISA, &job, job.bands + group * tiles, threads);             \
     pieces_run(direct_piece_##S##_##ISA, &job, count, threads);                               \
@@ -653,7 +656,7 @@ TARGET void conv_direct_backward_filter_framed_##S##_##ISA(                     
 {                                                                                             \
     struct filter_##S##_##ISA job = {                                                         \
         {x, frame, planes, 1, h, w, ph, pw, sw, hf, q, koff, K, NULL, NULL, 0, frame_image,   \
-         mg, oh, 0, sh, pieces, NULL, 0, 0, NULL, NULL, 0},                                   \
+         mg, oh, 0, sh, pieces, NULL, 0, 0, NULL, NULL, 0, 0},                                \
         dy, dy_image, partial, partial_run, group_frame, group, ow, runs};                    \
     job.frame.bands = threads < 2 ? 1 : (planes < 2 * threads ? (int)planes : 2 * threads);   \
     pieces_run(filter_frame_band_##S##_##ISA, &job, job.frame.bands, threads);                \

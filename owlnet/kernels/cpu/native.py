@@ -29,7 +29,7 @@ _SIGNATURES = {
     "ave_pool_backward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
     "conv_direct_forward_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
     + [_POINTER, _INT, _POINTER, _POINTER, _INT, _POINTER, _I64, _I64] + [_INT] * 4
-    + [_POINTER, _INT, _POINTER, _POINTER, _INT, _INT],
+    + [_POINTER, _INT, _POINTER, _POINTER, _INT, _INT, _INT],
     "conv_direct_backward_filter_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
     + [_POINTER, _INT, _POINTER, _I64, _POINTER, _I64, _I64, _I64] + [_INT] * 5
     + [_POINTER, _POINTER, _INT, _INT],
