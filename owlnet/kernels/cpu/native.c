@@ -9,7 +9,8 @@
  * baseline, one bound at load time. A function writes only its own band of the output, and
  * sums run in a fixed order, so results do not depend on how work is cut among threads.
  * Sections: pooling, direct convolution, Winograd convolution, col2im, depthwise convolution,
- * per-channel passes (BatchNorm, Scale, channel sums, ReLU's gradient), LRN, SGD.
+ * products with few rows, per-channel passes (BatchNorm, Scale, channel sums, ReLU's
+ * gradient), LRN, SGD.
  *
  * Pooling follows Caffe's windows: output (py, px) of a plane covers rows py*sh - ph ..
  * + kh and columns px*sw - pw .. + kw. MAX reads the part inside the image, keeps the first
