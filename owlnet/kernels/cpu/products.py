@@ -39,12 +39,11 @@ def matmul(a, b, out):
     parallel = a.size * b.shape[1] >= shared.PARALLEL_MULTIPLY_ADDS
     few_rows, columns_contiguous = rows <= _FEW_ROWS, b.strides[0] < b.strides[1]
     if few_rows and _native_few_rows(a, b, out):
-        outs = b.shape[1]
         native.function("few_rows_product", out.dtype)(
             native.address(a), a.strides[0] // a.itemsize, native.address(b),
             b.strides[1] // b.itemsize, native.address(out), out.strides[0] // out.itemsize,
-            rows, inner, outs, _FEW_ROWS_BAND,
-            threads.workers() if inner * outs >= _FEW_ROWS_PARALLEL_WEIGHTS else 1)
+            rows, inner, b.shape[1], _FEW_ROWS_BAND,
+            threads.workers() if b.size >= _FEW_ROWS_PARALLEL_WEIGHTS else 1)
         return
     if few_rows and not columns_contiguous and parallel:
         edges = [inner * k // 4 for k in range(5)]
