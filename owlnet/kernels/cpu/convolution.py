@@ -18,8 +18,8 @@ algorithm follows from the shapes:
 * pointwise (1x1, stride 1, no pad, one group): matrix products on the NCHW layout, with no
   column matrix, big ones in bands of pixels; but on a CPU with AVX-512, for rows of more
   than 8 outputs, the forward is ``direct`` (its epilogue applied as it stores, no pass
-  after: MobileNet v2's and GoogLeNet's 1x1s from 13x13 up measured 0.55-0.9x the products'
-  time; at 7x7, 1.2-1.5x) and the backward-data the direct forward of dy with the weights
+  after: the 1x1s of MobileNet v1 and v2, GoogLeNet and SqueezeNet from 13x13 up measured
+  0.54-0.98x the products' time; at 7x7, 1.2-1.5x) and the backward-data the direct forward of dy with the weights
   read transposed (SqueezeNet's conv10 at batch 4, 2.7 against 3.4 ms);
 * few inputs per window (C/group * kh * kw <= ``_DIRECT_WINDOW``: first layers, CIFAR and
   MNIST nets): ``direct``, compiled loops with no column matrix, whose copies would cost
