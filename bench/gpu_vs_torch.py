@@ -15,7 +15,8 @@ once) is trained by:
   Caffe's lr_mult/decay_mult; losses read at the end of ``step``), activation memory reuse on
   unless ``--no-reuse-memory``;
 * PyTorch eager: the same net built from the owlnet Net by :func:`torch_model` (same blob graph,
-  same initial weights), ``torch.optim.SGD`` with the same rates, ``cudnn.benchmark = True``;
+  same initial weights), ``torch.optim.SGD`` with the same rates, ``cudnn.benchmark`` on
+  (owlnet's cuDNN autotune on too; ``--autotune off`` runs both on the heuristics' plans);
 * PyTorch + CUDA graph: that model's whole iteration (forward, backward, step) captured once
   and replayed (PyTorch's whole-network capture recipe).
 
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget", type=float, default=0, help="seconds for the whole run (0: none)")
+    p.add_argument("--autotune", choices=("on", "off"), default="on",
+                   help="time every cuDNN plan per shape and keep the fastest: owlnet's "
+                        "OWLNET_CUDNN_AUTOTUNE and PyTorch's cudnn.benchmark together "
+                        "(default on)")
     p.add_argument("--zoo", type=Path, default=DEFAULT_ZOO,
                    help="the Caffe model zoo's models/ folder (CaffeNet, GoogLeNet)")
     p.add_argument("--no-reuse-memory", action="store_true",
@@ -395,11 +400,13 @@ def main(argv=None) -> int:
         where = f"{torch.cuda.get_device_name(device)}, CuPy {cupy.__version__}"
     else:
         device, where = torch.device("cpu"), "CPU (smoke test)"
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.autotune == "on"
+    backend.set_cudnn_autotune(args.autotune == "on")
     print(f"{where}, torch "
           f"{torch.__version__} (cuDNN {torch.backends.cudnn.version()}), batch {args.batch}, "
           f"{args.rounds} rounds of {args.iterations} iterations (median), owlnet memory reuse "
-          f"{'off' if args.no_reuse_memory else 'on'}, {time.strftime('%Y-%m-%d')}")
+          f"{'off' if args.no_reuse_memory else 'on'}, cuDNN autotune {args.autotune}, "
+          f"{time.strftime('%Y-%m-%d')}")
     print("ratio = owlnet ms / PyTorch ms (below 1: owlnet faster); MiB: peak device memory "
           "(owlnet: CuPy pool held; PyTorch: max_memory_allocated)", flush=True)
     print(HEADER, flush=True)

@@ -23,6 +23,7 @@ _state = {
     "device": 0,
     "dtype": np.float32,  # tests switch to float64 for gradient checks
     "math": os.environ.get("OWLNET_MATH", "fp32"),
+    "autotune": os.environ.get("OWLNET_CUDNN_AUTOTUNE", "0") == "1",
 }
 _rng = np.random.default_rng(0)
 _scope = threading.local()
@@ -81,6 +82,18 @@ def set_math_mode(name: str) -> None:
     _state["math"] = name
     if _state["mode"] == "gpu":
         _apply_math_mode()
+
+
+def cudnn_autotune() -> bool:
+    """Whether each new cuDNN convolution shape times every plan that fits the workspace and
+    keeps the fastest (PyTorch's ``cudnn.benchmark``), rather than the heuristics' first
+    choice. Off by default ($OWLNET_CUDNN_AUTOTUNE=1 turns it on): timings vary, so two
+    runs may pick different plans and differ in the last bits."""
+    return _state["autotune"]
+
+
+def set_cudnn_autotune(on: bool) -> None:
+    _state["autotune"] = bool(on)
 
 
 def _apply_math_mode() -> None:

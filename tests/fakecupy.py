@@ -258,8 +258,20 @@ class Stream:
         return Graph(records)
 
 
+#: The fake device's clock in ms: nothing advances it but a test (``advance_clock``).
+_clock = [0.0]
+
+
+def advance_clock(ms):
+    """Let ``ms`` of device time pass (for code that times work with events)."""
+    _clock[0] += ms
+
+
 class Event:
-    stream, number = None, 0
+    stream, number, time = None, 0, 0.0
+
+    def record(self, stream=None):
+        self.stream, self.time = stream or get_current_stream(), _clock[0]
 
     def synchronize(self):
         _refuse_in_capture("Event.synchronize")
@@ -631,6 +643,7 @@ def _raw_memory(nbytes):
 
 cuda = types.SimpleNamespace(Device=_Device, Stream=Stream, Graph=Graph, Event=Event,
                              Memory=_raw_memory,
+                             get_elapsed_time=lambda start, end: end.time - start.time,
                              get_current_stream=get_current_stream, MemoryPool=MemoryPool,
                              using_allocator=using_allocator,
                              alloc_pinned_memory=lambda nbytes: bytearray(nbytes),

@@ -16,12 +16,15 @@ from owlnet.kernels import gpu
 
 
 class FakeCudnn(types.ModuleType):
-    """Records graphs and executions; ``fail_at`` names a graph method that raises."""
+    """Records graphs and executions; ``fail_at`` names a graph method that raises (for
+    build_plan_at_index: at every index); each graph offers plans costing ``plan_ms`` (device
+    ms per run, on fakecupy's clock), of which those in ``unbuildable`` do not build."""
 
-    def __init__(self, fail_at=None, no_library=False):
+    def __init__(self, fail_at=None, no_library=False, plan_ms=(1.0,), unbuildable=()):
         super().__init__("cudnn")
         self.fail_at, self.no_library = fail_at, no_library
-        self.graphs, self.executions, self.handles = [], [], 0
+        self.plan_ms, self.unbuildable = plan_ms, unbuildable
+        self.graphs, self.executions, self.plans_run, self.handles = [], [], [], 0
         self.data_type = types.SimpleNamespace(FLOAT="float")
         self.heur_mode = types.SimpleNamespace(A="A", FALLBACK="FALLBACK")
         self.numerical_note = types.SimpleNamespace(TENSOR_CORE="TENSOR_CORE")
@@ -79,9 +82,13 @@ class FakeGraph:
     def conv_wgrad(self, image, loss, padding, stride, dilation):
         return self._op("wgrad")
 
+    def deselect_workspace_greater_than(self, limit):
+        self.calls.append("deselect_workspace_greater_than")
+        self.workspace_limit = limit
+
     def __getattr__(self, name):
         if name not in ("validate", "build_operation_graph", "create_execution_plans",
-                        "deselect_numeric_notes", "check_support", "build_plans"):
+                        "deselect_numeric_notes", "check_support"):
             raise AttributeError(name)
 
         def step(*args):
@@ -90,12 +97,23 @@ class FakeGraph:
                 raise RuntimeError(f"{name}: CUDNN_STATUS_NOT_SUPPORTED")
         return step
 
-    def get_workspace_size(self):
-        return 4096
+    def get_execution_plan_count(self):
+        return len(self.module.plan_ms)
 
-    def execute(self, pointers, workspace, handle):
+    def build_plan_at_index(self, index):
+        self.calls.append(("build", index))
+        if self.module.fail_at == "build_plan_at_index" or index in self.module.unbuildable:
+            raise RuntimeError("build_plan_at_index: CUDNN_STATUS_NOT_SUPPORTED")
+
+    def get_workspace_size_plan_at_index(self, index):
+        return 4096 * (index + 1)
+
+    def execute_plan_at_index(self, pointers, workspace, index, handle):
         assert all(isinstance(p, int) for p in pointers.values()) and isinstance(workspace, int)
+        assert ("build", index) in self.calls
+        fakecupy.advance_clock(self.module.plan_ms[index])
         self.module.executions.append({t.name: p for t, p in pointers.items()})
+        self.module.plans_run.append(index)
 
 
 @pytest.fixture
@@ -144,10 +162,51 @@ def test_strict_fp32_deselects_tensor_cores(device, monkeypatch):
     gpu.conv_forward(x, w, y, (0, 0), (1, 1), (1, 1), 1)
     calls = fake.graphs[0].calls
     assert calls.index("create_execution_plans") < calls.index("deselect_numeric_notes") \
-        < calls.index("check_support") < calls.index("build_plans")
+        < calls.index("check_support") < calls.index(("build", 0))
     monkeypatch.setitem(backend._state, "math", "tf32")
     gpu.conv_forward(x, w, y, (0, 0), (1, 1), (1, 1), 1)
     assert "deselect_numeric_notes" not in fake.graphs[1].calls
+
+
+def _small_conv(cupy):
+    return (cupy.zeros((1, 2, 5, 5), np.float32), cupy.zeros((3, 2, 3, 3), np.float32),
+            cupy.zeros((1, 3, 3, 3), np.float32))
+
+
+def test_heuristics_run_the_first_plan_that_builds_within_the_workspace(device):
+    """Without autotune: plans over the workspace limit are deselected before check_support,
+    the first plan that builds runs (plan 0 does not build here), and no later plan is built."""
+    fake = device.use_cudnn(FakeCudnn(plan_ms=(1.0, 2.0, 0.5), unbuildable=(0,)))
+    x, w, y = _small_conv(device.cupy)
+    gpu.conv_forward(x, w, y, (0, 0), (1, 1), (1, 1), 1)
+    graph = fake.graphs[0]
+    assert graph.workspace_limit == gpu.WORKSPACE_LIMIT
+    assert graph.calls.index("deselect_workspace_greater_than") < graph.calls.index(
+        "check_support")
+    assert [c for c in graph.calls if isinstance(c, tuple)] == [("build", 0), ("build", 1)]
+    assert fake.plans_run == [1]
+    assert gpu._plans[next(iter(gpu._plans))].workspace_size == 4096 * 2
+
+
+def test_autotune_keeps_the_fastest_plan_timed_on_scratch_arrays(device, monkeypatch):
+    """With autotune every plan that builds is timed (fakecupy's clock advances by each plan's
+    cost) on arrays of its own, and the fastest runs the call; a plan under another autotune
+    setting is another plan."""
+    from owlnet import backend
+    fake = device.use_cudnn(FakeCudnn(plan_ms=(3.0, 1.0, 2.0, 0.1), unbuildable=(3,)))
+    monkeypatch.setitem(backend._state, "autotune", True)
+    x, w, y = _small_conv(device.cupy)
+    gpu.conv_forward(x, w, y, (0, 0), (1, 1), (1, 1), 1)
+    *timing, call = fake.executions
+    assert fake.plans_run[-1] == 1 and call == {"x": x.data.ptr, "w": w.data.ptr,
+                                                "fprop": y.data.ptr}
+    assert sorted(set(fake.plans_run[:-1])) == [0, 1, 2]
+    assert all(run["fprop"] != y.data.ptr for run in timing)
+    gpu.conv_forward(x, w, y, (0, 0), (1, 1), (1, 1), 1)
+    assert fake.plans_run[-1] == 1 and len(fake.graphs) == 1
+    monkeypatch.setitem(backend._state, "autotune", False)
+    gpu.conv_forward(x, w, y, (0, 0), (1, 1), (1, 1), 1)
+    assert len(fake.graphs) == 2 and fake.plans_run[-1] == 0
 
 
 def _conv_case(rng, n, c, h, w, m, group, kernel):
@@ -193,7 +252,7 @@ def _run_gpu(cupy, x, w, dy, pad, stride, dilation, group, dtype, engine="defaul
 
 
 @pytest.mark.parametrize("fake", ["no_library", "no_frontend", "validate", "check_support",
-                                  "build_plans"])
+                                  "build_plan_at_index"])
 def test_cudnn_failures_fall_back_to_im2col_with_one_log_line(device, fake, caplog):
     """Defect 2: a missing libcudnn (create_handle fails), a missing frontend, or a graph that
     does not validate / is unsupported / does not build: im2col gives the numbers, and one
@@ -314,6 +373,9 @@ for case in cases:
         graph.build_operation_graph()
         assert len(tensors) == 3
         print(kind, "built")
+for name in ("deselect_workspace_greater_than", "get_execution_plan_count",
+             "build_plan_at_index", "get_workspace_size_plan_at_index", "execute_plan_at_index"):
+    assert callable(getattr(cudnn.pygraph, name)), name
 """
 
 

@@ -229,11 +229,18 @@ def _strides(shape):
 
 
 class CudnnPlan:
-    """A built cuDNN graph and its tensors in call order (x/dy/w first, the output last)."""
+    """A built cuDNN graph, the engine plan it runs, and its tensors in call order (x/dy/w
+    first, the output last).
+
+    The plans the heuristics offer are filtered (tensor-core plans in strict fp32, plans whose
+    scratch exceeds ``WORKSPACE_LIMIT``) and then either the first one that builds is kept, or,
+    with ``autotune``, each one that builds is timed on scratch arrays of the call's shapes
+    and the fastest is kept."""
 
     algorithm = "cudnn"
 
-    def __init__(self, cudnn, handle, geometry: ConvGeometry, strict_fp32: bool):
+    def __init__(self, cudnn, handle, geometry: ConvGeometry, strict_fp32: bool,
+                 autotune: bool = False):
         graph, tensors = define_graph(cudnn, handle, geometry)
         graph.validate()
         graph.build_operation_graph()
@@ -241,22 +248,67 @@ class CudnnPlan:
         if strict_fp32:
             # Only effective between create_execution_plans and check_support/build_plans.
             graph.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE])
+        # A plan needing more scratch than the shared workspace is dropped here, so the next
+        # one runs rather than im2col.
+        graph.deselect_workspace_greater_than(WORKSPACE_LIMIT)
         graph.check_support()
-        graph.build_plans()
-        self.workspace_size = int(graph.get_workspace_size())
-        if self.workspace_size > WORKSPACE_LIMIT:
-            raise RuntimeError(f"the plan needs {self.workspace_size} bytes of workspace, over "
-                               f"the limit of {WORKSPACE_LIMIT} (OWLNET_GPU_WORKSPACE_MB)")
         self.graph, self.tensors, self.cudnn = graph, tensors, cudnn
+        built, refusal = [], None
+        for index in range(graph.get_execution_plan_count()):
+            try:
+                graph.build_plan_at_index(index)
+            except Exception as exc:  # noqa: BLE001 deselected above, or it cannot build
+                refusal = exc
+                continue
+            built.append(index)
+            if not autotune:
+                break
+        if not built:
+            raise RuntimeError(f"none of the {graph.get_execution_plan_count()} execution "
+                               f"plans builds within {WORKSPACE_LIMIT} bytes of workspace; "
+                               f"the last said: {refusal}")
+        self.index = built[0] if len(built) == 1 else self._fastest(built, geometry, handle)
+        self.workspace_size = int(graph.get_workspace_size_plan_at_index(self.index))
         # For a call whose arrays are not 16-byte aligned and contiguous (a batch slice).
         self.fallback = ColumnPlan(geometry, 4)
+
+    def _fastest(self, indices, geometry, handle):
+        """The index of the plan with the least time over scratch arrays (the best of three
+        runs after one untimed run; a plan 4x slower than the best so far at its first
+        timed run is not run again)."""
+        cupy = backend.import_cupy()
+        g = geometry
+        shapes = {"fprop": (g.x_shape, g.w_shape, g.y_shape),
+                  "dgrad": (g.y_shape, g.w_shape, g.x_shape),
+                  "wgrad": (g.x_shape, g.y_shape, g.w_shape)}[g.kind]
+        arrays = [cupy.zeros(shape, dtype=cupy.float32) for shape in shapes]
+        pointers = {t: a.data.ptr for t, a in zip(self.tensors, arrays)}
+        best, best_ms = indices[0], float("inf")
+        for index in indices:
+            space = cupy.empty(max(int(self.graph.get_workspace_size_plan_at_index(index)),
+                                   _ALIGNMENT), dtype=cupy.uint8)
+            ms = float("inf")
+            for attempt in range(4):       # the first run is not timed
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record()
+                self.graph.execute_plan_at_index(pointers, space.data.ptr, index, handle=handle)
+                end.record()
+                end.synchronize()
+                if attempt:
+                    ms = min(ms, cupy.cuda.get_elapsed_time(start, end))
+                    if ms > 4 * best_ms:
+                        break
+            if ms < best_ms:
+                best, best_ms = index, ms
+        return best
 
     def run(self, *arrays):
         """Execute on raw device pointers (capturable in a CUDA graph, unlike DLPack), on the
         current CuPy stream."""
         handle = _handle(self.cudnn, backend.import_cupy())
         pointers = {t: a.data.ptr for t, a in zip(self.tensors, arrays)}
-        self.graph.execute(pointers, workspace(self.workspace_size).data.ptr, handle=handle)
+        self.graph.execute_plan_at_index(pointers, workspace(self.workspace_size).data.ptr,
+                                         self.index, handle=handle)
 
 
 _plans: dict = {}           # plan key -> CudnnPlan | ColumnPlan
@@ -306,6 +358,11 @@ def _handle(cudnn, cupy):
     return entry[0]
 
 
+def _capturing(cupy) -> bool:
+    """Whether the current stream is being captured (no timing runs then)."""
+    return bool(cupy.cuda.get_current_stream().is_capturing())
+
+
 def _aligned(arrays):
     return all(a.flags.c_contiguous and a.data.ptr % _ALIGNMENT == 0 for a in arrays)
 
@@ -322,7 +379,8 @@ def plan(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group, engine, 
     dtype = cupy.dtype(dtype)
     engine = _ENGINES[engine.lower() if isinstance(engine, str) else int(engine)]
     geometry = ConvGeometry(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group,
-                            (engine, backend.math_mode(), dtype.str, cupy.cuda.Device().id))
+                            (engine, backend.math_mode(), dtype.str, cupy.cuda.Device().id,
+                             backend.cudnn_autotune()))
     found = _plans.get(geometry.key)
     if found is not None:
         return found
@@ -331,7 +389,8 @@ def plan(kind, x_shape, w_shape, y_shape, pad, stride, dilation, group, engine, 
         handle = _handle(cudnn, cupy) if cudnn is not None else None
         if handle is not None:
             try:
-                found = CudnnPlan(cudnn, handle, geometry, backend.math_mode() == "fp32")
+                found = CudnnPlan(cudnn, handle, geometry, backend.math_mode() == "fp32",
+                                  backend.cudnn_autotune() and not _capturing(cupy))
             except Exception as exc:  # validate / check_support / build_plans / workspace
                 _warn(f"cuDNN has no {kind} graph for input {geometry.x_shape}, weights "
                       f"{geometry.w_shape}, group {geometry.group} ({exc}); this shape runs "
