@@ -10,7 +10,10 @@ group, padding, stride, dilation, engine, math mode, dtype, device) and cached:
 * a cuDNN graph (NVIDIA's ``nvidia-cudnn-frontend``, ``import cudnn``) when the engine is not
   "caffe", the arrays are C-contiguous float32 and the graph builds. cuDNN always gets the
   whole batch (its tensors are declared 16-byte aligned: a batch slice need not be). In the
-  strict "fp32" math mode the plans that use tensor cores (TF32) are deselected.
+  strict "fp32" math mode the plans that use tensor cores (TF32) are deselected, and so are
+  plans needing more than ``WORKSPACE_LIMIT`` of scratch; of the rest, the heuristics' first
+  that builds runs, or with ``backend.cudnn_autotune()`` ($OWLNET_CUDNN_AUTOTUNE=1) the
+  fastest, timed once per shape.
 * otherwise im2col + one cuBLAS product per group, over batch chunks whose column matrix fits
   the workspace.
 
