@@ -492,15 +492,24 @@ def ave_pool_backward(dy, dx, kernel, stride, pad):
 
 
 # -- per-channel passes of the training step (kernels.cpu.normalization's entry points) ------
+def _channel_sum(a3):
+    """The sum over outer and inner of ``a3`` (outer, C, inner), per channel: first along the
+    contiguous inner axis (outer * C sums, enough to fill the device), then over outer. CuPy
+    reduces axes (0, 2) in one go with one thread block per channel: 16-64 blocks on a GPU
+    of 132 multiprocessors, which made these sums the largest part of ResNet-20's step."""
+    return a3.sum(axis=2).sum(axis=0)
+
+
 def batch_norm_forward(x3, y3, kept, eps, scale=None, bias=None, relu=False):
     """Batch statistics per channel of ``x3`` (outer, C, inner): ``(mean, var, inv_std)``,
     var biased, inv_std = 1 / sqrt(var + eps); xhat = (x - mean) * inv_std, copied into
     ``kept`` unless None, and ``y3`` = xhat, or xhat * scale[c] + bias[c] (each when given),
     then max(., 0) with ``relu`` (``y3`` may be ``x3``)."""
     cupy = backend.import_cupy()
-    mean = x3.mean(axis=(0, 2))
+    count = x3.shape[0] * x3.shape[2]
+    mean = _channel_sum(x3) / count
     cupy.subtract(x3, mean[:, None], out=y3)
-    var = cupy.multiply(y3, y3, out=kept).mean(axis=(0, 2))
+    var = _channel_sum(cupy.multiply(y3, y3, out=kept)) / count
     inv_std = 1 / cupy.sqrt(var + eps)
     y3 *= inv_std[:, None]
     if kept is not None:
@@ -521,9 +530,9 @@ def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=Non
     cupy = backend.import_cupy()
     gated = dy3 if relu_top is None else dy3 * (relu_top > 0)
     count = dy3.shape[0] * dy3.shape[2]
-    sum_g = gated.sum(axis=(0, 2))
+    sum_g = _channel_sum(gated)
     products = gated * normalized3
-    sum_gx = products.sum(axis=(0, 2))
+    sum_gx = _channel_sum(products)
     factor = inv_std if scale is None else inv_std * scale
     cupy.subtract(gated, (sum_g / count)[:, None], out=dx3)
     dx3 -= cupy.multiply(normalized3, (sum_gx / count)[:, None], out=products)
@@ -533,7 +542,7 @@ def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=Non
 
 def channel_sums(a3, b3=None):
     """The sum over outer and inner of ``a3`` (times ``b3`` when given) per channel."""
-    return (a3 if b3 is None else a3 * b3).sum(axis=(0, 2))
+    return _channel_sum(a3 if b3 is None else a3 * b3)
 
 
 def scale_forward(x3, scale, bias, y3, kept, relu=False):
@@ -557,7 +566,7 @@ def scale_backward(dy3, x3, scale, dx3):
     """Scale's backward per channel: ``(sum of dy * x, sum of dy)`` (the first None when
     ``x3`` is None), and ``dx3`` = dy * scale[c] unless None (it may be ``dy3``)."""
     cupy = backend.import_cupy()
-    sums = (None if x3 is None else (dy3 * x3).sum(axis=(0, 2)), dy3.sum(axis=(0, 2)))
+    sums = (None if x3 is None else _channel_sum(dy3 * x3), _channel_sum(dy3))
     if dx3 is not None:
         cupy.multiply(dy3, scale.reshape(1, -1, 1), out=dx3)
     return sums
