@@ -218,7 +218,7 @@ def test_kernels_follow_the_formulas(kernels, shape, with_scale, with_bias, relu
     if kernels == "cpu":
         got = run(cpu, np.array, np.asarray)
     else:
-        with fakecupy.fake_gpu():
+        with fakecupy.fake_gpu(), backend.device_arrays():
             got = run(gpu, backend.to_device, backend.to_host)
     for value, want in zip(got, (y, xhat, inv_std[:, 0], dx, (g * xhat).sum(axis=(0, 2)),
                                  g.sum(axis=(0, 2)))):

@@ -292,6 +292,50 @@ DROPOUT_BACKWARD = Elementwise(
     dx = keep ? dy * scale : (T)0;
 """, arrays=("dy", "keep", "dx"))
 
+# -- BatchNorm with batch statistics (+ Scale, + ReLU), per channel c of (outer, C, inner) --
+# The channel of flat index i is (i / inner) % channels. Statistics come from reductions in
+# kernels.gpu; these bodies are the passes over every value between them.
+BATCH_NORM_SQUARED_DEVIATION = Elementwise(
+    "owlnet_batch_norm_squared_deviation", "T x, raw T mean, int32 channels, int64 inner",
+    "T d", """
+    const T centered = x - mean[(i / inner) % channels];
+    d = centered * centered;
+""", arrays=("x", "d"))
+
+# xhat = (x - mean) * inv_std, kept when keep (``kept`` is then not ``y``); y = xhat, times
+# scale[c] and plus bias[c] where has_scale / has_bias, through a ReLU where relu. ``y`` may
+# be ``x``.
+BATCH_NORM_APPLY = Elementwise(
+    "owlnet_batch_norm_apply",
+    "T x, raw T mean, raw T inv_std, raw T scale, raw T bias, int32 channels, int64 inner, "
+    "int32 has_scale, int32 has_bias, int32 relu, int32 keep", "T y, raw T kept", """
+    const long long c = (i / inner) % channels;
+    const T xhat = (x - mean[c]) * inv_std[c];
+    T v = xhat;
+    if (keep) kept[i] = xhat;
+    if (has_scale) v = v * scale[c];
+    if (has_bias) v = v + bias[c];
+    y = (relu && v < (T)0) ? (T)0 : v;
+""", arrays=("x", "y"))
+
+# g = dy, or dy * (top > 0) where relu; gx = g * xhat.
+BATCH_NORM_GRADIENT_PRODUCTS = Elementwise(
+    "owlnet_batch_norm_gradient_products", "T dy, T top, T xhat, int32 relu", "T g, T gx", """
+    const T gated = relu ? dy * (T)(top > (T)0) : dy;
+    g = gated;
+    gx = gated * xhat;
+""", arrays=("dy", "top", "xhat", "g", "gx"))
+
+# dx = ((g - mean_g[c]) - xhat * mean_gx[c]) * factor[c]; ``dx`` may be ``g``.
+BATCH_NORM_BACKWARD_APPLY = Elementwise(
+    "owlnet_batch_norm_backward_apply",
+    "T g, T xhat, raw T mean_g, raw T mean_gx, raw T factor, int32 channels, int64 inner",
+    "T dx", """
+    const long long c = (i / inner) % channels;
+    dx = ((g - mean_g[c]) - xhat * mean_gx[c]) * factor[c];
+""", arrays=("g", "xhat", "dx"))
+
 ALL = (IM2COL, COL2IM, MAX_POOL_FORWARD, MAX_POOL_BACKWARD, AVE_POOL_FORWARD,
        AVE_POOL_BACKWARD, SOFTMAX, SOFTMAX_LOSS, SOFTMAX_LOSS_BACKWARD, DROPOUT_FORWARD,
-       DROPOUT_FORWARD_COUNTED, DROPOUT_BACKWARD)
+       DROPOUT_FORWARD_COUNTED, DROPOUT_BACKWARD, BATCH_NORM_SQUARED_DEVIATION,
+       BATCH_NORM_APPLY, BATCH_NORM_GRADIENT_PRODUCTS, BATCH_NORM_BACKWARD_APPLY)

@@ -502,24 +502,23 @@ def _channel_sum(a3):
 
 def batch_norm_forward(x3, y3, kept, eps, scale=None, bias=None, relu=False):
     """Batch statistics per channel of ``x3`` (outer, C, inner): ``(mean, var, inv_std)``,
-    var biased, inv_std = 1 / sqrt(var + eps); xhat = (x - mean) * inv_std, copied into
+    var biased, inv_std = 1 / sqrt(var + eps); xhat = (x - mean) * inv_std, written into
     ``kept`` unless None, and ``y3`` = xhat, or xhat * scale[c] + bias[c] (each when given),
-    then max(., 0) with ``relu`` (``y3`` may be ``x3``)."""
+    then max(., 0) with ``relu`` (``y3`` may be ``x3``). Two reductions and two passes over
+    the values (``cuda_sources.BATCH_NORM_*``)."""
     cupy = backend.import_cupy()
-    count = x3.shape[0] * x3.shape[2]
+    outer, channels, inner = x3.shape
+    count = outer * inner
     mean = _channel_sum(x3) / count
-    cupy.subtract(x3, mean[:, None], out=y3)
-    var = _channel_sum(cupy.multiply(y3, y3, out=kept)) / count
+    squares = kept if kept is not None else cupy.empty_like(x3)
+    elementwise(cuda_sources.BATCH_NORM_SQUARED_DEVIATION)(x3, mean, channels, inner, squares)
+    var = _channel_sum(squares) / count
     inv_std = 1 / cupy.sqrt(var + eps)
-    y3 *= inv_std[:, None]
-    if kept is not None:
-        cupy.copyto(kept, y3)
-    if scale is not None:
-        y3 *= scale[:, None]
-    if bias is not None:
-        y3 += bias[:, None]
-    if relu:
-        cupy.maximum(y3, 0, out=y3)
+    elementwise(cuda_sources.BATCH_NORM_APPLY)(
+        x3, mean, inv_std, inv_std if scale is None else scale,
+        inv_std if bias is None else bias, channels, inner, int(scale is not None),
+        int(bias is not None), int(relu), int(kept is not None), y3,
+        y3 if kept is None else kept)
     return mean, var, inv_std
 
 
@@ -528,15 +527,16 @@ def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=Non
     mean(g * xhat)) * inv_std * scale[c] (``dx3`` may be ``dy3``: both means are taken
     first). Returns ``(sum of g * xhat, sum of g)`` per channel."""
     cupy = backend.import_cupy()
-    gated = dy3 if relu_top is None else dy3 * (relu_top > 0)
-    count = dy3.shape[0] * dy3.shape[2]
-    sum_g = _channel_sum(gated)
-    products = gated * normalized3
-    sum_gx = _channel_sum(products)
+    outer, channels, inner = dy3.shape
+    count = outer * inner
+    gated, products = cupy.empty_like(dy3), cupy.empty_like(dy3)
+    elementwise(cuda_sources.BATCH_NORM_GRADIENT_PRODUCTS)(
+        dy3, dy3 if relu_top is None else relu_top, normalized3, int(relu_top is not None),
+        gated, products)
+    sum_g, sum_gx = _channel_sum(gated), _channel_sum(products)
     factor = inv_std if scale is None else inv_std * scale
-    cupy.subtract(gated, (sum_g / count)[:, None], out=dx3)
-    dx3 -= cupy.multiply(normalized3, (sum_gx / count)[:, None], out=products)
-    dx3 *= factor[:, None]
+    elementwise(cuda_sources.BATCH_NORM_BACKWARD_APPLY)(
+        gated, normalized3, sum_g / count, sum_gx / count, factor, channels, inner, dx3)
     return sum_gx, sum_g
 
 
