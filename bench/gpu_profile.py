@@ -38,17 +38,10 @@ def profile_net(name, math, iterations):
     import cupy
     from torch.profiler import ProfilerActivity, profile
 
-    import owlnet
     from owlnet import backend
     backend.set_mode_gpu()
     backend.set_math_mode(math)
-    shape = bench.MODELS[name][1]
-    solver = owlnet.get_solver(bench.solver_param(
-        bench.train_net_param(bench.model_path(name), 128, shape)))
-    images, labels = bench.random_batch(solver.net, 128, shape)
-    with backend.device_arrays():
-        solver.net.blobs["data"].data[...] = backend.to_device(images)
-        solver.net.blobs["label"].data[...] = backend.to_device(labels)
+    solver = bench.owlnet_solver(name, 128)[0]
     solver.step(5)
     cupy.cuda.Device().synchronize()
     start = time.perf_counter()

@@ -296,24 +296,18 @@ def run_case(name, math, args, device):
     this script) there is no graph column and memory is the blobs' bytes (owlnet) or 0."""
     import torch
 
-    import owlnet
     from owlnet import backend, memory
 
     gpu = device.type == "cuda"
     backend.set_math_mode(math)
     torch.backends.cudnn.allow_tf32 = math == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = math == "tf32"
-    param = train_net_param(model_path(name, args.zoo), args.batch, MODELS[name][1])
     if gpu:
         import cupy
         pool = cupy.get_default_memory_pool()
         pool.free_all_blocks()
     os.environ["OWLNET_REUSE_MEMORY"] = "0" if args.no_reuse_memory else "1"
-    solver = owlnet.get_solver(solver_param(param))
-    images, labels = random_batch(solver.net, args.batch, MODELS[name][1])
-    with backend.device_arrays():
-        solver.net.blobs["data"].data[...] = backend.to_device(images)
-        solver.net.blobs["label"].data[...] = backend.to_device(labels)
+    solver, images, labels = owlnet_solver(name, args.batch, args.zoo)
 
     def sync_owl():
         if gpu:
@@ -346,6 +340,20 @@ def run_case(name, math, args, device):
     if gpu:
         pool.free_all_blocks()
     return row
+
+
+def owlnet_solver(name, batch: int, zoo: Path = DEFAULT_ZOO):
+    """``(solver, images, labels)``: owlnet's SGD solver for the TRAIN net of ``name`` at
+    ``batch``, its data and label blobs filled once with :func:`random_batch`."""
+    import owlnet
+    from owlnet import backend
+    shape = MODELS[name][1]
+    solver = owlnet.get_solver(solver_param(train_net_param(model_path(name, zoo), batch, shape)))
+    images, labels = random_batch(solver.net, batch, shape)
+    with backend.device_arrays():
+        solver.net.blobs["data"].data[...] = backend.to_device(images)
+        solver.net.blobs["label"].data[...] = backend.to_device(labels)
+    return solver, images, labels
 
 
 def random_batch(net, batch: int, shape, seed: int = 0):

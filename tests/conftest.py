@@ -37,10 +37,15 @@ def fresh_owlnet_logger():
 @pytest.fixture(autouse=True)
 def restored_owlnet_environment():
     """Tools set OWLNET_* variables for their process (--skip-bad-records,
-    --no-python-layers); a test calling a tool's main() must not leave them to the next."""
+    --no-python-layers) and backend settings (math mode, cuDNN autotune); a test calling a
+    tool's main() must not leave them to the next."""
     import os
+
+    from owlnet import backend
     saved = {k: v for k, v in os.environ.items() if k.startswith("OWLNET_")}
+    settings = dict(backend._state)
     yield
+    backend._state.update(settings)
     for key in [k for k in os.environ if k.startswith("OWLNET_")]:
         if key not in saved:
             del os.environ[key]

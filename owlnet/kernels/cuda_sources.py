@@ -318,10 +318,10 @@ BATCH_NORM_APPLY = Elementwise(
     y = (relu && v < (T)0) ? (T)0 : v;
 """, arrays=("x", "y"))
 
-# g = dy, or dy * (top > 0) where relu; gx = g * xhat.
+# The gradient through the ReLU that follows: g = dy * (top > 0); gx = g * xhat.
 BATCH_NORM_GRADIENT_PRODUCTS = Elementwise(
-    "owlnet_batch_norm_gradient_products", "T dy, T top, T xhat, int32 relu", "T g, T gx", """
-    const T gated = relu ? dy * (T)(top > (T)0) : dy;
+    "owlnet_batch_norm_gradient_products", "T dy, T top, T xhat", "T g, T gx", """
+    const T gated = dy * (T)(top > (T)0);
     g = gated;
     gx = gated * xhat;
 """, arrays=("dy", "top", "xhat", "g", "gx"))

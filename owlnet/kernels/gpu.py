@@ -529,10 +529,12 @@ def batch_norm_backward(dy3, normalized3, inv_std, dx3, scale=None, relu_top=Non
     cupy = backend.import_cupy()
     outer, channels, inner = dy3.shape
     count = outer * inner
-    gated, products = cupy.empty_like(dy3), cupy.empty_like(dy3)
-    elementwise(cuda_sources.BATCH_NORM_GRADIENT_PRODUCTS)(
-        dy3, dy3 if relu_top is None else relu_top, normalized3, int(relu_top is not None),
-        gated, products)
+    if relu_top is None:
+        gated, products = dy3, cupy.multiply(dy3, normalized3)
+    else:
+        gated, products = cupy.empty_like(dy3), cupy.empty_like(dy3)
+        elementwise(cuda_sources.BATCH_NORM_GRADIENT_PRODUCTS)(dy3, relu_top, normalized3,
+                                                               gated, products)
     sum_g, sum_gx = _channel_sum(gated), _channel_sum(products)
     factor = inv_std if scale is None else inv_std * scale
     elementwise(cuda_sources.BATCH_NORM_BACKWARD_APPLY)(
