@@ -17,9 +17,33 @@ SHAPES = [(2, 3, 13), (4, 5, 64), (1, 2, 1), (3, 7, 29)]   # (outer, C, inner): 
 def bands(request, monkeypatch):
     if request.param == "many bands":
         monkeypatch.setattr(cpu.normalization, "_BAND_BYTES", 1)
-        monkeypatch.setattr(cpu.normalization, "_PARALLEL_BYTES", 0)
+        monkeypatch.setattr(cpu.normalization, "_SERIAL_BYTES", 0)
         monkeypatch.setattr(cpu.shared, "SPLIT_BYTES", 0)
+        monkeypatch.setattr(cpu.normalization.threads, "workers", lambda: 3)
     return request.param
+
+
+def test_bands_on_native_threads_give_one_band_bits(monkeypatch):
+    """Cut into one band a channel, on three of native.c's threads, the passes give the bits
+    of one band on one thread (each channel summed by one band, in one order)."""
+    shape = (3, 37, 203)
+    x, dy = (RNG.standard_normal(shape).astype(np.float32) for _ in range(2))
+    scale, bias = (RNG.standard_normal(shape[1]).astype(np.float32) for _ in range(2))
+
+    def passes():
+        y, kept, dx, relu_dx = (np.empty_like(x) for _ in range(4))
+        stats = cpu.batch_norm_forward(x, y, kept, 1e-5, scale, bias, relu=True)
+        sums = cpu.batch_norm_backward(dy, kept, stats[2], dx, scale, relu_top=y)
+        cpu.relu_backward(dy, y, relu_dx)
+        return [y, kept, dx, relu_dx, *stats, *sums, cpu.channel_sums(dy, x)]
+
+    one = passes()
+    monkeypatch.setattr(cpu.normalization, "_BAND_BYTES", 1)
+    monkeypatch.setattr(cpu.normalization, "_SERIAL_BYTES", 0)
+    monkeypatch.setattr(cpu.normalization.threads, "workers", lambda: 3)
+    for _ in range(20):
+        for got, want in zip(passes(), one):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

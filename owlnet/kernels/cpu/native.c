@@ -1644,7 +1644,7 @@ DEFINE_FEW_ROWS(double, f64, vf64, vf64u, baseline, BASELINE)
  * choice, so that NaN or inf in dy stays NaN where x <= 0, as in NumPy and Caffe. Written on
  * vectors (the compiler turns the scalar form into a branch). */
 #define DEFINE_RELU_BACKWARD(T, S, V, VU, VI, ISA, TARGET)                                    \
-TARGET void relu_backward_##S##_##ISA(const T *dy, const T *x, T *dx, i64 n)          \
+static TARGET void relu_backward_##S##_##ISA(const T *dy, const T *x, T *dx, i64 n)          \
 {                                                                                             \
     const int L = (int)(sizeof(V) / sizeof(T));                                               \
     const V zero = {0};                                                                       \
@@ -1711,7 +1711,7 @@ static TARGET void add_squares_##S##_##ISA(double *lanes, const T *a, T mu, i64 
  * channel, m = outer * inner; xhat = (x - mean) * inv, kept in kept when not null, and       \
  * y = xhat * scale[c] + bias[c] (1 and 0 where null), then max(y, 0) when relu (NaN stays    \
  * NaN): BatchNorm, or BatchNorm, Scale and ReLU in one pass (y may be x). */                  \
-TARGET void batch_norm_forward_##S##_##ISA(                                            \
+static TARGET void batch_norm_forward_##S##_##ISA(                                            \
     const T *x, T *y, T *kept, T *mean, T *var, T *inv, const T *scale, const T *bias,        \
     i64 outer, int dim, i64 inner, int c0, int c1, int relu, T eps)                           \
 {                                                                                             \
@@ -1743,7 +1743,7 @@ TARGET void batch_norm_forward_##S##_##ISA(                                     
  * after its ReLU) is not null; dx = (g - mean(g) - xhat * mean(g * xhat)) * inv * scale[c]    \
  * (scale 1 where null), and when sum_g is not null sum_g[c] = sum of g, sum_gx[c] = sum of   \
  * g * xhat (Scale's parameter gradients). dx may be dy (g is kept in dx meanwhile). */        \
-TARGET void batch_norm_backward_##S##_##ISA(                                           \
+static TARGET void batch_norm_backward_##S##_##ISA(                                           \
     const T *dy, const T *xhat, const T *inv, T *dx, const T *scale, const T *top, T *sum_g,  \
     T *sum_gx, i64 outer, int dim, i64 inner, int c0, int c1)                                 \
 {                                                                                             \
@@ -1773,9 +1773,9 @@ TARGET void batch_norm_backward_##S##_##ISA(                                    
 /* Per channel c, each when its pointer is not null: sum_dy[c] = sum of dy, sum_dyx[c] = sum  \
  * of dy * x, and dx = dy * scale[c] (dx may be dy: the sums of a run are taken first). The   \
  * passes of Scale's and Bias's backward. */                                                  \
-TARGET void channel_pass_##S##_##ISA(const T *dy, const T *x, const T *scale, T *dx,          \
-                                     T *sum_dy, T *sum_dyx, i64 outer, int dim, i64 inner,    \
-                                     int c0, int c1)                                          \
+static TARGET void channel_pass_##S##_##ISA(const T *dy, const T *x, const T *scale, T *dx,   \
+                                            T *sum_dy, T *sum_dyx, i64 outer, int dim,        \
+                                            i64 inner, int c0, int c1)                        \
 {                                                                                             \
     for (int c = c0; c < c1; ++c) {                                                           \
         double plain[8] = {0}, product[8] = {0};                                              \
@@ -1793,9 +1793,9 @@ TARGET void channel_pass_##S##_##ISA(const T *dy, const T *x, const T *scale, T 
 /* Scale's forward: y = x * scale[c] + bias[c] per channel (1 and 0 where null), then          \
  * max(y, 0) when relu (NaN stays NaN), after copying x into kept when not null (y may be x):  \
  * the Scale layer, and the per-channel affine and ReLU of a fused inference chain. */        \
-TARGET void scale_forward_##S##_##ISA(const T *x, const T *scale, const T *bias, T *y,       \
-                                      T *kept, i64 outer, int dim, i64 inner, int c0, int c1, \
-                                      int relu)                                               \
+static TARGET void scale_forward_##S##_##ISA(const T *x, const T *scale, const T *bias, T *y, \
+                                             T *kept, i64 outer, int dim, i64 inner, int c0,  \
+                                             int c1, int relu)                                \
 {                                                                                             \
     for (int c = c0; c < c1; ++c) {                                                           \
         const T factor = scale ? scale[c] : (T)1, shift = bias ? bias[c] : (T)0;              \
@@ -1821,6 +1821,76 @@ DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, fast, FAST)
 DEFINE_NORMALIZATION(float, f32, sqrtf, vf32, vf32u, baseline, BASELINE)
 DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, fast, FAST)
 DEFINE_NORMALIZATION(double, f64, sqrt, vf64, vf64u, baseline, BASELINE)
+
+/* One of the passes above over (outer, dim, inner) arrays, cut into `bands` bands run on the
+ * pool's threads (a hand-off of microseconds, so that passes of a few hundred kilobytes are
+ * shared too): bands of channels c0..c1-1, c0 = dim * band / bands, for kind
+ * CHANNEL_BATCH_NORM_FORWARD, _BACKWARD, CHANNEL_PASS and CHANNEL_SCALE_FORWARD, each given
+ * its pointers p in its own order; for CHANNEL_RELU_BACKWARD (p: dy, x, dx) bands of the
+ * outer * dim * inner values, cut at multiples of 64. Cut by shape and each channel summed
+ * by one band: the same results whatever the threads. */
+enum { CHANNEL_BATCH_NORM_FORWARD, CHANNEL_BATCH_NORM_BACKWARD, CHANNEL_PASS,
+       CHANNEL_SCALE_FORWARD, CHANNEL_RELU_BACKWARD };
+
+#define DEFINE_CHANNEL_BANDS(T, S, ISA, TARGET)                                               \
+struct channel_job_##S##_##ISA {                                                              \
+    int kind;                                                                                 \
+    void *p[8];                                                                               \
+    i64 outer;                                                                                \
+    int dim;                                                                                  \
+    i64 inner;                                                                                \
+    int relu, bands;                                                                          \
+    T eps;                                                                                    \
+};                                                                                            \
+                                                                                              \
+static TARGET void channel_band_##S##_##ISA(void *job, int band)                              \
+{                                                                                             \
+    const struct channel_job_##S##_##ISA *j = job;                                            \
+    void *const *p = j->p;                                                                    \
+    if (j->kind == CHANNEL_RELU_BACKWARD) {                                                   \
+        const i64 n = j->outer * j->dim * j->inner;                                           \
+        const i64 a = n * band / j->bands & ~(i64)63;                                         \
+        const i64 b = band + 1 == j->bands ? n : n * (band + 1) / j->bands & ~(i64)63;        \
+        relu_backward_##S##_##ISA((const T *)p[0] + a, (const T *)p[1] + a, (T *)p[2] + a,     \
+                                  b - a);                                                     \
+        return;                                                                               \
+    }                                                                                         \
+    const int c0 = (int)(j->dim * (i64)band / j->bands);                                      \
+    const int c1 = (int)(j->dim * (i64)(band + 1) / j->bands);                                \
+    switch (j->kind) {                                                                        \
+    case CHANNEL_BATCH_NORM_FORWARD:                                                          \
+        batch_norm_forward_##S##_##ISA(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],         \
+                                       j->outer, j->dim, j->inner, c0, c1, j->relu, j->eps);  \
+        break;                                                                                \
+    case CHANNEL_BATCH_NORM_BACKWARD:                                                         \
+        batch_norm_backward_##S##_##ISA(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],        \
+                                        j->outer, j->dim, j->inner, c0, c1);                  \
+        break;                                                                                \
+    case CHANNEL_PASS:                                                                        \
+        channel_pass_##S##_##ISA(p[0], p[1], p[2], p[3], p[4], p[5], j->outer, j->dim,         \
+                                 j->inner, c0, c1);                                           \
+        break;                                                                                \
+    case CHANNEL_SCALE_FORWARD:                                                               \
+        scale_forward_##S##_##ISA(p[0], p[1], p[2], p[3], p[4], j->outer, j->dim, j->inner,    \
+                                  c0, c1, j->relu);                                           \
+        break;                                                                                \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+TARGET void channel_bands_##S##_##ISA(int kind, void *p0, void *p1, void *p2, void *p3,       \
+                                      void *p4, void *p5, void *p6, void *p7, i64 outer,      \
+                                      int dim, i64 inner, int relu, double eps, int bands,    \
+                                      int threads)                                            \
+{                                                                                             \
+    struct channel_job_##S##_##ISA job = {kind, {p0, p1, p2, p3, p4, p5, p6, p7}, outer, dim, \
+                                          inner, relu, bands, (T)eps};                        \
+    pieces_run(channel_band_##S##_##ISA, &job, bands, threads);                               \
+}
+
+DEFINE_CHANNEL_BANDS(float, f32, fast, FAST)
+DEFINE_CHANNEL_BANDS(float, f32, baseline, BASELINE)
+DEFINE_CHANNEL_BANDS(double, f64, fast, FAST)
+DEFINE_CHANNEL_BANDS(double, f64, baseline, BASELINE)
 
 
 /* -- LRN across channels ------------------------------------------------------------------------

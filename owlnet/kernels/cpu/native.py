@@ -34,10 +34,8 @@ _SIGNATURES = {
     + [_POINTER, _INT, _POINTER, _I64, _POINTER, _I64, _I64, _I64] + [_INT] * 5
     + [_POINTER, _POINTER, _INT, _INT],
     "col2im": [_POINTER, _POINTER] + [_INT] * 16,
-    "batch_norm_backward": [_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT],
-    "channel_pass": [_POINTER] * 6 + [_I64, _INT, _I64, _INT, _INT],
-    "scale_forward": [_POINTER] * 5 + [_I64, _INT, _I64, _INT, _INT, _INT],
-    "relu_backward": [_POINTER] * 3 + [_I64],
+    "channel_bands": [_INT] + [_POINTER] * 8 + [_I64, _INT, _I64, _INT, ctypes.c_double, _INT,
+                                                _INT],
     "depthwise_forward": [_POINTER, _POINTER, _I64] + [_INT] * 6 + [_POINTER, _INT, _POINTER,
                                                                     _POINTER] + [_INT] * 6
     + [_POINTER, _INT, _POINTER, _POINTER, _INT, _INT],
@@ -57,8 +55,7 @@ _RETURNS_INT = ("conv_direct_tile", "winograd_forward", "winograd_backward_filte
 _VECTOR_SIZED = ("conv_direct_forward_framed", "conv_direct_backward_filter_framed",
                  "conv_direct_tile", "winograd_forward", "winograd_backward_filter")
 # Functions whose last arguments are of the element type: (other arguments, how many).
-_TYPED_LAST = {"batch_norm_forward": ([_POINTER] * 8 + [_I64, _INT, _I64, _INT, _INT, _INT], 1),
-               "lrn_forward": ([_POINTER] * 4 + [_I64, _INT, _I64, _INT], 3),
+_TYPED_LAST = {"lrn_forward": ([_POINTER] * 4 + [_I64, _INT, _I64, _INT], 3),
                "lrn_backward": ([_POINTER] * 6 + [_I64, _INT, _I64, _INT], 1),
                "sgd_step": ([_POINTER] * 3 + [_I64, _INT], 3)}
 _SCALARS = {"f32": ctypes.c_float, "f64": ctypes.c_double}
