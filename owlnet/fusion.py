@@ -35,7 +35,10 @@ layers keep the state their own backward reads (BatchNorm's xhat, lent to the Sc
 input), so either direction may run fused and the other layer by layer: backward runs layer
 by layer when backward callbacks are registered or the range starts or ends inside the chain.
 
-``net.fuse = False`` (or $OWLNET_FUSE=0 when the net is built) turns both kinds off for a net.
+In a net that learns, a convolution followed in place by a ReLU with no slope also runs its
+forward as one step (``plan_learning_convolutions``; its backward layer by layer).
+
+``net.fuse = False`` (or $OWLNET_FUSE=0 when the net is built) turns every kind off for a net.
 """
 from __future__ import annotations
 
@@ -153,6 +156,26 @@ def plan(net) -> dict:
             affine.append(layer)
         if affine or relu is not None:
             steps[first] = FusedStep(first, conv, net._bottoms[first][0], top, affine, relu)
+    return steps
+
+
+def plan_learning_convolutions(net) -> dict:
+    """{first layer index: FusedStep} for every Convolution or Deconvolution of ``net`` that
+    learns (one bottom, channels on axis 1, 2 spatial axes, no loss weight) followed in place
+    by a ReLU with no negative slope and no loss weight: their forward as one step (the
+    convolution applies the ReLU as it writes its output, so the top is written once, not
+    written and then read and written again). Their backward runs layer by layer: the ReLU's
+    reads the top, which holds what the layers give."""
+    steps = {}
+    for first, conv in enumerate(net.layers[:-1]):
+        if not (type(conv) in (ConvolutionLayer, DeconvolutionLayer) and conv.axis == 1
+                and len(net._bottoms[first]) == 1 and conv.runs_backward
+                and not net._loss_weights[first]):
+            continue
+        top, relu = net._tops[first][0], net.layers[first + 1]
+        if isinstance(relu, ReLULayer) and relu.negative_slope == 0 \
+                and _in_place(net, first + 1, top) and not net._loss_weights[first + 1]:
+            steps[first] = FusedStep(first, conv, net._bottoms[first][0], top, [], relu)
     return steps
 
 

@@ -379,9 +379,11 @@ class Net:
 
     def _plan_fusion(self):
         """The fused steps of ``owlnet.fusion`` by first layer: those a forward can run
-        (inference chains, training BatchNorm steps) and those a backward can."""
+        (inference chains, learning convolutions with their ReLU, training BatchNorm steps)
+        and those a backward can."""
         self._backward_steps = fusion.plan_training(self)
-        self._forward_steps = {**fusion.plan(self), **self._backward_steps}
+        self._forward_steps = {**fusion.plan(self), **fusion.plan_learning_convolutions(self),
+                               **self._backward_steps}
 
     def segments(self, first: int, last: int, backward: bool = False) -> list:
         """Layers first..last as ``forward_range`` runs them (``backward_range``, with

@@ -77,7 +77,10 @@ def assert_same_blobs(got, expected, relative):
 
 
 def inference_steps(net):
-    return [s for s in net._forward_steps.values() if isinstance(s, fusion.FusedStep)]
+    """The forward's fused steps but those of learning convolutions and their ReLU."""
+    learning = fusion.plan_learning_convolutions(net)
+    return [s for first, s in net._forward_steps.items()
+            if isinstance(s, fusion.FusedStep) and first not in learning]
 
 
 def names(net, step):

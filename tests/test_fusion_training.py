@@ -240,3 +240,48 @@ def test_fused_training_on_the_fake_gpu():
                 assert type(net.blobs["a"].data) is not np.ndarray
             got = step(net, fuse=True)
     assert_close(got, expected, 1e-12)
+
+
+# -- learning convolutions with the ReLU after them (plan_learning_convolutions) --------------
+def convolution_relu_net():
+    """p (Convolution, ReLU in place) and q (Deconvolution, ReLU in place) fuse; r (its ReLU
+    out of place), s (its ReLU has a slope) and the input's own ReLU do not."""
+    text = ('name: "train" layer { name: "data" type: "Input" top: "data" top: "target" '
+            'input_param { shape { dim: 3 dim: 2 dim: 6 dim: 5 } '
+            'shape { dim: 3 dim: 4 dim: 6 dim: 5 } } }\n')
+    rows = [("data_relu", "ReLU", "data", "data", ""),
+            ("p", "Convolution", "data", "p", CONV), ("p_relu", "ReLU", "p", "p", ""),
+            ("q", "Deconvolution", "p", "q", CONV), ("q_relu", "ReLU", "q", "q", ""),
+            ("r", "Convolution", "q", "r", CONV), ("r_relu", "ReLU", "r", "r_out", ""),
+            ("s", "Convolution", "r_out", "s", CONV),
+            ("s_relu", "ReLU", "s", "s", "relu_param { negative_slope: 0.1 }"),
+            ("loss", "EuclideanLoss", "s target", "loss", "")]
+    return text + "".join(layer(*row) for row in rows)
+
+
+def test_learning_convolution_and_relu_forward_as_one_step():
+    net = owlnet.Net(convolution_relu_net(), owlnet.TRAIN)
+    learning = fusion.plan_learning_convolutions(net)
+    assert [names(net, s) for s in learning.values()] == [["p", "p_relu"], ["q", "q_relu"]]
+    assert all(first in net._forward_steps for first in learning)
+    assert not set(learning) & set(net._backward_steps)      # backward: layer by layer
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_learning_convolution_step_gives_the_layer_by_layer_bits(dtype):
+    def built():
+        net = owlnet.Net(convolution_relu_net(), owlnet.TRAIN)
+        rng = np.random.default_rng(3)
+        for blobs in net.params.values():
+            for blob in blobs:
+                blob.data[...] = rng.normal(0, 0.5, blob.shape)
+        for name in ("data", "target"):
+            net.blobs[name].data[...] = rng.standard_normal(net.blobs[name].shape)
+        return net
+
+    with backend.dtype_scope(dtype):
+        expected, got = step(built(), fuse=False), step(built(), fuse=True)
+    assert got["p.data"].dtype == dtype
+    assert 0.2 < (got["p.data"] == 0).mean() < 0.8 and (got["q.data"] == 0).mean() > 0.2
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
