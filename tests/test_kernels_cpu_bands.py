@@ -14,11 +14,13 @@ RNG = np.random.default_rng(7)
 @pytest.fixture
 def tiny_bands(monkeypatch):
     """Depthwise pieces of ``depthwise_work`` multiply-adds, pooling bands of ``pool_bytes``,
-    split over the threads however small the input."""
+    split over the threads (three of native.c's for pooling) however small the input."""
     def force(depthwise_work, pool_bytes):
         monkeypatch.setattr(cpu.depthwise, "_PIECE_MULTIPLY_ADDS", depthwise_work)
         monkeypatch.setattr(cpu.pooling, "_POOL_BAND_BYTES", pool_bytes)
+        monkeypatch.setattr(cpu.pooling, "_SERIAL_BYTES", 0)
         monkeypatch.setattr(cpu.shared, "SPLIT_BYTES", 0)
+        monkeypatch.setattr(cpu.pooling.threads, "workers", lambda: 3)
     return force
 
 

@@ -309,8 +309,8 @@ static TARGET void pool_rows_##S##_##ISA(const T *image, T *hval, i32 *hcol, int
 /* MAX (is_max): each window's largest in-image value and (argmax not null) its plane index;  \
  * AVE: its in-image sum over its area clipped to the padded image. Scratch: hval (h * ow     \
  * values) and, for an argmax, hcol (h * ow). */                                              \
-TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval, i32 *hcol,      \
-                                     int is_max, i64 planes, POOL_GEOMETRY)                   \
+static TARGET void pool_forward_##S##_##ISA(const T *x, T *y, i32 *argmax, T *hval,          \
+                                            i32 *hcol, int is_max, i64 planes, POOL_GEOMETRY) \
 {                                                                                             \
     int lo = (pw + sw - 1) / sw, hi = w - kw + pw < 0 ? 0 : (w - kw + pw) / sw + 1;          \
     hi = hi < ow ? hi : ow;                                                                   \
@@ -351,7 +351,8 @@ DEFINE_POOL_FORWARD(double, f64, baseline, BASELINE)
 
 /* -- pooling backward: each output's gradient scattered, in output order ------------------- */
 #define DEFINE_POOL_BACKWARD(T, S)                                                                  \
-void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes, POOL_GEOMETRY)  \
+static void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes,           \
+                                  POOL_GEOMETRY)                                              \
 {                                                                                             \
     (void)kh; (void)kw; (void)sh; (void)sw; (void)ph; (void)pw;                               \
     memset(dx, 0, sizeof(T) * planes * h * w);                                                \
@@ -362,7 +363,7 @@ void max_pool_backward_##S(const T *dy, const i32 *argmax, T *dx, i64 planes, PO
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-void ave_pool_backward_##S(const T *dy, T *dx, i64 planes, POOL_GEOMETRY)                     \
+static void ave_pool_backward_##S(const T *dy, T *dx, i64 planes, POOL_GEOMETRY)              \
 {                                                                                             \
     memset(dx, 0, sizeof(T) * planes * h * w);                                                \
     for (i64 p = 0; p < planes; ++p) {                                                        \
@@ -387,6 +388,68 @@ void ave_pool_backward_##S(const T *dy, T *dx, i64 planes, POOL_GEOMETRY)       
 
 DEFINE_POOL_BACKWARD(float, f32)
 DEFINE_POOL_BACKWARD(double, f64)
+
+/* Pooling over `bands` bands of planes (band b: planes * b / bands on), run on the pool's
+ * threads: kind POOL_FORWARD (in: x; out: y, argmax or null; each band its own scratch,
+ * hval and hcol of h * ow values each at b * h * ow), POOL_MAX_BACKWARD (in: dy, argmax;
+ * out: dx) or POOL_AVE_BACKWARD (in: dy; out: dx). A plane's result does not depend on its
+ * band. */
+enum { POOL_FORWARD, POOL_MAX_BACKWARD, POOL_AVE_BACKWARD };
+
+#define DEFINE_POOL_BANDS(T, S, ISA, TARGET)                                                  \
+struct pool_job_##S##_##ISA {                                                                 \
+    int kind, is_max, bands;                                                                  \
+    const void *in0, *in1;                                                                    \
+    void *out0, *out1;                                                                        \
+    T *hval;                                                                                  \
+    i32 *hcol;                                                                                \
+    i64 planes;                                                                               \
+    int g[10];                                                                                \
+};                                                                                            \
+                                                                                              \
+static void pool_band_##S##_##ISA(void *job, int band)                                        \
+{                                                                                             \
+    const struct pool_job_##S##_##ISA *j = job;                                               \
+    const int *g = j->g;                                                                      \
+    const i64 p0 = j->planes * band / j->bands, p1 = j->planes * (band + 1) / j->bands;       \
+    const i64 in_plane = (i64)g[0] * g[1], out_plane = (i64)g[2] * g[3];                      \
+    const i64 scratch = (i64)g[0] * g[3] * band;                                              \
+    switch (j->kind) {                                                                        \
+    case POOL_FORWARD:                                                                        \
+        pool_forward_##S##_##ISA((const T *)j->in0 + p0 * in_plane,                           \
+                                 (T *)j->out0 + p0 * out_plane,                               \
+                                 j->out1 ? (i32 *)j->out1 + p0 * out_plane : 0,               \
+                                 j->hval + scratch, j->hcol ? j->hcol + scratch : 0,          \
+                                 j->is_max, p1 - p0, g[0], g[1], g[2], g[3], g[4], g[5],      \
+                                 g[6], g[7], g[8], g[9]);                                     \
+        break;                                                                                \
+    case POOL_MAX_BACKWARD:                                                                   \
+        max_pool_backward_##S((const T *)j->in0 + p0 * out_plane,                             \
+                              (const i32 *)j->in1 + p0 * out_plane,                           \
+                              (T *)j->out0 + p0 * in_plane, p1 - p0, g[0], g[1], g[2], g[3],  \
+                              g[4], g[5], g[6], g[7], g[8], g[9]);                            \
+        break;                                                                                \
+    case POOL_AVE_BACKWARD:                                                                   \
+        ave_pool_backward_##S((const T *)j->in0 + p0 * out_plane,                             \
+                              (T *)j->out0 + p0 * in_plane, p1 - p0, g[0], g[1], g[2], g[3],  \
+                              g[4], g[5], g[6], g[7], g[8], g[9]);                            \
+        break;                                                                                \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+TARGET void pool_bands_##S##_##ISA(int kind, const void *in0, const void *in1, void *out0,    \
+                                   void *out1, T *hval, i32 *hcol, int is_max, i64 planes,    \
+                                   POOL_GEOMETRY, int bands, int threads)                     \
+{                                                                                             \
+    struct pool_job_##S##_##ISA job = {kind, is_max, bands, in0, in1, out0, out1, hval, hcol, \
+                                       planes, {h, w, oh, ow, kh, kw, sh, sw, ph, pw}};       \
+    pieces_run(pool_band_##S##_##ISA, &job, bands, threads);                                  \
+}
+
+DEFINE_POOL_BANDS(float, f32, fast, FAST)
+DEFINE_POOL_BANDS(float, f32, baseline, BASELINE)
+DEFINE_POOL_BANDS(double, f64, fast, FAST)
+DEFINE_POOL_BANDS(double, f64, baseline, BASELINE)
 
 /* -- direct convolution (no column matrix) --------------------------------------------------
  * The images are first copied into a "frame": zero-padded and split into sw column phases,

@@ -24,9 +24,7 @@ _POOL_GEOMETRY = [_INT] * 10
 
 # Argument types of every function Python calls (each exists as name_f32 and name_f64).
 _SIGNATURES = {
-    "pool_forward": [_POINTER] * 5 + [_INT, _I64] + _POOL_GEOMETRY,
-    "max_pool_backward": [_POINTER, _POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
-    "ave_pool_backward": [_POINTER, _POINTER, _I64] + _POOL_GEOMETRY,
+    "pool_bands": [_INT] + [_POINTER] * 6 + [_INT, _I64] + _POOL_GEOMETRY + [_INT, _INT],
     "conv_direct_forward_framed": [_POINTER, _POINTER, _I64] + [_INT] * 7
     + [_POINTER, _INT, _POINTER, _POINTER, _INT, _POINTER, _I64, _I64] + [_INT] * 4
     + [_POINTER, _INT, _POINTER, _POINTER, _INT, _INT, _INT],
