@@ -287,10 +287,15 @@ class SplitLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        total = top[0].diff if len(top) == 1 else top[0].diff + top[1].diff
+        out = bottom[0].diff
+        if len(top) == 1:
+            out[...] = top[0].diff
+            return
+        # Added into the bottom's diff in turn, left to right: one pass, no temporary.
+        xp = backend.array_module(out)
+        xp.add(top[0].diff, top[1].diff, out=out)
         for t in top[2:]:
-            total = total + t.diff
-        bottom[0].diff[...] = total
+            xp.add(out, t.diff, out=out)
 
 
 class _ViewLayer(Layer):
