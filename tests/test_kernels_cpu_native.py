@@ -16,11 +16,15 @@ SHAPES = [(2, 3, 13), (4, 5, 64), (1, 2, 1), (3, 7, 29)]   # (outer, C, inner): 
 @pytest.fixture(params=["one band", "many bands"])
 def bands(request, monkeypatch):
     if request.param == "many bands":
-        monkeypatch.setattr(cpu.normalization, "_BAND_BYTES", 1)
-        monkeypatch.setattr(cpu.normalization, "_SERIAL_BYTES", 0)
-        monkeypatch.setattr(cpu.shared, "SPLIT_BYTES", 0)
-        monkeypatch.setattr(cpu.normalization.threads, "workers", lambda: 3)
+        _one_band_a_channel(monkeypatch)
     return request.param
+
+
+def _one_band_a_channel(monkeypatch):
+    """The per-channel passes cut into a band a channel however small, on three threads."""
+    monkeypatch.setattr(cpu.normalization, "_BAND_BYTES", 1)
+    monkeypatch.setattr(cpu.normalization, "_SERIAL_BYTES", 0)
+    monkeypatch.setattr(cpu.normalization.threads, "workers", lambda: 3)
 
 
 def test_bands_on_native_threads_give_one_band_bits(monkeypatch):
@@ -38,9 +42,7 @@ def test_bands_on_native_threads_give_one_band_bits(monkeypatch):
         return [y, kept, dx, relu_dx, *stats, *sums, cpu.channel_sums(dy, x)]
 
     one = passes()
-    monkeypatch.setattr(cpu.normalization, "_BAND_BYTES", 1)
-    monkeypatch.setattr(cpu.normalization, "_SERIAL_BYTES", 0)
-    monkeypatch.setattr(cpu.normalization.threads, "workers", lambda: 3)
+    _one_band_a_channel(monkeypatch)
     for _ in range(20):
         for got, want in zip(passes(), one):
             np.testing.assert_array_equal(got, want)
